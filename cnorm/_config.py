@@ -1,0 +1,91 @@
+"""Build facts, thread control and ``show_config``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+try:
+    from . import _openmp
+    EXTENSION_ERROR = None
+except ImportError as exc:  # the package still works, on the NumPy backend
+    _openmp = None
+    EXTENSION_ERROR = str(exc)
+
+
+def get_num_threads() -> int:
+    """Return how many threads the next CPU kernel call will use.
+
+    Reads ``omp_get_max_threads()`` now, so a ``threadpoolctl.threadpool_limits``
+    block applies, capped by :func:`set_num_threads`. 1 without OpenMP.
+    """
+    return _openmp.get_num_threads() if _openmp is not None else 1
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads cnorm's CPU kernels use.
+
+    Parameters
+    ----------
+    n : int
+        A positive thread count.
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n: expected a positive thread count, got {n}")
+    if _openmp is not None:
+        _openmp.set_num_threads(n)
+
+
+def openmp_runtime() -> str:
+    """Name and path of the OpenMP runtime loaded in this process, if any."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [i for i in threadpool_info() if i.get("user_api") == "openmp"]
+        if libs:
+            return "; ".join(f"{i['internal_api']} {i.get('version') or ''} ({i['filepath']})".replace("  ", " ")
+                             for i in libs)
+    except ImportError:
+        pass
+    return "none found"
+
+
+def config() -> dict:
+    """The facts :func:`show_config` prints, as a dict."""
+    from . import __version__
+    from .backends import available_backends
+
+    return {
+        "cnorm": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "extension_built": _openmp is not None,
+        "extension_error": EXTENSION_ERROR,
+        "openmp_compiled": bool(_openmp and _openmp.openmp_enabled()),
+        "openmp_version": _openmp.openmp_version() if _openmp else 0,
+        "openmp_flags": _openmp.openmp_flags() if _openmp else "",
+        "openmp_runtime": openmp_runtime(),
+        "num_threads": get_num_threads(),
+        "backends": available_backends(with_reasons=True),
+    }
+
+
+def show_config() -> None:
+    """Print version, build (extension, OpenMP), threads and each backend's availability."""
+    info = config()
+    print(f"cnorm {info['cnorm']} (Python {info['python']}, {info['platform']})")
+    built = "yes" if info["extension_built"] else f"no ({info['extension_error']})"
+    print(f"  compiled extension : {built}")
+    if info["openmp_compiled"]:
+        print(f"  OpenMP             : yes, _OPENMP={info['openmp_version']}, flags {info['openmp_flags']}")
+    else:
+        print("  OpenMP             : no (serial build)")
+    print(f"  OpenMP runtime     : {info['openmp_runtime']}")
+    print(f"  threads            : {info['num_threads']} (of {info['cpu_count']} CPUs)")
+    print("  backends:")
+    for name, why in info["backends"].items():
+        print(f"    {name:<7} {'available' if why is None else 'unavailable: ' + why}")

@@ -1,0 +1,149 @@
+"""Argument checks shared by every norm: each error names the argument,
+what was expected and what was given, and is raised before any buffer is touched."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+
+def type_name(a) -> str:
+    t = type(a)
+    return f"{t.__module__}.{t.__qualname__}" if t.__module__ not in ("builtins",) else t.__qualname__
+
+
+def check_array(name: str, a, backend, ndim_min: int = 1):
+    """Check that ``a`` is an array of ``backend``'s type with a supported floating dtype."""
+    if not backend.accepts(a):
+        hint = ""
+        if type(a).__module__.split(".")[0] == "cupy":
+            hint = "; pass backend='cupy' (or 'auto') for device arrays, or move it with .get()"
+        elif type(a).__module__.split(".")[0] == "torch":
+            hint = "; convert it with .numpy() (CPU) or use cupy.asarray (CUDA)"
+        elif not hasattr(a, "dtype"):
+            hint = "; wrap it with numpy.asarray(...)"
+        raise TypeError(
+            f"{name}: the {backend.name!r} backend expects {backend.describe_expected()}, "
+            f"got {type_name(a)}{hint}"
+        )
+    dtypes = backend.supported_dtypes()
+    if a.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected a floating array of dtype {names}, got dtype {a.dtype}")
+    if a.ndim < ndim_min:
+        raise ValueError(f"{name}: expected at least {ndim_min} dimensions, got shape {tuple(a.shape)}")
+    return a
+
+
+def check_param(name: str, a, shape: tuple, backend):
+    """Check an optional affine parameter or running buffer of exactly ``shape``."""
+    if a is None:
+        return None
+    if not backend.accepts(a):
+        raise TypeError(
+            f"{name}: the {backend.name!r} backend expects {backend.describe_expected()} "
+            f"(on the same device as x), got {type_name(a)}"
+        )
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating array, got dtype {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got shape {tuple(a.shape)}")
+    return a
+
+
+def check_running(running_mean, running_var, shape: tuple, backend, required: bool, why: str):
+    """Check the running buffers: both or neither, right shape, writable."""
+    check_param("running_mean", running_mean, shape, backend)
+    check_param("running_var", running_var, shape, backend)
+    if (running_mean is None) != (running_var is None):
+        given = "running_mean" if running_var is None else "running_var"
+        raise ValueError(f"running_mean, running_var: expected both or neither, got only {given}")
+    if required and running_mean is None:
+        raise ValueError(f"running_mean, running_var: required {why}, got None")
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and not buf.flags.writeable:
+            raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a real number, got {type_name(eps)}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+    return float(eps)
+
+
+def check_momentum(momentum) -> float:
+    if momentum is None:
+        raise ValueError(
+            "momentum: None (cumulative average) needs the number of batches seen; "
+            "use a cnorm.nn layer, or pass momentum=1/num_batches_tracked"
+        )
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum: expected a real number in [0, 1], got {type_name(momentum)}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum}")
+    return float(momentum)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type_name(value)}")
+    return bool(value)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type_name(value)}") from None
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_channel_axis(channel_axis, ndim: int) -> int:
+    """Normalize ``channel_axis`` to a positive axis other than the batch axis 0."""
+    try:
+        if isinstance(channel_axis, bool):
+            raise TypeError
+        axis = operator.index(channel_axis)
+    except TypeError:
+        raise TypeError(f"channel_axis: expected an int, got {type_name(channel_axis)}") from None
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"channel_axis: expected an axis in [{-ndim}, {ndim - 1}] for {ndim}-D x, got {axis}")
+    axis %= ndim
+    if axis == 0:
+        raise ValueError("channel_axis: expected a non-batch axis (axis 0 is the batch axis), got 0")
+    return axis
+
+
+def check_normalized_shape(normalized_shape, x_shape: tuple) -> tuple:
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        shape = tuple(operator.index(d) for d in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape: expected an int or a tuple of ints, got {normalized_shape!r}"
+        ) from None
+    if len(shape) == 0 or len(shape) > len(x_shape) or tuple(x_shape[len(x_shape) - len(shape):]) != shape:
+        raise ValueError(
+            f"normalized_shape: expected the trailing dimensions of x (shape {tuple(x_shape)}), got {shape}"
+        )
+    return shape
+
+
+def check_like(name: str, a, x, backend):
+    """Check that ``a`` (dy) matches x's type, shape and dtype."""
+    check_array(name, a, backend)
+    if tuple(a.shape) != tuple(x.shape):
+        raise ValueError(f"{name}: expected shape {tuple(x.shape)} (that of x), got {tuple(a.shape)}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name}: expected dtype {x.dtype} (that of x), got {a.dtype}")
+    return a

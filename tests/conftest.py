@@ -1,0 +1,75 @@
+"""Fixtures shared by the suite: every test that takes ``backend`` runs on every backend.
+
+A backend that cannot run here (CuPy without a GPU) is skipped with the reason
+the registry gives; .ci/run separately fails if the compiled "cython" backend
+did not build, so its absence can never pass silently in CI.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import cnorm
+
+
+class BackendCase:
+    """A backend under test: its name and how to move arrays to and from it."""
+
+    def __init__(self, name):
+        self.name = name
+        self.xp = np
+        if name == "cupy":
+            import cupy
+
+            self.xp = cupy
+
+    def asarray(self, a):
+        """Host array → the backend's array type (a no-op for CPU backends)."""
+        if a is None:
+            return None
+        return self.xp.asarray(a) if self.xp is not np else a
+
+    def to_numpy(self, a):
+        """Backend array → host NumPy array."""
+        if a is None:
+            return None
+        return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+    def __repr__(self):
+        return self.name
+
+
+def _backend_params():
+    params = []
+    for name, why in cnorm.available_backends(with_reasons=True).items():
+        marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {why}")] if why else []
+        if name == "cupy":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """Each registered backend in turn (unavailable ones skipped with their reason)."""
+    return BackendCase(request.param)
+
+
+def tolerance(dtype):
+    """Relative-to-scale tolerance for comparing a result of ``dtype`` with float64."""
+    return {np.float64: 1e-9, np.float32: 1e-4}[np.dtype(dtype).type]
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend_choice():
+    """No test leaks a global backend choice into the next."""
+    yield
+    cnorm.set_backend("auto")
+
+
+def pytest_report_header(config):
+    why = cnorm.available_backends(with_reasons=True)
+    return "cnorm backends: " + ", ".join(f"{k}={'ok' if v is None else 'unavailable'}" for k, v in why.items()) + (
+        f"; CI={os.environ.get('CI', '')}"
+    )
