@@ -69,6 +69,8 @@ def check_running(running_mean, running_var, shape: tuple, backend, required: bo
 
 
 def check_eps(eps) -> float:
+    if type(eps) is float and eps >= 0 and eps != math.inf:  # the common case, fast
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a real number, got {type_name(eps)}")
     if not (eps >= 0 and math.isfinite(eps)):
@@ -124,6 +126,8 @@ def check_channel_axis(channel_axis, ndim: int) -> int:
 
 
 def check_normalized_shape(normalized_shape, x_shape: tuple) -> tuple:
+    if type(normalized_shape) is int and x_shape and x_shape[-1] == normalized_shape:  # fast path
+        return (normalized_shape,)
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (int(normalized_shape),)
     try:

@@ -8,7 +8,7 @@ running-statistics update, eval mode, and the shape of the parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,7 +26,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, eq=False)
 class Saved:
     """What a backward call needs from its forward call; O(C) or O(N·G) in size.
 
@@ -54,16 +53,17 @@ class Saved:
         The dtype of x.
     """
 
-    norm: str
-    problem: Problem
-    view: View3
-    mean: object
-    rstd: object
-    batch_stats: bool
-    has_bias: bool
-    backend: str
-    param_shape: tuple
-    dtype: np.dtype
+    __slots__ = ("norm", "problem", "view", "mean", "rstd", "batch_stats", "has_bias", "backend",
+                 "param_shape", "dtype")
+
+    def __init__(self, norm, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype):
+        self.norm, self.problem, self.view = norm, problem, view
+        self.mean, self.rstd, self.batch_stats, self.has_bias = mean, rstd, batch_stats, has_bias
+        self.backend, self.param_shape, self.dtype = backend, param_shape, dtype
+
+    def __repr__(self):
+        return (f"Saved({self.norm}, {self.problem}, batch_stats={self.batch_stats}, "
+                f"backend={self.backend!r})")
 
 
 # -- shared pieces ---------------------------------------------------------------
@@ -71,11 +71,18 @@ class Saved:
 def _affine(be, weight, bias, c: int, sdtype):
     """Contiguous weight and bias in the statistics dtype; ones/zeros when absent."""
     xp = be.xp
-    w = xp.ones(c, dtype=sdtype) if weight is None else xp.ascontiguousarray(weight.reshape(c), dtype=sdtype)
-    b = xp.zeros(c, dtype=sdtype) if bias is None else xp.ascontiguousarray(bias.reshape(c), dtype=sdtype)
-    return w, b
+    return (xp.ones(c, dtype=sdtype) if weight is None else _as_vector(xp, weight, c, sdtype),
+            xp.zeros(c, dtype=sdtype) if bias is None else _as_vector(xp, bias, c, sdtype))
 
 
+def _as_vector(xp, a, c, dtype):
+    """``a`` as a contiguous length-c vector of ``dtype`` (no copy when it already is one)."""
+    if a.ndim == 1 and a.dtype == dtype and a.flags.c_contiguous:
+        return a
+    return xp.ascontiguousarray(a.reshape(c), dtype=dtype)
+
+
+@lru_cache(maxsize=1024)
 def _problem(view: View3, groups: int) -> Problem:
     n, a, b = view.shape3
     c, s = (a, b) if view.layout == "cf" else (b, a)
@@ -134,8 +141,8 @@ def _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, e
     return view.from3(y3), mean, rstd
 
 
-def _backward(norm: str, dy, x, saved: Saved, weight):
-    """Shared backward: validation, view, backend call, parameter gradients."""
+def _check_backward(norm: str, dy, x, saved: Saved, weight):
+    """Validate a backward call's arguments against its forward; return the backend."""
     if not isinstance(saved, Saved):
         raise TypeError(f"saved: expected the Saved object returned by {norm}_forward, got {v.type_name(saved)}")
     if saved.norm != norm:
@@ -149,6 +156,12 @@ def _backward(norm: str, dy, x, saved: Saved, weight):
         )
     v.check_like("dy", dy, x, be)
     v.check_param("weight", weight, saved.param_shape, be)
+    return be
+
+
+def _backward(norm: str, dy, x, saved: Saved, weight):
+    """Shared backward: validation, view, backend call, parameter gradients."""
+    be = _check_backward(norm, dy, x, saved, weight)
     p, xp = saved.problem, be.xp
     sd = stats_dtype(x.dtype)
     if x.size == 0 or p.group_size == 0:
@@ -427,7 +440,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     v.check_param("weight", weight, shape, be)
     v.check_param("bias", bias, shape, be)
     eps = v.check_eps(eps)
-    view = row_view(x, len(shape))
+    view = row_view(tuple(x.shape), len(shape))
     p = _problem(view, 1)
     y, mean, _, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
     return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x)

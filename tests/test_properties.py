@@ -53,9 +53,12 @@ def test_random_cases_match_reference(backend, case):
                        num_groups=groups, normalized_shape=normalized_shape)
     dx, dw, db = backward(norm, A(dy), A(x), saved, A(w))
     kw = dict(channel_axis=channel_axis, num_groups=groups, normalized_ndim=nd)
-    y_ref, _, _ = reference.forward(x, norm, w, b, **kw)
+    y_ref, _, var = reference.forward(x, norm, w, b, **kw)
     dx_ref, dw_ref, db_ref = reference.backward(dy, x, norm, w, **kw)
-    tol = max(tolerance(dtype), 8 * offset * np.finfo(dtype).eps)
+    # The saved mean is in the statistics dtype (float32 for float32, as in PyTorch):
+    # near `offset` it is known to offset·eps/2, which backward sees relative to the std.
+    std = float(np.sqrt(np.min(var) + 1e-5))
+    tol = max(tolerance(dtype), 8 * offset * np.finfo(dtype).eps / std)
     close(backend.to_numpy(y), y_ref, tol, "y")
     close(backend.to_numpy(dx), dx_ref, tol, "dx")
     if affine:

@@ -13,6 +13,8 @@ import contextlib
 import contextvars
 import importlib
 
+import numpy as np
+
 from .base import Backend, Problem, stats_dtype  # noqa: F401  (re-exported)
 
 AUTO = "auto"
@@ -167,7 +169,12 @@ def is_cupy_array(a) -> bool:
 
 def resolve(name, arrays) -> Backend:
     """Pick the Backend for a call given its ``backend=`` argument and arrays."""
-    chosen = get_backend() if name is None else _check_name(name)
+    chosen = get_backend() if name is None else name
+    if chosen == AUTO and _instances.get("cython") is not None and all(
+        type(a) is np.ndarray for a in arrays if a is not None
+    ):  # the common case, decided without further checks
+        return _instances["cython"]
+    _check_name(chosen)
     if chosen != AUTO:
         return get_backend_instance(chosen)
     if any(is_cupy_array(a) for a in arrays if a is not None):

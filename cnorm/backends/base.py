@@ -78,9 +78,12 @@ class Problem:
         return (self.c // self.groups) * self.s
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def stats_dtype(dtype) -> np.dtype:
     """The dtype of statistics and parameters for data of ``dtype``."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    return _F64 if dtype == _F64 else _F32
 
 
 class Backend:
