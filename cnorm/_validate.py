@@ -9,6 +9,8 @@ import operator
 
 import numpy as np
 
+from ._dtypes import is_floating
+
 
 def type_name(a) -> str:
     t = type(a)
@@ -47,7 +49,7 @@ def check_param(name: str, a, shape: tuple, backend):
             f"{name}: the {backend.name!r} backend expects {backend.describe_expected()} "
             f"(on the same device as x), got {type_name(a)}"
         )
-    if a.dtype.kind != "f":
+    if not is_floating(a.dtype):
         raise TypeError(f"{name}: expected a floating array, got dtype {a.dtype}")
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got shape {tuple(a.shape)}")

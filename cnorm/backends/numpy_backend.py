@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._dtypes import ALL_FLOATS
 from .base import CHANNELS_FIRST, Backend, Problem, stats_dtype
 
 
@@ -57,6 +58,9 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = np
+
+    def supported_dtypes(self):
+        return ALL_FLOATS
 
     def forward_train(self, x3, p, weight, bias, eps):
         xg, axes = grouped(f64(x3), p)
