@@ -66,7 +66,8 @@ def check_running(running_mean, running_var, shape: tuple, backend, required: bo
     if required and running_mean is None:
         raise ValueError(f"running_mean, running_var: required {why}, got None")
     for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
-        if buf is not None and not buf.flags.writeable:
+        # CuPy arrays have no writeable flag: device memory is always writable.
+        if buf is not None and not getattr(buf.flags, "writeable", True):
             raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
 
 

@@ -1,0 +1,515 @@
+"""The CuPy GPU backend: raw CUDA kernels loaded with ``cupy.RawModule``.
+
+The kernels live in ``kernels/*.cu`` (shared device code in
+``kernels/common.cuh``), templated over the data type (float, double,
+__half, __nv_bfloat16) and the vector width (1, or 16 bytes when the data
+and the problem's strides allow it). Statistics are float32 (float64 for
+double data), computed with Welford's update and Chan's merge; every
+reduction combines partial results in a fixed order chosen from the problem
+shape, so results are bit-identical run to run.
+
+Which kernels solve which problem:
+
+* cross-sample (BatchNorm): per-channel partial statistics over chunks of
+  (N, S) (``seg_stats_partial`` channels-first, ``col_stats_partial``
+  channels-last), merged per channel (``stats_finalize``), then one
+  elementwise pass (``affine``). Backward: partial sums of dy and dy*xhat
+  (``seg_grad_partial`` / ``col_grad_partial``, ``grad_finalize``), then
+  ``bn_backward_apply``.
+* per-sample (LayerNorm, GroupNorm, InstanceNorm): one row (sample, group)
+  per group of threads, staged in shared memory so x is read once
+  (``row_forward``, ``row_backward``); rows too long for shared memory, or
+  too few to fill the device, are split over blocks (``seg_stats_partial``,
+  ``stats_finalize``, ``row_apply``). dweight/dbias use the cross-sample
+  gradient sums with per-row statistics.
+
+Kernels run on CuPy's current stream. Compiled modules are cached per data
+type here, and on disk by CuPy. Importing this module does not need CuPy:
+:meth:`CupyBackend.unavailable_reason` says why the backend cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .base import CHANNELS_FIRST, Backend, Problem, stats_dtype
+
+KERNEL_DIR = Path(__file__).with_name("kernels")
+KERNEL_FILES = ("reduce.cu", "elementwise.cu", "rows.cu")
+
+# NumPy dtype name -> CUDA type; CUDA type -> elements per 16-byte vector.
+CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+VEC_WIDTH = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}
+
+THREADS = 256  # block size of every kernel except the row kernels
+TARGET_BLOCKS = 2048  # partial-reduction blocks aimed for (a function of the shape only)
+MIN_VECS_PER_THREAD = 8  # a reduction chunk gives each thread at least this many vectors
+
+
+def name_expressions(ctype: str) -> dict:
+    """Every kernel instance the backend launches for CUDA type ``ctype``, by source file.
+
+    Parameters
+    ----------
+    ctype : str
+        One of the values of :data:`CUDA_TYPES`.
+
+    Returns
+    -------
+    dict
+        ``{file name: [template instance, ...]}``; the strings are the
+        ``name_expressions`` given to ``cupy.RawModule`` (and instantiated
+        by ``tests/test_cuda_compile.py`` for nvcc).
+
+    Examples
+    --------
+    >>> name_expressions("float")["rows.cu"][0]
+    'row_forward<float, 1, false>'
+    """
+    acc = "double" if ctype == "double" else "float"
+    vecs = (1, VEC_WIDTH[ctype])
+    layouts = ("false", "true")
+
+    def per_vec(*kernels):
+        return [f"{k}<{ctype}, {v}>" for k in kernels for v in vecs]
+
+    def per_vec_layout(*kernels):
+        return [f"{k}<{ctype}, {v}, {cl}>" for k in kernels for v in vecs for cl in layouts]
+
+    return {
+        "reduce.cu": per_vec("seg_stats_partial", "col_stats_partial", "seg_grad_partial", "col_grad_partial")
+        + [f"stats_finalize<{acc}>", f"grad_finalize<{acc}>"],
+        "elementwise.cu": per_vec_layout("affine", "bn_backward_apply"),
+        "rows.cu": per_vec_layout("row_forward", "row_forward_reg", "row_apply", "row_backward"),
+    }
+
+
+def kernel_source(file_name: str) -> str:
+    """Source of ``kernels/<file_name>`` with ``common.cuh`` inlined.
+
+    Inlining makes CuPy's on-disk cache key (a hash of the source) change
+    whenever the shared header does.
+    """
+    common = (KERNEL_DIR / "common.cuh").read_text()
+    return (KERNEL_DIR / file_name).read_text().replace('#include "common.cuh"', common, 1)
+
+
+def _cuda_include_dirs(cupy) -> list:
+    """CUDA include folders holding cuda_fp16.h/cuda_bf16.h, for NVRTC to search."""
+    roots = []
+    try:
+        roots.append(cupy.cuda.get_cuda_path())
+    except Exception:  # noqa: BLE001 - a missing toolkit path only removes a candidate
+        pass
+    roots += [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(str(Path(nvcc).resolve().parent.parent))
+    found = []
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_bf16.h").is_file():
+            inc = str(Path(root) / "include")
+            if inc not in found:
+                found.append(inc)
+    return found
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _pow2ceil(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _chunking(length: int, nseg: int, per_block: int):
+    """Split each of ``nseg`` segments of ``length`` work items into chunks.
+
+    ``per_block`` is how many items one block takes per sweep (threads, or
+    rows per sweep for the column kernels). Depends on the shape only, so the
+    combination order, hence the result, is the same on every device.
+    Returns ``(chunk, nchunks)``.
+    """
+    most = max(1, length // (per_block * MIN_VECS_PER_THREAD))
+    want = max(1, _cdiv(TARGET_BLOCKS, nseg))
+    chunk = _cdiv(length, min(most, want))
+    return chunk, _cdiv(length, chunk)
+
+
+class CupyBackend(Backend):
+    """Raw CUDA kernels for ``cupy.ndarray`` inputs (float16/bfloat16/float32/float64).
+
+    Attributes
+    ----------
+    row_register_items : int
+        When nonzero (it must then equal ``CNORM_ROW_ITEMS`` in rows.cu),
+        per-sample rows of at most ``row_register_items * 256`` vectors go to
+        ``row_forward_reg`` (row held in registers, persistent grid with
+        prefetch) instead of ``row_forward`` (row staged in shared memory).
+        Off by default: on an H200, LayerNorm (65536, 4096) float32 forward
+        took 1.02 ms with it and 0.91 ms without (bench/gpu_bench.py).
+    """
+
+    name = "cupy"
+    row_register_items = 0
+    ROW_REG_THREADS = 256  # largest row group of row_forward_reg (its __launch_bounds__)
+
+    def __init__(self):
+        self._reason = None
+        self._modules = {}
+        self._kernels = {}
+        self._type_cache = {}
+        self._props = {}
+        try:
+            import cupy
+        except ImportError as exc:
+            self._reason = f"CuPy is not installed (pip install cnorm[cuda12] or cnorm[cuda13]): {exc}"
+            return
+        self.xp = cupy
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # noqa: BLE001 - CUDA driver/runtime errors all mean "cannot run here"
+            self._reason = f"no CUDA device: {type(exc).__name__}: {exc}"
+            return
+        if count < 1:
+            self._reason = "no CUDA device: cupy.cuda.runtime.getDeviceCount() returned 0"
+            return
+        missing = [f for f in (*KERNEL_FILES, "common.cuh") if not (KERNEL_DIR / f).is_file()]
+        if missing:
+            self._reason = f"CUDA kernel sources missing from {KERNEL_DIR}: {', '.join(missing)}"
+
+    def unavailable_reason(self):
+        """None when this backend can run, else why not (for ``available_backends``)."""
+        return self._reason
+
+    # -- array-type contract -------------------------------------------------
+    def accepts(self, a) -> bool:
+        return isinstance(a, self.xp.ndarray) and self.xp is not np
+
+    def describe_expected(self) -> str:
+        return "a cupy.ndarray (on the GPU)"
+
+    def supported_dtypes(self) -> tuple:
+        dtypes = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+        bf16 = self._bfloat16()
+        if bf16 is not None:
+            dtypes.append(bf16)
+        return tuple(dtypes)
+
+    def _bfloat16(self):
+        """The bfloat16 dtype when ml_dtypes is installed and CuPy makes arrays of it."""
+        if "bf16" not in self._props:
+            try:
+                import ml_dtypes
+
+                dt = np.dtype(ml_dtypes.bfloat16)
+                self.xp.empty(1, dtype=dt)
+                self._props["bf16"] = dt
+            except Exception:  # noqa: BLE001 - no ml_dtypes, or a CuPy without bfloat16
+                self._props["bf16"] = None
+        return self._props["bf16"]
+
+    # -- device properties and compiled modules ------------------------------
+    def _device(self):
+        """(multiprocessor count, shared memory a block may opt in to) of the current device."""
+        dev = self.xp.cuda.runtime.getDevice()
+        if dev not in self._props:
+            attrs = self.xp.cuda.Device(dev).attributes
+            self._props[dev] = (attrs["MultiProcessorCount"], attrs["MaxSharedMemoryPerBlockOptin"])
+        return self._props[dev]
+
+    def _kernel(self, file_name: str, ctype: str, expr: str):
+        """The compiled kernel ``expr`` of ``file_name`` for ``ctype`` (compiled once per type)."""
+        kern = self._kernels.get(expr)
+        if kern is not None:
+            return kern
+        key = (file_name, ctype)
+        module = self._modules.get(key)
+        if module is None:
+            cupy = self.xp
+            options = ("--std=c++17",) + tuple(f"-I{d}" for d in _cuda_include_dirs(cupy))
+            module = cupy.RawModule(
+                code=kernel_source(file_name),
+                options=options,
+                name_expressions=name_expressions(ctype)[file_name],
+            )
+            self._modules[key] = module
+        kern = module.get_function(expr)
+        if file_name == "rows.cu":
+            # Allow the row kernels all the dynamic shared memory the device offers.
+            kern.max_dynamic_shared_size_bytes = self._device()[1] - 1024
+        self._kernels[expr] = kern
+        return kern
+
+    # -- helpers -------------------------------------------------------------
+    def _types(self, x3):
+        """(CUDA type, statistics dtype, statistics scalar type) for x3's dtype."""
+        found = self._type_cache.get(x3.dtype)
+        if found is None:
+            dt = np.dtype(x3.dtype)
+            ctype = CUDA_TYPES.get(dt.name)
+            if ctype is None:
+                raise TypeError(f"x: the cupy backend has no kernels for dtype {dt}; expected one of "
+                                + ", ".join(str(d) for d in self.supported_dtypes()))
+            sd = stats_dtype(dt)
+            found = self._type_cache[x3.dtype] = (ctype, sd, sd.type)
+        return found
+
+    def _vec(self, p: Problem, ctype: str, *arrays) -> int:
+        """16-byte vector width usable for ``p``, else 1."""
+        v = VEC_WIDTH[ctype]
+        if any(a.data.ptr % 16 for a in arrays):
+            return 1
+        if p.layout == CHANNELS_FIRST:
+            ok = p.s % v == 0
+        else:
+            ok = p.c % v == 0 and (p.cross_sample or (p.c // p.groups) % v == 0)
+        return v if ok else 1
+
+    def _elementwise_grid(self, nvec: int) -> int:
+        return max(1, min(_cdiv(nvec, THREADS), self._device()[0] * 16))
+
+    def _empty(self, shape, sd):
+        return self.xp.empty(shape, dtype=sd)
+
+    # -- cross-sample reductions ---------------------------------------------
+    def _channel_reduce(self, x3, p: Problem, eps=None, weight=None):
+        """Per-channel (mean, var, rstd, scale); rstd/scale are None unless asked for."""
+        ctype, sd, A = self._types(x3)
+        V = self._vec(p, ctype, x3)
+        n, c, s = p.n, p.c, p.s
+        if p.layout == CHANNELS_FIRST:
+            sv = s // V
+            length = n * sv
+            chunk, nch = _chunking(length, c, THREADS)
+            pn, pm, pq = (self._empty(c * nch, sd) for _ in range(3))
+            self._kernel("reduce.cu", ctype, f"seg_stats_partial<{ctype}, {V}>")(
+                (c * nch,), (THREADS,),
+                (x3, np.int64(c), np.int64(0), np.int64(sv), np.int64(sv), np.int64(c * sv), np.int64(length),
+                 np.int64(chunk), np.int32(nch), pn, pm, pq))
+            seg_stride, chunk_stride = nch, 1
+        else:
+            rows, cv = n * s, c // V
+            tx = min(32, _pow2ceil(cv))
+            ncol = _cdiv(cv, tx)
+            chunk, nch = _chunking(rows, ncol, THREADS // tx)
+            pn, pm, pq = (self._empty(nch * c, sd) for _ in range(3))
+            self._kernel("reduce.cu", ctype, f"col_stats_partial<{ctype}, {V}>")(
+                (nch * ncol,), (THREADS,),
+                (x3, np.int64(rows), np.int64(cv), np.int32(tx), np.int64(chunk), np.int32(ncol), pn, pm, pq))
+            seg_stride, chunk_stride = 1, c
+        mean, var = self._empty(c, sd), self._empty(c, sd)
+        rstd = self._empty(c, sd) if eps is not None else None
+        scale = self._empty(c, sd) if weight is not None else None
+        flags = (1 if eps is not None else 0) | (2 if weight is not None else 0)
+        self._kernel("reduce.cu", ctype, f"stats_finalize<{'double' if ctype == 'double' else 'float'}>")(
+            (_cdiv(c, THREADS // 32),), (THREADS,),
+            (pn, pm, pq, np.int64(c), np.int32(nch), np.int64(seg_stride), np.int64(chunk_stride),
+             A(eps if eps is not None else 0.0), np.int32(flags), mean, var,
+             rstd if rstd is not None else mean, weight if weight is not None else mean,
+             scale if scale is not None else mean))
+        return mean, var, rstd, scale
+
+    def _grad_sums(self, dy3, x3, p: Problem, mean, rstd, inv_count=None):
+        """Per-channel (Σ dy, Σ dy·xhat[, their means]); statistics per channel or per (n, g)."""
+        ctype, sd, A = self._types(x3)
+        V = self._vec(p, ctype, x3, dy3)
+        n, c, s, G = p.n, p.c, p.s, p.groups
+        cg = c // G if G else 1
+        if p.layout == CHANNELS_FIRST:
+            sv = s // V
+            chunk, nch = _chunking(n * sv, c, THREADS)
+            p1, p2 = self._empty(c * nch, sd), self._empty(c * nch, sd)
+            self._kernel("reduce.cu", ctype, f"seg_grad_partial<{ctype}, {V}>")(
+                (c * nch,), (THREADS,),
+                (dy3, x3, mean, rstd, np.int64(c), np.int64(sv), np.int64(n), np.int32(G), np.int32(cg),
+                 np.int64(chunk), np.int32(nch), p1, p2))
+            seg_stride, chunk_stride = nch, 1
+        else:
+            rows, cv = n * s, c // V
+            tx = min(32, _pow2ceil(cv))
+            ncol = _cdiv(cv, tx)
+            chunk, nch = _chunking(rows, ncol, THREADS // tx)
+            p1, p2 = self._empty(nch * c, sd), self._empty(nch * c, sd)
+            self._kernel("reduce.cu", ctype, f"col_grad_partial<{ctype}, {V}>")(
+                (nch * ncol,), (THREADS,),
+                (dy3, x3, mean, rstd, np.int64(rows), np.int64(s), np.int64(cv), np.int32(G), np.int32(cg),
+                 np.int32(tx), np.int64(chunk), np.int32(ncol), p1, p2))
+            seg_stride, chunk_stride = 1, c
+        s1, s2 = self._empty(c, sd), self._empty(c, sd)
+        m1 = self._empty(c, sd) if inv_count is not None else s1
+        m2 = self._empty(c, sd) if inv_count is not None else s2
+        self._kernel("reduce.cu", ctype, f"grad_finalize<{'double' if ctype == 'double' else 'float'}>")(
+            (_cdiv(c, THREADS // 32),), (THREADS,),
+            (p1, p2, np.int64(c), np.int32(nch), np.int64(seg_stride), np.int64(chunk_stride),
+             A(inv_count if inv_count is not None else 0.0), np.int32(1 if inv_count is not None else 0),
+             s1, s2, m1, m2))
+        return s1, s2, m1, m2
+
+    def _affine(self, x3, p: Problem, mean, k, b):
+        """y = (x - mean[c]) * k[c] + b[c] (mean None: 0), channel c of the layout."""
+        ctype, sd, A = self._types(x3)
+        cross = Problem(p.layout, p.n, p.c, p.s)
+        V = self._vec(cross, ctype, x3)
+        y = self.xp.empty_like(x3)
+        nvec = x3.size // V
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
+        self._kernel("elementwise.cu", ctype, f"affine<{ctype}, {V}, {cl}>")(
+            (self._elementwise_grid(nvec),), (THREADS,),
+            (x3, y, mean if mean is not None else k, k, b, np.int32(mean is not None), np.int64(nvec),
+             np.int64(p.s), np.int64(p.c)))
+        return y
+
+    # -- per-sample rows -----------------------------------------------------
+    def _row_plan(self, p: Problem, V: int, itemsize: int, buffers: int):
+        """Launch shape for one row per `tpr` threads with `buffers` staged arrays.
+
+        Returns ``(tpr, rows_per_block, staged)`` where ``staged`` is how many
+        of the buffers fit in shared memory (0 when even one does not), or
+        None when the rows should be split over blocks instead.
+        """
+        sms, optin = self._device()
+        limit = optin // 2  # leave room for a second resident block
+        nrows = p.n * p.groups
+        mv = (p.c // p.groups) * p.s // V
+        row_bytes = mv * V * itemsize
+        tpr = min(512, max(32, _pow2floor(mv // 4)))
+        for staged in range(buffers, -1, -1):
+            rpb = max(1, THREADS // tpr)
+            while rpb > 1 and rpb * staged * row_bytes > limit:
+                rpb //= 2
+            if rpb * staged * row_bytes <= limit:
+                if staged == 0 and buffers == 1:
+                    return None
+                if nrows < sms and mv >= 4096 and buffers == 1:
+                    return None
+                return tpr, rpb, staged
+        return None
+
+    def _rows_forward_split(self, x3, p: Problem, weight, bias, eps, ctype, sd, A, V):
+        """Per-sample forward with each row split over blocks (two reads of x)."""
+        n, c, s, G = p.n, p.c, p.s, p.groups
+        cg, nrows = c // G, n * G
+        mv = cg * s // V
+        if p.layout == CHANNELS_FIRST:
+            seg = (1, mv, 0, mv, 0)  # contiguous rows
+        else:
+            cv, cgv = c // V, cg // V
+            seg = (G, s * cv, cgv, cgv, cv)
+        chunk, nch = _chunking(mv, nrows, THREADS)
+        pn, pm, pq = (self._empty(nrows * nch, sd) for _ in range(3))
+        self._kernel("reduce.cu", ctype, f"seg_stats_partial<{ctype}, {V}>")(
+            (nrows * nch,), (THREADS,),
+            (x3, *(np.int64(v) for v in seg), np.int64(mv), np.int64(chunk), np.int32(nch), pn, pm, pq))
+        mean, var, rstd = (self._empty((n, G), sd) for _ in range(3))
+        self._kernel("reduce.cu", ctype, f"stats_finalize<{'double' if ctype == 'double' else 'float'}>")(
+            (_cdiv(nrows, THREADS // 32),), (THREADS,),
+            (pn, pm, pq, np.int64(nrows), np.int32(nch), np.int64(nch), np.int64(1), A(eps), np.int32(1),
+             mean, var, rstd, mean, mean))
+        y = self.xp.empty_like(x3)
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
+        self._kernel("rows.cu", ctype, f"row_apply<{ctype}, {V}, {cl}>")(
+            (nrows * nch,), (THREADS,),
+            (x3, y, weight, bias, mean, rstd, np.int32(G), np.int32(cg), np.int64(s), np.int64(c),
+             np.int64(chunk), np.int32(nch)))
+        return y, mean, var, rstd
+
+    # -- the Backend interface -----------------------------------------------
+    def forward_train(self, x3, p, weight, bias, eps):
+        ctype, sd, A = self._types(x3)
+        if p.cross_sample:
+            mean, var, rstd, scale = self._channel_reduce(x3, p, eps=eps, weight=weight)
+            return self._affine(x3, p, mean, scale, bias), mean, var, rstd
+        V = self._vec(p, ctype, x3)
+        plan = self._row_plan(p, V, x3.itemsize, 1)
+        if plan is None:
+            return self._rows_forward_split(x3, p, weight, bias, eps, ctype, sd, A, V)
+        n, c, s, G = p.n, p.c, p.s, p.groups
+        nrows = n * G
+        mv = (c // G) * s // V
+        y = self.xp.empty_like(x3)
+        mean, var, rstd = (self._empty((n, G), sd) for _ in range(3))
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
+        items = self.row_register_items
+        if items and mv <= items * self.ROW_REG_THREADS:
+            tpr = max(32, _pow2ceil(_cdiv(mv, items)))
+            rpb = self.ROW_REG_THREADS // tpr
+            kern = self._kernel("rows.cu", ctype, f"row_forward_reg<{ctype}, {V}, {cl}>")
+            grid = min(_cdiv(nrows, rpb), self._device()[0] * self._blocks_per_sm(kern, tpr * rpb))
+            kern((grid,), (tpr * rpb,),
+                 (x3, y, weight, bias, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s), np.int64(c),
+                  np.int32(tpr), A(eps), mean, var, rstd))
+            return y, mean, var, rstd
+        tpr, rpb, _ = plan
+        self._kernel("rows.cu", ctype, f"row_forward<{ctype}, {V}, {cl}>")(
+            (_cdiv(nrows, rpb),), (tpr * rpb,),
+            (x3, y, weight, bias, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s), np.int64(c),
+             np.int32(tpr), A(eps), mean, var, rstd),
+            shared_mem=rpb * mv * V * x3.itemsize)
+        return y, mean, var, rstd
+
+    def _blocks_per_sm(self, kern, block: int) -> int:
+        """Resident blocks per multiprocessor for ``kern`` (threads and registers bound)."""
+        key = ("bpsm", id(kern), block)
+        if key not in self._props:
+            try:
+                regs = max(1, int(kern.attributes["num_regs"]))
+            except Exception:  # noqa: BLE001 - unknown register count: assume the common 64
+                regs = 64
+            self._props[key] = max(1, min(2048 // block, 65536 // (regs * block)))
+        return self._props[key]
+
+    def forward_eval(self, x3, p, scale, shift):
+        return self._affine(x3, p, None, scale, shift)
+
+    def backward_train(self, dy3, x3, p, mean, rstd, weight):
+        ctype, sd, A = self._types(x3)
+        if p.cross_sample:
+            count = p.n * p.s
+            s1, s2, m1, m2 = self._grad_sums(dy3, x3, p, mean, rstd, inv_count=1.0 / count)
+            dx = self.channel_backward_apply(dy3, x3, p, mean, rstd, weight, m1, m2)
+            return dx, s2, s1
+        V = self._vec(p, ctype, x3, dy3)
+        tpr, rpb, staged = self._row_plan(p, V, x3.itemsize, 2)
+        n, c, s, G = p.n, p.c, p.s, p.groups
+        nrows = n * G
+        mv = (c // G) * s // V
+        dx = self.xp.empty_like(x3)
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
+        self._kernel("rows.cu", ctype, f"row_backward<{ctype}, {V}, {cl}>")(
+            (_cdiv(nrows, rpb),), (tpr * rpb,),
+            (dy3, x3, dx, weight, mean, rstd, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s),
+             np.int64(c), np.int32(tpr), np.int32(staged)),
+            shared_mem=rpb * staged * mv * V * x3.itemsize)
+        s1, s2, _, _ = self._grad_sums(dy3, x3, p, mean, rstd)
+        return dx, s2, s1
+
+    def channel_stats(self, x3, p):
+        mean, var, _, _ = self._channel_reduce(x3, p)
+        return mean, var
+
+    def channel_grad_sums(self, dy3, x3, p, mean, rstd):
+        cross = Problem(p.layout, p.n, p.c, p.s)
+        s1, s2, _, _ = self._grad_sums(dy3, x3, cross, mean, rstd)
+        return s1, s2
+
+    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat):
+        ctype, sd, A = self._types(x3)
+        cross = Problem(p.layout, p.n, p.c, p.s)
+        V = self._vec(cross, ctype, x3, dy3)
+        dx = self.xp.empty_like(x3)
+        nvec = x3.size // V
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
+        self._kernel("elementwise.cu", ctype, f"bn_backward_apply<{ctype}, {V}, {cl}>")(
+            (self._elementwise_grid(nvec),), (THREADS,),
+            (dy3, x3, dx, mean, rstd, weight, mean_dy, mean_dy_xhat, np.int64(nvec), np.int64(p.s),
+             np.int64(p.c)))
+        return dx

@@ -1,0 +1,224 @@
+"""The cupy backend's kernels against the NumPy reference, at the Backend level.
+
+Every test here runs with CuPy's allocator replaced by one that fills each new
+allocation with 0xFF bytes (NaN in every float format), so an output element
+that a kernel fails to write shows up as NaN. Covered: each kernel problem
+(cross-sample and per-sample, both layouts, shapes that take the 16-byte
+vector path and shapes that cannot, rows split over blocks, rows staged in
+shared memory or not), each data type, bit-identical repeated runs, and
+CuPy's current stream. Skipped, with the registry's reason, where the
+backend cannot run.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+from cnorm.backends import available_backends, get_backend_instance
+from cnorm.backends.base import Problem, stats_dtype
+from cnorm.backends.numpy_backend import NumpyBackend
+
+WHY = available_backends(with_reasons=True).get("cupy")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(WHY is not None, reason=f"cupy backend unavailable: {WHY}")]
+
+REF = NumpyBackend()
+
+# (layout, n, c, s, groups): vector-friendly and unfriendly sizes of each problem kind.
+PROBLEMS = [
+    ("cf", 4, 3, 50, 0),  # BatchNorm, S not a multiple of the vector width
+    ("cf", 8, 16, 64, 0),  # BatchNorm, vectorized
+    ("cf", 3, 5, 1, 0),  # BatchNorm on (N, C) given channels-first
+    ("cl", 4, 3, 50, 0),  # BatchNorm channels-last, C odd
+    ("cl", 8, 64, 16, 0),  # BatchNorm channels-last, vectorized
+    ("cl", 257, 40, 1, 0),  # BatchNorm1d (N, C), many chunks
+    ("cf", 4, 6, 10, 1),  # GroupNorm G=1
+    ("cf", 4, 6, 16, 3),  # GroupNorm
+    ("cf", 2, 8, 36, 8),  # InstanceNorm
+    ("cl", 16, 1, 64, 1),  # one channel, per-sample over S
+    ("cl", 16, 64, 1, 1),  # LayerNorm (N, D) arrives as (N, S=1, C=D)
+    ("cl", 5, 33, 1, 1),  # LayerNorm, odd width
+    ("cl", 4, 12, 16, 4),  # GroupNorm channels-last, C/G = 3
+    ("cl", 4, 32, 16, 4),  # GroupNorm channels-last, vectorized
+    ("cl", 3, 24, 7, 24),  # InstanceNorm channels-last
+    ("cf", 2, 4, 8192, 1),  # few long rows: split over blocks
+    ("cl", 2, 40000, 1, 1),  # a LayerNorm row longer than shared memory
+    ("cf", 1, 2, 70000, 2),  # backward without staging either array
+    ("cf", 4, 8, 2048, 2),  # rows staged in shared memory (too long for registers)
+    ("cl", 3, 3000, 1, 1),  # LayerNorm D=3000
+]
+DTYPES = ["float16", "bfloat16", "float32", "float64"]
+OUT_TOL = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4, "float64": 1e-10}
+STAT_TOL = {"float16": 1e-4, "bfloat16": 1e-4, "float32": 1e-4, "float64": 1e-10}
+
+
+@pytest.fixture(scope="module")
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return get_backend_instance("cupy")
+
+
+@pytest.fixture(autouse=True)
+def nan_allocations(cp):
+    """Every device allocation starts as all-0xFF bytes: NaN for every float dtype."""
+    pool = cp.cuda.MemoryPool()
+
+    def alloc(size):
+        mem = pool.malloc(size)
+        cp.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cp.cuda.get_current_stream().ptr)
+        return mem
+
+    with cp.cuda.using_allocator(alloc):
+        yield
+    pool.free_all_blocks()
+
+
+def np_dtype(name, backend):
+    if name == "bfloat16":
+        bf16 = backend._bfloat16()
+        if bf16 is None:
+            pytest.skip("this CuPy cannot make bfloat16 arrays (ml_dtypes missing or unsupported)")
+        return bf16
+    return np.dtype(name)
+
+
+def close(got, want, tol, what):
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.isfinite(got).all(), f"{what}: {np.count_nonzero(~np.isfinite(got))} non-finite (unwritten) values"
+    scale = max(np.abs(want).max(), 1e-30)
+    err = np.abs(got - want).max() / scale
+    assert err <= tol, f"{what}: max error {err:.3g} of scale {scale:.3g} > {tol}"
+
+
+def inputs(p: Problem, dtype, seed, offset=3.0):
+    """Host x, dy (rounded to dtype), per-channel weight/bias (statistics dtype)."""
+    rng = np.random.default_rng(seed)
+    sd = stats_dtype(dtype)
+    x = (offset + rng.standard_normal(p.shape3) * rng.uniform(0.5, 2.0)).astype(dtype)
+    dy = rng.standard_normal(p.shape3).astype(dtype)
+    w = rng.uniform(0.5, 1.5, p.c).astype(sd)
+    b = rng.standard_normal(p.c).astype(sd)
+    return x, dy, w, b
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("spec", PROBLEMS, ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_matches_reference(cp, backend, spec, dtype_name):
+    check_problem(cp, backend, spec, dtype_name)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("spec", [s for s in PROBLEMS if s[4]], ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_register_rows_match_reference(cp, backend, spec, dtype_name):
+    """Per-sample rows with the opt-in register kernel (row_forward_reg) switched on."""
+    backend.row_register_items = 4
+    try:
+        check_problem(cp, backend, spec, dtype_name)
+    finally:
+        del backend.row_register_items  # back to the class default
+
+
+def check_problem(cp, backend, spec, dtype_name):
+    """Every Backend method on one problem against the reference, outputs NaN-prefilled."""
+    dtype = np_dtype(dtype_name, backend)
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, dtype, seed=zlib.crc32(repr(spec).encode()))
+    otol, stol = OUT_TOL[dtype_name], STAT_TOL[dtype_name]
+    X, DY, W, B = (cp.asarray(a) for a in (x, dy, w, b))
+    eps = 1e-5
+
+    y, mean, var, rstd = backend.forward_train(X, p, W, B, eps)
+    ry, rmean, rvar, rrstd = REF.forward_train(x, p, w, b, eps)
+    assert y.dtype == dtype and y.shape == x.shape and mean.shape == p.stats_shape
+    close(y.get(), ry, otol, "forward_train y")
+    for name, got, want in (("mean", mean, rmean), ("var", var, rvar), ("rstd", rstd, rrstd)):
+        assert got.dtype == rmean.dtype, f"{name} dtype {got.dtype}"
+        close(got.get(), want, stol, f"forward_train {name}")
+
+    dx, dw, db = backend.backward_train(DY, X, p, cp.asarray(rmean), cp.asarray(rrstd), W)
+    rdx, rdw, rdb = REF.backward_train(dy, x, p, rmean, rrstd, w)
+    assert dx.dtype == dtype and dw.shape == (p.c,) and dw.dtype == rdw.dtype
+    close(dx.get(), rdx, otol, "backward_train dx")
+    close(dw.get(), rdw, stol, "backward_train dweight")
+    close(db.get(), rdb, stol, "backward_train dbias")
+
+    # Per-channel constants, as eval mode and the cross-sample primitives use them.
+    cm, cr = (np.random.default_rng(1).uniform(0.5, 1.5, p.c).astype(w.dtype) for _ in range(2))
+    CM, CR = cp.asarray(cm), cp.asarray(cr)
+    close(backend.forward_eval(X, p, W, B).get(), REF.forward_eval(x, p, w, b), otol, "forward_eval")
+    got = backend.backward_eval(DY, X, p, CM, CR, W)
+    want = REF.backward_eval(dy, x, p, cm, cr, w)
+    for name, g, r, tol in zip(("dx", "dweight", "dbias"), got, want, (otol, stol, stol)):
+        close(g.get(), r, tol, f"backward_eval {name}")
+    for name, g, r in zip(("mean", "var"), backend.channel_stats(X, p), REF.channel_stats(x, p)):
+        close(g.get(), r, stol, f"channel_stats {name}")
+    for name, g, r in zip(("sum_dy", "sum_dy_xhat"), backend.channel_grad_sums(DY, X, p, CM, CR),
+                          REF.channel_grad_sums(dy, x, p, cm, cr)):
+        close(g.get(), r, stol, f"channel_grad_sums {name}")
+    got = backend.channel_backward_apply(DY, X, p, CM, CR, W, CR, CM)
+    close(got.get(), REF.channel_backward_apply(dy, x, p, cm, cr, w, cr, cm), otol, "channel_backward_apply")
+
+
+@pytest.mark.parametrize("spec", [("cf", 3, 4, 64, 0), ("cl", 3, 64, 4, 2), ("cl", 4, 256, 1, 1)],
+                         ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_unaligned_input_takes_scalar_path(cp, backend, spec):
+    """A view starting one element into its buffer cannot use 16-byte loads and is still right."""
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, np.dtype(np.float32), seed=7)
+    buf = cp.empty(x.size + 1, dtype=np.float32)
+    X = buf[1:].reshape(x.shape)
+    X[...] = cp.asarray(x)
+    assert X.data.ptr % 16 != 0 and X.flags.c_contiguous
+    y, mean, var, rstd = backend.forward_train(X, p, cp.asarray(w), cp.asarray(b), 1e-5)
+    ry, rmean, _, rrstd = REF.forward_train(x, p, w, b, 1e-5)
+    close(y.get(), ry, 1e-4, "y")
+    dx, dw, db = backend.backward_train(cp.asarray(dy), X, p, cp.asarray(rmean), cp.asarray(rrstd), cp.asarray(w))
+    rdx, rdw, rdb = REF.backward_train(dy, x, p, rmean, rrstd, w)
+    close(dx.get(), rdx, 1e-4, "dx")
+    close(dw.get(), rdw, 1e-4, "dweight")
+
+
+@pytest.mark.parametrize("spec", [("cf", 16, 8, 4096, 0), ("cl", 4096, 64, 8, 0), ("cl", 512, 1024, 1, 1),
+                                  ("cf", 8, 32, 1024, 8), ("cf", 2, 4, 20000, 1)],
+                         ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_bit_identical_across_runs(cp, backend, spec):
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, np.dtype(np.float32), seed=11)
+    X, DY, W, B = (cp.asarray(a) for a in (x, dy, w, b))
+    runs = []
+    for _ in range(2):
+        y, mean, var, rstd = backend.forward_train(X, p, W, B, 1e-5)
+        dx, dw, db = backend.backward_train(DY, X, p, mean, rstd, W)
+        runs.append([a.get() for a in (y, mean, var, rstd, dx, dw, db)])
+    for name, a, b2 in zip(("y", "mean", "var", "rstd", "dx", "dweight", "dbias"), *runs):
+        assert a.tobytes() == b2.tobytes(), f"{name} differs between two identical runs"
+
+
+def test_runs_on_current_stream(cp, backend):
+    p = Problem("cf", 8, 4, 256, 0)
+    x, dy, w, b = inputs(p, np.dtype(np.float32), seed=3)
+    X, W, B = (cp.asarray(a) for a in (x, w, b))
+    want = backend.forward_train(X, p, W, B, 1e-5)[0].get()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        y = backend.forward_train(X, p, W, B, 1e-5)[0]
+        got = cp.asnumpy(y, stream=stream)
+    stream.synchronize()
+    assert got.tobytes() == want.tobytes()
+
+
+def test_array_contract(cp, backend):
+    assert backend.accepts(cp.zeros(3)) and not backend.accepts(np.zeros(3))
+    assert "cupy" in backend.describe_expected()
+    assert {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)} <= set(backend.supported_dtypes())
+    assert backend.xp is cp
