@@ -100,6 +100,7 @@ def extension(name, source):
 
 EXTENSIONS = [
     extension("cnorm._openmp", "cnorm/_openmp.pyx"),
+    extension("cnorm.backends._kernels", "cnorm/backends/_kernels.pyx"),
 ]
 
 setup(

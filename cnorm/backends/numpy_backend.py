@@ -83,6 +83,9 @@ class NumpyBackend(Backend):
         g, _ = grouped(f64(dy3), p)
         r = per_group(f64(rstd), p)
         xhat = (xg - per_group(f64(mean), p)) * r
+        # The saved mean is rounded to the statistics dtype (float32 for float32 data);
+        # re-centring removes that rounding, which backward would otherwise amplify by rstd.
+        xhat -= xhat.mean(axis=axes, keepdims=True)
         wg = g * per_channel(f64(weight), p)
         mean_wg = wg.mean(axis=axes, keepdims=True)
         mean_wg_xhat = np.mean(wg * xhat, axis=axes, keepdims=True)

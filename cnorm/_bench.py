@@ -1,0 +1,492 @@
+"""``python -m cnorm bench``: cnorm's backends against PyTorch and the memory floor.
+
+For every case (norm, direction, shape, layout) each backend is timed through
+the public functional API at one thread count, and the report gives its median
+time, its ratio to PyTorch's, and the fraction of the memory floor it
+reaches. The floor is the time to move the bytes a fused kernel must move —
+2 x bytes(x) for a forward (read x, write y), 3 x bytes(x) for a backward
+(read x and dy, write dx) — at the copy bandwidth measured in the same run
+(a large array copy on all threads). Inputs rotate among enough copies that
+the last-level cache cannot hold them between calls. Every timed call is
+checked against the NumPy reference first.
+
+The same cases drive the pytest-benchmark suite in ``bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: a norm, a direction, a shape and a memory layout.
+
+    ``shape`` is the logical NCHW-style shape for channels-first and the
+    NHWC-style array shape for channels-last (as users pass it).
+    """
+
+    norm: str                 # batch_norm | layer_norm | group_norm | instance_norm
+    direction: str            # fwd | bwd
+    shape: tuple
+    layout: str = "cf"        # cf | cl
+    training: bool = True     # BatchNorm eval mode when False
+    groups: int = 0           # GroupNorm's G
+    latency: bool = False     # a per-call latency case: no floor
+
+    @property
+    def name(self) -> str:
+        """Human id used as the pytest-benchmark group and the report row."""
+        mode = "" if self.training else "-eval"
+        g = f"-G{self.groups}" if self.groups else ""
+        return f"{self.norm}{mode}{g}-{self.direction}-{'x'.join(map(str, self.shape))}-{self.layout}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    @property
+    def floor_factor(self) -> int:
+        """Bytes moved by a fused kernel, in units of bytes(x)."""
+        return 2 if self.direction == "fwd" else 3
+
+    @property
+    def channel_axis(self) -> int:
+        return -1 if self.layout == "cl" else 1
+
+
+def _pair(norm, shape, layout="cf", **kw):
+    return [Case(norm, d, shape, layout, **kw) for d in ("fwd", "bwd")]
+
+
+def issue_cases() -> list[Case]:
+    """The cases issue 3 sets speed targets for (float32)."""
+    return [
+        *_pair("batch_norm", (32, 64, 56, 56)),
+        *_pair("batch_norm", (32, 56, 56, 64), "cl"),
+        *_pair("batch_norm", (32, 64, 56, 56), training=False),
+        *_pair("batch_norm", (4096, 1024)),
+        *_pair("layer_norm", (8192, 768)),
+        *_pair("layer_norm", (2048, 4096)),
+        *_pair("group_norm", (16, 256, 32, 32), groups=32),
+        *_pair("group_norm", (16, 32, 32, 256), "cl", groups=32),
+        *_pair("instance_norm", (16, 64, 128, 128)),
+        Case("layer_norm", "fwd", (32, 64), latency=True),
+    ]
+
+
+def quick_cases() -> list[Case]:
+    """Smaller versions of every kernel path, for a CI smoke run."""
+    return [
+        *_pair("batch_norm", (8, 32, 28, 28)),
+        *_pair("batch_norm", (8, 28, 28, 32), "cl"),
+        Case("batch_norm", "fwd", (8, 32, 28, 28), training=False),
+        *_pair("batch_norm", (512, 256)),
+        *_pair("layer_norm", (1024, 768)),
+        *_pair("group_norm", (4, 64, 16, 16), groups=8),
+        *_pair("group_norm", (4, 16, 16, 64), "cl", groups=8),
+        *_pair("instance_norm", (4, 16, 64, 64)),
+        Case("layer_norm", "fwd", (32, 64), latency=True),
+    ]
+
+
+# -- inputs and calls ------------------------------------------------------------
+
+@dataclass
+class Inputs:
+    """Rotating copies of x and dy plus the parameters of one case."""
+
+    xs: list
+    dys: list
+    weight: np.ndarray
+    bias: np.ndarray
+    running_mean: np.ndarray | None = None
+    running_var: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def n_copies(case: Case, llc_bytes: int) -> int:
+    """Copies so that one rotation (x and dy) moves over twice the LLC."""
+    if case.latency:
+        return 4
+    per = case.nbytes * (2 if case.direction == "bwd" else 1)
+    return max(2, min(16, math.ceil(2 * llc_bytes / per) + 1))
+
+
+def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
+    rng = np.random.default_rng(seed)
+    c = case.shape[-1] if (case.layout == "cl" or case.norm == "layer_norm") else case.shape[1]
+    xs = [(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1) for _ in range(copies)]
+    dys = [rng.standard_normal(case.shape, dtype=np.float32) for _ in range(copies)] if case.direction == "bwd" else []
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    inp = Inputs(xs, dys, w, b)
+    if case.norm == "batch_norm" and not case.training:
+        inp.running_mean = rng.standard_normal(c).astype(np.float32)
+        inp.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
+    return inp
+
+
+def _cnorm_forward(case: Case, inp: Inputs, x, backend):
+    import cnorm
+
+    if case.norm == "batch_norm":
+        rm = None if inp.running_mean is None else inp.running_mean.copy()
+        rv = None if inp.running_var is None else inp.running_var.copy()
+        return cnorm.batch_norm_forward(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS,
+                                        case.channel_axis, backend)
+    if case.norm == "layer_norm":
+        return cnorm.layer_norm_forward(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend)
+    if case.norm == "group_norm":
+        return cnorm.group_norm_forward(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend)
+    return cnorm.instance_norm_forward(x, inp.weight, inp.bias, None, None, True, 0.1, EPS,
+                                       case.channel_axis, backend)
+
+
+def _cnorm_backward(case: Case, dy, x, saved, weight):
+    import cnorm
+
+    fn = getattr(cnorm, f"{case.norm}_backward")
+    return fn(dy, x, saved, weight)
+
+
+def cnorm_runner(case: Case, inp: Inputs, backend: str):
+    """A zero-argument call that runs one cnorm call on the next copy, and its first result."""
+    k = len(inp.xs)
+    state = {"i": 0}
+    if case.direction == "fwd":
+        def call():
+            i = state["i"] = (state["i"] + 1) % k
+            return _cnorm_forward(case, inp, inp.xs[i], backend)[0]
+
+        first = lambda: _cnorm_forward(case, inp, inp.xs[0], backend)[0]  # noqa: E731
+        return call, first
+    saved = [_cnorm_forward(case, inp, x, backend)[1] for x in inp.xs]
+
+    def call():
+        i = state["i"] = (state["i"] + 1) % k
+        return _cnorm_backward(case, inp.dys[i], inp.xs[i], saved[i], inp.weight)[0]
+
+    first = lambda: _cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight)[0]  # noqa: E731
+    return call, first
+
+
+def torch_runner(case: Case, inp: Inputs):
+    """Same as :func:`cnorm_runner` with PyTorch CPU (channels-last as a permuted NHWC view)."""
+    import torch
+    import torch.nn.functional as F
+
+    def tensor(a):
+        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+        if case.layout == "cl":
+            t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))  # NHWC memory, NCHW logical
+        return t
+
+    w, b = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
+    if case.direction == "bwd":
+        w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    rm = None if inp.running_mean is None else torch.from_numpy(inp.running_mean.copy())
+    rv = None if inp.running_var is None else torch.from_numpy(inp.running_var.copy())
+
+    def fwd(t):
+        if case.norm == "batch_norm":
+            return F.batch_norm(t, rm, rv, w, b, case.training, 0.1, EPS)
+        if case.norm == "layer_norm":
+            return F.layer_norm(t, (case.shape[-1],), w, b, EPS)
+        if case.norm == "group_norm":
+            return F.group_norm(t, case.groups, w, b, EPS)
+        return F.instance_norm(t, weight=w, bias=b, eps=EPS)
+
+    def to_numpy(t):
+        t = t.detach()
+        if case.layout == "cl":  # back to the NHWC array users passed
+            t = t.permute(0, *range(2, t.dim()), 1)
+        return t.contiguous().numpy()
+
+    xs = [tensor(x) for x in inp.xs]
+    k, state = len(xs), {"i": 0}
+    if case.direction == "fwd":
+        def call():
+            i = state["i"] = (state["i"] + 1) % k
+            return fwd(xs[i])
+
+        return call, lambda: to_numpy(fwd(xs[0]))
+    # leaves in the user's layout; the norm sees their NCHW-logical views
+    leaves = [torch.from_numpy(a).requires_grad_(True) for a in inp.xs]
+    with torch.enable_grad():
+        outs = [fwd(tensor(leaf)) for leaf in leaves]
+    grads = [tensor(dy) for dy in inp.dys]
+
+    def call():
+        i = state["i"] = (state["i"] + 1) % k
+        return torch.autograd.grad(outs[i], (leaves[i], w, b), grads[i], retain_graph=True)
+
+    def first():
+        dx = torch.autograd.grad(outs[0], (leaves[0], w, b), grads[0], retain_graph=True)[0]
+        return dx.detach().numpy()  # the leaf has the user's (NHWC or NCHW) layout
+
+    return call, first
+
+
+def reference(case: Case, inp: Inputs) -> np.ndarray:
+    """The NumPy backend's result on copy 0: what every row is checked against."""
+    if case.direction == "fwd":
+        return np.asarray(_cnorm_forward(case, inp, inp.xs[0], "numpy")[0])
+    saved = _cnorm_forward(case, inp, inp.xs[0], "numpy")[1]
+    return np.asarray(_cnorm_backward(case, inp.dys[0], inp.xs[0], saved, inp.weight)[0])
+
+
+def check(got, want, what: str) -> None:
+    """Assert a float32 result matches the reference to 1e-4 of its scale."""
+    got = np.asarray(got, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(want))))
+    err = float(np.max(np.abs(got - want))) / scale
+    if not err <= 1e-4:
+        raise AssertionError(f"{what}: max error {err:.2e} of scale {scale:.3g} vs the NumPy reference")
+
+
+def runner(case: Case, inp: Inputs, backend: str):
+    """(call, first) for a backend name: a cnorm backend or "torch"."""
+    if backend == "torch":
+        return torch_runner(case, inp)
+    return cnorm_runner(case, inp, backend)
+
+
+# -- machine facts -----------------------------------------------------------------
+
+def cache_bytes(level: int, default: int) -> int:
+    """Size of the CPU's cache of ``level`` from sysfs (Linux), else ``default``."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in sorted(os.listdir(base)):
+            with open(os.path.join(base, idx, "level")) as f:
+                if int(f.read()) != level:
+                    continue
+            with open(os.path.join(base, idx, "size")) as f:
+                s = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
+            return int(s.rstrip("KMG")) * mult
+    except OSError:
+        pass
+    return default
+
+
+def machine() -> dict:
+    """CPU model, cores, caches: recorded with every result."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "l2_bytes": cache_bytes(2, 1 << 20),
+            "llc_bytes": cache_bytes(3, 32 << 20), "python": platform.python_version(),
+            "numpy": np.__version__}
+
+
+def copy_bandwidth(threads: int, nbytes: int = 256 << 20, repeat: int = 7) -> float:
+    """Bytes per second (read + write) of a large array copy on ``threads`` threads."""
+    from .backends._kernels import parallel_copy
+
+    src = np.ones(nbytes // 8)
+    dst = np.empty_like(src)
+    parallel_copy(src, dst, threads)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        parallel_copy(src, dst, threads)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory instead of returning it to the OS.
+
+    Otherwise every large output is a fresh mmap that the kernel zero-fills
+    on first touch — as costly as a normalization itself — for every backend
+    alike; a training loop's caching allocator does not pay it. Returns False
+    where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 62))
+    except (OSError, AttributeError):
+        return False
+
+
+# -- timing ------------------------------------------------------------------------
+
+def time_call(call, repeat: int, budget_s: float) -> list:
+    """Seconds of each call: one warm-up, then up to ``repeat`` timed calls within the budget."""
+    call()
+    times = []
+    start = time.perf_counter()
+    inner = 1
+    while len(times) < repeat:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            call()
+        times.append((time.perf_counter() - t0) / inner)
+        if len(times) == 1 and times[0] < 1e-4:
+            inner = max(1, int(2e-3 / max(times[0], 1e-7)))  # tiny calls: time batches
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return times
+
+
+def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, budget_s: float,
+             llc_bytes: int) -> dict:
+    inp = make_inputs(case, n_copies(case, llc_bytes))
+    want = reference(case, inp)
+    row = {"case": case.name, "norm": case.norm, "direction": case.direction, "shape": list(case.shape),
+           "layout": case.layout, "bytes": case.nbytes, "latency": case.latency, "results": {}}
+    floor = case.floor_factor * case.nbytes / bandwidth
+    row["floor_s"] = None if case.latency else floor
+    for name in backends:
+        call, first = runner(case, inp, name)
+        check(first(), want, f"{case.name} [{name}]")
+        times = time_call(call, repeat if name != "numpy" else max(3, repeat // 3), budget_s)
+        med = statistics.median(times)
+        row["results"][name] = {"median_s": med, "min_s": min(times), "n": len(times),
+                                "floor_fraction": None if case.latency else floor / med}
+    ref = row["results"].get("torch")
+    for r in row["results"].values():
+        r["speedup_vs_torch"] = (ref["median_s"] / r["median_s"]) if ref else None
+    return row
+
+
+def format_table(rows, backends) -> str:
+    head = f"{'case':44s}" + "".join(f"{b + ' ms':>12s}" for b in backends)
+    head += "".join(f"{'x torch ' + b:>16s}" for b in backends if b != "torch")
+    head += "".join(f"{'floor ' + b:>13s}" for b in backends)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        res = row["results"]
+        unit = 1e6 if row["latency"] else 1e3
+        line = f"{row['case'] + (' (us)' if row['latency'] else ''):44s}"
+        line += "".join(f"{res[b]['median_s'] * unit:12.2f}" for b in backends)
+        for b in backends:
+            if b != "torch":
+                s = res[b]["speedup_vs_torch"]
+                line += f"{s:16.2f}" if s else f"{'-':>16s}"
+        for b in backends:
+            f = res[b]["floor_fraction"]
+            line += f"{f:13.0%}" if f else f"{'-':>13s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows, backends, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["case"] for r in rows]
+    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(rows)), 10), sharex=True)
+    width = 0.8 / len(backends)
+    xs = np.arange(len(rows))
+    for i, b in enumerate(backends):
+        sp = [r["results"][b]["speedup_vs_torch"] or 0 for r in rows]
+        fl = [r["results"][b]["floor_fraction"] or 0 for r in rows]
+        axes[0].bar(xs + i * width, sp, width, label=b)
+        axes[1].bar(xs + i * width, fl, width, label=b)
+    axes[0].set_yscale("log")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[0].set_ylabel("speed relative to PyTorch (higher is faster)")
+    axes[1].axhline(0.75, color="k", lw=0.8, ls="--")
+    axes[1].set_ylabel("fraction of memory floor")
+    axes[1].set_xticks(xs + 0.4 - width / 2)
+    axes[1].set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark; see ``python -m cnorm bench --help``."""
+    parser = argparse.ArgumentParser(prog="python -m cnorm bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench_results", help="output folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="small cases, few repeats (CI smoke)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all)")
+    parser.add_argument("--backends", default="numpy,cython,torch",
+                        help="comma-separated; cnorm backend names and 'torch' (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per backend and case")
+    parser.add_argument("--filter", default="", help="run only cases whose name contains this")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's default policy: large outputs are fresh, zero-filled pages each call")
+    args = parser.parse_args(argv)
+
+    import cnorm
+
+    threads = args.threads or cnorm.get_num_threads()
+    cnorm.set_num_threads(threads)
+    backends = [b for b in args.backends.split(",") if b]
+    if "torch" in backends:
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            print("torch is not installed: no PyTorch rows", file=sys.stderr)
+            backends.remove("torch")
+    missing = [b for b in backends if b != "torch" and b not in cnorm.available_backends()]
+    if missing:
+        print(f"backends not available here: {missing}", file=sys.stderr)
+        return 2
+    kept = False if args.system_malloc else keep_freed_memory()
+    info = machine()
+    cases = quick_cases() if args.quick else issue_cases()
+    cases = [c for c in cases if args.filter in c.name]
+    repeat = args.repeat or (5 if args.quick else 15)
+    budget = 1.0 if args.quick else 4.0
+    bandwidth = copy_bandwidth(threads)
+    print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, freed memory kept: {kept}")
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, backends, threads, bandwidth, repeat, budget, info["llc_bytes"]))
+        print(f"  {case.name}: " + ", ".join(f"{b} {r['median_s'] * 1e3:.3f} ms"
+                                              for b, r in rows[-1]["results"].items()), flush=True)
+    print()
+    print(format_table(rows, backends))
+    os.makedirs(args.out, exist_ok=True)
+    result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth,
+              "freed_memory_kept": kept, "backends": backends, "quick": args.quick,
+              "torch": _torch_version(), "cases": rows}
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(rows, backends, os.path.join(args.out, "bench.png"))
+    print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
+    return 0
+
+
+def _torch_version():
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1302 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Fused OpenMP kernels of the "cython" backend.
+
+Every kernel problem of DESIGN §2 is computed here, with the GIL released:
+
+* cross-sample (BatchNorm) statistics per channel, channels-first
+  ``(N, C, S)`` and channels-last ``(N, S, C)``;
+* per-sample (LayerNorm, GroupNorm, InstanceNorm) statistics per
+  ``(n, group)``;
+* the backward of both, the eval-mode multiply-add, and the SyncBatchNorm
+  primitives.
+
+Determinism. Statistics are defined over *blocks* whose boundaries depend only
+on the problem's shape: each block's partial result is computed serially, and
+partials are merged (Chan's formula for mean/M2, plain sums for gradients) in
+block order. Threads only decide *who* computes a block, never how results
+combine, so any thread count gives bit-identical output. Lane accumulators
+are indexed by position in a run, not by address, so alignment does not
+matter either.
+
+Numerics. Sums run in double lanes; a block's variance is two-pass (mean, then
+Σ(x-mean)², the second pass from cache), blocks merge by Chan's formula, so no
+E[x²]-E[x]² appears. Normalization is ``y = (x - mean_hi)·a + b'`` with
+``mean_hi`` the mean rounded to the data type and the rounding remainder
+folded into ``b'`` in double: float32 data with |mean| ≫ std keeps full
+relative accuracy at one subtract and one FMA per element.
+
+Data are read through ``floating`` pointers and arithmetic happens either in
+double (sums) or in ``floating`` (elementwise); a half-precision storage type
+would change the loads and stores of the ``*_run`` helpers only.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.string cimport memcpy
+
+import numpy as np
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef enum:
+    # Double accumulators per reduction: two AVX-512 (four AVX2) registers.
+    LANES = 16
+    # Elements of one statistics block: 256 KB of float32, so a block read from
+    # memory is still in L2 for its second (centred) pass.
+    BLK = 65536
+    # Most row blocks of a channels-last cross-sample problem (bounds the
+    # O(blocks·C) partials) and most sample blocks of per-sample dweight/dbias.
+    MAXBLK = 64
+    # Channels of one cross-sample channels-last fold task.
+    CFOLD = 256
+
+# Below this many elements a call stays on the calling thread: an OpenMP
+# fork/join costs more than the work.
+SERIAL_ELEMS = 32768
+# A channel (forward: x; backward: x and dy) up to this many bytes is kept in
+# the per-core L2 (2 MB here) between statistics and normalization.
+FUSE_BYTES = 1 << 20
+
+cdef enum:
+    # cross_backward modes (exported below as Python ints)
+    MODE_TRAIN = 0
+    MODE_EVAL = 1
+    MODE_SUMS = 2
+    MODE_APPLY = 3
+
+TRAIN, EVAL, SUMS, APPLY = MODE_TRAIN, MODE_EVAL, MODE_SUMS, MODE_APPLY
+
+
+# ---------------------------------------------------------------- helpers --
+
+cdef inline void lanes_zero(double* a) noexcept nogil:
+    cdef int j
+    for j in range(LANES):
+        a[j] = 0.0
+
+
+cdef inline double lanes_total(const double* a) noexcept nogil:
+    # Fixed pairwise tree over the lanes.
+    cdef double s8[8]
+    cdef int j
+    for j in range(8):
+        s8[j] = a[j] + a[j + 8]
+    return ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]))
+
+
+cdef inline void sum_run(const floating* x, Py_ssize_t n, double piv, double* acc) noexcept nogil:
+    """acc[i % LANES] += x[i] - piv.
+
+    A pivot near the data (a value of the block) keeps the accumulated values
+    at the scale of the spread, not of the mean: |mean| ≫ std costs no accuracy.
+    """
+    cdef double a[LANES]
+    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
+    for j in range(LANES):
+        a[j] = acc[j]
+    while i < nv:
+        for j in range(LANES):
+            a[j] += x[i + j] - piv
+        i += LANES
+    for j in range(n - nv):
+        a[j] += x[nv + j] - piv
+    for j in range(LANES):
+        acc[j] = a[j]
+
+
+cdef inline void sq_run(const floating* x, Py_ssize_t n, double m, double* acc) noexcept nogil:
+    """acc[i % LANES] += (x[i] - m)²."""
+    cdef double a[LANES]
+    cdef double d
+    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
+    for j in range(LANES):
+        a[j] = acc[j]
+    while i < nv:
+        for j in range(LANES):
+            d = x[i + j] - m
+            a[j] += d * d
+        i += LANES
+    for j in range(n - nv):
+        d = x[nv + j] - m
+        a[j] += d * d
+    for j in range(LANES):
+        acc[j] = a[j]
+
+
+cdef inline void grad_run(const floating* g, const floating* x, Py_ssize_t n, double m,
+                          double* ag, double* agx) noexcept nogil:
+    """ag += g, agx += g·(x - m), lane-wise."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef double gv
+    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
+    for j in range(LANES):
+        a[j] = ag[j]
+        b[j] = agx[j]
+    while i < nv:
+        for j in range(LANES):
+            gv = g[i + j]
+            a[j] += gv
+            b[j] += gv * (x[i + j] - m)
+        i += LANES
+    for j in range(n - nv):
+        gv = g[nv + j]
+        a[j] += gv
+        b[j] += gv * (x[nv + j] - m)
+    for j in range(LANES):
+        ag[j] = a[j]
+        agx[j] = b[j]
+
+
+cdef inline void elem_grad_run(const floating* g, const floating* x, const floating* w, Py_ssize_t n,
+                               double m, double r, double* awg, double* awgx,
+                               double* pb, double* pw) noexcept nogil:
+    """Per-element affine (LayerNorm) sums, lane-wise: awg += w·g, awgx += w·g·(x-m);
+    and the dbias/dweight partials pb += g, pw += g·(x-m)·r."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef double gv, d
+    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
+    for j in range(LANES):
+        a[j] = awg[j]
+        b[j] = awgx[j]
+    while i < nv:
+        for j in range(LANES):
+            gv = g[i + j]
+            d = (x[i + j] - m) * gv
+            a[j] += w[i + j] * gv
+            b[j] += w[i + j] * d
+            pb[i + j] += gv
+            pw[i + j] += d * r
+        i += LANES
+    for j in range(n - nv):
+        gv = g[nv + j]
+        d = (x[nv + j] - m) * gv
+        a[j] += w[nv + j] * gv
+        b[j] += w[nv + j] * d
+        pb[nv + j] += gv
+        pw[nv + j] += d * r
+    for j in range(LANES):
+        awg[j] = a[j]
+        awgx[j] = b[j]
+
+
+cdef inline void norm_run(const floating* x, floating* y, Py_ssize_t n,
+                          floating mh, floating a, floating b) noexcept nogil:
+    """y = (x - mh)·a + b: one subtract and one FMA per element."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = (x[i] - mh) * a + b
+
+
+cdef inline void scale_run(const floating* x, floating* y, Py_ssize_t n,
+                           floating a, floating b) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = x[i] * a + b
+
+
+cdef inline void dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
+                        floating ka, floating mh, floating kb, floating kc) noexcept nogil:
+    """dx = g·ka + (x - mh)·kb + kc."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = g[i] * ka + (x[i] - mh) * kb + kc
+
+
+cdef inline void chan_merge(double* cnt, double* mean, double* m2,
+                            double nb, double mb, double qb) noexcept nogil:
+    """Merge partial (nb, mb, qb) into (cnt, mean, m2) — Chan et al."""
+    cdef double na = cnt[0], nab, d
+    if na == 0.0:
+        cnt[0] = nb
+        mean[0] = mb
+        m2[0] = qb
+        return
+    nab = na + nb
+    d = mb - mean[0]
+    mean[0] = mean[0] + d * (nb / nab)
+    m2[0] = m2[0] + qb + d * d * (na * nb / nab)
+    cnt[0] = nab
+
+
+cdef inline void split_range(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t t,
+                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
+    """Contiguous share t of range(n) split into parts."""
+    cdef Py_ssize_t q = n // parts, r = n % parts
+    lo[0] = t * q + (t if t < r else r)
+    hi[0] = lo[0] + q + (1 if t < r else 0)
+
+
+cdef inline void fwd_consts(double cnt, double mu, double m2, double eps, double w, double b,
+                            floating* mean_o, floating* var_o, floating* rstd_o,
+                            floating* k) noexcept nogil:
+    """Statistics out, and (mean_hi, a, b') with y = (x - mean_hi)·a + b'."""
+    cdef double var = m2 / cnt
+    cdef double r = 1.0 / sqrt(var + eps)
+    cdef double a = w * r
+    cdef floating mh = <floating>mu
+    mean_o[0] = <floating>mu
+    var_o[0] = <floating>var
+    rstd_o[0] = <floating>r
+    k[0] = mh
+    k[1] = <floating>a
+    k[2] = <floating>(b - (mu - <double>mh) * a)
+
+
+cdef inline void bwd_consts(double mu, double ka, double kb, double kc, floating* k) noexcept nogil:
+    """(ka, mean_hi, kb, kc') with dx = g·ka + (x - mean_hi)·kb + kc'."""
+    cdef floating mh = <floating>mu
+    k[0] = <floating>ka
+    k[1] = mh
+    k[2] = <floating>kb
+    k[3] = <floating>(kc + (mu - <double>mh) * (-kb))
+
+
+# ---------------------------------------------- cross-sample, channels-first --
+# Channel c's values are N runs of S. A block is rows [r0, r1) × s in [s0, s1):
+# rb rows of whole runs when S <= BLK, else one row piece of length sp.
+
+cdef inline void cf_block(Py_ssize_t N, Py_ssize_t S, Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp,
+                          Py_ssize_t k, Py_ssize_t* r0, Py_ssize_t* r1,
+                          Py_ssize_t* s0, Py_ssize_t* s1) noexcept nogil:
+    r0[0] = (k // nsp) * rb
+    r1[0] = r0[0] + rb if r0[0] + rb < N else N
+    s0[0] = (k % nsp) * sp
+    s1[0] = s0[0] + sp if s0[0] + sp < S else S
+
+
+cdef void cf_block_stats(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
+                         double* out) noexcept nogil:
+    """out = (count, mean, M2) of block k of channel c, two-pass."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t r0, r1, s0, s1, r
+    cdef double cnt, mu, piv
+    cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    piv = x[(r0 * C + c) * S + s0]
+    lanes_zero(acc)
+    for r in range(r0, r1):
+        sum_run(x + (r * C + c) * S + s0, s1 - s0, piv, acc)
+    cnt = <double>((r1 - r0) * (s1 - s0))
+    mu = piv + lanes_total(acc) / cnt
+    lanes_zero(acc)
+    for r in range(r0, r1):
+        sq_run(x + (r * C + c) * S + s0, s1 - s0, mu, acc)
+    out[0] = cnt
+    out[1] = mu
+    out[2] = lanes_total(acc)
+
+
+cdef void cf_block_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
+                        const floating* kk) noexcept nogil:
+    cdef Py_ssize_t r0, r1, s0, s1, r, off
+    cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    r = r1
+    while r > r0:  # newest rows first: they are the ones still in cache
+        r -= 1
+        off = (r * C + c) * S + s0
+        norm_run(x + off, y + off, s1 - s0, kk[0], kk[1], kk[2])
+
+
+cdef void cf_channel_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
+                         Py_ssize_t c, const double* part, bint have_part, double eps,
+                         const floating* w, const floating* b,
+                         floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
+    """Fold channel c's block partials in block order, then normalize it.
+
+    With have_part the partials come from ``part`` (split path); otherwise
+    they are computed here, block by block, so the channel stays in cache.
+    """
+    cdef double cnt = 0.0, mu = 0.0, m2 = 0.0
+    cdef double blk[3]
+    cdef Py_ssize_t k
+    for k in range(nblk):
+        if have_part:
+            memcpy(blk, part + 3 * (c * nblk + k), 3 * sizeof(double))
+        else:
+            cf_block_stats(x, N, C, S, rb, sp, nsp, c, k, blk)
+        chan_merge(&cnt, &mu, &m2, blk[0], blk[1], blk[2])
+    fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, kk + 3 * c)
+    if y != NULL and not have_part:
+        k = nblk
+        while k > 0:
+            k -= 1
+            cf_block_norm(x, y, N, C, S, rb, sp, nsp, c, k, kk + 3 * c)
+
+
+cdef void cf_cross_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
+                       double* part, double eps, const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
+    if fused:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            split_range(C, nt, t, &lo, &hi)
+            for c in range(lo, hi):
+                cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
+                               mean, var, rstd, kk)
+        return
+    # Split path: (channel, block) units in parallel, then fold, then normalize.
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        for u in range(lo, hi):
+            cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
+    for c in range(C):
+        cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, part, True, eps, w, b,
+                       mean, var, rstd, kk)
+    if y == NULL:
+        return
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        u = hi
+        while u > lo:
+            u = u - 1
+            cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+
+
+cdef void cf_block_grad(const floating* g, const floating* x, floating* dx,
+                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
+                        double mu, floating dscale, double* out) noexcept nogil:
+    """out = (Σg, Σg·(x-mu)) over block k of channel c; with dx, also dx = g·dscale."""
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef Py_ssize_t r0, r1, s0, s1, r, off
+    cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    lanes_zero(ag)
+    lanes_zero(agx)
+    for r in range(r0, r1):
+        off = (r * C + c) * S + s0
+        grad_run(g + off, x + off, s1 - s0, mu, ag, agx)
+        if dx != NULL:
+            scale_run(g + off, dx + off, s1 - s0, dscale, 0)
+    out[0] = lanes_total(ag)
+    out[1] = lanes_total(agx)
+
+
+cdef void cf_block_dx(const floating* g, const floating* x, floating* dx,
+                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                      Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
+                      const floating* kk) noexcept nogil:
+    cdef Py_ssize_t r0, r1, s0, s1, r, off
+    cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    r = r1
+    while r > r0:
+        r -= 1
+        off = (r * C + c) * S + s0
+        dx_run(g + off, x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
+
+
+cdef inline void cross_bwd_consts(int mode, double cnt, double sg, double sgx, double mu, double r,
+                                  double w, const floating* mdy, const floating* mdyx, Py_ssize_t c,
+                                  floating* oa, floating* ob, floating* kk) noexcept nogil:
+    """Outputs and dx constants of one channel from its gradient sums."""
+    cdef double wr = w * r
+    if mode == MODE_APPLY:
+        bwd_consts(mu, wr, -wr * r * <double>mdyx[c], -wr * <double>mdy[c], kk)
+        return
+    oa[c] = <floating>(sgx * r)  # Σ dy·xhat
+    ob[c] = <floating>sg         # Σ dy
+    if mode == MODE_TRAIN:
+        bwd_consts(mu, wr, -wr * r * r * sgx / cnt, -wr * sg / cnt, kk)
+
+
+cdef void cf_channel_bwd(const floating* g, const floating* x, floating* dx,
+                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
+                         Py_ssize_t c, const double* part, bint have_part, int mode,
+                         const floating* mean, const floating* rstd, const floating* w,
+                         const floating* mdy, const floating* mdyx,
+                         floating* oa, floating* ob, floating* kk, bint apply_dx) noexcept nogil:
+    cdef double sg = 0.0, sgx = 0.0
+    cdef double blk[2]
+    cdef double mu = mean[c], r = rstd[c]
+    cdef floating dscale = <floating>(<double>w[c] * r)
+    cdef Py_ssize_t k
+    if mode != MODE_APPLY:
+        for k in range(nblk):
+            if have_part:
+                blk[0] = part[2 * (c * nblk + k)]
+                blk[1] = part[2 * (c * nblk + k) + 1]
+            else:
+                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                              c, k, mu, dscale, blk)
+            sg += blk[0]
+            sgx += blk[1]
+    cross_bwd_consts(mode, <double>(N * S), sg, sgx, mu, r, w[c], mdy, mdyx, c, oa, ob, kk + 4 * c)
+    if apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY):
+        k = nblk
+        while k > 0:
+            k -= 1
+            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c)
+
+
+cdef void cf_cross_bwd(const floating* g, const floating* x, floating* dx,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
+                       double* part, int mode, const floating* mean, const floating* rstd,
+                       const floating* w, const floating* mdy, const floating* mdyx,
+                       floating* oa, floating* ob, floating* kk, int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
+    cdef double mu
+    if fused or mode == MODE_APPLY:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            split_range(C, nt, t, &lo, &hi)
+            for c in range(lo, hi):
+                cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
+                               mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+        return
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        for u in range(lo, hi):
+            c = u // nblk
+            cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                          c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
+                          part + 2 * u)
+    for c in range(C):
+        cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, True, mode,
+                       mean, rstd, w, mdy, mdyx, oa, ob, kk, False)
+    if mode != MODE_TRAIN:
+        return
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        u = hi
+        while u > lo:
+            u = u - 1
+            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+
+
+# ----------------------------------------------- cross-sample, channels-last --
+# Rows of C channels; row block k is rows [k·rb, (k+1)·rb). Block partials are
+# vectors over C, computed with one row at a time feeding C accumulators.
+
+cdef void cl_block_stats(const floating* x, Py_ssize_t nr, Py_ssize_t C,
+                         double* m, double* q) noexcept nogil:
+    """Per-column mean m[C] and M2 q[C] of nr rows, two-pass."""
+    cdef Py_ssize_t r = 0, c
+    cdef const floating* p
+    cdef double d0, d1, inv = 1.0 / <double>nr
+    for c in range(C):
+        m[c] = 0.0
+        q[c] = x[c]  # pivot: the first row (q is free until the second pass)
+    while r + 2 <= nr:  # two rows per accumulator update halves the L1 traffic
+        p = x + r * C
+        for c in range(C):
+            m[c] += (p[c] - q[c]) + (p[c + C] - q[c])
+        r += 2
+    if r < nr:
+        p = x + r * C
+        for c in range(C):
+            m[c] += p[c] - q[c]
+    for c in range(C):
+        m[c] = q[c] + m[c] * inv
+        q[c] = 0.0
+    r = 0
+    while r + 2 <= nr:
+        p = x + r * C
+        for c in range(C):
+            d0 = p[c] - m[c]
+            d1 = p[c + C] - m[c]
+            q[c] += d0 * d0 + d1 * d1
+        r += 2
+    if r < nr:
+        p = x + r * C
+        for c in range(C):
+            d0 = p[c] - m[c]
+            q[c] += d0 * d0
+
+
+cdef void cl_block_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t nr,
+                        Py_ssize_t C, const double* mu, const floating* dscale,
+                        double* sg, double* sgx) noexcept nogil:
+    """Per-column Σg, Σg·(x-mu) of nr rows; with dx, also dx = g·dscale."""
+    cdef Py_ssize_t r, c
+    cdef const floating* pg
+    cdef const floating* px
+    cdef floating* pd
+    cdef double gv
+    for c in range(C):
+        sg[c] = 0.0
+        sgx[c] = 0.0
+    for r in range(nr):
+        pg = g + r * C
+        px = x + r * C
+        for c in range(C):
+            gv = pg[c]
+            sg[c] += gv
+            sgx[c] += gv * (px[c] - mu[c])
+        if dx != NULL:
+            pd = dx + r * C
+            for c in range(C):
+                pd[c] = pg[c] * dscale[c]
+
+
+cdef inline void cl_row_norm(const floating* x, floating* y, Py_ssize_t C,
+                             const floating* mh, const floating* a, const floating* b) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        y[c] = (x[c] - mh[c]) * a[c] + b[c]
+
+
+cdef inline void cl_row_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+                           const floating* ka, const floating* mh, const floating* kb,
+                           const floating* kc) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        dx[c] = g[c] * ka[c] + (x[c] - mh[c]) * kb[c] + kc[c]
+
+
+cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk, Py_ssize_t j,
+                      const double* part, double eps, const floating* w, const floating* b,
+                      floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
+    """Merge the row-block partials of channels [j·CFOLD, (j+1)·CFOLD) in block order."""
+    cdef Py_ssize_t c, k, r0, r1, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
+    cdef double cnt, mu, m2
+    cdef floating k3[3]
+    for c in range(j * CFOLD, c1):
+        cnt = 0.0
+        mu = 0.0
+        m2 = 0.0
+        for k in range(nblk):
+            r0 = k * rb
+            r1 = r0 + rb if r0 + rb < R else R
+            chan_merge(&cnt, &mu, &m2, <double>(r1 - r0), part[2 * k * C + c], part[(2 * k + 1) * C + c])
+        fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
+        kk[c] = k3[0]
+        kk[C + c] = k3[1]
+        kk[2 * C + c] = k3[2]
+
+
+cdef void cl_fold_bwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t nblk, Py_ssize_t j, const double* part,
+                      int mode, const double* mud, const floating* rstd, const floating* w,
+                      const floating* mdy, const floating* mdyx,
+                      floating* oa, floating* ob, floating* kk) noexcept nogil:
+    """Sum the row-block gradient partials of channels [j·CFOLD, ...) in block order."""
+    cdef Py_ssize_t c, k, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
+    cdef double sg, sgx
+    cdef floating k4[4]
+    for c in range(j * CFOLD, c1):
+        sg = 0.0
+        sgx = 0.0
+        if mode != MODE_APPLY:
+            for k in range(nblk):
+                sg += part[2 * k * C + c]
+                sgx += part[(2 * k + 1) * C + c]
+        cross_bwd_consts(mode, <double>R, sg, sgx, mud[c], rstd[c], w[c], mdy, mdyx, c, oa, ob, k4)
+        if mode == MODE_TRAIN or mode == MODE_APPLY:
+            kk[c] = k4[0]
+            kk[C + c] = k4[1]
+            kk[2 * C + c] = k4[2]
+            kk[3 * C + c] = k4[3]
+
+
+cdef void cl_cross_fwd(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
+                       Py_ssize_t rb, Py_ssize_t nblk, double* part, double eps,
+                       const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
+    """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C])."""
+    cdef Py_ssize_t t, lo, hi, k, r0, r1, j, nf = (C + CFOLD - 1) // CFOLD
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nblk, nt, t, &lo, &hi)
+        for k in range(lo, hi):
+            r0 = k * rb
+            r1 = r0 + rb if r0 + rb < R else R
+            cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+    for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
+        cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
+    if y == NULL:
+        return
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nblk, nt, t, &lo, &hi)
+        r1 = hi * rb if hi * rb < R else R
+        r0 = lo * rb
+        while r1 > r0:  # newest rows first
+            r1 = r1 - 1
+            cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+
+
+cdef void cl_cross_bwd(const floating* g, const floating* x, floating* dx, Py_ssize_t R, Py_ssize_t C,
+                       Py_ssize_t rb, Py_ssize_t nblk, double* part, int mode,
+                       const floating* mean, const floating* rstd, const floating* w,
+                       const floating* mdy, const floating* mdyx,
+                       floating* oa, floating* ob, floating* kk, double* mud, int nt) noexcept nogil:
+    """part: 2·nblk·C doubles; kk: 4·C constants (ka, mean_hi, kb, kc'); mud: C doubles."""
+    cdef Py_ssize_t t, lo, hi, k, r0, r1, c, j, nf = (C + CFOLD - 1) // CFOLD
+    for c in range(C):
+        mud[c] = mean[c]
+        kk[c] = <floating>(<double>w[c] * <double>rstd[c])  # dx scale for MODE_EVAL
+    if mode != MODE_APPLY:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            split_range(nblk, nt, t, &lo, &hi)
+            for k in range(lo, hi):
+                r0 = k * rb
+                r1 = r0 + rb if r0 + rb < R else R
+                cl_block_grad(g + r0 * C, x + r0 * C, dx + r0 * C if mode == MODE_EVAL else NULL,
+                              r1 - r0, C, mud, kk, part + 2 * k * C, part + (2 * k + 1) * C)
+    for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
+        cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
+    if mode != MODE_TRAIN and mode != MODE_APPLY:
+        return
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nblk, nt, t, &lo, &hi)
+        r1 = hi * rb if hi * rb < R else R
+        r0 = lo * rb
+        while r1 > r0:
+            r1 = r1 - 1
+            cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+
+
+# ------------------------------------------- per-sample, contiguous groups --
+# Channels-first (and channels-last with S == 1): group (n, g) is one run of
+# cg·S values starting at (n·C + g·cg)·S. Its statistics are BLK-sized pieces,
+# two-pass each, merged in order.
+
+cdef void run_stats(const floating* x, Py_ssize_t L, double* mu_o, double* m2_o) noexcept nogil:
+    cdef double acc[LANES]
+    cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, bm
+    cdef Py_ssize_t s0 = 0, n
+    while s0 < L:
+        n = L - s0 if L - s0 < BLK else BLK
+        lanes_zero(acc)
+        sum_run(x + s0, n, x[s0], acc)
+        bm = x[s0] + lanes_total(acc) / <double>n
+        lanes_zero(acc)
+        sq_run(x + s0, n, bm, acc)
+        chan_merge(&cnt, &mu, &m2, <double>n, bm, lanes_total(acc))
+        s0 += n
+    mu_o[0] = mu
+    m2_o[0] = m2
+
+
+cdef void grp_fwd_unit(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
+                       Py_ssize_t u, double eps, const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd) noexcept nogil:
+    """Group u = n·G + g: statistics, then normalize while it is in cache."""
+    cdef Py_ssize_t G = C // cg, g = u % G, n = u // G, c0 = g * cg, ci, i, L = cg * S
+    cdef Py_ssize_t off = (n * C + c0) * S
+    cdef double mu, m2, v, r, a
+    cdef floating mh, ml, rf
+    run_stats(x + off, L, &mu, &m2)
+    v = m2 / <double>L
+    r = 1.0 / sqrt(v + eps)
+    mean[u] = <floating>mu
+    var[u] = <floating>v
+    rstd[u] = <floating>r
+    mh = <floating>mu
+    if y == NULL:
+        return
+    if S == 1:
+        # per-element affine (LayerNorm): y = ((x - mh) - ml)·r·w + b
+        ml = <floating>(mu - <double>mh)
+        rf = <floating>r
+        for i in range(cg):
+            y[off + i] = ((x[off + i] - mh) - ml) * rf * w[c0 + i] + b[c0 + i]
+        return
+    for ci in range(cg):
+        a = <double>w[c0 + ci] * r
+        norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
+                 <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
+
+
+cdef void grp_bwd_unit(const floating* g, const floating* x, floating* dx,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
+                       Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
+                       double* pw, double* pb) noexcept nogil:
+    """Unit u = sb·G + g: group g of the samples of sample block sb.
+
+    pw/pb are this sample block's dweight/dbias partials (length C), summed
+    over its samples in order.
+    """
+    cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, i, n, n1, off, o2
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, gv, d
+    cdef floating mh, ml, rf, kb, kc
+    n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
+    for n in range(sb * sbs, n1):
+        mu = mean[n * G + gi]
+        r = rstd[n * G + gi]
+        off = (n * C + c0) * S
+        swg = 0.0
+        swgx = 0.0
+        if S == 1:
+            lanes_zero(ag)
+            lanes_zero(agx)
+            elem_grad_run(g + off, x + off, w + c0, cg, mu, r, ag, agx, pb + c0, pw + c0)
+            swg = lanes_total(ag)
+            swgx = lanes_total(agx)
+        else:
+            for ci in range(cg):
+                lanes_zero(ag)
+                lanes_zero(agx)
+                o2 = off + ci * S
+                grad_run(g + o2, x + o2, S, mu, ag, agx)
+                a = lanes_total(ag)
+                bx = lanes_total(agx)
+                wd = w[c0 + ci]
+                swg += wd * a
+                swgx += wd * bx
+                pb[c0 + ci] += a
+                pw[c0 + ci] += bx * r
+        if dx == NULL:
+            continue
+        # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu)
+        mh = <floating>mu
+        if S == 1:
+            ml = <floating>(mu - <double>mh)
+            rf = <floating>r
+            kb = <floating>(-r * r * r * swgx / m)
+            kc = <floating>(-r * swg / m)
+            for i in range(cg):
+                dx[off + i] = (w[c0 + i] * g[off + i]) * rf + ((x[off + i] - mh) - ml) * kb + kc
+        else:
+            for ci in range(cg):
+                o2 = off + ci * S
+                kb = <floating>(-r * r * r * swgx / m)
+                dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
+                       <floating>(-r * swg / m + (mu - <double>mh) * (r * r * r * swgx / m)))
+
+
+# ---------------------------------------------- per-sample, channels-last --
+# Sample n is S rows of C; group g is columns [g·cg, (g+1)·cg) of every row.
+# Statistics per row block of rbs rows, merged in order.
+
+cdef void cls_sample_stats(const floating* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+                           Py_ssize_t rbs, double* acc, double* colm,
+                           double* gcnt, double* gmu, double* gm2) noexcept nogil:
+    """Per-group (count, mean, M2) of one sample, into gcnt/gmu/gm2 (length G)."""
+    cdef Py_ssize_t G = C // cg, r0, nr, r, c, gi, ci
+    cdef const floating* p
+    cdef double s, bm, d
+    for gi in range(G):
+        gcnt[gi] = 0.0
+        gmu[gi] = 0.0
+        gm2[gi] = 0.0
+    r0 = 0
+    while r0 < S:
+        nr = S - r0 if S - r0 < rbs else rbs
+        for gi in range(G):
+            for ci in range(cg):
+                colm[gi * cg + ci] = x[r0 * C + gi * cg]  # pivot per group
+        for c in range(C):
+            acc[c] = 0.0
+        for r in range(r0, r0 + nr):
+            p = x + r * C
+            for c in range(C):
+                acc[c] += p[c] - colm[c]
+        for gi in range(G):
+            s = 0.0
+            for ci in range(cg):
+                s += acc[gi * cg + ci]
+            bm = colm[gi * cg] + s / <double>(nr * cg)
+            for ci in range(cg):
+                colm[gi * cg + ci] = bm
+        for c in range(C):
+            acc[c] = 0.0
+        for r in range(r0, r0 + nr):
+            p = x + r * C
+            for c in range(C):
+                d = p[c] - colm[c]
+                acc[c] += d * d
+        for gi in range(G):
+            s = 0.0
+            for ci in range(cg):
+                s += acc[gi * cg + ci]
+            chan_merge(gcnt + gi, gmu + gi, gm2 + gi, <double>(nr * cg), colm[gi * cg], s)
+        r0 += nr
+
+
+cdef void cls_fwd_unit(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+                       Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd,
+                       double* scratch, floating* kk) noexcept nogil:
+    """Sample n; scratch: 2·C + 3·G doubles, kk: 3·C constants."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c, r
+    cdef double* acc = scratch
+    cdef double* colm = scratch + C
+    cdef double* gcnt = scratch + 2 * C
+    cdef double* gmu = gcnt + G
+    cdef double* gm2 = gmu + G
+    cdef const floating* xs = x + n * S * C
+    cdef floating k3[3]
+    cls_sample_stats(xs, S, C, cg, rbs, acc, colm, gcnt, gmu, gm2)
+    for gi in range(G):
+        for ci in range(cg):
+            c = gi * cg + ci
+            fwd_consts(gcnt[gi], gmu[gi], gm2[gi], eps, w[c], b[c],
+                       mean + n * G + gi, var + n * G + gi, rstd + n * G + gi, k3)
+            kk[c] = k3[0]
+            kk[C + c] = k3[1]
+            kk[2 * C + c] = k3[2]
+    if y == NULL:
+        return
+    r = S
+    while r > 0:
+        r -= 1
+        cl_row_norm(xs + r * C, y + n * S * C + r * C, C, kk, kk + C, kk + 2 * C)
+
+
+cdef void cls_bwd_unit(const floating* g, const floating* x, floating* dx,
+                       Py_ssize_t N, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t sbs,
+                       Py_ssize_t sb, const floating* mean, const floating* rstd, const floating* w,
+                       double* pw, double* pb, double* scratch, floating* kk) noexcept nogil:
+    """Samples of sample block sb; scratch: 3·C doubles, kk: 4·C constants."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c, r, n, n1
+    cdef double* sg = scratch
+    cdef double* sgx = scratch + C
+    cdef double* colm = scratch + 2 * C
+    cdef double mu, rr, m = <double>(S * cg), swg, swgx
+    cdef floating k4[4]
+    cdef const floating* pg
+    cdef const floating* px
+    cdef double gv
+    n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
+    for n in range(sb * sbs, n1):
+        for gi in range(G):
+            for ci in range(cg):
+                colm[gi * cg + ci] = mean[n * G + gi]
+        for c in range(C):
+            sg[c] = 0.0
+            sgx[c] = 0.0
+        for r in range(S):
+            pg = g + (n * S + r) * C
+            px = x + (n * S + r) * C
+            for c in range(C):
+                gv = pg[c]
+                sg[c] += gv
+                sgx[c] += gv * (px[c] - colm[c])
+        for gi in range(G):
+            mu = mean[n * G + gi]
+            rr = rstd[n * G + gi]
+            swg = 0.0
+            swgx = 0.0
+            for ci in range(cg):
+                c = gi * cg + ci
+                swg += <double>w[c] * sg[c]
+                swgx += <double>w[c] * sgx[c]
+                pb[c] += sg[c]
+                pw[c] += sgx[c] * rr
+            for ci in range(cg):
+                c = gi * cg + ci
+                bwd_consts(mu, <double>w[c] * rr, -rr * rr * rr * swgx / m, -rr * swg / m, k4)
+                kk[c] = k4[0]
+                kk[C + c] = k4[1]
+                kk[2 * C + c] = k4[2]
+                kk[3 * C + c] = k4[3]
+        if dx == NULL:
+            continue
+        r = S
+        while r > 0:
+            r -= 1
+            c = (n * S + r) * C
+            cl_row_dx(g + c, x + c, dx + c, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+
+
+cdef void grp_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
+                  floating* mean, floating* var, floating* rstd,
+                  double* scratch, Py_ssize_t sstride, floating* kk, int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, u, cg = C // G
+    cdef Py_ssize_t nu = N if cl else N * G
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        for u in range(lo, hi):
+            if cl:
+                cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
+                             scratch + t * sstride, kk + t * 3 * C)
+            else:
+                grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+
+
+cdef void grp_bwd(const floating* g, const floating* x, floating* dx, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
+                  const floating* mean, const floating* rstd, const floating* w,
+                  double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
+                  int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, u, cg = C // G
+    cdef Py_ssize_t nu = nsb if cl else nsb * G
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        for u in range(lo, hi):
+            if cl:
+                cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
+                             scratch + t * sstride, kk + t * 4 * C)
+            else:
+                grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
+                             pw + (u // G) * C, pb + (u // G) * C)
+
+
+# ------------------------------------------------------------ elementwise --
+
+cdef void affine_k(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint cl,
+                   const floating* a, const floating* b, int nt) noexcept nogil:
+    """y = x·a[c] + b[c]: runs (n, c) of S for channels-first, rows of C for channels-last."""
+    cdef Py_ssize_t t, lo, hi, u, c, nu = N * S if cl else N * C
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(nu, nt, t, &lo, &hi)
+        for u in range(lo, hi):
+            if cl:
+                for c in range(C):
+                    y[u * C + c] = x[u * C + c] * a[c] + b[c]
+            else:
+                scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
+
+
+cdef void copy_k(const char* src, char* dst, Py_ssize_t n, int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        split_range(n, nt, t, &lo, &hi)
+        memcpy(dst + lo, src + lo, hi - lo)
+
+
+# ------------------------------------------------------- Python wrappers --
+
+_EMPTY = np.empty(1)  # stands in for scratch a path does not use
+
+
+cdef inline void* ptr(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef int _check(x, dt, Py_ssize_t size, str name) except -1:
+    """Refuse arrays the kernels would read out of bounds or misread."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef cnp.ndarray a = x
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_TYPE(a) != dt or cnp.PyArray_SIZE(a) != size:
+        want = "float32" if dt == cnp.NPY_FLOAT32 else "float64"
+        raise ValueError(f"{name}: expected a C-contiguous {want} array of {size} values, "
+                         f"got shape {x.shape}, dtype {x.dtype}")
+    return 0
+
+
+cdef int _writable(x, str name) except -1:
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>x):
+        raise ValueError(f"{name}: output array is read-only")
+    return 0
+
+
+# Team size of the latest call (any thread); lets tests check that limits hold.
+cdef int _last_threads = 0
+
+
+def last_threads():
+    """Return the thread count the most recent kernel call ran with."""
+    return _last_threads
+
+
+cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt):
+    global _last_threads
+    cdef int t = 1
+    if work >= SERIAL_ELEMS and units >= 2:
+        t = <int>min(<Py_ssize_t>max(nt, 1), units)
+    _last_threads = t
+    return t
+
+
+def _dtype_num(x):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef int dt = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if dt != cnp.NPY_FLOAT32 and dt != cnp.NPY_FLOAT64:
+        raise TypeError(f"x: the cython kernels take float32 or float64, got {x.dtype}")
+    return dt
+
+
+def cf_geometry(Py_ssize_t N, Py_ssize_t S):
+    """Return (rb, sp, nsp, nblk): row-block size, piece length, pieces per row, blocks per channel."""
+    if S <= BLK:
+        rb = max(1, BLK // S)
+        return rb, S, 1, (N + rb - 1) // rb
+    nsp = (S + BLK - 1) // BLK
+    return 1, BLK, nsp, N * nsp
+
+
+def cl_geometry(Py_ssize_t R, Py_ssize_t C):
+    """Return (rb, nblk) of a channels-last cross-sample problem of R rows."""
+    rb = max((R + MAXBLK - 1) // MAXBLK, max(1, BLK // C), 1)
+    return rb, (R + rb - 1) // rb
+
+
+def sample_blocks(Py_ssize_t N):
+    """Return (sbs, nsb): samples per block and blocks, for per-sample dweight/dbias partials."""
+    sbs = (N + MAXBLK - 1) // MAXBLK
+    return sbs, (N + sbs - 1) // sbs
+
+
+def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
+                  mean, var, rstd, double eps, int nt):
+    """Cross-sample (BatchNorm) training forward; ``y=None`` computes statistics only.
+
+    Parameters
+    ----------
+    x, y : ndarray
+        Input and output, C-contiguous ``(N, C, S)`` or (``cl``) ``(N, S, C)``.
+    cl : bool
+        Channels-last layout.
+    N, C, S : int
+        Problem sizes.
+    weight, bias : ndarray
+        Length-C affine parameters in x's dtype.
+    mean, var, rstd : ndarray
+        Length-C outputs in x's dtype.
+    eps : float
+        Added to the variance.
+    nt : int
+        Most threads to use.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    if y is not None:
+        _check(y, dt, size, "y")
+        _writable(y, "y")
+    for a, nm in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (var, "var"), (rstd, "rstd")):
+        _check(a, dt, C, nm)
+    cdef cnp.ndarray part, kk = np.empty(3 * C, dtype=x.dtype)
+    cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
+    cdef bint fused = False
+    cdef int t
+    cl = cl or S == 1  # (N, C, 1) channels-first is (N, 1, C) channels-last
+    if cl:
+        rb, nblk = cl_geometry(N * S, C)
+        part = np.empty(2 * nblk * C)
+        t = _nthreads(size, nblk, nt)
+    else:
+        rb, sp, nsp, nblk = cf_geometry(N, S)
+        t = _nthreads(size, C * nblk, nt)
+        # One thread per channel keeps the channel in L2 between its passes
+        # when there are enough channels to share and a channel fits.
+        fused = (t == 1 or C >= 4 * t) and N * S * x.itemsize <= FUSE_BYTES
+        part = np.empty(0 if fused else 3 * C * nblk)
+    cdef void* px = ptr(x)
+    cdef void* py = NULL if y is None else ptr(y)
+    cdef void* pw = ptr(weight)
+    cdef void* pb = ptr(bias)
+    cdef void* pm = ptr(mean)
+    cdef void* pv = ptr(var)
+    cdef void* pr = ptr(rstd)
+    cdef void* pk = ptr(kk)
+    cdef double* pp = <double*>ptr(part)
+    with nogil:
+        if cl and dt == cnp.NPY_FLOAT32:
+            cl_cross_fwd[float](<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                                <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+        elif cl:
+            cl_cross_fwd[double](<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
+                                 <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, t)
+        elif dt == cnp.NPY_FLOAT32:
+            cf_cross_fwd[float](<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                                <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr,
+                                <float*>pk, t)
+        else:
+            cf_cross_fwd[double](<double*>px, <double*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                                 <double*>pw, <double*>pb, <double*>pm, <double*>pv, <double*>pr,
+                                 <double*>pk, t)
+
+
+def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, mean, rstd, weight,
+                   out_a, out_b, int mode, int nt, mean_dy=None, mean_dy_xhat=None):
+    """Cross-sample backward in one of four modes.
+
+    ``TRAIN``: dx through batch statistics, ``out_a = Σ dy·xhat``,
+    ``out_b = Σ dy``. ``EVAL``: ``dx = dy·weight·rstd`` in the same sweep as
+    the sums. ``SUMS``: the sums only (``dx`` is None). ``APPLY``:
+    ``dx = weight·rstd·(dy - mean_dy - xhat·mean_dy_xhat)`` only (``out_a``,
+    ``out_b`` are None). Other arguments as in :func:`cross_forward`.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef Py_ssize_t size = N * C * S
+    _check(dy, dt, size, "dy")
+    _check(x, dt, size, "x")
+    if mode != MODE_SUMS:
+        _check(dx, dt, size, "dx")
+        _writable(dx, "dx")
+    for a, nm in ((mean, "mean"), (rstd, "rstd"), (weight, "weight")):
+        _check(a, dt, C, nm)
+    if mode == MODE_APPLY:
+        _check(mean_dy, dt, C, "mean_dy")
+        _check(mean_dy_xhat, dt, C, "mean_dy_xhat")
+        out_a = out_b = np.empty(C, dtype=x.dtype)  # not written
+    else:
+        _check(out_a, dt, C, "out_a")
+        _check(out_b, dt, C, "out_b")
+        mean_dy = mean_dy_xhat = mean  # not read
+    cdef cnp.ndarray part, mud = np.empty(C), kk = np.empty(4 * C, dtype=x.dtype)
+    cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
+    cdef bint fused = False
+    cdef int t
+    cl = cl or S == 1
+    if cl:
+        rb, nblk = cl_geometry(N * S, C)
+        part = np.empty(2 * nblk * C)
+        t = _nthreads(size, nblk, nt)
+    else:
+        rb, sp, nsp, nblk = cf_geometry(N, S)
+        t = _nthreads(size, C * nblk, nt)
+        fused = (t == 1 or C >= 4 * t) and 2 * N * S * x.itemsize <= FUSE_BYTES
+        part = np.empty(0 if fused else 2 * C * nblk)
+    cdef void* pg = ptr(dy)
+    cdef void* px = ptr(x)
+    cdef void* pdx = NULL if dx is None else ptr(dx)
+    cdef void* pm = ptr(mean)
+    cdef void* pr = ptr(rstd)
+    cdef void* pw = ptr(weight)
+    cdef void* pmd = ptr(mean_dy)
+    cdef void* pmdx = ptr(mean_dy_xhat)
+    cdef void* pa = ptr(out_a)
+    cdef void* pb = ptr(out_b)
+    cdef void* pk = ptr(kk)
+    cdef double* pp = <double*>ptr(part)
+    cdef double* pmu = <double*>ptr(mud)
+    with nogil:
+        if cl and dt == cnp.NPY_FLOAT32:
+            cl_cross_bwd[float](<float*>pg, <float*>px, <float*>pdx, N * S, C, rb, nblk, pp, mode,
+                                <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                                <float*>pa, <float*>pb, <float*>pk, pmu, t)
+        elif cl:
+            cl_cross_bwd[double](<double*>pg, <double*>px, <double*>pdx, N * S, C, rb, nblk, pp, mode,
+                                 <double*>pm, <double*>pr, <double*>pw, <double*>pmd, <double*>pmdx,
+                                 <double*>pa, <double*>pb, <double*>pk, pmu, t)
+        elif dt == cnp.NPY_FLOAT32:
+            cf_cross_bwd[float](<float*>pg, <float*>px, <float*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
+                                pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                                <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+        else:
+            cf_cross_bwd[double](<double*>pg, <double*>px, <double*>pdx, N, C, S, rb, sp, nsp, nblk,
+                                 fused, pp, mode, <double*>pm, <double*>pr, <double*>pw, <double*>pmd,
+                                 <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t)
+
+
+def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                  weight, bias, mean, var, rstd, double eps, int nt):
+    """Per-sample training forward: statistics per (n, g) over C/G channels and S.
+
+    ``mean``, ``var``, ``rstd`` are ``(N, G)`` outputs in x's dtype; other
+    arguments as in :func:`cross_forward`.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    _check(y, dt, size, "y")
+    _writable(y, "y")
+    for a, nm in ((weight, "weight"), (bias, "bias")):
+        _check(a, dt, C, nm)
+    for a, nm in ((mean, "mean"), (var, "var"), (rstd, "rstd")):
+        _check(a, dt, N * G, nm)
+    if G < 1 or C % G:
+        raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
+    cdef int t = _nthreads(size, N if cl else N * G, nt)
+    cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 2 * C + 3 * G
+    # scratch only for channels-last; small calls skip the allocations
+    cdef cnp.ndarray scratch = np.empty(t * sstride) if cl else _EMPTY
+    cdef cnp.ndarray kk = np.empty(t * 3 * C, dtype=x.dtype) if cl else _EMPTY
+    cdef void* px = ptr(x)
+    cdef void* py = ptr(y)
+    cdef void* pw = ptr(weight)
+    cdef void* pb = ptr(bias)
+    cdef void* pm = ptr(mean)
+    cdef void* pv = ptr(var)
+    cdef void* pr = ptr(rstd)
+    cdef void* pk = ptr(kk)
+    cdef double* ps = <double*>ptr(scratch)
+    with nogil:
+        if dt == cnp.NPY_FLOAT32:
+            grp_fwd[float](<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                           <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+        else:
+            grp_fwd[double](<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
+                            <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
+                            <double*>pk, t)
+
+
+def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                   mean, rstd, weight, int nt):
+    """Per-sample training backward; returns ``(dweight, dbias)`` in x's dtype.
+
+    ``dx`` (written in place) may be None to compute the parameter gradients only.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef Py_ssize_t size = N * C * S
+    _check(dy, dt, size, "dy")
+    _check(x, dt, size, "x")
+    if dx is not None:
+        _check(dx, dt, size, "dx")
+        _writable(dx, "dx")
+    _check(weight, dt, C, "weight")
+    for a, nm in ((mean, "mean"), (rstd, "rstd")):
+        _check(a, dt, N * G, nm)
+    if G < 1 or C % G:
+        raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    cl = cl and S > 1
+    cdef Py_ssize_t sbs, nsb
+    sbs, nsb = sample_blocks(N)
+    cdef int t = _nthreads(size, nsb if cl else nsb * G, nt)
+    cdef Py_ssize_t sstride = 3 * C
+    # dweight/dbias partials per sample block, reduced below in block order
+    cdef cnp.ndarray pwa = np.zeros((nsb, C)), pba = np.zeros((nsb, C))
+    cdef cnp.ndarray scratch = np.empty(t * sstride if cl else 0)
+    cdef cnp.ndarray kk = np.empty(t * 4 * C if cl else 0, dtype=x.dtype)
+    cdef void* pg = ptr(dy)
+    cdef void* px = ptr(x)
+    cdef void* pdx = NULL if dx is None else ptr(dx)
+    cdef void* pm = ptr(mean)
+    cdef void* pr = ptr(rstd)
+    cdef void* pw = ptr(weight)
+    cdef void* pk = ptr(kk)
+    cdef double* ppw = <double*>ptr(pwa)
+    cdef double* ppb = <double*>ptr(pba)
+    cdef double* ps = <double*>ptr(scratch)
+    with nogil:
+        if dt == cnp.NPY_FLOAT32:
+            grp_bwd[float](<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                           <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        else:
+            grp_bwd[double](<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
+                            <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
+                            <double*>pk, t)
+    return pwa.sum(axis=0).astype(x.dtype), pba.sum(axis=0).astype(x.dtype)
+
+
+def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt):
+    """Eval-mode forward ``y = x·scale[c] + shift[c]``: one multiply-add per element."""
+    cdef int dt = _dtype_num(x)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    _check(y, dt, size, "y")
+    _writable(y, "y")
+    _check(scale, dt, C, "scale")
+    _check(shift, dt, C, "shift")
+    cl = cl or S == 1
+    cdef int t = _nthreads(size, N * S if cl else N * C, nt)
+    cdef void* px = ptr(x)
+    cdef void* py = ptr(y)
+    cdef void* pa = ptr(scale)
+    cdef void* pb = ptr(shift)
+    with nogil:
+        if dt == cnp.NPY_FLOAT32:
+            affine_k[float](<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+        else:
+            affine_k[double](<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t)
+
+
+def parallel_copy(src, dst, int nt):
+    """Copy ``src`` into ``dst`` (same nbytes, C-contiguous) with ``nt`` threads.
+
+    The benchmark's memory-bandwidth reference.
+    """
+    cdef cnp.ndarray s = src, d = dst
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(s) and cnp.PyArray_IS_C_CONTIGUOUS(d)) or s.nbytes != d.nbytes:
+        raise ValueError("src, dst: expected C-contiguous arrays of equal size")
+    cdef Py_ssize_t n = s.nbytes
+    cdef char* ps = <char*>ptr(s)
+    cdef char* pd = <char*>ptr(d)
+    with nogil:
+        copy_k(ps, pd, n, nt)

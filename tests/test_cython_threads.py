@@ -1,0 +1,220 @@
+"""The "cython" backend's own promises: reference agreement on a grid of kernel
+problems, bit-identical results for any thread count, thread limits honoured,
+and correct results under concurrent calls from Python threads.
+
+The parametrized suite (conftest's ``backend`` fixture) checks every backend
+through the public API; this file works at the Backend level, where the
+kernel problems — layouts, cross/per-sample, block splits — are chosen
+directly.
+"""
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+import cnorm
+from cnorm.backends import _kernels
+from cnorm.backends.base import Problem
+from cnorm.backends.cython_backend import CythonBackend
+from cnorm.backends.numpy_backend import NumpyBackend
+
+K = CythonBackend()
+R = NumpyBackend()
+
+# (n, c, s): odd sizes, S = 1, one group per channel, channels that split into
+# several statistics blocks (S > 65536, N·S > 65536 rows), C below any thread count.
+SIZES = [(3, 5, 7), (1, 4, 9), (7, 3, 1), (2, 6, 33), (5, 8, 300), (64, 3, 1100),
+         (2, 2, 70000), (4097, 5, 1), (3, 64, 17)]
+OFFSET = 1e4  # |mean| = 1e4·std: catches E[x²] - E[x]² and float32 mean rounding
+
+
+def _groups(c):
+    """Cross-sample, one group, a group per channel, and two groups when C allows."""
+    return sorted({0, 1, c} | ({2} if c % 2 == 0 else set()))
+
+
+def _grid():
+    for layout, (n, c, s), dt in itertools.product(("cf", "cl"), SIZES, (np.float32, np.float64)):
+        for g in _groups(c):
+            p = Problem(layout, n, c, s, g)
+            if p.group_size >= 2:
+                yield pytest.param(p, dt, id=f"{layout}-{n}x{c}x{s}-g{g}-{np.dtype(dt).name}")
+
+
+def _data(p, dt, seed=0, offset=OFFSET):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(p.shape3) + offset).astype(dt)
+    dy = rng.standard_normal(p.shape3).astype(dt)
+    w = rng.uniform(0.5, 1.5, p.c).astype(dt)
+    b = rng.standard_normal(p.c).astype(dt)
+    return x, dy, w, b
+
+
+def _close(got, want, scale, dt, what, floor=0.0):
+    """Max error relative to ``scale`` within 2e-5 (float32) or 1e-12 (float64),
+    plus ``floor``: an absolute error no algorithm can avoid."""
+    tol = (2e-5 if dt == np.float32 else 1e-12) + floor / scale
+    err = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)))) / scale
+    assert err <= tol, f"{what}: max error {err:.2e} x scale {scale:.3g} exceeds {tol:.0e}"
+
+
+@pytest.mark.parametrize("p, dt", list(_grid()))
+def test_matches_reference(p, dt):
+    x, dy, w, b = _data(p, dt)
+    # The float64 reference loses ~1e-10 to |mean| = 1e4 summing along strided
+    # axes; x - OFFSET is exact here, so the reference runs on centred data.
+    xr = x.astype(np.float64) - OFFSET
+    xr = xr.astype(dt) if dt == np.float64 else x
+    shift = OFFSET if dt == np.float64 else 0.0
+    eps = 1e-5
+
+    y, mean, var, rstd = K.forward_train(x, p, w, b, eps)
+    ry, rmean, rvar, rrstd = R.forward_train(xr, p, w, b, eps)
+    assert y.dtype == x.dtype and y.shape == x.shape and mean.shape == p.stats_shape
+    # float64 cannot hold a mean of 1e4 closer than half an ulp (9e-13):
+    # y and dx carry that times rstd whatever the algorithm.
+    floor = 2 * np.finfo(np.float64).eps * OFFSET * float(np.max(rrstd)) if dt == np.float64 else 0.0
+    _close(y, ry, 1.0 + np.abs(b).max(), dt, "y", floor)
+    _close(mean - shift, rmean, 1.0, dt, "mean")
+    _close(var, rvar, 1.0, dt, "var")
+    _close(rstd, rrstd, 1.0, dt, "rstd")
+
+    dx, dw, db = K.backward_train(dy, x, p, mean, rstd, w)
+    rdx, rdw, rdb = R.backward_train(dy, xr, p, (mean - shift).astype(dt), rstd, w)
+    _close(dx, rdx, np.abs(rdx).max(), dt, "dx", floor * float(np.max(rrstd)) * np.abs(dy).max())
+    _close(dw, rdw, np.abs(rdw).max() + 1.0, dt, "dweight")
+    _close(db, rdb, np.abs(rdb).max() + 1.0, dt, "dbias")
+
+    # eval mode: constant per-channel statistics, one multiply-add forward
+    cm = (OFFSET + np.linspace(-1, 1, p.c)).astype(dt)
+    cr = np.linspace(0.5, 2.0, p.c).astype(dt)
+    for got, want in zip(K.backward_eval(dy, x, p, cm, cr, w),
+                         R.backward_eval(dy, xr, p, (cm - shift).astype(dt), cr, w)):
+        _close(got, want, np.abs(want).max() + 1.0, dt, "backward_eval")
+    scale, shift_c = (w * cr).astype(dt), (b - cm * w * cr).astype(dt)
+    _close(K.forward_eval(x, p, scale, shift_c), R.forward_eval(x, p, scale, shift_c),
+           OFFSET, dt, "forward_eval")
+
+
+@pytest.mark.parametrize("p, dt", [c for c in _grid() if c.values[0].cross_sample])
+def test_sync_primitives_match_reference(p, dt):
+    x, dy, w, _ = _data(p, dt, offset=0.0)
+    for got, want in zip(K.channel_stats(x, p), R.channel_stats(x, p)):
+        _close(got, want, 1.0, dt, "channel_stats")
+    mean, var = R.channel_stats(x, p)
+    rstd = (1.0 / np.sqrt(var.astype(np.float64) + 1e-5)).astype(dt)
+    sums = K.channel_grad_sums(dy, x, p, mean, rstd)
+    for got, want in zip(sums, R.channel_grad_sums(dy, x, p, mean, rstd)):
+        _close(got, want, np.abs(want).max() + 1.0, dt, "channel_grad_sums")
+    m = p.n * p.s
+    mdy, mdyx = (sums[0] / m).astype(dt), (sums[1] / m).astype(dt)
+    want = R.channel_backward_apply(dy, x, p, mean, rstd, w, mdy, mdyx)
+    _close(K.channel_backward_apply(dy, x, p, mean, rstd, w, mdy, mdyx), want,
+           np.abs(want).max(), dt, "channel_backward_apply")
+
+
+# Problems big enough to run threaded (>= 32768 values) and covering every
+# kernel: cf cross with few channels (split across threads) and many (one
+# thread per channel), cl cross by row blocks, per-sample cf, cl, and S = 1.
+THREAD_PROBLEMS = [
+    Problem("cf", 9, 2, 5001), Problem("cf", 16, 24, 999), Problem("cf", 3, 3, 70001),
+    Problem("cl", 1031, 67, 3), Problem("cl", 4099, 33, 1), Problem("cf", 4099, 33, 1),
+    Problem("cf", 5, 12, 1111, 4), Problem("cf", 7, 6, 5003, 6), Problem("cl", 5, 12, 1111, 3),
+    Problem("cl", 301, 255, 1, 1), Problem("cl", 67, 16, 601, 16),
+]
+
+
+def _all_outputs(p, dt, teams=None):
+    """Every kernel's outputs on problem p; appends each call's team size to ``teams``."""
+    x, dy, w, b = _data(p, dt, seed=1, offset=3.0)
+    out = []
+
+    def run(f, *args):
+        res = f(*args)
+        if teams is not None:
+            teams.append(_kernels.last_threads())
+        out.extend(res if isinstance(res, tuple) else (res,))
+        return res
+
+    y, mean, var, rstd = run(K.forward_train, x, p, w, b, 1e-5)
+    run(K.backward_train, dy, x, p, mean, rstd, w)
+    run(K.forward_eval, x, p, w, b)
+    run(K.backward_eval, dy, x, p, w, b * b + 0.5, w)
+    if p.cross_sample:
+        cm, _ = run(K.channel_stats, x, p)
+        run(K.channel_grad_sums, dy, x, p, cm, w)
+        run(K.channel_backward_apply, dy, x, p, cm, w, w, b, w)
+    return out
+
+
+@pytest.fixture
+def restore_threads():
+    before = cnorm.get_num_threads()
+    yield
+    cnorm.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("p", THREAD_PROBLEMS, ids=str)
+def test_bit_identical_for_any_thread_count(p, dt, restore_threads):
+    results = {}
+    for nt in (1, 2, 3):
+        with threadpool_limits(limits=nt, user_api="openmp"):
+            cnorm.set_num_threads(nt)
+            teams = []
+            results[nt] = _all_outputs(p, dt, teams)
+            assert max(teams) == nt, f"no kernel ran on the {nt} threads allowed: {teams}"
+    for nt in (2, 3):
+        for i, (a, b) in enumerate(zip(results[1], results[nt])):
+            assert a.tobytes() == b.tobytes(), f"output {i} differs between 1 and {nt} threads"
+
+
+def test_thread_limits_are_honoured(restore_threads):
+    p = Problem("cf", 8, 16, 4096)
+    x, _, w, b = _data(p, np.float32)
+    cnorm.set_num_threads(3)
+    with threadpool_limits(limits=3, user_api="openmp"):
+        K.forward_train(x, p, w, b, 1e-5)
+        assert _kernels.last_threads() == 3
+        with threadpool_limits(limits=1, user_api="openmp"):
+            assert cnorm.get_num_threads() == 1
+            K.forward_train(x, p, w, b, 1e-5)
+            assert _kernels.last_threads() == 1
+        cnorm.set_num_threads(2)  # the cnorm cap binds below the threadpoolctl limit
+        K.forward_train(x, p, w, b, 1e-5)
+        assert _kernels.last_threads() == 2
+    # tiny inputs stay on the calling thread whatever the limit
+    small = Problem("cf", 2, 3, 5)
+    xs, _, ws, bs = _data(small, np.float32)
+    K.forward_train(xs, small, ws, bs, 1e-5)
+    assert _kernels.last_threads() == 1
+
+
+def test_concurrent_calls_from_python_threads(restore_threads):
+    cnorm.set_num_threads(2)
+    problems = [THREAD_PROBLEMS[i] for i in (0, 3, 6, 8, 9)]
+    expected = [_all_outputs(p, np.float32) for p in problems]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(2):
+            futures = [pool.submit(_all_outputs, p, np.float32) for p in problems * 2]
+            for f, want in zip(futures, expected * 2):
+                for a, b in zip(f.result(), want):
+                    assert a.tobytes() == b.tobytes()
+
+
+def test_rejects_arrays_the_kernels_cannot_read():
+    p = Problem("cf", 2, 3, 4)
+    x, _, w, b = _data(p, np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        _kernels.cross_forward(x, np.empty_like(x), False, 2, 3, 4, w[:2], b, w, w, w, 1e-5, 1)
+    with pytest.raises(ValueError, match="x"):
+        _kernels.cross_forward(x[:, :, ::2], np.empty_like(x), False, 2, 3, 4, w, b, w, w, w, 1e-5, 1)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _kernels.affine(x.astype(np.int32), x, False, 2, 3, 4, w, b, 1)
+    ro = np.empty_like(x)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _kernels.affine(x, ro, False, 2, 3, 4, w, b, 1)
