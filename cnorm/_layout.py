@@ -36,8 +36,10 @@ class View3:
     shape3: tuple
     permuted: tuple = field(init=False, repr=False, compare=False)
     inverse: tuple = field(init=False, repr=False, compare=False)
+    empty: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "empty", prod(self.shape) == 0)
         object.__setattr__(self, "permuted", tuple(self.shape[i] for i in self.perm))
         identity = self.perm == tuple(range(len(self.perm)))
         inverse = None if identity else tuple(self.perm.index(i) for i in range(len(self.perm)))

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _validate as v
 from ._layout import View3, channel_view, row_view
-from .backends import get_backend_instance, resolve
+from .backends import get_backend, get_backend_instance, registry_generation, resolve
 from .backends.base import Problem, stats_dtype
 
 __all__ = [
@@ -122,7 +122,7 @@ def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x):
 def _normalize_batch(be, x, view, p, weight, bias, eps):
     """Training-mode forward on the kernel view; returns (y, mean, var, rstd)."""
     sd = stats_dtype(x.dtype)
-    if x.size == 0 or p.group_size == 0:
+    if view.empty or p.group_size == 0:
         y, mean, rstd = _empty_forward(be, x, p, sd)
         return y, mean, mean, rstd
     w, b = _affine(be, weight, bias, p.c, sd)
@@ -434,21 +434,46 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     >>> bool(np.allclose(y.std(axis=1), 1, atol=1e-4))
     True
     """
-    be = resolve(backend, (x, weight, bias))
-    v.check_array("x", x, be)
-    shape = v.check_normalized_shape(normalized_shape, tuple(x.shape))
-    v.check_param("weight", weight, shape, be)
-    v.check_param("bias", bias, shape, be)
-    eps = v.check_eps(eps)
-    view = row_view(tuple(x.shape), len(shape))
-    p = _problem(view, 1)
-    y, mean, _, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
+    be, shape, view, p = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    y, mean, _, rstd = _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))
     return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
     """Layer normalization; :func:`layer_norm_forward` without the saved state."""
-    return layer_norm_forward(x, normalized_shape, weight, bias, eps, backend)[0]
+    be, _, view, p = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    return _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))[0]
+
+
+# LayerNorm is called on small rows at high rates (per-token inference), so its
+# validated set-up is memoized on everything the validation reads.
+_LAYER_NORM_SETUPS: dict = {}
+
+
+def _array_key(a):
+    return None if a is None else (type(a), a.shape, a.dtype)
+
+
+def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
+    """Validate a LayerNorm call; return (backend, normalized_shape, view, problem)."""
+    try:
+        key = (registry_generation(), backend, get_backend(), _array_key(x), normalized_shape,
+               _array_key(weight), _array_key(bias))
+        hit = _LAYER_NORM_SETUPS.get(key)
+    except (TypeError, AttributeError):  # unhashable or array-less arguments: validate below
+        key = hit = None
+    if hit is not None:
+        return hit
+    be = resolve(backend, (x, weight, bias))
+    v.check_array("x", x, be)
+    shape = v.check_normalized_shape(normalized_shape, tuple(x.shape))
+    v.check_param("weight", weight, shape, be)
+    v.check_param("bias", bias, shape, be)
+    view = row_view(tuple(x.shape), len(shape))
+    setup = (be, shape, view, _problem(view, 1))
+    if key is not None and len(_LAYER_NORM_SETUPS) < 4096:
+        _LAYER_NORM_SETUPS[key] = setup
+    return setup
 
 
 def layer_norm_backward(dy, x, saved, weight=None):

@@ -28,6 +28,7 @@ _REGISTRY = {
 }
 _instances: dict = {}
 _failures: dict = {}
+_generation = 0  # bumped whenever the registry changes, so memoized choices expire
 _global_choice = AUTO
 _context_choice: contextvars.ContextVar = contextvars.ContextVar("cnorm_backend", default=None)
 
@@ -46,16 +47,25 @@ def register_backend(name: str, spec) -> None:
     spec : str or Backend
         ``"module:Class"`` (imported on first use) or a Backend instance.
     """
+    global _generation
     _REGISTRY[name] = spec
     _instances.pop(name, None)
     _failures.pop(name, None)
+    _generation += 1
 
 
 def unregister_backend(name: str) -> None:
     """Remove a backend registered with :func:`register_backend`."""
+    global _generation
     _REGISTRY.pop(name, None)
     _instances.pop(name, None)
     _failures.pop(name, None)
+    _generation += 1
+
+
+def registry_generation() -> int:
+    """A number that changes whenever a backend is registered or removed."""
+    return _generation
 
 
 def _load(name: str):

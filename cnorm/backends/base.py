@@ -23,7 +23,7 @@ Shapes and dtypes every method can rely on (the front end guarantees them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,6 +45,14 @@ class Problem:
         0 for a cross-sample problem (BatchNorm: statistics per channel over
         N and S); G >= 1 for a per-sample problem (statistics per sample and
         group of C/G consecutive channels over those channels and S).
+    cross_sample : bool
+        True for BatchNorm's statistics per channel over (N, S).
+    shape3 : tuple
+        The shape of x3 for this layout.
+    stats_shape : tuple
+        Shape of mean/var/rstd: (C,) or (N, G).
+    group_size : int
+        Number of values that share one mean and rstd.
     """
 
     layout: str
@@ -52,30 +60,20 @@ class Problem:
     c: int
     s: int
     groups: int = 0
+    cross_sample: bool = field(init=False, repr=False, compare=False)
+    shape3: tuple = field(init=False, repr=False, compare=False)
+    stats_shape: tuple = field(init=False, repr=False, compare=False)
+    group_size: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def cross_sample(self) -> bool:
-        """True for BatchNorm's statistics per channel over (N, S)."""
-        return self.groups == 0
-
-    @property
-    def shape3(self) -> tuple:
-        """The shape of x3 for this layout."""
-        if self.layout == CHANNELS_FIRST:
-            return (self.n, self.c, self.s)
-        return (self.n, self.s, self.c)
-
-    @property
-    def stats_shape(self) -> tuple:
-        """Shape of mean/var/rstd: (C,) or (N, G)."""
-        return (self.c,) if self.cross_sample else (self.n, self.groups)
-
-    @property
-    def group_size(self) -> int:
-        """Number of values that share one mean and rstd."""
-        if self.cross_sample:
-            return self.n * self.s
-        return (self.c // self.groups) * self.s
+    def __post_init__(self):
+        # Derived once: these are read on every call.
+        cf = self.layout == CHANNELS_FIRST
+        cross = self.groups == 0
+        object.__setattr__(self, "cross_sample", cross)
+        object.__setattr__(self, "shape3", (self.n, self.c, self.s) if cf else (self.n, self.s, self.c))
+        object.__setattr__(self, "stats_shape", (self.c,) if cross else (self.n, self.groups))
+        object.__setattr__(self, "group_size",
+                           self.n * self.s if cross else (self.c // max(self.groups, 1)) * self.s)
 
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
