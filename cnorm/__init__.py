@@ -13,6 +13,7 @@ Examples
 
 __version__ = "0.1.0"
 
+from . import nn  # noqa: E402  (layers; cnorm.distributed loads lazily with mpi4py)
 from ._config import get_num_threads, set_num_threads, show_config
 from .backends import (
     BackendUnavailableError,
@@ -40,7 +41,7 @@ from .functional import (
 )
 
 __all__ = [
-    "__version__",
+    "__version__", "nn",
     "BackendUnavailableError", "available_backends", "get_backend", "register_backend",
     "set_backend", "unregister_backend", "use_backend",
     "get_num_threads", "set_num_threads", "show_config",

@@ -10,8 +10,12 @@ def main(argv=None) -> int:
     """Command-line entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m cnorm", description=__doc__)
-    parser.add_argument("command", choices=["info", "bench", "demo"], help="what to run")
-    args, rest = parser.parse_known_args(argv)
+    parser.add_argument("command", choices=["info", "bench", "demo"],
+                        help="info: build and backends; bench: the benchmark; demo: the training demo "
+                             "(each takes --help)")
+    # Everything after the command is the command's own (so `demo --help` reaches the demo).
+    args = parser.parse_args(argv[:1])
+    rest = argv[1:]
     if args.command == "info":
         from ._config import show_config
 

@@ -51,15 +51,19 @@ class Saved:
         Shape of weight/bias: (C,) or LayerNorm's normalized_shape.
     dtype : numpy.dtype
         The dtype of x.
+    var : array or None
+        The biased batch variance behind ``rstd`` (None in eval mode), for
+        callers that keep their own running statistics (``cnorm.nn``).
     """
 
     __slots__ = ("norm", "problem", "view", "mean", "rstd", "batch_stats", "has_bias", "backend",
-                 "param_shape", "dtype")
+                 "param_shape", "dtype", "var")
 
-    def __init__(self, norm, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype):
+    def __init__(self, norm, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype,
+                 var=None):
         self.norm, self.problem, self.view = norm, problem, view
         self.mean, self.rstd, self.batch_stats, self.has_bias = mean, rstd, batch_stats, has_bias
-        self.backend, self.param_shape, self.dtype = backend, param_shape, dtype
+        self.backend, self.param_shape, self.dtype, self.var = backend, param_shape, dtype, var
 
     def __repr__(self):
         return (f"Saved({self.norm}, {self.problem}, batch_stats={self.batch_stats}, "
@@ -115,8 +119,9 @@ def _empty_forward(be, x, p: Problem, sdtype):
     return y, nan, nan
 
 
-def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x):
-    return Saved(norm, p, view, mean, rstd, batch_stats, bias is not None, be.name, tuple(param_shape), x.dtype)
+def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x, var=None):
+    return Saved(norm, p, view, mean, rstd, batch_stats, bias is not None, be.name, tuple(param_shape), x.dtype,
+                 var)
 
 
 def _normalize_batch(be, x, view, p, weight, bias, eps):
@@ -248,7 +253,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
     if running_mean is not None and count > 1:
         _update_running(be.xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum)
-    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x)
+    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -340,7 +345,7 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     if running_mean is not None and p.n > 0 and p.s > 1:
         unbiased = var * (p.s / (p.s - 1))
         _update_running(be.xp, running_mean, running_var, mean.mean(axis=0), unbiased.mean(axis=0), momentum)
-    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x)
+    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
 
 
 def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -391,8 +396,8 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
     eps = v.check_eps(eps)
     view = channel_view(x, axis)
     p = _problem(view, groups)
-    y, mean, _, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
-    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
+    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None):
@@ -435,8 +440,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     True
     """
     be, shape, view, p = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
-    y, mean, _, rstd = _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))
-    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))
+    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):

@@ -1,0 +1,815 @@
+"""SyncBatchNorm: BatchNorm whose statistics span every process's batch.
+
+Data-parallel training splits a batch across processes ("ranks"); plain
+BatchNorm then normalizes each rank's slice with that slice's statistics.
+:func:`sync_batch_norm_forward` and :func:`sync_batch_norm_backward` instead
+compute the statistics, and their gradients, of the whole batch, so every rank
+gets exactly the result that BatchNorm gives on the concatenated batch. They
+reuse the backend's cross-sample primitives (DESIGN §2) around one collective
+each: there is no second copy of the BatchNorm maths.
+
+Forward: each rank computes per-channel ``(mean, M2)`` of its slice
+(:meth:`~cnorm.backends.base.Backend.channel_stats`), the ranks exchange them
+with their counts in **one Allgather** of a packed float64 buffer, and every
+rank merges the table in rank order with Chan's k-way formula::
+
+    N    = Σ_r n_r
+    mean = Σ_r n_r·mean_r / N
+    M2   = Σ_r M2_r + Σ_r n_r·(mean_r − mean)²
+
+An Allgather rather than an Allreduce of shifted sums, because:
+
+* the merged statistics are **bit-identical on every rank** (the same
+  operations on the same table), so running statistics never drift apart;
+  MPI does not promise that an Allreduce returns the same bits everywhere;
+* Chan's merge of centred partials keeps full accuracy when |mean| ≫ std
+  (DESIGN §5); shifted sums need a good common shift, known only after an
+  exchange;
+* ranks may hold different batch sizes, including zero: a rank's weight in
+  the merge is its count;
+* the packet's header carries each rank's status and channel count, so an
+  input error on one rank becomes a clear error on **every** rank instead of
+  a hang (see below).
+
+The table is ``size × (5 + 2C)`` doubles — a few KB for C ≤ 1024 even on
+dozens of ranks, latency-bound like an Allreduce of the same buffer (PyTorch's
+SyncBatchNorm makes the same trade).
+
+Backward: per-channel ``(Σ dy, Σ dy·xhat)`` of the local slice
+(:meth:`~cnorm.backends.base.Backend.channel_grad_sums`) are summed over
+ranks with **one Allreduce** (a status slot rides along), then
+:meth:`~cnorm.backends.base.Backend.channel_backward_apply` forms dx with the
+global means. ``dweight`` and ``dbias`` are this rank's **local** sums, as in
+PyTorch: summing them over ranks (the all-reduce every data-parallel loop
+already does for every parameter) gives the gradient of the whole batch, so a
+converted model needs no special case in its gradient exchange.
+
+Failure behaviour: every rank runs its argument checks and local statistics
+inside the protocol. A rank whose checks fail still takes part in the
+collective, flagging its failure; afterwards every rank raises — the failing
+rank its own ``TypeError``/``ValueError``, the others a :class:`PeerError`
+naming the failing rank — so no rank waits forever. The packet size must be
+the same on every rank, so it comes from a channel count all ranks agree on:
+``num_features``, else the length of the first of ``weight``, ``bias``,
+``running_mean``, ``running_var`` given; with none of them, a 16-byte
+Allgather of each rank's channel count goes first. What is *not* checked is
+that every rank makes the same sequence of calls (the same layers, the same
+mode): that is the contract of any collective.
+
+Transports (``comm``): an ``mpi4py`` communicator (default
+``MPI.COMM_WORLD``; install with ``pip install cnorm[mpi]``); for CuPy arrays
+over MPI, NCCL (``cupy.cuda.nccl``) is used automatically when every rank has
+its own GPU, else the statistics go through host memory; or any
+:class:`Exchange` (e.g. :class:`NCCLExchange` built on an existing
+``cupy.cuda.nccl.NcclCommunicator``).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import _validate as v
+from ._layout import channel_view
+from .backends import get_backend_instance, is_cupy_array, resolve
+from .backends.base import stats_dtype
+from .functional import (
+    Saved,
+    _affine,
+    _backward,
+    _channel_setup,
+    _check_backward,
+    _frozen_constants,
+    _problem,
+    _update_running,
+    batch_norm_forward,
+)
+from .nn import BatchStats, FrozenBatchNorm2d, _BatchNorm, _Layer
+
+__all__ = [
+    "SyncBatchNorm", "convert_sync_batchnorm",
+    "Exchange", "MPIExchange", "NCCLExchange", "PeerError", "SyncSaved",
+    "get_exchange", "nccl_exchange_from_mpi",
+    "sync_batch_norm", "sync_batch_norm_forward", "sync_batch_norm_backward",
+]
+
+MPI_HINT = "pip install cnorm[mpi]  (installs mpi4py and the mpich wheel, which provides mpiexec)"
+
+# Forward packet: header slots, then mean (C) and M2 (C).
+_STATUS, _CHANNELS, _COUNT, _EPS, _MOMENTUM = range(5)
+_HEADER = 5
+_FAILED = 1.0
+
+
+class PeerError(ValueError):
+    """Another rank's arguments failed their checks in a synchronized call.
+
+    Raised on every rank whose own input was fine, so that a bad input on one
+    rank stops all of them instead of leaving them waiting in a collective.
+    The failing rank raises its own, more specific error.
+    """
+
+
+def import_mpi():
+    """Return ``mpi4py.MPI``, or raise an ImportError that says what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(f"SyncBatchNorm over MPI needs mpi4py, which is not installed: {MPI_HINT}") from exc
+    except (RuntimeError, OSError) as exc:  # mpi4py is there, but no MPI library it can load
+        raise ImportError(f"mpi4py could not load an MPI library ({exc}): {MPI_HINT}") from exc
+    return MPI
+
+
+def _to_host(a):
+    """A NumPy float64 array with the values of ``a`` (a NumPy or CuPy array)."""
+    if is_cupy_array(a):
+        a = a.get()
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _to_module(xp, a):
+    """``a`` as a float64 array of module ``xp`` (copies across devices only)."""
+    if xp is np:
+        return _to_host(a)
+    return xp.ascontiguousarray(xp.asarray(a), dtype=xp.float64)
+
+
+# -- transports --------------------------------------------------------------------
+
+class Exchange:
+    """The two collectives SyncBatchNorm needs, over one transport.
+
+    Subclasses set :attr:`rank`, :attr:`size` and :attr:`xp` (the array module
+    their buffers live in) and implement :meth:`allgather` and
+    :meth:`allreduce_sum`. Every rank must call them in the same order.
+    """
+
+    rank = 0
+    size = 1
+    xp = np
+
+    def allgather(self, buf):
+        """Gather a 1-D float64 buffer from every rank; return shape ``(size, len(buf))`` in rank order."""
+        raise NotImplementedError
+
+    def allreduce_sum(self, buf):
+        """Elementwise sum of a 1-D float64 buffer over every rank; the same result on every rank."""
+        raise NotImplementedError
+
+
+class MPIExchange(Exchange):
+    """Collectives over an ``mpi4py`` communicator, through host memory.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        An intracommunicator; every rank of it must make the same calls.
+    """
+
+    xp = np
+
+    def __init__(self, comm):
+        self._mpi = import_mpi()
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def allgather(self, buf):
+        send = _to_host(buf)
+        out = np.empty((self.size, send.size), dtype=np.float64)
+        self.comm.Allgather(send, out)
+        return out
+
+    def allreduce_sum(self, buf):
+        send = _to_host(buf)
+        out = np.empty_like(send)
+        self.comm.Allreduce(send, out, op=self._mpi.SUM)
+        return out
+
+
+class NCCLExchange(Exchange):
+    """Collectives over a ``cupy.cuda.nccl.NcclCommunicator``, in device memory.
+
+    The buffers are enqueued on CuPy's current stream, so they are ordered
+    with the kernels that produced and consume them.
+
+    Parameters
+    ----------
+    nccl_comm : cupy.cuda.nccl.NcclCommunicator
+        One rank's communicator, on the current device.
+    """
+
+    def __init__(self, nccl_comm):
+        import cupy
+        from cupy.cuda import nccl
+
+        self._cupy, self._nccl = cupy, nccl
+        self.comm = nccl_comm
+        self.rank = nccl_comm.rank_id()
+        self.size = nccl_comm.size()
+        self.xp = cupy
+
+    def allgather(self, buf):
+        cp = self._cupy
+        send = cp.ascontiguousarray(cp.asarray(buf), dtype=cp.float64)
+        out = cp.empty((self.size, send.size), dtype=cp.float64)
+        stream = cp.cuda.get_current_stream().ptr
+        self.comm.allGather(send.data.ptr, out.data.ptr, send.size, self._nccl.NCCL_FLOAT64, stream)
+        return out
+
+    def allreduce_sum(self, buf):
+        cp = self._cupy
+        send = cp.ascontiguousarray(cp.asarray(buf), dtype=cp.float64)
+        out = cp.empty_like(send)
+        stream = cp.cuda.get_current_stream().ptr
+        self.comm.allReduce(send.data.ptr, out.data.ptr, send.size, self._nccl.NCCL_FLOAT64,
+                            self._nccl.NCCL_SUM, stream)
+        return out
+
+
+def nccl_exchange_from_mpi(comm=None):
+    """Create an :class:`NCCLExchange` spanning the ranks of an MPI communicator.
+
+    Collective over ``comm``: rank 0 makes the NCCL unique id and broadcasts
+    it. Each rank must have selected its own GPU (``cupy.cuda.Device(i).use()``)
+    first; NCCL refuses two ranks on one device.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    NCCLExchange
+    """
+    comm = import_mpi().COMM_WORLD if comm is None else comm
+    from cupy.cuda import nccl
+
+    uid = nccl.get_unique_id() if comm.Get_rank() == 0 else None
+    uid = comm.bcast(uid, root=0)
+    return NCCLExchange(nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank()))
+
+
+def _device_exchange(comm) -> Exchange:
+    """NCCL when every rank of ``comm`` has its own GPU and NCCL, else MPI via host memory.
+
+    Collective: all ranks gather (host, GPU bus id, NCCL available) and take
+    the same decision from the same table.
+    """
+    try:
+        import cupy
+        from cupy.cuda import nccl  # noqa: F401
+
+        nccl_ok = bool(getattr(cupy.cuda, "nccl_enabled", True))
+        device = cupy.cuda.Device().pci_bus_id
+    except Exception:  # noqa: BLE001 - no usable NCCL on this rank: fall back, decided collectively
+        nccl_ok, device = False, None
+    everyone = comm.allgather((socket.gethostname(), device, nccl_ok))
+    own_gpus = all(ok for _, _, ok in everyone) and len({(h, d) for h, d, _ in everyone}) == len(everyone)
+    if own_gpus and len(everyone) > 1:
+        return nccl_exchange_from_mpi(comm)
+    return MPIExchange(comm)
+
+
+_EXCHANGES: dict = {}
+
+
+def get_exchange(comm=None, device: bool = False) -> Exchange:
+    """The :class:`Exchange` for ``comm``, created on first use and then reused.
+
+    Parameters
+    ----------
+    comm : Exchange, mpi4py.MPI.Comm, cupy.cuda.nccl.NcclCommunicator or None
+        None means ``mpi4py.MPI.COMM_WORLD``.
+    device : bool
+        The arrays are CuPy arrays: over MPI, pick NCCL when every rank has its
+        own GPU (a collective, once per communicator), else host memory.
+
+    Returns
+    -------
+    Exchange
+
+    Raises
+    ------
+    ImportError
+        ``comm`` is None or an MPI communicator and mpi4py is missing.
+    TypeError
+        ``comm`` is none of the above.
+    """
+    if isinstance(comm, Exchange):
+        return comm
+    if comm is None:
+        comm = import_mpi().COMM_WORLD
+    key = (id(comm), bool(device))
+    if key in _EXCHANGES:
+        return _EXCHANGES[key][1]
+    root = type(comm).__module__.split(".")[0]
+    if root == "mpi4py":
+        exchange = _device_exchange(comm) if device else MPIExchange(comm)
+    elif root in ("cupy", "cupy_backends") and hasattr(comm, "allGather"):
+        exchange = NCCLExchange(comm)
+    else:
+        raise TypeError(
+            f"comm: expected an mpi4py communicator, a cupy.cuda.nccl.NcclCommunicator or a "
+            f"cnorm.distributed.Exchange, got {v.type_name(comm)}"
+        )
+    _EXCHANGES[key] = (comm, exchange)  # keeps comm alive, so its id is not reused
+    return exchange
+
+
+# -- failure protocol --------------------------------------------------------------
+
+def _who(failed_ranks) -> str:
+    if len(failed_ranks) == 1:
+        return f"rank {failed_ranks[0]}"
+    return f"{len(failed_ranks)} ranks ({', '.join(map(str, failed_ranks))})"
+
+
+def _raise_everywhere(ex: Exchange, own_error, who: str, where: str, details: str = ""):
+    """Raise on every rank once a collective showed that ranks (``who``, "" for none) failed."""
+    if not who:
+        return
+    if own_error is not None:
+        note = f"[{where}: raised on rank {ex.rank} of {ex.size}; every rank of the communicator raised too]"
+        if hasattr(own_error, "add_note"):
+            own_error.add_note(note)
+        raise own_error
+    raise PeerError(
+        f"{where} failed on {who} of {ex.size}{details}; this rank's arguments passed their checks, and it "
+        f"raises too so that no rank waits forever (the failing rank raised its own error)"
+    )
+
+
+def _channels_of(x, channel_axis) -> int:
+    """x's channel count, or -1 when x or channel_axis is unusable (only to describe a failure)."""
+    try:
+        return int(x.shape[v.check_channel_axis(channel_axis, x.ndim)])
+    except Exception:  # noqa: BLE001 - any malformed input just has no channel count
+        return -1
+
+
+def _declared_channels(num_features, weight, bias, running_mean, running_var):
+    """The channel count every rank agrees on, or None when no argument pins it."""
+    if num_features is not None:
+        return v.check_int("num_features", num_features)
+    for a in (weight, bias, running_mean, running_var):
+        if a is not None:
+            return int(math.prod(np.shape(a)))
+    return None
+
+
+def _agree_on_channels(ex: Exchange, c_x, error):
+    """The parameterless case: one small Allgather of each rank's channel count."""
+    table = _to_host(ex.allgather(np.array([_FAILED if error is not None else 0.0, c_x], dtype=np.float64)))
+    failed = [r for r in range(ex.size) if table[r, 0] == _FAILED]
+    _raise_everywhere(ex, error, _who(failed) if failed else "", "sync_batch_norm_forward")
+    counts = [int(c) for c in table[:, 1]]
+    if len(set(counts)) > 1:
+        raise ValueError(f"x: expected the same number of channels on every rank, got {counts} (in rank order)")
+    return counts[0]
+
+
+# -- SyncBatchNorm -----------------------------------------------------------------
+
+class SyncSaved(Saved):
+    """:class:`~cnorm.functional.Saved` plus what the synchronized backward needs.
+
+    Attributes
+    ----------
+    count : int
+        Values per channel over every rank (training) or this rank (eval).
+    exchange : Exchange or None
+        The transport forward used; None in eval mode (no communication).
+    """
+
+    __slots__ = ("count", "exchange")
+
+    def __init__(self, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype,
+                 count, exchange):
+        super().__init__("sync_batch_norm", problem, view, mean, rstd, batch_stats, has_bias, backend,
+                         param_shape, dtype)
+        self.count, self.exchange = count, exchange
+
+
+def _sync_saved(saved: Saved, count: int, exchange) -> SyncSaved:
+    """Re-label a batch_norm_forward result as a synchronized one."""
+    return SyncSaved(saved.problem, saved.view, saved.mean, saved.rstd, saved.batch_stats, saved.has_bias,
+                     saved.backend, saved.param_shape, saved.dtype, count, exchange)
+
+
+class _Local:
+    """One rank's validated input and partial statistics."""
+
+    def __init__(self, x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend,
+                 declared):
+        be = resolve(backend, (x, weight, bias, running_mean, running_var))
+        v.check_array("x", x, be, ndim_min=2)
+        axis = v.check_channel_axis(channel_axis, x.ndim)
+        self.c_x = x.shape[axis]
+        if declared is not None and self.c_x != declared:
+            raise ValueError(
+                f"x: expected {declared} channels on channel_axis={channel_axis} (the channel count every "
+                f"rank uses), got shape {tuple(x.shape)}"
+            )
+        be, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
+        v.check_running(running_mean, running_var, (c,), be, required=False, why="")
+        self.eps, self.momentum = v.check_eps(eps), v.check_momentum(momentum)
+        self.be, self.c = be, c
+        self.view = channel_view(x, axis)
+        self.p = _problem(self.view, 0)
+        self.count = self.p.n * self.p.s
+        self.x3 = None
+        if self.count:
+            self.x3 = self.view.to3(x, be.xp)
+            mean, var = be.channel_stats(self.x3, self.p)
+            self.mean = mean.astype(be.xp.float64)
+            self.m2 = var.astype(be.xp.float64) * self.count
+        else:  # an empty rank weighs nothing in the merge; its mean must not be NaN
+            self.mean = self.m2 = np.zeros(c)
+
+
+def _merge(xp, table, head, c: int):
+    """Chan's k-way merge of the gathered rows, in rank order: (N, mean, M2)."""
+    total = float(head[:, _COUNT].sum())
+    n = table[:, _COUNT : _COUNT + 1]
+    means = table[:, _HEADER : _HEADER + c]
+    m2s = table[:, _HEADER + c : _HEADER + 2 * c]
+    mean = (n * means).sum(axis=0) / total
+    delta = means - mean
+    m2 = m2s.sum(axis=0) + (n * delta * delta).sum(axis=0)
+    return total, xp.ascontiguousarray(mean), xp.ascontiguousarray(m2)
+
+
+def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
+                            training=True, momentum=0.1, eps=1e-5, channel_axis=1, comm=None, backend=None,
+                            *, num_features=None):
+    """Batch normalization with statistics over every rank's batch.
+
+    Collective when ``training``: every rank of ``comm`` must call it, with
+    its own slice of the batch (any size, including 0) and the same
+    parameters. Each rank gets what :func:`cnorm.batch_norm_forward` gives
+    its rows of the concatenated batch (to rounding), and the running statistics are
+    updated identically (bit for bit) on every rank, with the unbiased
+    variance over the global count. In eval mode there is no communication.
+
+    Parameters
+    ----------
+    x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis, backend
+        As in :func:`cnorm.batch_norm_forward`; ranks may differ in their
+        batch size and in their spatial shape, not in their channel count.
+    comm : mpi4py.MPI.Comm, cupy.cuda.nccl.NcclCommunicator or Exchange, optional
+        The ranks that share statistics; default ``MPI.COMM_WORLD``.
+    num_features : int, optional
+        The channel count every rank uses; defaults to the length of the first
+        of weight, bias, running_mean, running_var given. Pinning it keeps a
+        call to one collective when none of those is given.
+
+    Returns
+    -------
+    y : array
+        Same shape, dtype and memory layout as ``x``.
+    saved : SyncSaved
+        For :func:`sync_batch_norm_backward`.
+
+    Raises
+    ------
+    ImportError
+        mpi4py is missing (``pip install cnorm[mpi]``).
+    PeerError
+        Another rank's arguments failed their checks (that rank raises its own
+        TypeError or ValueError); raised on every rank, never a hang.
+
+    Examples
+    --------
+    Run with ``mpiexec -n 2 python script.py``:
+
+    >>> import numpy as np
+    >>> from mpi4py import MPI                                   # doctest: +SKIP
+    >>> from cnorm.distributed import sync_batch_norm_forward, sync_batch_norm_backward
+    >>> x = np.random.default_rng(MPI.COMM_WORLD.rank).standard_normal((4, 3, 8, 8))  # doctest: +SKIP
+    >>> y, saved = sync_batch_norm_forward(x, comm=MPI.COMM_WORLD)                 # doctest: +SKIP
+    >>> dx, dw, db = sync_batch_norm_backward(np.ones_like(y), x, saved)          # doctest: +SKIP
+    """
+    training = v.check_bool("training", training)
+    if not training:
+        y, saved = batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum, eps,
+                                      channel_axis, backend)
+        return y, _sync_saved(saved, saved.problem.n * saved.problem.s, None)
+    y, saved, mean, var = _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis,
+                                        comm, backend, num_features)
+    if running_mean is not None and saved.count > 1:
+        n = saved.count
+        xp = get_backend_instance(saved.backend).xp
+        _update_running(xp, running_mean, running_var, mean, var * (n / (n - 1)), momentum)
+    return y, saved
+
+
+def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis, comm, backend,
+                  num_features):
+    """The collective training forward: ``(y, saved, mean, var)``.
+
+    ``mean`` and the biased ``var`` are the global float64 statistics, of the
+    backend's array module and bit-identical on every rank (None when every
+    rank's batch is empty). The running buffers are only validated here.
+    """
+    ex = get_exchange(comm, device=is_cupy_array(x))
+    declared = _declared_channels(num_features, weight, bias, running_mean, running_var)
+    local, error = None, None
+    try:
+        local = _Local(x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend, declared)
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, or they hang
+        error = exc
+    c_x = local.c_x if error is None else _channels_of(x, channel_axis)
+    if declared is None:
+        declared = _agree_on_channels(ex, c_x, error)
+    c = declared
+
+    header = np.zeros(_HEADER)
+    header[_CHANNELS] = c_x
+    if error is None:
+        header[_COUNT], header[_EPS], header[_MOMENTUM] = local.count, local.eps, local.momentum
+        body = (local.mean, local.m2)
+    else:
+        header[_STATUS] = _FAILED
+        body = (np.zeros(c), np.zeros(c))
+    packet = ex.xp.concatenate([_to_module(ex.xp, header), *(_to_module(ex.xp, b) for b in body)])
+    table = ex.allgather(packet)
+    head = _to_host(table[:, :_HEADER])
+
+    failed = [r for r in range(ex.size) if head[r, _STATUS] == _FAILED]
+    wrong = [f"rank {r} has {int(head[r, _CHANNELS])}" for r in failed if head[r, _CHANNELS] not in (-1, c)]
+    details = f" (x must have {c} channels; {', '.join(wrong)})" if wrong else ""
+    _raise_everywhere(ex, error, _who(failed) if failed else "", "sync_batch_norm_forward", details)
+    for slot, name in ((_EPS, "eps"), (_MOMENTUM, "momentum")):
+        values = head[:, slot]
+        if np.any(values != values[0]):
+            raise ValueError(f"{name}: expected the same value on every rank, got {values.tolist()} (in rank order)")
+
+    be, p, view, xp = local.be, local.p, local.view, local.be.xp
+    sd = stats_dtype(x.dtype)
+    counts = head[:, _COUNT]
+    if counts.sum() == 1:
+        raise ValueError(f"x: expected more than 1 value per channel over all ranks when training, got 1 "
+                         f"(values per channel on each rank: {counts.astype(int).tolist()})")
+    if counts.sum() == 0:
+        nan = xp.full(c, xp.nan, dtype=sd)
+        saved = SyncSaved(p, view, nan, nan, True, bias is not None, be.name, (c,), x.dtype, 0, ex)
+        return xp.empty_like(x), saved, None, None
+
+    total, mean, m2 = _merge(ex.xp, table, head, c)
+    mean, var = _to_module(xp, mean), _to_module(xp, m2) / total
+    w, b = _affine(be, weight, bias, c, sd)
+    mean_sd, rstd, scale, shift = _frozen_constants(xp, mean, var, w, b, local.eps, sd)
+    y = view.from3(be.forward_eval(local.x3, p, scale, shift)) if local.count else xp.empty_like(x)
+    saved = SyncSaved(p, view, mean_sd, rstd, True, bias is not None, be.name, (c,), x.dtype, int(total), ex)
+    return y, saved, mean, var
+
+
+def sync_batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+                    momentum=0.1, eps=1e-5, channel_axis=1, comm=None, backend=None, *, num_features=None):
+    """:func:`sync_batch_norm_forward` without the saved state (collective when training)."""
+    return sync_batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                                   channel_axis, comm, backend, num_features=num_features)[0]
+
+
+def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
+    """Gradients of :func:`sync_batch_norm_forward`.
+
+    Collective after a training forward (one Allreduce): every rank that ran
+    the forward must call it. After an eval forward it is local.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to this rank's y.
+    x : array
+        This rank's forward input.
+    saved : SyncSaved
+        The second result of :func:`sync_batch_norm_forward`.
+    weight : array of shape (C,), optional
+        The forward weight; without it dweight is None.
+    comm : optional
+        Default: the forward's transport. Pass one only to override it.
+
+    Returns
+    -------
+    dx : array
+        The gradient of the summed loss of all ranks with respect to this
+        rank's x (it depends on every rank's dy through the statistics).
+    dweight, dbias : array of shape (C,) or None
+        This rank's contributions ``Σ dy·xhat`` and ``Σ dy`` over its own
+        rows, as PyTorch's SyncBatchNorm returns them: their sum over ranks is
+        the gradient of the whole batch, which the usual all-reduce of
+        parameter gradients forms.
+
+    Raises
+    ------
+    PeerError
+        Another rank's arguments failed their checks; raised on every rank.
+    """
+    if not isinstance(saved, SyncSaved):
+        raise TypeError(f"saved: expected the SyncSaved object returned by sync_batch_norm_forward, "
+                        f"got {v.type_name(saved)}")
+    if not saved.batch_stats:
+        return _backward("sync_batch_norm", dy, x, saved, weight)
+    p, c = saved.problem, saved.problem.c
+    sd = stats_dtype(saved.dtype)
+    if saved.count == 0:  # known on every rank: nothing to exchange
+        be = _check_backward("sync_batch_norm", dy, x, saved, weight)
+        zeros = be.xp.zeros(c, dtype=sd)
+        return (be.xp.zeros_like(x), None if weight is None else zeros,
+                zeros.copy() if saved.has_bias else None)
+    ex = saved.exchange if comm is None else get_exchange(comm, device=is_cupy_array(x))
+
+    error = None
+    try:
+        be = _check_backward("sync_batch_norm", dy, x, saved, weight)
+        xp = be.xp
+        x3 = dy3 = None
+        if p.n * p.s:
+            x3, dy3 = saved.view.to3(x, xp), saved.view.to3(dy, xp)
+            sum_dy, sum_dy_xhat = be.channel_grad_sums(dy3, x3, p, saved.mean, saved.rstd)
+        else:
+            sum_dy, sum_dy_xhat = xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd)
+        parts = (np.zeros(2), sum_dy, sum_dy_xhat)
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, or they hang
+        error = exc
+        parts = (np.array([1.0, ex.rank]), np.zeros(c), np.zeros(c))
+    # Slots 0-1: how many ranks failed and the sum of their ranks (which names a single one).
+    totals = ex.allreduce_sum(ex.xp.concatenate([_to_module(ex.xp, a) for a in parts]))
+    n_failed, rank_sum = (int(s) for s in _to_host(totals[:2]))
+    who = "" if not n_failed else (f"rank {rank_sum}" if n_failed == 1 else f"{n_failed} ranks")
+    _raise_everywhere(ex, error, who, "sync_batch_norm_backward")
+
+    mean_dy = _to_module(xp, totals[2 : 2 + c]) / saved.count
+    mean_dy_xhat = _to_module(xp, totals[2 + c :]) / saved.count
+    if x3 is not None:
+        w, _ = _affine(be, weight, None, c, sd)
+        dx3 = be.channel_backward_apply(dy3, x3, p, saved.mean, saved.rstd, w,
+                                        mean_dy.astype(sd), mean_dy_xhat.astype(sd))
+        dx = saved.view.from3(dx3)
+    else:
+        dx = xp.zeros_like(x)
+    dweight = None if weight is None else sum_dy_xhat.astype(sd, copy=False).reshape(c)
+    dbias = sum_dy.astype(sd, copy=False).reshape(c) if saved.has_bias else None
+    return dx, dweight, dbias
+
+
+# -- the layer ---------------------------------------------------------------------
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch normalization whose training statistics span every rank's batch, like ``torch.nn.SyncBatchNorm``.
+
+    A :class:`cnorm.nn.BatchNorm2d` (and 1d, 3d: any input of rank >= 2)
+    that, in training mode, normalizes with the statistics of the batch
+    concatenated over every rank of ``comm`` (:func:`sync_batch_norm_forward`).
+    Every rank must run the same layers in the same order with the same
+    parameters and buffers (broadcast them at start-up); batch sizes may
+    differ, including 0. Running statistics and ``num_batches_tracked`` then
+    stay bit-identical on every rank. Eval mode and frozen layers do not
+    communicate.
+
+    Inside :func:`cnorm.nn.precise_bn` every batch's statistics are those of
+    all ranks, so the precise statistics cover every rank's batches; each
+    rank must run the same number of forward calls in the block (a rank with
+    fewer batches passes empty ones).
+
+    ``backward`` differentiates through the global statistics (one
+    Allreduce); ``weight_grad`` and ``bias_grad`` are this rank's
+    contributions, which the usual all-reduce of gradients sums, exactly as
+    for every other parameter.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels.
+    eps, momentum, affine, track_running_stats, bias, channel_axis, dtype, backend
+        As in :class:`cnorm.nn.BatchNorm2d`.
+    comm : mpi4py.MPI.Comm, cupy.cuda.nccl.NcclCommunicator or Exchange, optional
+        The ranks that share statistics; default ``mpi4py.MPI.COMM_WORLD``
+        (resolved at the first training call; mpi4py is needed then:
+        ``pip install cnorm[mpi]``).
+
+    Raises
+    ------
+    PeerError
+        From a training forward or backward, when another rank's input failed
+        its checks (that rank raises its own error): every rank raises.
+
+    Examples
+    --------
+    Run with ``mpiexec -n 4 python train.py``:
+
+    >>> import numpy as np, cnorm.nn
+    >>> bn = cnorm.nn.SyncBatchNorm(16)
+    >>> x = np.random.default_rng(0).standard_normal((8, 16, 4, 4)).astype(np.float32)
+    >>> y = bn(x)                                       # doctest: +SKIP
+    >>> dx = bn.backward(np.ones_like(y))               # doctest: +SKIP
+    """
+
+    _SHAPES = "(N, C, ...)"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 bias=True, channel_axis=1, dtype=np.float32, backend=None, comm=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias,
+                         channel_axis=channel_axis, dtype=dtype, backend=backend)
+        self.comm = _check_comm(comm)
+
+    def _communicates(self) -> bool:
+        """Whether the next forward uses global batch statistics (mirrors _BatchNorm._forward's branches)."""
+        return self._records is not None or (self.training and not self.frozen)
+
+    def _check_input(self, x):
+        if self._communicates():
+            return  # checked inside the collective, so that a bad input on one rank fails every rank
+        if x.ndim < 2:
+            raise ValueError(f"x: SyncBatchNorm expects input of at least 2 dimensions {self._SHAPES}, "
+                             f"got shape {tuple(x.shape)}")
+        self._check_channels(x, self.channel_axis, self.num_features, "num_features")
+
+    def _batch_stats_forward(self, x):
+        if not self._communicates():  # eval mode without running statistics: local, as in PyTorch
+            return super()._batch_stats_forward(x)
+        y, saved, mean, var = _sync_forward(x, self.weight, self.bias, None, None, 0.0, self.eps,
+                                            self.channel_axis, self.comm, self.backend, self.num_features)
+        if mean is None:
+            xp = get_backend_instance(saved.backend).xp
+            mean = var = xp.zeros(self.num_features, dtype=np.float64)
+        return y, saved, BatchStats(mean, var, saved.count)
+
+    def _batch_stats_backward(self, dy, x, saved):
+        if isinstance(saved, SyncSaved):
+            return sync_batch_norm_backward(dy, x, saved, self.weight)
+        return super()._batch_stats_backward(dy, x, saved)
+
+
+def _check_comm(comm):
+    """Type-check a communicator without starting MPI or running a collective."""
+    if comm is None or isinstance(comm, Exchange):
+        return comm
+    if type(comm).__module__.split(".")[0] in ("mpi4py", "cupy", "cupy_backends"):
+        return comm
+    raise TypeError(f"comm: expected an mpi4py communicator, a cupy.cuda.nccl.NcclCommunicator or a "
+                    f"cnorm.distributed.Exchange, got {v.type_name(comm)}")
+
+
+def _to_sync(layer, comm):
+    """A SyncBatchNorm sharing ``layer``'s parameters, buffers and settings."""
+    sync = SyncBatchNorm.__new__(SyncBatchNorm)
+    sync.__dict__.update(vars(layer))
+    sync._pending = None
+    sync.comm = comm
+    return sync
+
+
+def convert_sync_batchnorm(layers, comm=None):
+    """Replace BatchNorm layers by SyncBatchNorm ones, like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+
+    Each :class:`cnorm.nn.BatchNorm1d`, ``2d`` or ``3d`` becomes a
+    :class:`SyncBatchNorm` that shares its arrays (parameters, running
+    statistics, ``num_batches_tracked``: references stay valid) and its
+    settings (eps, momentum, channel_axis, train/eval, frozen). Other layers,
+    :class:`cnorm.nn.FrozenBatchNorm2d` included, are returned unchanged.
+
+    Parameters
+    ----------
+    layers : layer, sequence of layers, or mapping of name to layer
+    comm : optional
+        As in :class:`SyncBatchNorm`.
+
+    Returns
+    -------
+    layer, list or dict
+        Same structure as ``layers``.
+
+    Examples
+    --------
+    >>> import cnorm.nn
+    >>> model = [cnorm.nn.BatchNorm2d(8), cnorm.nn.GroupNorm(2, 8)]
+    >>> synced = cnorm.nn.convert_sync_batchnorm(model)
+    >>> [type(layer).__name__ for layer in synced]
+    ['SyncBatchNorm', 'GroupNorm']
+    >>> synced[0].weight is model[0].weight
+    True
+    """
+    comm = _check_comm(comm)
+
+    def convert(layer):
+        if isinstance(layer, _BatchNorm) and not isinstance(layer, (SyncBatchNorm, FrozenBatchNorm2d)):
+            return _to_sync(layer, comm)
+        return layer
+
+    if isinstance(layers, _Layer):
+        return convert(layers)
+    if isinstance(layers, Mapping):
+        return {name: convert(layer) for name, layer in layers.items()}
+    try:
+        return [convert(layer) for layer in layers]
+    except TypeError:
+        raise TypeError(f"layers: expected a layer, a sequence of layers or a mapping of name to layer, "
+                        f"got {v.type_name(layers)}") from None

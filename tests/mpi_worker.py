@@ -1,0 +1,165 @@
+"""One MPI rank of tests/test_mpi.py: ``mpiexec -n N python mpi_worker.py MODE N OUTDIR``.
+
+Every rank writes what it found to ``OUTDIR/rank<r>.json``; the test reads all
+of them. Modes:
+
+match
+    The SyncBatchNorm grid of tests/sync_cases.py on every CPU backend, plus
+    the layer over training steps and precise_bn: each rank must equal
+    single-process BatchNorm on the concatenated batch.
+fail
+    The last rank gets a bad input in several calls; every rank must raise,
+    quickly, and the communicator must still work afterwards.
+"""
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from mpi4py import MPI
+
+import cnorm
+import cnorm.nn as cnn
+import sync_cases
+from cnorm.distributed import PeerError, sync_batch_norm_backward, sync_batch_norm_forward
+from conftest import BackendCase, tolerance
+from helpers import close
+
+SIZES = {1: (7,), 2: (5, 11), 3: (5, 0, 11)}
+CPU_BACKENDS = [name for name in cnorm.available_backends() if name != "cupy"]
+
+
+def rows(sizes, rank):
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+
+def match_grid(comm, sizes, failures):
+    """The functional grid on every CPU backend; returns how many cases ran."""
+    ran = 0
+    for name in CPU_BACKENDS:
+        bc = BackendCase(name)
+        for case in sync_cases.grid(sizes):
+            out = sync_cases.run_rank(case, comm.rank, comm, bc)
+            ref = sync_cases.reference(case, bc)
+            dw = db = None
+            if case.weight is not None:
+                dw, db = comm.allreduce(out["dweight"]), comm.allreduce(out["dbias"])
+            keys = ("running_mean", "running_var", "mean", "rstd")
+            everyone = comm.allgather([out[k].tobytes() for k in keys])
+            try:
+                sync_cases.check_rank(case, comm.rank, out, ref, dw, db)
+                for key, *theirs in zip(keys, *everyone):
+                    assert len(set(theirs)) == 1, f"{name} {case.name}: {key} is not bit-identical across ranks"
+            except AssertionError as exc:
+                failures.append(f"{name}: {exc}")
+            ran += 1
+    return ran
+
+
+def match_layer(comm, sizes, failures):
+    """SyncBatchNorm (channels-last, momentum=None) over 3 steps, eval, then precise_bn.
+
+    Every rank makes the same collective calls whatever it finds: mismatches
+    are recorded, not raised, so that no rank leaves the others waiting.
+    """
+    rng = np.random.default_rng(11)
+    c, mine = 4, rows(sizes, comm.rank)
+    batches = [(rng.standard_normal((sum(sizes), 3, 2, c)) + 5, rng.standard_normal((sum(sizes), 3, 2, c)))
+               for _ in range(3)]
+    kw = dict(momentum=None, channel_axis=-1, dtype=np.float64)
+    ours, ref = cnn.SyncBatchNorm(c, **kw), cnn.BatchNorm2d(c, **kw)
+    tol = tolerance(np.float64)
+
+    def expect(actual, expected, what, scale=1):
+        try:
+            close(actual, expected, tol * scale, f"layer: {what}")
+        except AssertionError as exc:
+            failures.append(str(exc))
+
+    for step, (x, dy) in enumerate(batches):
+        y, y_ref = ours(x[mine]), ref(x)
+        dx, dx_ref = ours.backward(dy[mine]), ref.backward(dy)
+        expect(y, y_ref[mine], f"step {step} y")
+        expect(dx, dx_ref[mine], f"step {step} dx")
+        expect(comm.allreduce(ours.weight_grad), ref.weight_grad, f"step {step} weight_grad summed", 10)
+        expect(comm.allreduce(ours.bias_grad), ref.bias_grad, f"step {step} bias_grad summed", 10)
+    expect(ours.running_mean, ref.running_mean, "running_mean")
+    expect(ours.running_var, ref.running_var, "running_var")
+    expect(ours.eval()(batches[0][0][mine]), ref.eval()(batches[0][0])[mine], "eval y")
+    if int(ours.num_batches_tracked) != 3:
+        failures.append(f"layer: num_batches_tracked {int(ours.num_batches_tracked)} != 3")
+    # precise_bn: each rank runs two batches; the result covers every rank's.
+    with cnn.precise_bn([ours]), cnn.precise_bn([ref]):
+        for x, _ in batches[1:]:
+            ours(x[mine])
+            ref(x)
+    expect(ours.running_mean, ref.running_mean, "precise_bn running_mean")
+    expect(ours.running_var, ref.running_var, "precise_bn running_var")
+    if len(set(comm.allgather((ours.running_mean.tobytes(), ours.running_var.tobytes())))) != 1:
+        failures.append("layer: precise_bn statistics differ across ranks")
+
+
+def attempt(call):
+    """Run a call that should fail: (error type, message, seconds)."""
+    start = time.perf_counter()
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"type": type(exc).__name__, "peer": isinstance(exc, PeerError), "message": str(exc),
+                "seconds": time.perf_counter() - start}
+    return {"type": None, "message": "no error", "seconds": time.perf_counter() - start}
+
+
+def fail(comm):
+    """Bad input on the last rank in four calls; after each, a good call must still work."""
+    rank, size = comm.rank, comm.size
+    bad = rank == size - 1
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 3, 5))
+    xbad = x[:, :2] if bad else x
+    w = np.ones(3)
+    _, saved = sync_batch_norm_forward(x, w, comm=comm)
+    dy_bad = np.ones((4, 3, 2)) if bad else np.ones_like(x)
+    calls = {
+        "forward": lambda: sync_batch_norm_forward(xbad, w, comm=comm),
+        "backward": lambda: sync_batch_norm_backward(dy_bad, x, saved, w),
+        "layer": lambda: cnn.SyncBatchNorm(3, comm=comm)(xbad),
+    }
+    if size > 1:  # with one rank there is nothing to disagree with
+        calls["forward-unpinned"] = lambda: sync_batch_norm_forward(xbad, comm=comm)
+    results = {}
+    for what, call in calls.items():
+        results[what] = attempt(call)
+        y = sync_batch_norm_forward(x, w, comm=comm)[0]  # the communicator is still in step
+        close(y, cnorm.batch_norm(np.concatenate([x] * size), w)[:4], 1e-12, f"good call after {what}")
+    return results
+
+
+def main():
+    mode, expected, outdir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    comm = MPI.COMM_WORLD
+    result = {"rank": comm.rank, "size": comm.size}
+    if comm.size != expected:
+        result["error"] = (f"launched {expected} ranks but this one sees COMM_WORLD of size {comm.size}: the "
+                           f"mpiexec used does not belong to the MPI library mpi4py loaded "
+                           f"({MPI.Get_library_version().splitlines()[0]})")
+        (outdir / f"rank{comm.rank}.json").write_text(json.dumps(result))
+        return
+    try:
+        if mode == "match":
+            failures = []
+            result["cases"] = match_grid(comm, SIZES[comm.size], failures)
+            match_layer(comm, SIZES[comm.size], failures)
+            result["failures"] = failures
+        else:
+            result["calls"] = fail(comm)
+    except Exception:  # noqa: BLE001 - reported to the test
+        result["error"] = traceback.format_exc()
+    (outdir / f"rank{comm.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""SyncBatchNorm's protocol in one process: ranks are threads sharing an in-memory
+Exchange, so the merge, the failure protocol and the layer run on every backend
+without MPI (tests/test_mpi.py runs the same cases as real MPI processes)."""
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cnorm
+import cnorm.nn as cnn
+from cnorm.distributed import (
+    Exchange,
+    PeerError,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    get_exchange,
+    sync_batch_norm_backward,
+    sync_batch_norm_forward,
+)
+from conftest import tolerance
+from helpers import close
+import sync_cases
+
+
+class ThreadExchange(Exchange):
+    """Rank ``rank`` of ``size`` threads; counts the collectives it takes part in."""
+
+    xp = np
+
+    def __init__(self, group, rank):
+        self.group, self.rank, self.size = group, rank, group["size"]
+        self.calls = []
+
+    def allgather(self, buf):
+        g = self.group
+        self.calls.append("allgather")
+        g["slots"][self.rank] = np.array(buf, dtype=np.float64)
+        g["barrier"].wait()
+        out = np.stack(g["slots"])
+        g["barrier"].wait()
+        return out
+
+    def allreduce_sum(self, buf):
+        out = self.allgather(buf)
+        self.calls[-1] = "allreduce"
+        return out.sum(axis=0)
+
+
+class NoExchange(Exchange):
+    """Fails the test on any communication."""
+
+    def allgather(self, buf):
+        raise AssertionError("communicated")
+
+    allreduce_sum = allgather
+
+
+def run_ranks(size, fn):
+    """Run ``fn(rank, exchange)`` on ``size`` thread ranks; return each rank's ("ok", value) or ("error", exc)."""
+    group = {"size": size, "slots": [None] * size, "barrier": threading.Barrier(size, timeout=20)}
+    results = [None] * size
+
+    def target(rank):
+        try:
+            results[rank] = ("ok", fn(rank, ThreadExchange(group, rank)))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            results[rank] = ("error", exc)
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a rank hung"
+    return results
+
+
+def values(results):
+    """The ranks' values, re-raising the first rank's error."""
+    for status, value in results:
+        if status == "error":
+            raise value
+    return [value for _, value in results]
+
+
+def check_split(case, bc):
+    """Run ``case`` on thread ranks and compare every rank with the whole batch."""
+    outs = values(run_ranks(len(case.sizes), lambda r, ex: sync_cases.run_rank(case, r, ex, bc)))
+    ref = sync_cases.reference(case, bc)
+    dw = db = None
+    if case.weight is not None:
+        dw, db = sum(o["dweight"] for o in outs), sum(o["dbias"] for o in outs)
+    for rank, out in enumerate(outs):
+        sync_cases.check_rank(case, rank, out, ref, dw, db)
+        for key in ("running_mean", "running_var", "mean", "rstd"):  # bit-identical everywhere
+            assert np.array_equal(out[key], outs[0][key], equal_nan=True), f"{case.name}: {key} differs by rank"
+
+
+@pytest.mark.parametrize("sizes", [(7,), (5, 11), (5, 0, 11), (0, 3, 0, 1)], ids=lambda s: "_".join(map(str, s)))
+def test_ranks_match_whole_batch(backend, sizes):
+    for case in sync_cases.grid(sizes):
+        check_split(case, backend)
+
+
+@st.composite
+def splits(draw):
+    ranks = draw(st.integers(1, 4))
+    sizes = [draw(st.integers(0, 4)) for _ in range(ranks)]
+    spatial = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.integers(0, 2))))
+    if sum(sizes) * int(np.prod(spatial)) < 2:
+        sizes[-1] += 2
+    return dict(sizes=sizes, c=draw(st.integers(1, 5)), spatial=spatial,
+                layout=draw(st.sampled_from(["cf", "cl", "cl_strided"])),
+                dtype=draw(st.sampled_from([np.float32, np.float64])),
+                affine=draw(st.booleans()), offset=draw(st.sampled_from([0.0, 1e3])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=splits())
+def test_random_splits_match_whole_batch(backend, spec):
+    check_split(sync_cases.make_case(**spec), backend)
+
+
+def test_one_collective_each_way():
+    """Forward: one Allgather (two without any parameter to pin C); backward: one Allreduce."""
+    case = sync_cases.make_case((3, 4))
+
+    def step(rank, ex, **kw):
+        x = case.x[case.rows(rank)]
+        y, saved = sync_batch_norm_forward(x, case.weight, comm=ex, **kw)
+        forward_calls = list(ex.calls)
+        sync_batch_norm_backward(np.ones_like(y), x, saved, case.weight)
+        return forward_calls, ex.calls[len(forward_calls):]
+
+    for fwd, bwd in values(run_ranks(2, step)):
+        assert fwd == ["allgather"] and bwd == ["allreduce"]
+    no_params = run_ranks(2, lambda r, ex: sync_batch_norm_forward(case.x[case.rows(r)], comm=ex) and ex.calls)
+    assert values(no_params) == [["allgather", "allgather"]] * 2
+    pinned = run_ranks(2, lambda r, ex: sync_batch_norm_forward(case.x[case.rows(r)], comm=ex, num_features=3)
+                       and ex.calls)
+    assert values(pinned) == [["allgather"]] * 2
+
+
+def test_every_rank_empty():
+    """No values anywhere: empty outputs, running statistics untouched, zero gradients."""
+    x = np.zeros((0, 3, 4))
+
+    def step(rank, ex):
+        rm, rv = np.full(3, 0.5), np.full(3, 2.0)
+        y, saved = sync_batch_norm_forward(x, np.ones(3), np.zeros(3), rm, rv, comm=ex)
+        dx, dw, db = sync_batch_norm_backward(np.zeros_like(x), x, saved, np.ones(3))
+        return y.shape, rm, rv, dx.shape, dw, db
+
+    for shape, rm, rv, dx_shape, dw, db in values(run_ranks(3, step)):
+        assert shape == dx_shape == x.shape
+        assert np.all(rm == 0.5) and np.all(rv == 2.0) and np.all(dw == 0) and np.all(db == 0)
+
+
+def expect_everywhere(results, failing, error_type, match):
+    """``failing`` ranks raised ``error_type`` matching ``match``; every other rank a PeerError naming them."""
+    for rank, (status, exc) in enumerate(results):
+        assert status == "error", f"rank {rank} did not raise"
+        assert not isinstance(exc, threading.BrokenBarrierError), f"rank {rank} hung in a collective"
+        if rank in failing:
+            assert type(exc) is error_type, f"rank {rank}: {exc!r}"
+            assert match in str(exc), f"rank {rank}: {exc}"
+        else:
+            assert isinstance(exc, PeerError), f"rank {rank}: {exc!r}"
+            assert f"rank {failing[0]}" in str(exc) or f"{len(failing)} ranks" in str(exc), str(exc)
+
+
+@pytest.mark.parametrize("pinned", ["weight", "num_features", "nothing"])
+def test_wrong_channel_count_fails_every_rank(pinned):
+    rng = np.random.default_rng(0)
+
+    def step(rank, ex):
+        x = rng.standard_normal((4, 5 if rank == 1 else 3, 2))
+        kw = {"weight": dict(weight=np.ones(3)), "num_features": dict(num_features=3), "nothing": {}}[pinned]
+        return sync_batch_norm_forward(x, comm=ex, **kw)
+
+    results = run_ranks(3, step)
+    if pinned == "nothing":  # no rank's own check fails: all disagree, all raise the same ValueError
+        for status, exc in results:
+            assert status == "error" and type(exc) is ValueError and "[3, 5, 3]" in str(exc), exc
+    else:
+        expect_everywhere(results, [1], ValueError, "expected 3 channels")
+        assert "rank 1 has 5" in str(results[0][1])
+
+
+def test_other_bad_inputs_fail_every_rank():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 2))
+    bad = {"dtype": (x.astype(np.int64), TypeError, "dtype"),
+           "running buffer": (x, ValueError, "running_var")}
+    for what, (xbad, error, match) in bad.items():
+        def step(rank, ex):
+            rv = np.ones(4) if (rank == 2 and what == "running buffer") else np.ones(3)
+            return sync_batch_norm_forward(xbad if rank == 2 else x, np.ones(3), None, np.zeros(3), rv, comm=ex)
+
+        expect_everywhere(run_ranks(3, step), [2], error, match)
+
+
+def test_backward_error_fails_every_rank():
+    x = np.random.default_rng(2).standard_normal((4, 3, 2))
+
+    def step(rank, ex):
+        y, saved = sync_batch_norm_forward(x, np.ones(3), comm=ex)
+        dy = np.ones((4, 3, 5)) if rank == 0 else np.ones_like(y)
+        return sync_batch_norm_backward(dy, x, saved, np.ones(3))
+
+    expect_everywhere(run_ranks(2, step), [0], ValueError, "dy: expected shape")
+
+
+def test_disagreeing_settings_and_single_value_fail_every_rank():
+    x = np.random.default_rng(3).standard_normal((2, 3))
+    eps = run_ranks(2, lambda r, ex: sync_batch_norm_forward(x, np.ones(3), eps=1e-5 * (r + 1), comm=ex))
+    for status, exc in eps:
+        assert status == "error" and type(exc) is ValueError and str(exc).startswith("eps: expected the same"), exc
+    one = run_ranks(3, lambda r, ex: sync_batch_norm_forward(x[: int(r == 1)], np.ones(3), comm=ex))
+    for status, exc in one:
+        assert status == "error" and "more than 1 value per channel over all ranks" in str(exc), exc
+    # ... whereas a single value on one rank is fine when the others have more.
+    values(run_ranks(2, lambda r, ex: sync_batch_norm_forward(x[: 1 + r], np.ones(3), comm=ex)))
+
+
+def test_comm_stays_usable_after_a_failure():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 3, 2))
+
+    def step(rank, ex):
+        with pytest.raises(ValueError):  # PeerError is a ValueError
+            sync_batch_norm_forward(x[:, : 2 + rank], np.ones(3), comm=ex)
+        return sync_batch_norm_forward(x[3 * rank : 3 * rank + 3], np.ones(3), comm=ex)[0]
+
+    ys = values(run_ranks(2, step))
+    close(np.concatenate(ys), cnorm.batch_norm(x, np.ones(3)), 1e-12, "y after a failure")
+
+
+def test_eval_mode_does_not_communicate():
+    x = np.random.default_rng(5).standard_normal((4, 3, 2))
+    rm, rv = np.zeros(3), np.ones(3)
+    y, saved = sync_batch_norm_forward(x, np.ones(3), np.zeros(3), rm, rv, training=False, comm=NoExchange())
+    dx, dw, _ = sync_batch_norm_backward(np.ones_like(x), x, saved, np.ones(3))
+    y_ref, s_ref = cnorm.batch_norm_forward(x, np.ones(3), np.zeros(3), rm, rv, training=False)
+    dx_ref, dw_ref, _ = cnorm.batch_norm_backward(np.ones_like(x), x, s_ref, np.ones(3))
+    close(y, y_ref, 1e-12, "y")
+    close(dx, dx_ref, 1e-12, "dx")
+    close(dw, dw_ref, 1e-12, "dweight")
+    bn = SyncBatchNorm(3, comm=NoExchange(), dtype=np.float64).eval()
+    close(bn(x), cnorm.batch_norm(x, running_mean=np.zeros(3), running_var=np.ones(3), training=False), 1e-12, "y")
+    bn.backward(np.ones_like(x))
+    bn.train().freeze()
+    bn(x)
+
+
+def test_saved_objects_are_not_interchangeable():
+    x = np.random.default_rng(6).standard_normal((4, 3))
+    _, plain = cnorm.batch_norm_forward(x)
+    with pytest.raises(TypeError, match="SyncSaved"):
+        sync_batch_norm_backward(x, x, plain)
+    _, synced = values(run_ranks(1, lambda r, ex: sync_batch_norm_forward(x, comm=ex)))[0]
+    with pytest.raises(ValueError, match="sync_batch_norm_forward"):
+        cnorm.batch_norm_backward(x, x, synced)
+
+
+# -- the layer -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["cf", "cl"])
+def test_layer_matches_batchnorm_on_whole_batch(backend, layout):
+    """Three training steps with momentum=None (cumulative average), then eval."""
+    sizes, c = (3, 0, 5), 4
+    rng = np.random.default_rng(7)
+    axis = -1 if layout == "cl" else 1
+    shape = (sum(sizes), 5, 2, c) if layout == "cl" else (sum(sizes), c, 5, 2)
+    batches = [(rng.standard_normal(shape) + 2, rng.standard_normal(shape)) for _ in range(3)]
+    A, H = backend.asarray, backend.to_numpy
+    kw = dict(momentum=None, channel_axis=axis, dtype=np.float64, backend=backend.name)
+    ref = cnn.BatchNorm2d(c, **kw)
+    ref.weight[...] = A(np.linspace(0.5, 1.5, c))
+
+    def rows(rank):
+        return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+    def train(rank, ex):
+        bn = SyncBatchNorm(c, comm=ex, **kw)
+        bn.weight[...] = A(np.linspace(0.5, 1.5, c))
+        out = []
+        for x, dy in batches:
+            y = bn(A(x[rows(rank)]))
+            dx = bn.backward(A(dy[rows(rank)]))
+            out.append((H(y), H(dx), H(bn.weight_grad), H(bn.bias_grad)))
+        y_eval = H(bn.eval()(A(batches[0][0][rows(rank)])))
+        return out, y_eval, H(bn.running_mean), H(bn.running_var), int(bn.num_batches_tracked)
+
+    results = values(run_ranks(len(sizes), train))
+    tol = tolerance(np.float64)
+    for step, (x, dy) in enumerate(batches):
+        y_ref = H(ref(A(x)))
+        dx_ref = H(ref.backward(A(dy)))
+        for rank, (out, *_rest) in enumerate(results):
+            close(out[step][0], y_ref[rows(rank)], tol, f"step {step} y")
+            close(out[step][1], dx_ref[rows(rank)], tol, f"step {step} dx")
+        close(sum(r[0][step][2] for r in results), H(ref.weight_grad), tol * 10, "weight_grad summed")
+        close(sum(r[0][step][3] for r in results), H(ref.bias_grad), tol * 10, "bias_grad summed")
+    y_eval_ref = H(ref.eval()(A(batches[0][0])))
+    for rank, (_, y_eval, rm, rv, nbt) in enumerate(results):
+        close(y_eval, y_eval_ref[rows(rank)], tol, "eval y")
+        close(rm, H(ref.running_mean), tol, "running_mean")
+        close(rv, H(ref.running_var), tol, "running_var")
+        assert nbt == 3
+        assert np.array_equal(rm, results[0][2]) and np.array_equal(rv, results[0][3])
+
+
+def test_layer_wrong_channels_fails_every_rank_in_training_only():
+    x = np.random.default_rng(8).standard_normal((4, 3, 2, 2))
+
+    def step(rank, ex):
+        return SyncBatchNorm(3, comm=ex)(x[:, : 2 if rank == 2 else 3])
+
+    expect_everywhere(run_ranks(3, step), [2], ValueError, "expected 3 channels")
+    bn = SyncBatchNorm(3, comm=NoExchange()).eval()
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        bn(x[:, :2])
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        bn(x[0, 0, 0])
+
+
+def test_precise_bn_covers_every_rank():
+    """Each rank records its own batches; the result is that of all of them, on every rank."""
+    rng = np.random.default_rng(9)
+    per_rank = [[rng.standard_normal((n, 3, 2)) * 3 + 1 for n in ns] for ns in ((4, 2), (0, 5), (3, 3))]
+
+    def record(rank, ex):
+        bn = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        with cnn.precise_bn([bn]):
+            for x in per_rank[rank]:
+                bn(x)
+        return bn.running_mean, bn.running_var
+
+    results = values(run_ranks(3, record))
+    ref = cnn.BatchNorm1d(3, dtype=np.float64)
+    with cnn.precise_bn([ref]):
+        for step in range(2):
+            ref(np.concatenate([batches[step] for batches in per_rank]))
+    everything = np.concatenate([x for batches in per_rank for x in batches])
+    for rm, rv in results:
+        assert np.array_equal(rm, results[0][0]) and np.array_equal(rv, results[0][1])
+        close(rm, ref.running_mean, 1e-12, "precise running_mean")
+        close(rv, ref.running_var, 1e-12, "precise running_var")
+        close(rm, everything.mean(axis=(0, 2)), 1e-12, "mean of every value")
+        close(rv, everything.transpose(1, 0, 2).reshape(3, -1).var(axis=1, ddof=1), 1e-12, "var of every value")
+
+
+def test_convert_sync_batchnorm():
+    bn2, bn1, gn = cnn.BatchNorm2d(4, momentum=None, channel_axis=-1), cnn.BatchNorm1d(3).eval(), cnn.GroupNorm(2, 4)
+    frozen = cnn.FrozenBatchNorm2d(4)
+    bn1.num_batches_tracked[...] = 7
+    ex = NoExchange()
+    converted = convert_sync_batchnorm([bn2, bn1, gn, frozen], comm=ex)
+    assert [type(layer) for layer in converted] == [SyncBatchNorm, SyncBatchNorm, cnn.GroupNorm,
+                                                    cnn.FrozenBatchNorm2d]
+    s2, s1 = converted[:2]
+    assert converted[2] is gn and converted[3] is frozen
+    assert s2.weight is bn2.weight and s2.running_var is bn2.running_var and s2.comm is ex
+    assert s2.momentum is None and s2.channel_axis == -1 and s2.training
+    assert not s1.training and int(s1.num_batches_tracked) == 7
+    assert s2.state_dict().keys() == bn2.state_dict().keys()
+    assert convert_sync_batchnorm({"bn": bn2})["bn"].weight is bn2.weight
+    assert type(cnn.convert_sync_batchnorm(bn2)) is cnn.SyncBatchNorm
+    with pytest.raises(TypeError, match="layers"):
+        convert_sync_batchnorm(3)
+    with pytest.raises(TypeError, match="comm"):
+        SyncBatchNorm(3, comm="world")
+
+
+def test_missing_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"pip install cnorm\[mpi\]"):
+        get_exchange(None)
+    with pytest.raises(ImportError, match=r"pip install cnorm\[mpi\]"):
+        SyncBatchNorm(3)(np.ones((4, 3)))

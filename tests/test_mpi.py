@@ -1,0 +1,124 @@
+"""SyncBatchNorm across real processes: ``mpiexec -n 1/2/3`` running tests/mpi_worker.py.
+
+Ranks hold uneven batches (5, 0 and 11 samples with three ranks); each must
+match single-process BatchNorm on the concatenated batch, and a bad input on
+one rank must raise on every rank within seconds. mpi4py and the mpich wheel
+(which provides mpiexec) come with ``pip install cnorm[test]``: in CI
+(CI=true) their absence fails these tests instead of skipping them.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+import cnorm
+
+pytestmark = pytest.mark.mpi
+
+WORKER = Path(__file__).with_name("mpi_worker.py")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def find_mpiexec():
+    """The mpiexec installed beside this Python (the mpich wheel's), else the first on PATH.
+
+    The one beside the interpreter comes first: an unrelated system mpiexec on
+    PATH would start ranks that the MPI library mpi4py loaded does not see as
+    one job (each would be a singleton).
+    """
+    names = ("mpiexec", "mpiexec.exe", "mpirun")
+    dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    user = sysconfig.get_path("scripts", f"{os.name}_user")
+    if user:
+        dirs.append(Path(user))
+    for d in dirs:
+        for name in names:
+            if (d / name).is_file() and os.access(d / name, os.X_OK):
+                return str(d / name)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+@pytest.fixture(scope="module")
+def mpiexec():
+    missing = []
+    if importlib.util.find_spec("mpi4py") is None:
+        missing.append("mpi4py")
+    path = find_mpiexec()
+    if path is None:
+        missing.append("mpiexec")
+    if missing:
+        why = f"{' and '.join(missing)} not found: pip install 'cnorm[mpi]' (mpi4py and the mpich wheel)"
+        if IN_CI:
+            pytest.fail(f"{why}; CI installs cnorm[test], which includes them")
+        pytest.skip(why)
+    return path
+
+
+def launch(mpiexec, n, mode, tmp_path, timeout):
+    """Run the worker on ``n`` ranks; return each rank's result dict, in rank order."""
+    out = tmp_path / f"{mode}-{n}"
+    out.mkdir()
+    env = dict(os.environ)
+    root = str(Path(cnorm.__file__).resolve().parents[1])  # the cnorm under test, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"  # n ranks share the cores; no OpenMP oversubscription
+    env.setdefault("HYDRA_LAUNCHER", "fork")  # MPICH: start local ranks directly, never over ssh
+    cmd = [mpiexec, "-n", str(n), sys.executable, str(WORKER), mode, str(n), str(out)]
+    # A session of its own, so that a hung job is killed whole (mpiexec and every rank).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (a rank hung?)\n"
+                    f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}")
+    files = sorted(out.glob("rank*.json"))
+    assert proc.returncode == 0 and len(files) == n, (
+        f"{' '.join(cmd)} exited with {proc.returncode}, {len(files)} of {n} ranks reported\n"
+        f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}"
+    )
+    results = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
+    for r in results:
+        assert "error" not in r, f"rank {r['rank']}: {r['error']}"
+        assert r["size"] == n
+    return results
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_ranks_match_single_process_batchnorm(mpiexec, n, tmp_path):
+    """Functional grid (layouts incl. channels-last, dtypes, affine, |mean| >> std) and the layer."""
+    for r in launch(mpiexec, n, "match", tmp_path, timeout=120):
+        assert r["cases"] >= 10, r
+        assert not r["failures"], f"rank {r['rank']}:\n" + "\n".join(r["failures"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_bad_input_on_one_rank_fails_every_rank(mpiexec, n, tmp_path):
+    """The last rank's bad x (functional and layer) or dy: every rank raises within seconds."""
+    results = launch(mpiexec, n, "fail", tmp_path, timeout=30)
+    bad = n - 1
+    expected = {"forward": "expected 3 channels", "layer": "expected 3 channels", "backward": "dy: expected shape"}
+    for r in results:
+        calls = r["calls"]
+        assert set(calls) == set(expected) | ({"forward-unpinned"} if n > 1 else set())
+        for what, got in calls.items():
+            where = f"rank {r['rank']} of {n}, {what}"
+            assert got["type"] is not None, f"{where}: no error raised"
+            assert got["seconds"] < 5, f"{where}: took {got['seconds']:.1f} s to fail"
+            if what == "forward-unpinned":  # no rank's own check can fail: all see the disagreement
+                assert got["type"] == "ValueError" and "same number of channels" in got["message"], got
+            elif r["rank"] == bad:
+                assert got["type"] in ("ValueError", "TypeError") and not got["peer"], got
+                assert expected[what] in got["message"], got
+            else:
+                assert got["peer"] and f"rank {bad} of {n}" in got["message"], got
