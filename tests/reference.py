@@ -1,8 +1,12 @@
 """An independent float64 evaluation of the maths (DESIGN §1), written per norm
 on the N-D array with axis arithmetic, sharing no code with cnorm's layouts or
-backends."""
+backends. It computes in long double (80-bit on x86-64) so that its own
+rounding is far below that of the float64 code it checks: a float64 reference
+is not exact enough when |mean| >> std."""
 
 import numpy as np
+
+ACC = np.longdouble
 
 
 def _grouped(x, norm, channel_axis, num_groups, normalized_ndim):
@@ -21,7 +25,7 @@ def _param(p, x_shape, norm, channel_axis, normalized_ndim):
     """Broadcast a parameter against the N-D input."""
     if p is None:
         return None
-    p = np.asarray(p, dtype=np.float64)
+    p = np.asarray(p, dtype=ACC)
     if norm == "layer_norm":
         return p
     shape = [1] * len(x_shape)
@@ -32,7 +36,7 @@ def _param(p, x_shape, norm, channel_axis, normalized_ndim):
 def forward(x, norm, weight=None, bias=None, eps=1e-5, channel_axis=1, num_groups=1, normalized_ndim=1,
             mean=None, var=None):
     """y and (mean, var) per group; given mean/var (per channel) act as constants (eval)."""
-    x = np.asarray(x, dtype=np.float64)
+    x = np.asarray(x, dtype=ACC)
     channel_axis %= x.ndim
     if mean is not None:
         m = _param(mean, x.shape, "batch_norm", channel_axis, 0)
@@ -57,8 +61,8 @@ def forward(x, norm, weight=None, bias=None, eps=1e-5, channel_axis=1, num_group
 def backward(dy, x, norm, weight=None, eps=1e-5, channel_axis=1, num_groups=1, normalized_ndim=1,
              mean=None, var=None):
     """(dx, dweight, dbias) by the closed-form gradient; eval mode when mean/var are given."""
-    x = np.asarray(x, dtype=np.float64)
-    g = np.asarray(dy, dtype=np.float64)
+    x = np.asarray(x, dtype=ACC)
+    g = np.asarray(dy, dtype=ACC)
     channel_axis %= x.ndim
     w = _param(weight, x.shape, norm, channel_axis, normalized_ndim)
     wg = g * (1.0 if w is None else w)
