@@ -10,6 +10,14 @@ backward: read x and dy, write dx) and is compared with a device-to-device
 copy measured in the same run. Each case also checks cnorm's output against
 PyTorch's.
 
+Two times per case and library: "per call", events around each call as a
+user sees it (host-side launch work included, which dominates small cases),
+and "device", the GPU time alone: a spin kernel holds the stream while the
+host queues `reps` calls, so the events time the calls back to back with no
+host gaps. Bandwidth percentages use the device time. A second table times
+the per-sample row kernels' variants (vectors per thread, registers or
+shared memory) on the LayerNorm/GroupNorm/InstanceNorm forward cases.
+
 Usage::
 
     python bench/gpu_bench.py [--json results.json] [--reps 30] [--quick]
@@ -42,6 +50,34 @@ def median_ms(fn, cp, reps, warmup=3):
     return float(np.median(times))
 
 
+SPIN_SRC = r'''
+extern "C" __global__ void cnorm_spin(long long cycles) {
+    const long long t0 = clock64();
+    while (clock64() - t0 < cycles) {
+    }
+}
+'''
+_SPIN = {}
+
+
+def device_ms(fn, cp, reps, host_ms):
+    """GPU time of ``fn()`` in ms: ``reps`` calls queued behind a spin kernel, timed back to back."""
+    if "k" not in _SPIN:
+        _SPIN["k"] = cp.RawKernel(SPIN_SRC, "cnorm_spin")
+        _SPIN["hz"] = cp.cuda.Device().attributes["ClockRate"] * 1e3  # kHz -> Hz
+    fn()
+    # Hold the stream long enough for the host to queue every call (2x its per-call time, + 2 ms).
+    cycles = int(_SPIN["hz"] * (2 * host_ms * reps + 2.0) / 1e3)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    _SPIN["k"]((1,), (1,), (np.int64(cycles),))
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / reps
+
+
 def copy_bandwidth(cp, reps):
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written)."""
     n = 1 << 28  # 1 GiB of float32
@@ -67,7 +103,6 @@ def cases(quick):
         ("LayerNorm (latency)", "ln", (32, 64), "cl", "float32"),
         ("LayerNorm large", "ln", (65536, 4096), "cl", "float32"),
         ("BatchNorm large", "bn", (256, 64, 112, 112), "cf", "float32"),
-        ("LayerNorm large, register rows", "ln_reg", (65536, 4096), "cl", "float32"),
         ("LayerNorm large", "ln", (65536, 4096), "cl", "float16"),
         ("BatchNorm large", "bn", (256, 64, 112, 112), "cf", "float16"),
     ]
@@ -88,13 +123,60 @@ def problem_of(norm, shape, layout):
     return Problem(layout, n, c, s, groups)
 
 
+# Per-sample forward cases whose row-kernel variants are timed: (label, norm, shape, layout, dtype).
+VARIANT_CASES = [
+    ("LayerNorm large", "ln", (65536, 4096), "cl", "float32"),
+    ("LayerNorm large", "ln", (65536, 4096), "cl", "float16"),
+    ("LayerNorm", "ln", (8192, 768), "cl", "float32"),
+    ("InstanceNorm", "in", (16, 64, 128, 128), "cf", "float32"),
+    ("GroupNorm G=32", "gn", (16, 256, 32, 32), "cf", "float32"),
+    ("GroupNorm G=32 NHWC", "gn", (16, 256, 32, 32), "cl", "float32"),
+]
+# (name, backend attributes): register rows aiming at 1, 2, 4, 8 vectors per thread; shared-memory rows.
+VARIANTS = [("regs items=1", {"row_items": 1}), ("regs items=2", {"row_items": 2}),
+            ("regs items=4", {"row_items": 4}), ("regs items=8", {"row_items": 8}),
+            ("smem rows", {"row_registers": False})]
+
+
+def run_variants(cp, backend, label, norm, shape, layout, dtype_name, reps, copy_gbs):
+    """Forward device time of each row-kernel variant on one case."""
+    p = problem_of(norm, shape, layout)
+    dtype = np.dtype(dtype_name)
+    sd = np.float32 if dtype != np.float64 else np.float64
+    nbytes = math.prod(shape) * dtype.itemsize
+    copies = max(1, min(8, math.ceil(256e6 / nbytes)))
+    rng = cp.random.default_rng(1)
+    xs = [(rng.standard_normal(p.shape3, dtype=cp.float32) * 2 + 1).astype(dtype) for _ in range(copies)]
+    w = (rng.random(p.c, dtype=cp.float32) + 0.5).astype(sd)
+    b = rng.standard_normal(p.c, dtype=cp.float32).astype(sd)
+    out = {"case": label, "shape": list(shape), "layout": layout, "dtype": dtype_name}
+    k = [0]
+
+    def step():
+        backend.forward_train(xs[k[0] % copies], p, w, b, 1e-5)
+        k[0] += 1
+
+    ref = None
+    for name, attrs in VARIANTS:
+        for a, v in attrs.items():
+            setattr(backend, a, v)
+        try:
+            y = backend.forward_train(xs[0], p, w, b, 1e-5)[0]
+            if ref is None:
+                ref = y
+            err = float(cp.abs(y.astype(cp.float32) - ref.astype(cp.float32)).max())
+            host = median_ms(step, cp, max(3, reps // 4))
+            ms = device_ms(step, cp, reps, host)
+            out[name] = {"ms": ms, "pct_copy": 100 * 2 * nbytes / ms / 1e6 / copy_gbs, "max_diff": err}
+        finally:
+            for a in attrs:
+                delattr(backend, a)
+    return out
+
+
 def run_case(cp, torch, backend, label, norm, shape, layout, dtype_name, reps, copy_gbs):
     import torch.nn.functional as F
 
-    if norm == "ln_reg":  # the same LayerNorm through the opt-in row_forward_reg, for comparison
-        backend.row_register_items, norm = 4, "ln"
-    else:
-        backend.row_register_items = type(backend).row_register_items
     p = problem_of(norm, shape, layout)
     dtype = np.dtype(dtype_name)
     sd = np.float32 if dtype != np.float64 else np.float64
@@ -179,15 +261,27 @@ def run_case(cp, torch, backend, label, norm, shape, layout, dtype_name, reps, c
     res = {
         "case": label, "shape": list(shape), "layout": layout, "dtype": dtype_name,
         "err_y_vs_torch": err_y, "err_dx_vs_torch": err_dx,
-        "cnorm_fwd_ms": median_ms(rot(cn_fwd), cp, reps),
-        "torch_fwd_ms": median_ms(rot(lambda i: torch_fwd(txs[i])), cp, reps),
-        "cnorm_bwd_ms": median_ms(rot(cn_bwd), cp, reps),
-        "torch_bwd_ms": median_ms(
-            rot(lambda i: torch.autograd.grad(tys[i], [txs[i], *params], tdys[i], retain_graph=True)), cp, reps),
     }
+    fns = {
+        "cnorm_fwd": rot(cn_fwd),
+        "torch_fwd": rot(lambda i: torch_fwd(txs[i])),
+        "cnorm_bwd": rot(cn_bwd),
+        "torch_bwd": rot(lambda i: torch.autograd.grad(tys[i], [txs[i], *params], tdys[i], retain_graph=True)),
+    }
+    for key, fn in fns.items():
+        res[f"{key}_ms"] = median_ms(fn, cp, reps)
+        res[f"{key}_dev_ms"] = device_ms(fn, cp, reps, res[f"{key}_ms"])
+    # A device-to-device copy of x itself (the same rotation): the bandwidth a kernel of
+    # this size can reach, launch and tail included.
+    dst = cp.empty_like(xs[0])
+    copy_fn = rot(lambda i: cp.copyto(dst, xs[i]))
+    res["copy_x_dev_ms"] = device_ms(copy_fn, cp, reps, median_ms(copy_fn, cp, reps))
+    del dst
     for d, floor in (("fwd", 2 * nbytes), ("bwd", 3 * nbytes)):
         for who in ("cnorm", "torch"):
-            res[f"{who}_{d}_pct_copy"] = 100 * floor / res[f"{who}_{d}_ms"] / 1e6 / copy_gbs
+            res[f"{who}_{d}_pct_copy"] = 100 * floor / res[f"{who}_{d}_dev_ms"] / 1e6 / copy_gbs
+        # the same against the same-size copy (backward moves 1.5 times a copy's bytes)
+        res[f"cnorm_{d}_pct_copy_x"] = 100 * res["copy_x_dev_ms"] * floor / (2 * nbytes) / res[f"cnorm_{d}_dev_ms"]
     return res
 
 
@@ -195,17 +289,48 @@ def table(results, copy_gbs, device):
     lines = [
         f"Device: {device}; device-to-device copy {copy_gbs:.0f} GB/s (read + write).",
         "",
-        "| case | shape | layout | dtype | dir | cnorm ms | torch ms | speed-up | cnorm % of copy | torch % of copy | err vs torch |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Per call: CUDA events around each call, host launch work included. Device: the GPU time",
+        "of calls queued back to back (no host gaps); the % of copy columns use it. \"% of x copy\":",
+        "against a device-to-device copy of x itself (same size, so the same launch and tail costs).",
+        "",
+        "| case | shape | layout | dtype | dir | cnorm ms per call | torch ms per call | speed-up per call "
+        "| cnorm ms device | torch ms device | speed-up device | cnorm % of copy | torch % of copy "
+        "| cnorm % of x copy | err vs torch |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         for d in ("fwd", "bwd"):
             cn, t = r[f"cnorm_{d}_ms"], r[f"torch_{d}_ms"]
+            cnd, td = r[f"cnorm_{d}_dev_ms"], r[f"torch_{d}_dev_ms"]
             err = r["err_y_vs_torch"] if d == "fwd" else r["err_dx_vs_torch"]
             lines.append(
                 f"| {r['case']} | {'x'.join(map(str, r['shape']))} | {r['layout']} | {r['dtype']} | {d} | "
-                f"{cn:.4f} | {t:.4f} | {t / cn:.2f}x | {r[f'cnorm_{d}_pct_copy']:.0f}% | "
-                f"{r[f'torch_{d}_pct_copy']:.0f}% | {err:.1e} |")
+                f"{cn:.4f} | {t:.4f} | {t / cn:.2f}x | {cnd:.4f} | {td:.4f} | {td / cnd:.2f}x | "
+                f"{r[f'cnorm_{d}_pct_copy']:.0f}% | {r[f'torch_{d}_pct_copy']:.0f}% | "
+                f"{r[f'cnorm_{d}_pct_copy_x']:.0f}% | {err:.1e} |")
+    return "\n".join(lines)
+
+
+def variant_table(variants):
+    names = [n for n, _ in VARIANTS]
+    lines = [
+        "Row-kernel variants, forward, device time in ms (% of copy); max |y diff| to the first variant",
+        "below 1e-4 (float32) or 1e-2 (float16) unless marked.",
+        "",
+        "| case | shape | layout | dtype | " + " | ".join(names) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for v in variants:
+        cells = []
+        for n in names:
+            r = v.get(n)
+            if r is None:
+                cells.append("-")
+                continue
+            mark = "" if r["max_diff"] < (1e-4 if v["dtype"] == "float32" else 1e-2) else f" diff {r['max_diff']:.1e}"
+            cells.append(f"{r['ms']:.4f} ({r['pct_copy']:.0f}%){mark}")
+        lines.append(f"| {v['case']} | {'x'.join(map(str, v['shape']))} | {v['layout']} | {v['dtype']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -214,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="skip the two large cases")
+    ap.add_argument("--no-variants", action="store_true", help="skip the row-kernel variants table")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -226,19 +352,44 @@ def main(argv=None):
     device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
     copy_gbs = copy_bandwidth(cp, args.reps)
     results = []
+    failed = []
     for label, norm, shape, layout, dtype in cases(args.quick):
-        r = run_case(cp, torch, backend, label, norm, shape, layout, dtype, args.reps, copy_gbs)
+        try:
+            r = run_case(cp, torch, backend, label, norm, shape, layout, dtype, args.reps, copy_gbs)
+        except Exception as exc:  # noqa: BLE001 - report and go on: one failing case must not lose the table
+            print(f"{label} {shape} {layout} {dtype}: FAILED {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            failed.append(label)
+            cp.get_default_memory_pool().free_all_blocks()
+            continue
         results.append(r)
-        print(f"{label} {shape} {layout} {dtype}: fwd {r['cnorm_fwd_ms']:.4f} vs {r['torch_fwd_ms']:.4f} ms, "
-              f"bwd {r['cnorm_bwd_ms']:.4f} vs {r['torch_bwd_ms']:.4f} ms", file=sys.stderr, flush=True)
+        print(f"{label} {shape} {layout} {dtype}: per call fwd {r['cnorm_fwd_ms']:.4f} vs {r['torch_fwd_ms']:.4f} ms, "
+              f"bwd {r['cnorm_bwd_ms']:.4f} vs {r['torch_bwd_ms']:.4f} ms; device fwd {r['cnorm_fwd_dev_ms']:.4f} vs "
+              f"{r['torch_fwd_dev_ms']:.4f} ({r['cnorm_fwd_pct_copy']:.0f}% of copy), bwd {r['cnorm_bwd_dev_ms']:.4f} "
+              f"vs {r['torch_bwd_dev_ms']:.4f}", file=sys.stderr, flush=True)
         cp.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
+    variants = []
+    if not args.no_variants:
+        for label, norm, shape, layout, dtype in VARIANT_CASES:
+            if args.quick and "large" in label:
+                continue
+            try:
+                variants.append(run_variants(cp, backend, label, norm, shape, layout, dtype, args.reps, copy_gbs))
+                print(f"variants {label} {shape} {dtype}: " + ", ".join(
+                    f"{n} {v['ms']:.4f}" for n, v in variants[-1].items() if isinstance(v, dict)),
+                    file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - a failing variant must not lose the main table
+                print(f"variants {label} {shape} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            cp.get_default_memory_pool().free_all_blocks()
     text = table(results, copy_gbs, device)
+    if variants:
+        text += "\n\n" + variant_table(variants)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "copy_gbs": copy_gbs, "results": results}, f, indent=1)
-    bad = [r["case"] for r in results if max(r["err_y_vs_torch"], r["err_dx_vs_torch"]) > 5e-2]
+            json.dump({"device": device, "copy_gbs": copy_gbs, "results": results, "variants": variants}, f,
+                      indent=1)
+    bad = [r["case"] for r in results if max(r["err_y_vs_torch"], r["err_dx_vs_torch"]) > 5e-2] + failed
     if bad:
         print(f"cnorm disagrees with PyTorch on: {bad}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ allocation with 0xFF bytes (NaN in every float format), so an output element
 that a kernel fails to write shows up as NaN. Covered: each kernel problem
 (cross-sample and per-sample, both layouts, shapes that take the 16-byte
 vector path and shapes that cannot, rows split over blocks, rows staged in
-shared memory or not), each data type, bit-identical repeated runs, and
+shared memory or not, rows held in registers), each data type, bit-identical repeated runs, and
 CuPy's current stream. Skipped, with the registry's reason, where the
 backend cannot run.
 """
@@ -48,6 +48,13 @@ PROBLEMS = [
     ("cf", 1, 2, 70000, 2),  # backward without staging either array
     ("cf", 4, 8, 2048, 2),  # rows staged in shared memory (too long for registers)
     ("cl", 3, 3000, 1, 1),  # LayerNorm D=3000
+    # Register rows (rows_regs.cu) of each mode, with partly filled last items,
+    # several rows per block, inactive rows, and one row per 1024 threads.
+    ("cl", 7, 768, 1, 1),  # LayerNorm 768: four one-warp rows per block, the last one absent
+    ("cl", 64, 4096, 1, 1),  # LayerNorm 4096
+    ("cf", 3, 6, 200, 3),  # GroupNorm channels-first, rows not a multiple of the threads
+    ("cl", 3, 64, 96, 4),  # GroupNorm channels-last with S > 1, several warps per row
+    ("cf", 2, 80, 16384, 80),  # InstanceNorm 128x128: 512 threads of 8 vectors (float64: too long, split)
 ]
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 OUT_TOL = {"float16": 1e-2, "bfloat16": 2e-2, "float32": 1e-4, "float64": 1e-10}
@@ -119,13 +126,60 @@ def test_matches_reference(cp, backend, spec, dtype_name):
 
 @pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("spec", [s for s in PROBLEMS if s[4]], ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
-def test_register_rows_match_reference(cp, backend, spec, dtype_name):
-    """Per-sample rows with the opt-in register kernel (row_forward_reg) switched on."""
-    backend.row_register_items = 4
+def test_staged_rows_match_reference(cp, backend, spec, dtype_name):
+    """Per-sample rows with the register kernels switched off: the shared-memory kernels of rows.cu."""
+    backend.row_registers = False
     try:
         check_problem(cp, backend, spec, dtype_name)
     finally:
-        del backend.row_register_items  # back to the class default
+        del backend.row_registers  # back to the class default
+
+
+@pytest.mark.parametrize("items", [1, 2, 4])
+@pytest.mark.parametrize("spec", [("cl", 9, 1024, 1, 1), ("cf", 4, 6, 512, 2), ("cl", 4, 64, 32, 4)],
+                         ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_register_rows_other_widths(cp, backend, spec, items):
+    """Register rows with other vectors-per-thread targets (other thread counts and ITEMS)."""
+    backend.row_items = items
+    try:
+        check_problem(cp, backend, spec, "float32")
+    finally:
+        del backend.row_items
+
+
+@pytest.mark.parametrize("spec", [("cl", 6, 64, 1, 1), ("cl", 4, 4096, 1, 1), ("cf", 2, 8, 1024, 8),
+                                  ("cl", 3, 64, 96, 4)], ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_huge_values_rows(cp, backend, spec):
+    """|x| ~ 1e30 float32 in register rows of one warp and of several: the squared deviations
+    overflow float32, rstd and y must not (var itself is ~1e60: inf in float32)."""
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, np.dtype(np.float32), seed=13, offset=0.0)
+    x = (x.astype(np.float64) * 1e30).astype(np.float32)
+    y, mean, var, rstd = backend.forward_train(cp.asarray(x), p, cp.asarray(w), cp.asarray(b), 1e-5)
+    ry, rmean, _, rrstd = REF.forward_train(x, p, w, b, 1e-5)
+    close(y.get(), ry, 1e-4, "y")
+    close(rstd.get(), rrstd, 1e-4, "rstd")
+    close(mean.get(), rmean, 1e-4, "mean")
+
+
+@pytest.mark.parametrize("spec", [("cl", 8, 256, 1, 1), ("cl", 4, 64, 16, 4)],
+                         ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_unaligned_parameters(cp, backend, spec):
+    """weight/bias views not 16-byte aligned cannot be read as vectors and are still right."""
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, np.dtype(np.float32), seed=5)
+    W = cp.empty(p.c + 1, dtype=np.float32)[1:]
+    B = cp.empty(p.c + 1, dtype=np.float32)[1:]
+    W[...], B[...] = cp.asarray(w), cp.asarray(b)
+    assert W.data.ptr % 16 != 0 and B.data.ptr % 16 != 0
+    X = cp.asarray(x)
+    y, mean, var, rstd = backend.forward_train(X, p, W, B, 1e-5)
+    ry, rmean, _, rrstd = REF.forward_train(x, p, w, b, 1e-5)
+    close(y.get(), ry, 1e-4, "y")
+    dx, dw, db = backend.backward_train(cp.asarray(dy), X, p, cp.asarray(rmean), cp.asarray(rrstd), W)
+    rdx, rdw, rdb = REF.backward_train(dy, x, p, rmean, rrstd, w)
+    close(dx.get(), rdx, 1e-4, "dx")
+    close(dw.get(), rdw, 1e-4, "dweight")
 
 
 def check_problem(cp, backend, spec, dtype_name):

@@ -17,11 +17,15 @@ Which kernels solve which problem:
   (``seg_grad_partial`` / ``col_grad_partial``, ``grad_finalize``), then
   ``bn_backward_apply``.
 * per-sample (LayerNorm, GroupNorm, InstanceNorm): one row (sample, group)
-  per group of threads, staged in shared memory so x is read once
-  (``row_forward``, ``row_backward``); rows too long for shared memory, or
-  too few to fill the device, are split over blocks (``seg_stats_partial``,
-  ``stats_finalize``, ``row_apply``). dweight/dbias use the cross-sample
-  gradient sums with per-row statistics.
+  per warp or block. Rows of at most 8 (backward: 4) 16-byte vectors per
+  thread of up to 512 threads are held in registers, every load issued
+  before the statistics are reduced (``row_forward_regs``,
+  ``row_backward_regs`` in rows_regs.cu); other rows
+  are staged in shared memory so x is read once (``row_forward``,
+  ``row_backward``); rows too long for shared memory, or too few to fill the
+  device, are split over blocks (``seg_stats_partial``, ``stats_finalize``,
+  ``row_apply``). dweight/dbias use the cross-sample gradient sums with
+  per-row statistics.
 
 Kernels run on CuPy's current stream. Compiled modules are cached per data
 type here, and on disk by CuPy. Importing this module does not need CuPy:
@@ -39,7 +43,7 @@ import numpy as np
 from .base import CHANNELS_FIRST, Backend, Problem, stats_dtype
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-KERNEL_FILES = ("reduce.cu", "elementwise.cu", "rows.cu")
+KERNEL_FILES = ("reduce.cu", "elementwise.cu", "rows.cu", "rows_regs.cu")
 
 # NumPy dtype name -> CUDA type; CUDA type -> elements per 16-byte vector.
 CUDA_TYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -48,6 +52,9 @@ VEC_WIDTH = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}
 THREADS = 256  # block size of every kernel except the row kernels
 TARGET_BLOCKS = 2048  # partial-reduction blocks aimed for (a function of the shape only)
 MIN_VECS_PER_THREAD = 8  # a reduction chunk gives each thread at least this many vectors
+REG_ITEMS_FWD = (1, 2, 4, 8)  # vectors per thread instantiated for row_forward_regs
+REG_ITEMS_BWD = (1, 2, 4)  # ... and for row_backward_regs (x and dy both held)
+REG_MODES = (0, 1, 2)  # rows_regs.cu: per-element contiguous, per-channel contiguous, channels-last strided
 
 
 def name_expressions(ctype: str) -> dict:
@@ -84,7 +91,10 @@ def name_expressions(ctype: str) -> dict:
         "reduce.cu": per_vec("seg_stats_partial", "col_stats_partial", "seg_grad_partial", "col_grad_partial")
         + [f"stats_finalize<{acc}>", f"grad_finalize<{acc}>"],
         "elementwise.cu": per_vec_layout("affine", "bn_backward_apply"),
-        "rows.cu": per_vec_layout("row_forward", "row_forward_reg", "row_apply", "row_backward"),
+        "rows.cu": per_vec_layout("row_forward", "row_apply", "row_backward"),
+        "rows_regs.cu": [f"row_forward_regs<{ctype}, {VEC_WIDTH[ctype]}, {i}, {m}>"
+                         for i in REG_ITEMS_FWD for m in REG_MODES]
+        + [f"row_backward_regs<{ctype}, {VEC_WIDTH[ctype]}, {i}, {m}>" for i in REG_ITEMS_BWD for m in REG_MODES],
     }
 
 
@@ -149,18 +159,19 @@ class CupyBackend(Backend):
 
     Attributes
     ----------
-    row_register_items : int
-        When nonzero (it must then equal ``CNORM_ROW_ITEMS`` in rows.cu),
-        per-sample rows of at most ``row_register_items * 256`` vectors go to
-        ``row_forward_reg`` (row held in registers, persistent grid with
-        prefetch) instead of ``row_forward`` (row staged in shared memory).
-        Off by default: on an H200, LayerNorm (65536, 4096) float32 forward
-        took 1.02 ms with it and 0.91 ms without (bench/gpu_bench.py).
+    row_registers : bool
+        Per-sample rows that fit go to the register kernels of rows_regs.cu
+        (default); False sends them to the shared-memory kernels of rows.cu
+        (the tests use it to cover those too).
+    row_items : int
+        Vectors (16 bytes) each thread of a register row aims to hold: a row
+        of M vectors gets ``tpr = clamp(pow2ceil(M / row_items), 32, 512)``
+        threads.
     """
 
     name = "cupy"
-    row_register_items = 0
-    ROW_REG_THREADS = 256  # largest row group of row_forward_reg (its __launch_bounds__)
+    row_registers = True
+    row_items = 8
 
     def __init__(self):
         self._reason = None
@@ -394,6 +405,41 @@ class CupyBackend(Backend):
                 return tpr, rpb, staged
         return None
 
+    def _regs_plan(self, p: Problem, V: int, ctype: str, items_set, own_block: bool, *params):
+        """Launch of a rows_regs.cu kernel for ``p``, or None when its rows do not fit one.
+
+        Returns ``(items, mode, tpr_shift, block)``: ``2**tpr_shift`` threads
+        per row (at most 512), each holding ``items`` vectors (at most
+        ``items_set[-1]``), ``block`` threads per block: four rows of one
+        warp, else ``max(tpr, 128)``, or with ``own_block`` (forward: its
+        overflow rescue has a barrier on a row-dependent branch) one row.
+        The default ``row_items = 8`` was the fastest or tied in the H200
+        variants table of bench/gpu_results_h200.md; backward, which holds
+        x and dy, aims at ``min(row_items, 4)``. Needs 16-byte vectors, 32-bit
+        offsets, and 16-byte aligned ``params`` (weight, bias) where they are
+        read as vectors (modes 0 and 2).
+        """
+        if not self.row_registers or V != VEC_WIDTH[ctype] or V == 1:
+            return None
+        n, c, s, G = p.n, p.c, p.s, p.groups
+        nrows, cg = n * G, c // G
+        if nrows >= 2**31 or c * s >= 2**31:
+            return None
+        mv = cg * s // V
+        if p.layout == CHANNELS_FIRST:
+            mode = 1
+        else:
+            mode = 0 if s == 1 else 2
+            if any(a.data.ptr % 16 for a in params):
+                return None
+        target = max(1, min(int(self.row_items), items_set[-1]))
+        tpr = min(512, max(32, _pow2ceil(_cdiv(mv, target))))
+        items = next((i for i in items_set if i * tpr >= mv), None)
+        if items is None:
+            return None
+        shift = tpr.bit_length() - 1
+        return items, mode, shift, (tpr if own_block and tpr > 32 else max(tpr, 128))
+
     def _rows_forward_split(self, x3, p: Problem, weight, bias, eps, ctype, sd, A, V):
         """Per-sample forward with each row split over blocks (two reads of x)."""
         n, c, s, G = p.n, p.c, p.s, p.groups
@@ -429,25 +475,25 @@ class CupyBackend(Backend):
             mean, var, rstd, scale = self._channel_reduce(x3, p, eps=eps, weight=weight)
             return self._affine(x3, p, mean, scale, bias), mean, var, rstd
         V = self._vec(p, ctype, x3)
-        plan = self._row_plan(p, V, x3.itemsize, 1)
-        if plan is None:
-            return self._rows_forward_split(x3, p, weight, bias, eps, ctype, sd, A, V)
         n, c, s, G = p.n, p.c, p.s, p.groups
         nrows = n * G
         mv = (c // G) * s // V
+        # Few long rows leave most of the device idle with one row per block: split them.
+        few = nrows < self._device()[0] and mv >= 4096
+        regs = None if few else self._regs_plan(p, V, ctype, REG_ITEMS_FWD, True, weight, bias)
+        plan = None if regs is not None else self._row_plan(p, V, x3.itemsize, 1)
+        if regs is None and plan is None:
+            return self._rows_forward_split(x3, p, weight, bias, eps, ctype, sd, A, V)
         y = self.xp.empty_like(x3)
         mean, var, rstd = (self._empty((n, G), sd) for _ in range(3))
-        cl = "true" if p.layout != CHANNELS_FIRST else "false"
-        items = self.row_register_items
-        if items and mv <= items * self.ROW_REG_THREADS:
-            tpr = max(32, _pow2ceil(_cdiv(mv, items)))
-            rpb = self.ROW_REG_THREADS // tpr
-            kern = self._kernel("rows.cu", ctype, f"row_forward_reg<{ctype}, {V}, {cl}>")
-            grid = min(_cdiv(nrows, rpb), self._device()[0] * self._blocks_per_sm(kern, tpr * rpb))
-            kern((grid,), (tpr * rpb,),
-                 (x3, y, weight, bias, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s), np.int64(c),
-                  np.int32(tpr), A(eps), mean, var, rstd))
+        if regs is not None:
+            items, mode, shift, block = regs
+            self._kernel("rows_regs.cu", ctype, f"row_forward_regs<{ctype}, {V}, {items}, {mode}>")(
+                (_cdiv(nrows, block >> shift),), (block,),
+                (x3, y, weight, bias, np.uint32(nrows), np.uint32(G), np.uint32(c // G), np.uint32(s),
+                 np.uint32(c), np.uint32(mv), np.int32(shift), A(eps), mean, var, rstd))
             return y, mean, var, rstd
+        cl = "true" if p.layout != CHANNELS_FIRST else "false"
         tpr, rpb, _ = plan
         self._kernel("rows.cu", ctype, f"row_forward<{ctype}, {V}, {cl}>")(
             (_cdiv(nrows, rpb),), (tpr * rpb,),
@@ -455,17 +501,6 @@ class CupyBackend(Backend):
              np.int32(tpr), A(eps), mean, var, rstd),
             shared_mem=rpb * mv * V * x3.itemsize)
         return y, mean, var, rstd
-
-    def _blocks_per_sm(self, kern, block: int) -> int:
-        """Resident blocks per multiprocessor for ``kern`` (threads and registers bound)."""
-        key = ("bpsm", id(kern), block)
-        if key not in self._props:
-            try:
-                regs = max(1, int(kern.attributes["num_regs"]))
-            except Exception:  # noqa: BLE001 - unknown register count: assume the common 64
-                regs = 64
-            self._props[key] = max(1, min(2048 // block, 65536 // (regs * block)))
-        return self._props[key]
 
     def forward_eval(self, x3, p, scale, shift):
         return self._affine(x3, p, None, scale, shift)
@@ -478,17 +513,25 @@ class CupyBackend(Backend):
             dx = self.channel_backward_apply(dy3, x3, p, mean, rstd, weight, m1, m2)
             return dx, s2, s1
         V = self._vec(p, ctype, x3, dy3)
-        tpr, rpb, staged = self._row_plan(p, V, x3.itemsize, 2)
         n, c, s, G = p.n, p.c, p.s, p.groups
         nrows = n * G
         mv = (c // G) * s // V
         dx = self.xp.empty_like(x3)
-        cl = "true" if p.layout != CHANNELS_FIRST else "false"
-        self._kernel("rows.cu", ctype, f"row_backward<{ctype}, {V}, {cl}>")(
-            (_cdiv(nrows, rpb),), (tpr * rpb,),
-            (dy3, x3, dx, weight, mean, rstd, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s),
-             np.int64(c), np.int32(tpr), np.int32(staged)),
-            shared_mem=rpb * staged * mv * V * x3.itemsize)
+        regs = self._regs_plan(p, V, ctype, REG_ITEMS_BWD, False, weight)
+        if regs is not None:
+            items, mode, shift, block = regs
+            self._kernel("rows_regs.cu", ctype, f"row_backward_regs<{ctype}, {V}, {items}, {mode}>")(
+                (_cdiv(nrows, block >> shift),), (block,),
+                (dy3, x3, dx, weight, mean, rstd, np.uint32(nrows), np.uint32(G), np.uint32(c // G),
+                 np.uint32(s), np.uint32(c), np.uint32(mv), np.int32(shift)))
+        else:
+            tpr, rpb, staged = self._row_plan(p, V, x3.itemsize, 2)
+            cl = "true" if p.layout != CHANNELS_FIRST else "false"
+            self._kernel("rows.cu", ctype, f"row_backward<{ctype}, {V}, {cl}>")(
+                (_cdiv(nrows, rpb),), (tpr * rpb,),
+                (dy3, x3, dx, weight, mean, rstd, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s),
+                 np.int64(c), np.int32(tpr), np.int32(staged)),
+                shared_mem=rpb * staged * mv * V * x3.itemsize)
         s1, s2, _, _ = self._grad_sums(dy3, x3, p, mean, rstd)
         return dx, s2, s1
 

@@ -1,4 +1,6 @@
-// Per-sample kernels (LayerNorm, GroupNorm, InstanceNorm): a row is one
+// Per-sample kernels (LayerNorm, GroupNorm, InstanceNorm) for the rows that
+// rows_regs.cu does not take (rows too long for registers, inputs that cannot
+// use 16-byte vectors): a row is one
 // (sample, group) = blockIdx.x * rows_per_block + threadIdx.x / tpr, handled
 // by `tpr` threads (a multiple of 32). The row is staged in dynamic shared
 // memory on its way in, so x (and dy) are read from device memory once.
@@ -72,77 +74,6 @@ __global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const ty
         }
         store_vec<T, VEC>(y, geo.addr(it), o);
         it.advance();
-    }
-}
-
-// Rows short enough for each of the `tpr` threads of a row to hold its part
-// in registers (at most ROW_ITEMS vectors): x is read once and never staged,
-// and the grid is persistent: each row group prefetches its next row while
-// the current one is reduced and written, so loads stay in flight.
-#define CNORM_ROW_ITEMS 4
-template <typename T, int VEC, bool CL>
-__global__ void __launch_bounds__(256, 3) row_forward_reg(const T* __restrict__ x, T* __restrict__ y,
-                                const typename Acc<T>::type* __restrict__ weight,
-                                const typename Acc<T>::type* __restrict__ bias, i64 nrows, int G, int cg, i64 S,
-                                i64 C, int tpr, typename Acc<T>::type eps, typename Acc<T>::type* __restrict__ mean,
-                                typename Acc<T>::type* __restrict__ var, typename Acc<T>::type* __restrict__ rstd) {
-    typedef typename Acc<T>::type A;
-    __shared__ Welford<A> scratch[32];
-    const int rpb = blockDim.x / tpr;
-    const int lr = threadIdx.x / tpr, lt = threadIdx.x - lr * tpr;
-    const i64 M = (i64)cg * S / VEC;  // <= CNORM_ROW_ITEMS * tpr
-    const i64 stride = (i64)gridDim.x * rpb;
-    Vec<T, VEC> nxt[CNORM_ROW_ITEMS];
-    auto load_row = [&](i64 row) {
-        if (row >= nrows) return;
-        const RowGeom<CL, VEC> geo(row, G, cg, S, C);
-        Walker it;
-        it.init(lt, geo.d, tpr);
-#pragma unroll
-        for (int u = 0; u < CNORM_ROW_ITEMS; ++u) {
-            if (lt + u * tpr < M) nxt[u] = load_vec<T, VEC>(x, geo.addr(it));
-            it.advance();
-        }
-    };
-    load_row((i64)blockIdx.x * rpb + lr);
-    for (i64 first = (i64)blockIdx.x * rpb; first < nrows; first += stride) {
-        const i64 row = first + lr;
-        const bool active = row < nrows;
-        Vec<T, VEC> cur[CNORM_ROW_ITEMS];
-        Welford<A> w = wf_empty<A>();
-#pragma unroll
-        for (int u = 0; u < CNORM_ROW_ITEMS; ++u) {
-            cur[u] = nxt[u];
-            if (active && lt + u * tpr < M) wf_add_vec(w, cur[u]);
-        }
-        load_row(row + stride);  // in flight during the reduction and the stores below
-        const Welford<A> r = wf_group_reduce(w, scratch, tpr);
-        if (active) {
-            const A mu = r.mean;
-            const A vr = r.m2 / r.n;
-            const A rs = A(1) / sqrt(vr + eps);
-            if (lt == 0) {
-                mean[row] = mu;
-                var[row] = vr;
-                rstd[row] = rs;
-            }
-            const RowGeom<CL, VEC> geo(row, G, cg, S, C);
-            Walker it;
-            it.init(lt, geo.d, tpr);
-#pragma unroll
-            for (int u = 0; u < CNORM_ROW_ITEMS; ++u) {
-                if (lt + u * tpr < M) {
-                    Vec<T, VEC> o;
-#pragma unroll
-                    for (int j = 0; j < VEC; ++j) {
-                        const int c = geo.chan(it, j);
-                        o.v[j] = Cvt<T>::from((to_acc(cur[u].v[j]) - mu) * (rs * weight[c]) + bias[c]);
-                    }
-                    store_vec<T, VEC>(y, geo.addr(it), o);
-                }
-                it.advance();
-            }
-        }
     }
 }
 
