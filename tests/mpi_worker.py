@@ -7,6 +7,10 @@ match
     The SyncBatchNorm grid of tests/sync_cases.py on every CPU backend, plus
     the layer over training steps and precise_bn: each rank must equal
     single-process BatchNorm on the concatenated batch.
+match-cupy
+    The same with CuPy arrays on the "cupy" backend, every rank on the current
+    GPU: the statistics go through MPI via host memory (reported as
+    ``exchange``), and the reference is single-process cupy BatchNorm.
 fail
     The last rank gets a bad input in several calls; every rank must raise,
     quickly, and the communicator must still work afterwards.
@@ -24,7 +28,7 @@ from mpi4py import MPI
 import cnorm
 import cnorm.nn as cnn
 import sync_cases
-from cnorm.distributed import PeerError, sync_batch_norm_backward, sync_batch_norm_forward
+from cnorm.distributed import PeerError, get_exchange, sync_batch_norm_backward, sync_batch_norm_forward
 from conftest import BackendCase, tolerance
 from helpers import close
 
@@ -36,10 +40,10 @@ def rows(sizes, rank):
     return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
-def match_grid(comm, sizes, failures):
-    """The functional grid on every CPU backend; returns how many cases ran."""
+def match_grid(comm, sizes, failures, backends):
+    """The functional grid on each of ``backends``; returns how many cases ran."""
     ran = 0
-    for name in CPU_BACKENDS:
+    for name in backends:
         bc = BackendCase(name)
         for case in sync_cases.grid(sizes):
             out = sync_cases.run_rank(case, comm.rank, comm, bc)
@@ -59,46 +63,49 @@ def match_grid(comm, sizes, failures):
     return ran
 
 
-def match_layer(comm, sizes, failures):
+def match_layer(comm, sizes, failures, bc=None):
     """SyncBatchNorm (channels-last, momentum=None) over 3 steps, eval, then precise_bn.
 
+    ``bc`` (a conftest.BackendCase) builds both layers on that backend and
+    feeds them its arrays; None keeps the default backend and NumPy arrays.
     Every rank makes the same collective calls whatever it finds: mismatches
     are recorded, not raised, so that no rank leaves the others waiting.
     """
+    A, H = (bc.asarray, bc.to_numpy) if bc is not None else (np.asarray, np.asarray)
     rng = np.random.default_rng(11)
     c, mine = 4, rows(sizes, comm.rank)
     batches = [(rng.standard_normal((sum(sizes), 3, 2, c)) + 5, rng.standard_normal((sum(sizes), 3, 2, c)))
                for _ in range(3)]
-    kw = dict(momentum=None, channel_axis=-1, dtype=np.float64)
+    kw = dict(momentum=None, channel_axis=-1, dtype=np.float64, backend=None if bc is None else bc.name)
     ours, ref = cnn.SyncBatchNorm(c, **kw), cnn.BatchNorm2d(c, **kw)
     tol = tolerance(np.float64)
 
     def expect(actual, expected, what, scale=1):
         try:
-            close(actual, expected, tol * scale, f"layer: {what}")
+            close(H(actual), H(expected), tol * scale, f"layer: {what}")
         except AssertionError as exc:
             failures.append(str(exc))
 
     for step, (x, dy) in enumerate(batches):
-        y, y_ref = ours(x[mine]), ref(x)
-        dx, dx_ref = ours.backward(dy[mine]), ref.backward(dy)
+        y, y_ref = ours(A(x[mine])), ref(A(x))
+        dx, dx_ref = ours.backward(A(dy[mine])), ref.backward(A(dy))
         expect(y, y_ref[mine], f"step {step} y")
         expect(dx, dx_ref[mine], f"step {step} dx")
-        expect(comm.allreduce(ours.weight_grad), ref.weight_grad, f"step {step} weight_grad summed", 10)
-        expect(comm.allreduce(ours.bias_grad), ref.bias_grad, f"step {step} bias_grad summed", 10)
+        expect(comm.allreduce(H(ours.weight_grad)), ref.weight_grad, f"step {step} weight_grad summed", 10)
+        expect(comm.allreduce(H(ours.bias_grad)), ref.bias_grad, f"step {step} bias_grad summed", 10)
     expect(ours.running_mean, ref.running_mean, "running_mean")
     expect(ours.running_var, ref.running_var, "running_var")
-    expect(ours.eval()(batches[0][0][mine]), ref.eval()(batches[0][0])[mine], "eval y")
+    expect(ours.eval()(A(batches[0][0][mine])), ref.eval()(A(batches[0][0]))[mine], "eval y")
     if int(ours.num_batches_tracked) != 3:
         failures.append(f"layer: num_batches_tracked {int(ours.num_batches_tracked)} != 3")
     # precise_bn: each rank runs two batches; the result covers every rank's.
     with cnn.precise_bn([ours]), cnn.precise_bn([ref]):
         for x, _ in batches[1:]:
-            ours(x[mine])
-            ref(x)
+            ours(A(x[mine]))
+            ref(A(x))
     expect(ours.running_mean, ref.running_mean, "precise_bn running_mean")
     expect(ours.running_var, ref.running_var, "precise_bn running_var")
-    if len(set(comm.allgather((ours.running_mean.tobytes(), ours.running_var.tobytes())))) != 1:
+    if len(set(comm.allgather((H(ours.running_mean).tobytes(), H(ours.running_var).tobytes())))) != 1:
         failures.append("layer: precise_bn statistics differ across ranks")
 
 
@@ -151,8 +158,20 @@ def main():
     try:
         if mode == "match":
             failures = []
-            result["cases"] = match_grid(comm, SIZES[comm.size], failures)
+            result["cases"] = match_grid(comm, SIZES[comm.size], failures, CPU_BACKENDS)
             match_layer(comm, SIZES[comm.size], failures)
+            result["failures"] = failures
+        elif mode == "match-cupy":
+            why = cnorm.available_backends(with_reasons=True)["cupy"]
+            if why:  # the test only launches this mode where cupy works: never pass without running
+                raise RuntimeError(f"backend 'cupy' unavailable in this rank: {why}")
+            import cupy
+
+            result["device"] = cupy.cuda.Device().pci_bus_id
+            result["exchange"] = type(get_exchange(comm, device=True)).__name__
+            failures = []
+            result["cases"] = match_grid(comm, SIZES[comm.size], failures, ["cupy"])
+            match_layer(comm, SIZES[comm.size], failures, BackendCase("cupy"))
             result["failures"] = failures
         else:
             result["calls"] = fail(comm)

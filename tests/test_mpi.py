@@ -5,6 +5,12 @@ match single-process BatchNorm on the concatenated batch, and a bad input on
 one rank must raise on every rank within seconds. mpi4py and the mpich wheel
 (which provides mpiexec) come with ``pip install cnorm[test]``: in CI
 (CI=true) their absence fails these tests instead of skipping them.
+
+Where the "cupy" backend works, the same grid also runs with CuPy arrays on
+2 and 3 ranks sharing the one current GPU: their statistics travel through MPI
+via host memory (NCCL refuses two ranks on one device), and each rank must
+match single-process cupy BatchNorm. Elsewhere that test is skipped with the
+backend registry's reason.
 """
 
 import importlib.util
@@ -27,13 +33,19 @@ WORKER = Path(__file__).with_name("mpi_worker.py")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def find_mpiexec():
-    """The mpiexec installed beside this Python (the mpich wheel's), else the first on PATH.
+CUPY_UNAVAILABLE = cnorm.available_backends(with_reasons=True)["cupy"]
 
-    The one beside the interpreter comes first: an unrelated system mpiexec on
-    PATH would start ranks that the MPI library mpi4py loaded does not see as
-    one job (each would be a singleton).
+
+def find_mpiexec():
+    """$MPIEXEC if set, else the mpiexec installed beside this Python (the mpich wheel's), else the first on PATH.
+
+    The one beside the interpreter comes before PATH: an unrelated system
+    mpiexec on PATH would start ranks that the MPI library mpi4py loaded does
+    not see as one job (each would be a singleton). $MPIEXEC is for an MPI
+    installed elsewhere (e.g. the mpich wheel unpacked under another prefix).
     """
+    if os.environ.get("MPIEXEC"):
+        return os.environ["MPIEXEC"]
     names = ("mpiexec", "mpiexec.exe", "mpirun")
     dirs = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
     user = sysconfig.get_path("scripts", f"{os.name}_user")
@@ -122,3 +134,16 @@ def test_bad_input_on_one_rank_fails_every_rank(mpiexec, n, tmp_path):
                 assert expected[what] in got["message"], got
             else:
                 assert got["peer"] and f"rank {bad} of {n}" in got["message"], got
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CUPY_UNAVAILABLE is not None, reason=f"backend 'cupy' unavailable: {CUPY_UNAVAILABLE}")
+@pytest.mark.parametrize("n", [2, 3])
+def test_cupy_ranks_on_one_gpu_match_single_process_batchnorm(mpiexec, n, tmp_path):
+    """The grid and the layer with CuPy arrays, n ranks on one GPU exchanging through MPI via host memory."""
+    results = launch(mpiexec, n, "match-cupy", tmp_path, timeout=150)
+    for r in results:
+        assert r["cases"] >= 10, r
+        assert r["exchange"] == "MPIExchange", f"rank {r['rank']}: ranks sharing one GPU used {r['exchange']}"
+        assert not r["failures"], f"rank {r['rank']}:\n" + "\n".join(r["failures"])
+    assert len({r["device"] for r in results}) == 1, [r["device"] for r in results]

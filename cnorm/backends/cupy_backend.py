@@ -301,7 +301,7 @@ class CupyBackend(Backend):
             sv = s // V
             length = n * sv
             chunk, nch = _chunking(length, c, THREADS)
-            pn, pm, pq = (self._empty(c * nch, sd) for _ in range(3))
+            pn, pm, pq = (self._empty(c * nch, np.float64) for _ in range(3))
             self._kernel("reduce.cu", ctype, f"seg_stats_partial<{ctype}, {V}>")(
                 (c * nch,), (THREADS,),
                 (x3, np.int64(c), np.int64(0), np.int64(sv), np.int64(sv), np.int64(c * sv), np.int64(length),
@@ -312,7 +312,7 @@ class CupyBackend(Backend):
             tx = min(32, _pow2ceil(cv))
             ncol = _cdiv(cv, tx)
             chunk, nch = _chunking(rows, ncol, THREADS // tx)
-            pn, pm, pq = (self._empty(nch * c, sd) for _ in range(3))
+            pn, pm, pq = (self._empty(nch * c, np.float64) for _ in range(3))
             self._kernel("reduce.cu", ctype, f"col_stats_partial<{ctype}, {V}>")(
                 (nch * ncol,), (THREADS,),
                 (x3, np.int64(rows), np.int64(cv), np.int32(tx), np.int64(chunk), np.int32(ncol), pn, pm, pq))
@@ -324,7 +324,7 @@ class CupyBackend(Backend):
         self._kernel("reduce.cu", ctype, f"stats_finalize<{'double' if ctype == 'double' else 'float'}>")(
             (_cdiv(c, THREADS // 32),), (THREADS,),
             (pn, pm, pq, np.int64(c), np.int32(nch), np.int64(seg_stride), np.int64(chunk_stride),
-             A(eps if eps is not None else 0.0), np.int32(flags), mean, var,
+             np.float64(eps if eps is not None else 0.0), np.int32(flags), mean, var,
              rstd if rstd is not None else mean, weight if weight is not None else mean,
              scale if scale is not None else mean))
         return mean, var, rstd, scale
@@ -451,14 +451,14 @@ class CupyBackend(Backend):
             cv, cgv = c // V, cg // V
             seg = (G, s * cv, cgv, cgv, cv)
         chunk, nch = _chunking(mv, nrows, THREADS)
-        pn, pm, pq = (self._empty(nrows * nch, sd) for _ in range(3))
+        pn, pm, pq = (self._empty(nrows * nch, np.float64) for _ in range(3))
         self._kernel("reduce.cu", ctype, f"seg_stats_partial<{ctype}, {V}>")(
             (nrows * nch,), (THREADS,),
             (x3, *(np.int64(v) for v in seg), np.int64(mv), np.int64(chunk), np.int32(nch), pn, pm, pq))
         mean, var, rstd = (self._empty((n, G), sd) for _ in range(3))
         self._kernel("reduce.cu", ctype, f"stats_finalize<{'double' if ctype == 'double' else 'float'}>")(
             (_cdiv(nrows, THREADS // 32),), (THREADS,),
-            (pn, pm, pq, np.int64(nrows), np.int32(nch), np.int64(nch), np.int64(1), A(eps), np.int32(1),
+            (pn, pm, pq, np.int64(nrows), np.int32(nch), np.int64(nch), np.int64(1), np.float64(eps), np.int32(1),
              mean, var, rstd, mean, mean))
         y = self.xp.empty_like(x3)
         cl = "true" if p.layout != CHANNELS_FIRST else "false"

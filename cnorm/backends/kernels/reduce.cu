@@ -15,13 +15,18 @@
 
 using namespace cnorm;
 
+// Statistics partials accumulate in double for every input type: a float32 M2
+// overflows once |x| reaches ~1e19 (squares past 3.4e38), and BatchNorm's
+// channels are long. The extra cost is arithmetic on a memory-bound pass.
+typedef double StatAcc;
+
 // Welford partial statistics of chunk `blockIdx.x % nchunks` of segment
 // `blockIdx.x / nchunks`; partial index blockIdx.x.
 template <typename T, int VEC>
 __global__ void seg_stats_partial(const T* __restrict__ x, i64 segdiv, i64 sa, i64 sb, i64 d, i64 qstride,
-                                  i64 length, i64 chunk, int nchunks, typename Acc<T>::type* __restrict__ pn,
-                                  typename Acc<T>::type* __restrict__ pmean, typename Acc<T>::type* __restrict__ pm2) {
-    typedef typename Acc<T>::type A;
+                                  i64 length, i64 chunk, int nchunks, double* __restrict__ pn,
+                                  double* __restrict__ pmean, double* __restrict__ pm2) {
+    typedef StatAcc A;
     __shared__ Welford<A> scratch[32];
     const i64 seg = blockIdx.x / nchunks;
     const i64 ch = blockIdx.x - seg * nchunks;
@@ -59,10 +64,9 @@ __global__ void seg_stats_partial(const T* __restrict__ x, i64 segdiv, i64 sa, i
 // columns by TY = 256 / TX rows. Partial index chunk * C + channel.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(256) col_stats_partial(const T* __restrict__ x, i64 R, i64 CV, int TX, i64 chunk,
-                                                         int ncolblk, typename Acc<T>::type* __restrict__ pn,
-                                                         typename Acc<T>::type* __restrict__ pmean,
-                                                         typename Acc<T>::type* __restrict__ pm2) {
-    typedef typename Acc<T>::type A;
+                                                         int ncolblk, double* __restrict__ pn,
+                                                         double* __restrict__ pmean, double* __restrict__ pm2) {
+    typedef StatAcc A;
     __shared__ Welford<A> sh[256 * VEC];
     const int TY = blockDim.x / TX;
     const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
@@ -93,7 +97,7 @@ __global__ void __launch_bounds__(256) col_stats_partial(const T* __restrict__ x
         for (; r < r1; r += TY) {
             const Vec<T, VEC> v = load_vec<T, VEC>(x, r * CV + cv);
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) wf_merge(w[j], A(1), to_acc(v.v[j]), A(0));
+            for (int j = 0; j < VEC; ++j) wf_merge(w[j], A(1), A(to_acc(v.v[j])), A(0));
         }
     }
 #pragma unroll
@@ -121,11 +125,12 @@ __global__ void __launch_bounds__(256) col_stats_partial(const T* __restrict__ x
 // Merge each segment's partials (warp per segment, fixed order) into mean,
 // biased var and, with flags & 1, rstd = 1/sqrt(var + eps); with flags & 2
 // also scale = weight * rstd (a segment is then a channel).
-template <typename A>
-__global__ void stats_finalize(const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
-                               i64 nseg, int nchunks, i64 seg_stride, i64 chunk_stride, A eps, int flags,
-                               A* __restrict__ mean, A* __restrict__ var, A* __restrict__ rstd,
-                               const A* __restrict__ weight, A* __restrict__ scale) {
+template <typename O>
+__global__ void stats_finalize(const double* __restrict__ pn, const double* __restrict__ pmean,
+                               const double* __restrict__ pm2, i64 nseg, int nchunks, i64 seg_stride,
+                               i64 chunk_stride, double eps, int flags, O* __restrict__ mean, O* __restrict__ var,
+                               O* __restrict__ rstd, const O* __restrict__ weight, O* __restrict__ scale) {
+    typedef StatAcc A;
     const i64 seg = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (seg >= nseg) return;  // whole warps leave together
@@ -137,12 +142,12 @@ __global__ void stats_finalize(const A* __restrict__ pn, const A* __restrict__ p
     wf_warp_reduce(w);
     if (lane == 0) {
         const A v = w.m2 / w.n;
-        mean[seg] = w.mean;
-        var[seg] = v;
+        mean[seg] = O(w.mean);
+        var[seg] = O(v);  // inf in float32 when |x| ~ 1e30; rstd below is still exact
         if (flags & 1) {
             const A rs = A(1) / sqrt(v + eps);
-            rstd[seg] = rs;
-            if (flags & 2) scale[seg] = weight[seg] * rs;
+            rstd[seg] = O(rs);
+            if (flags & 2) scale[seg] = O(A(weight[seg]) * rs);
         }
     }
 }
