@@ -5,7 +5,8 @@ the public functional API at one thread count, and the report gives its median
 time, its ratio to PyTorch's, and the fraction of the memory floor it
 reaches. The floor is the time to move the bytes a fused kernel must move —
 2 x bytes(x) for a forward (read x, write y), 3 x bytes(x) for a backward
-(read x and dy, write dx) — at the copy bandwidth measured in the same run
+(read x and dy, write dx), with bytes(x) counted in x's own dtype (half for
+float16 and bfloat16 rows) — at the copy bandwidth measured in the same run
 (a large array copy on all threads). Inputs rotate among enough copies that
 the last-level cache cannot hold them between calls. Every timed call is
 checked against the NumPy reference first.
@@ -46,17 +47,25 @@ class Case:
     training: bool = True     # BatchNorm eval mode when False
     groups: int = 0           # GroupNorm's G
     latency: bool = False     # a per-call latency case: no floor
+    dtype: str = "float32"    # float32 | bfloat16 | float16 (x, y, dy, dx; parameters stay float32)
 
     @property
     def name(self) -> str:
         """Human id used as the pytest-benchmark group and the report row."""
         mode = "" if self.training else "-eval"
         g = f"-G{self.groups}" if self.groups else ""
-        return f"{self.norm}{mode}{g}-{self.direction}-{'x'.join(map(str, self.shape))}-{self.layout}"
+        dt = "" if self.dtype == "float32" else f"-{self.dtype}"
+        return f"{self.norm}{mode}{g}-{self.direction}-{'x'.join(map(str, self.shape))}-{self.layout}{dt}"
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        from ._dtypes import BFLOAT16
+
+        return BFLOAT16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * 4
+        return int(np.prod(self.shape)) * self.np_dtype.itemsize
 
     @property
     def floor_factor(self) -> int:
@@ -86,6 +95,14 @@ def issue_cases() -> list[Case]:
         *_pair("instance_norm", (16, 64, 128, 128)),
         Case("layer_norm", "fwd", (32, 64), latency=True),
     ]
+
+
+def half_cases(dtypes=("bfloat16", "float16"), quick: bool = False) -> list[Case]:
+    """The same cases with half-precision data (issue 5): float32 statistics and parameters."""
+    from dataclasses import replace
+
+    base = quick_cases() if quick else issue_cases()
+    return [replace(c, dtype=dt) for dt in dtypes for c in base if not c.latency]
 
 
 def quick_cases() -> list[Case]:
@@ -129,8 +146,10 @@ def n_copies(case: Case, llc_bytes: int) -> int:
 def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     rng = np.random.default_rng(seed)
     c = case.shape[-1] if (case.layout == "cl" or case.norm == "layer_norm") else case.shape[1]
-    xs = [(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1) for _ in range(copies)]
-    dys = [rng.standard_normal(case.shape, dtype=np.float32) for _ in range(copies)] if case.direction == "bwd" else []
+    dt = case.np_dtype
+    xs = [(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt) for _ in range(copies)]
+    dys = ([rng.standard_normal(case.shape, dtype=np.float32).astype(dt) for _ in range(copies)]
+           if case.direction == "bwd" else [])
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
     inp = Inputs(xs, dys, w, b)
@@ -189,13 +208,22 @@ def torch_runner(case: Case, inp: Inputs):
     import torch
     import torch.nn.functional as F
 
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+
+    def from_numpy(a):
+        if a.dtype == np.float32:
+            return torch.from_numpy(a)
+        return torch.from_numpy(a.astype(np.float32)).to(tdtype)  # setup only, not timed
+
     def tensor(a):
-        t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+        t = from_numpy(a) if isinstance(a, np.ndarray) else a
         if case.layout == "cl":
             t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))  # NHWC memory, NCHW logical
         return t
 
     w, b = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
+    if case.norm == "layer_norm":  # PyTorch CPU layer_norm wants parameters in the input dtype
+        w, b = w.to(tdtype), b.to(tdtype)
     if case.direction == "bwd":
         w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     rm = None if inp.running_mean is None else torch.from_numpy(inp.running_mean.copy())
@@ -214,7 +242,7 @@ def torch_runner(case: Case, inp: Inputs):
         t = t.detach()
         if case.layout == "cl":  # back to the NHWC array users passed
             t = t.permute(0, *range(2, t.dim()), 1)
-        return t.contiguous().numpy()
+        return t.contiguous().float().numpy()
 
     xs = [tensor(x) for x in inp.xs]
     k, state = len(xs), {"i": 0}
@@ -225,7 +253,7 @@ def torch_runner(case: Case, inp: Inputs):
 
         return call, lambda: to_numpy(fwd(xs[0]))
     # leaves in the user's layout; the norm sees their NCHW-logical views
-    leaves = [torch.from_numpy(a).requires_grad_(True) for a in inp.xs]
+    leaves = [from_numpy(a).requires_grad_(True) for a in inp.xs]
     with torch.enable_grad():
         outs = [fwd(tensor(leaf)) for leaf in leaves]
     grads = [tensor(dy) for dy in inp.dys]
@@ -236,7 +264,7 @@ def torch_runner(case: Case, inp: Inputs):
 
     def first():
         dx = torch.autograd.grad(outs[0], (leaves[0], w, b), grads[0], retain_graph=True)[0]
-        return dx.detach().numpy()  # the leaf has the user's (NHWC or NCHW) layout
+        return dx.detach().float().numpy()  # the leaf has the user's (NHWC or NCHW) layout
 
     return call, first
 
@@ -249,12 +277,19 @@ def reference(case: Case, inp: Inputs) -> np.ndarray:
     return np.asarray(_cnorm_backward(case, inp.dys[0], inp.xs[0], saved, inp.weight)[0])
 
 
-def check(got, want, what: str) -> None:
-    """Assert a float32 result matches the reference to 1e-4 of its scale."""
+def tolerance(dtype) -> float:
+    """Error allowed against the reference, relative to scale: float32 1e-4; half
+    types two units in the last place (both sides round to the same format)."""
+    return {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}.get(str(np.dtype(dtype)), 1e-4)
+
+
+def check(got, want, what: str, tol: float = 1e-4) -> None:
+    """Assert a result matches the reference to ``tol`` of its scale."""
     got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
     scale = max(1.0, float(np.max(np.abs(want))))
     err = float(np.max(np.abs(got - want))) / scale
-    if not err <= 1e-4:
+    if not err <= tol:
         raise AssertionError(f"{what}: max error {err:.2e} of scale {scale:.3g} vs the NumPy reference")
 
 
@@ -360,13 +395,25 @@ def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, 
     floor = case.floor_factor * case.nbytes / bandwidth
     row["floor_s"] = None if case.latency else floor
     for name in backends:
-        call, first = runner(case, inp, name)
-        check(first(), want, f"{case.name} [{name}]")
+        try:
+            call, first = runner(case, inp, name)
+            got = first()
+        except (RuntimeError, TypeError) as exc:  # e.g. a PyTorch CPU kernel missing for a half type
+            if name != "torch":
+                raise
+            print(f"  {case.name}: no torch row ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
+                  file=sys.stderr)
+            continue
+        check(got, want, f"{case.name} [{name}]", tolerance(case.np_dtype) if name != "torch" else
+              max(tolerance(case.np_dtype), 2.0 ** -7 if case.dtype != "float32" else 1e-4))
         times = time_call(call, repeat if name != "numpy" else max(3, repeat // 3), budget_s)
         med = statistics.median(times)
         row["results"][name] = {"median_s": med, "min_s": min(times), "n": len(times),
                                 "floor_fraction": None if case.latency else floor / med}
     ref = row["results"].get("torch")
+    for name in backends:  # a backend without a row (torch lacking a half kernel)
+        row["results"].setdefault(name, {"median_s": float("nan"), "min_s": float("nan"), "n": 0,
+                                         "floor_fraction": None})
     for r in row["results"].values():
         r["speedup_vs_torch"] = (ref["median_s"] / r["median_s"]) if ref else None
     return row
@@ -381,7 +428,8 @@ def format_table(rows, backends) -> str:
         res = row["results"]
         unit = 1e6 if row["latency"] else 1e3
         line = f"{row['case'] + (' (us)' if row['latency'] else ''):44s}"
-        line += "".join(f"{res[b]['median_s'] * unit:12.2f}" for b in backends)
+        line += "".join(f"{res[b]['median_s'] * unit:12.2f}" if res[b]["n"] else f"{'-':>12s}"
+                        for b in backends)
         for b in backends:
             if b != "torch":
                 s = res[b]["speedup_vs_torch"]
@@ -431,6 +479,8 @@ def main(argv: list[str]) -> int:
                         help="comma-separated; cnorm backend names and 'torch' (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per backend and case")
     parser.add_argument("--filter", default="", help="run only cases whose name contains this")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16",
+                        help="comma-separated data dtypes; half rows reuse the float32 cases (default: %(default)s)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's default policy: large outputs are fresh, zero-filled pages each call")
     args = parser.parse_args(argv)
@@ -454,7 +504,10 @@ def main(argv: list[str]) -> int:
         return 2
     kept = False if args.system_malloc else keep_freed_memory()
     info = machine()
-    cases = quick_cases() if args.quick else issue_cases()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
+    halves = tuple(d for d in dtypes if d != "float32")
+    cases += half_cases(halves, args.quick) if halves else []
     cases = [c for c in cases if args.filter in c.name]
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0

@@ -16,6 +16,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import cnorm
+from cnorm._dtypes import BFLOAT16, FLOAT16
 from cnorm.backends import _kernels
 from cnorm.backends.base import Problem
 from cnorm.backends.cython_backend import CythonBackend
@@ -44,12 +45,17 @@ def _grid():
                 yield pytest.param(p, dt, id=f"{layout}-{n}x{c}x{s}-g{g}-{np.dtype(dt).name}")
 
 
+HALVES = [pytest.param(FLOAT16, id="float16"), pytest.param(BFLOAT16, id="bfloat16")]
+
+
 def _data(p, dt, seed=0, offset=OFFSET):
+    """x and dy in dt; weight and bias in the statistics dtype (float32 for half data)."""
     rng = np.random.default_rng(seed)
+    pt = np.float64 if dt == np.float64 else np.float32
     x = (rng.standard_normal(p.shape3) + offset).astype(dt)
     dy = rng.standard_normal(p.shape3).astype(dt)
-    w = rng.uniform(0.5, 1.5, p.c).astype(dt)
-    b = rng.standard_normal(p.c).astype(dt)
+    w = rng.uniform(0.5, 1.5, p.c).astype(pt)
+    b = rng.standard_normal(p.c).astype(pt)
     return x, dy, w, b
 
 
@@ -97,6 +103,46 @@ def test_matches_reference(p, dt):
     scale, shift_c = (w * cr).astype(dt), (b - cm * w * cr).astype(dt)
     _close(K.forward_eval(x, p, scale, shift_c), R.forward_eval(x, p, scale, shift_c),
            OFFSET, dt, "forward_eval")
+
+
+def _half_grid():
+    for layout, (n, c, s) in itertools.product(("cf", "cl"), SIZES):
+        for g in _groups(c):
+            p = Problem(layout, n, c, s, g)
+            if p.group_size >= 2:
+                yield pytest.param(p, id=f"{layout}-{n}x{c}x{s}-g{g}")
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want))) / max(1.0, float(np.max(np.abs(want))))
+
+
+@pytest.mark.parametrize("dt", HALVES)
+@pytest.mark.parametrize("p", list(_half_grid()))
+def test_half_matches_reference(p, dt):
+    """float16/bfloat16 storage: float32 statistics as exact as float32 data's, outputs
+    within a couple of half ulps of the float64 reference on the same (rounded) inputs."""
+    x, dy, w, b = _data(p, dt, offset=3.0)
+    y, mean, var, rstd = K.forward_train(x, p, w, b, 1e-5)
+    ry, rmean, rvar, rrstd = R.forward_train(x, p, w, b, 1e-5)
+    assert y.dtype == dt and mean.dtype == var.dtype == rstd.dtype == np.float32
+    ulp = 2.0 ** -8 if dt == BFLOAT16 else 2.0 ** -11
+    assert _rel_err(y, ry) <= 2 * ulp
+    for got, want, what in ((mean, rmean, "mean"), (var, rvar, "var"), (rstd, rrstd, "rstd")):
+        assert _rel_err(got, want) <= 1e-6, what
+    dx, dw, db = K.backward_train(dy, x, p, mean, rstd, w)
+    rdx, rdw, rdb = R.backward_train(dy, x, p, mean, rstd, w)
+    assert dx.dtype == dt and dw.dtype == db.dtype == np.float32
+    assert _rel_err(dx, rdx) <= 2 * ulp
+    assert _rel_err(dw, rdw) <= 1e-5 * max(1.0, np.sqrt(p.n * p.s))
+    assert _rel_err(db, rdb) <= 1e-5 * max(1.0, np.sqrt(p.n * p.s))
+    cm = (3.0 + np.linspace(-1, 1, p.c)).astype(np.float32)
+    cr = np.linspace(0.5, 2.0, p.c).astype(np.float32)
+    for got, want in zip(K.backward_eval(dy, x, p, cm, cr, w), R.backward_eval(dy, x, p, cm, cr, w)):
+        assert got.dtype == want.dtype and _rel_err(got, want) <= 2 * ulp
+    got, want = K.forward_eval(x, p, w, b), R.forward_eval(x, p, w, b)
+    assert got.dtype == dt and _rel_err(got, want) <= 2 * ulp
 
 
 @pytest.mark.parametrize("p, dt", [c for c in _grid() if c.values[0].cross_sample])
@@ -157,7 +203,7 @@ def restore_threads():
     cnorm.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("dt", [np.float32, np.float64, *HALVES])
 @pytest.mark.parametrize("p", THREAD_PROBLEMS, ids=str)
 def test_bit_identical_for_any_thread_count(p, dt, restore_threads):
     results = {}
@@ -214,6 +260,9 @@ def test_rejects_arrays_the_kernels_cannot_read():
         _kernels.cross_forward(x[:, :, ::2], np.empty_like(x), False, 2, 3, 4, w, b, w, w, w, 1e-5, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
         _kernels.affine(x.astype(np.int32), x, False, 2, 3, 4, w, b, 1)
+    with pytest.raises(ValueError, match="scale: expected a C-contiguous float32"):
+        h = x.astype(FLOAT16)  # half data take float32 parameters
+        _kernels.affine(h, np.empty_like(h), False, 2, 3, 4, w.astype(FLOAT16), b, 1)
     ro = np.empty_like(x)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):

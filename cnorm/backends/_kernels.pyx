@@ -41,6 +41,53 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+
+cdef extern from "_kernels.h" nogil:
+    # Half-precision storage: 16-bit patterns in distinct struct types, so a
+    # fused type can tell them apart; converted bit-exactly (round to nearest
+    # even) with branch-free integer code that the compiler vectorizes.
+    ctypedef struct cn_bf16:
+        unsigned short v
+    ctypedef struct cn_f16:
+        unsigned short v
+    float cn_bf16_to_f32(cn_bf16 h)
+    cn_bf16 cn_f32_to_bf16(float f)
+    float cn_f16_to_f32(cn_f16 h)
+    cn_f16 cn_f32_to_f16(float f)
+    void cn_sum_run_float(const float* x, Py_ssize_t n, double piv, double* acc)
+    void cn_sq_run_float(const float* x, Py_ssize_t n, double m, double* acc)
+    void cn_grad_run_float(const float* g, const float* x, Py_ssize_t n, double m, double* ag, double* agx,
+                        double* ax)
+    void cn_elem_grad_run_float(const float* g, const float* x, const float* w, Py_ssize_t n, double m,
+                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
+    void cn_sum_run_double(const double* x, Py_ssize_t n, double piv, double* acc)
+    void cn_sq_run_double(const double* x, Py_ssize_t n, double m, double* acc)
+    void cn_grad_run_double(const double* g, const double* x, Py_ssize_t n, double m, double* ag, double* agx,
+                        double* ax)
+    void cn_elem_grad_run_double(const double* g, const double* x, const double* w, Py_ssize_t n, double m,
+                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
+    void cn_sum_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double piv, double* acc)
+    void cn_sq_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* acc)
+    void cn_grad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t n, double m, double* ag, double* agx,
+                        double* ax)
+    void cn_elem_grad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, const float* w, Py_ssize_t n, double m,
+                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
+    void cn_sum_run_cn_f16(const cn_f16* x, Py_ssize_t n, double piv, double* acc)
+    void cn_sq_run_cn_f16(const cn_f16* x, Py_ssize_t n, double m, double* acc)
+    void cn_grad_run_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t n, double m, double* ag, double* agx,
+                        double* ax)
+    void cn_elem_grad_run_cn_f16(const cn_f16* g, const cn_f16* x, const float* w, Py_ssize_t n, double m,
+                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
+
+# Storage type of x, y, dy, dx. Parameters, statistics and per-channel
+# constants are ``floating``: float32 for float32 and the half types, float64
+# for float64 (kernels are only ever called with those pairs).
+ctypedef fused dat:
+    float
+    double
+    cn_bf16
+    cn_f16
+
 cdef enum:
     # Double accumulators per reduction: two AVX-512 (four AVX2) registers.
     LANES = 16
@@ -72,6 +119,32 @@ TRAIN, EVAL, SUMS, APPLY = MODE_TRAIN, MODE_EVAL, MODE_SUMS, MODE_APPLY
 
 # ---------------------------------------------------------------- helpers --
 
+
+cdef inline double ld(const dat* p) noexcept nogil:
+    """Load one stored value (exact in double for every storage type)."""
+    if dat is cn_bf16:
+        return cn_bf16_to_f32(p[0])
+    elif dat is cn_f16:
+        return cn_f16_to_f32(p[0])
+    else:
+        return p[0]
+
+
+cdef inline void st(dat* p, double v) noexcept nogil:
+    """Store one value computed in the statistics type, rounding to the storage type.
+
+    ``v`` is a float32 (or float64) result widened to double: the round trip
+    is exact, so float32 data round once, as if stored directly.
+    """
+    if dat is cn_bf16:
+        p[0] = cn_f32_to_bf16(<float>v)
+    elif dat is cn_f16:
+        p[0] = cn_f32_to_f16(<float>v)
+    elif dat is float:
+        p[0] = <float>v
+    else:
+        p[0] = v
+
 cdef inline void lanes_zero(double* a) noexcept nogil:
     cdef int j
     for j in range(LANES):
@@ -87,124 +160,90 @@ cdef inline double lanes_total(const double* a) noexcept nogil:
     return ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]))
 
 
-cdef inline void sum_run(const floating* x, Py_ssize_t n, double piv, double* acc) noexcept nogil:
-    """acc[i % LANES] += x[i] - piv.
+cdef inline void sum_run(const dat* x, Py_ssize_t n, double piv, double* acc) noexcept nogil:
+    """acc[i % LANES] += x[i] - piv (C helper in _kernels.h).
 
     A pivot near the data (a value of the block) keeps the accumulated values
     at the scale of the spread, not of the mean: |mean| ≫ std costs no accuracy.
     """
-    cdef double a[LANES]
-    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
-    for j in range(LANES):
-        a[j] = acc[j]
-    while i < nv:
-        for j in range(LANES):
-            a[j] += x[i + j] - piv
-        i += LANES
-    for j in range(n - nv):
-        a[j] += x[nv + j] - piv
-    for j in range(LANES):
-        acc[j] = a[j]
+    if dat is float:
+        cn_sum_run_float(x, n, piv, acc)
+    elif dat is double:
+        cn_sum_run_double(x, n, piv, acc)
+    elif dat is cn_bf16:
+        cn_sum_run_cn_bf16(x, n, piv, acc)
+    else:
+        cn_sum_run_cn_f16(x, n, piv, acc)
 
 
-cdef inline void sq_run(const floating* x, Py_ssize_t n, double m, double* acc) noexcept nogil:
+cdef inline void sq_run(const dat* x, Py_ssize_t n, double m, double* acc) noexcept nogil:
     """acc[i % LANES] += (x[i] - m)²."""
-    cdef double a[LANES]
-    cdef double d
-    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
-    for j in range(LANES):
-        a[j] = acc[j]
-    while i < nv:
-        for j in range(LANES):
-            d = x[i + j] - m
-            a[j] += d * d
-        i += LANES
-    for j in range(n - nv):
-        d = x[nv + j] - m
-        a[j] += d * d
-    for j in range(LANES):
-        acc[j] = a[j]
+    if dat is float:
+        cn_sq_run_float(x, n, m, acc)
+    elif dat is double:
+        cn_sq_run_double(x, n, m, acc)
+    elif dat is cn_bf16:
+        cn_sq_run_cn_bf16(x, n, m, acc)
+    else:
+        cn_sq_run_cn_f16(x, n, m, acc)
 
 
-cdef inline void grad_run(const floating* g, const floating* x, Py_ssize_t n, double m,
-                          double* ag, double* agx) noexcept nogil:
-    """ag += g, agx += g·(x - m), lane-wise."""
-    cdef double a[LANES]
-    cdef double b[LANES]
-    cdef double gv
-    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
-    for j in range(LANES):
-        a[j] = ag[j]
-        b[j] = agx[j]
-    while i < nv:
-        for j in range(LANES):
-            gv = g[i + j]
-            a[j] += gv
-            b[j] += gv * (x[i + j] - m)
-        i += LANES
-    for j in range(n - nv):
-        gv = g[nv + j]
-        a[j] += gv
-        b[j] += gv * (x[nv + j] - m)
-    for j in range(LANES):
-        ag[j] = a[j]
-        agx[j] = b[j]
+cdef inline void grad_run(const dat* g, const dat* x, Py_ssize_t n, double m,
+                          double* ag, double* agx, double* ax) noexcept nogil:
+    """ag += g, agx += g·(x - m), ax += x - m, lane-wise.
+
+    ax measures how far the (rounded) saved mean m is from the data's mean, so
+    that backward can re-centre: see :func:`recentre`.
+    """
+    if dat is float:
+        cn_grad_run_float(g, x, n, m, ag, agx, ax)
+    elif dat is double:
+        cn_grad_run_double(g, x, n, m, ag, agx, ax)
+    elif dat is cn_bf16:
+        cn_grad_run_cn_bf16(g, x, n, m, ag, agx, ax)
+    else:
+        cn_grad_run_cn_f16(g, x, n, m, ag, agx, ax)
 
 
-cdef inline void elem_grad_run(const floating* g, const floating* x, const floating* w, Py_ssize_t n,
-                               double m, double r, double* awg, double* awgx,
+cdef inline void elem_grad_run(const dat* g, const dat* x, const floating* w, Py_ssize_t n,
+                               double m, double dl, double r, double* awg, double* awgx,
                                double* pb, double* pw) noexcept nogil:
-    """Per-element affine (LayerNorm) sums, lane-wise: awg += w·g, awgx += w·g·(x-m);
-    and the dbias/dweight partials pb += g, pw += g·(x-m)·r."""
-    cdef double a[LANES]
-    cdef double b[LANES]
-    cdef double gv, d
-    cdef Py_ssize_t i = 0, j, nv = n - n % LANES
-    for j in range(LANES):
-        a[j] = awg[j]
-        b[j] = awgx[j]
-    while i < nv:
-        for j in range(LANES):
-            gv = g[i + j]
-            d = (x[i + j] - m) * gv
-            a[j] += w[i + j] * gv
-            b[j] += w[i + j] * d
-            pb[i + j] += gv
-            pw[i + j] += d * r
-        i += LANES
-    for j in range(n - nv):
-        gv = g[nv + j]
-        d = (x[nv + j] - m) * gv
-        a[j] += w[nv + j] * gv
-        b[j] += w[nv + j] * d
-        pb[nv + j] += gv
-        pw[nv + j] += d * r
-    for j in range(LANES):
-        awg[j] = a[j]
-        awgx[j] = b[j]
+    """Per-element affine (LayerNorm) sums, lane-wise: awg += w·g, awgx += w·g·(x-m-dl);
+    and the dbias/dweight partials pb += g, pw += g·(x-m-dl)·r.
+
+    (floating is float32 for every storage type but float64.)
+    """
+    if dat is float:
+        cn_elem_grad_run_float(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
+    elif dat is double:
+        cn_elem_grad_run_double(g, x, <const double*>w, n, m, dl, r, awg, awgx, pb, pw)
+    elif dat is cn_bf16:
+        cn_elem_grad_run_cn_bf16(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
+    else:
+        cn_elem_grad_run_cn_f16(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
 
 
-cdef inline void norm_run(const floating* x, floating* y, Py_ssize_t n,
+cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
                           floating mh, floating a, floating b) noexcept nogil:
     """y = (x - mh)·a + b: one subtract and one FMA per element."""
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = (x[i] - mh) * a + b
+        st(y + i, (<floating>ld(x + i) - mh) * a + b)
 
 
-cdef inline void scale_run(const floating* x, floating* y, Py_ssize_t n,
+cdef inline void scale_run(const dat* x, dat* y, Py_ssize_t n,
                            floating a, floating b) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = x[i] * a + b
+        st(y + i, <floating>ld(x + i) * a + b)
 
 
-cdef inline void dx_run(const floating* g, const floating* x, floating* dx, Py_ssize_t n,
+cdef inline void dx_run(const dat* g, const dat* x, dat* dx, Py_ssize_t n,
                         floating ka, floating mh, floating kb, floating kc) noexcept nogil:
     """dx = g·ka + (x - mh)·kb + kc."""
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = g[i] * ka + (x[i] - mh) * kb + kc
+        st(dx + i, <floating>ld(g + i) * ka + (<floating>ld(x + i) - mh) * kb + kc)
 
 
 cdef inline void chan_merge(double* cnt, double* mean, double* m2,
@@ -223,12 +262,27 @@ cdef inline void chan_merge(double* cnt, double* mean, double* m2,
     cnt[0] = nab
 
 
-cdef inline void split_range(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t t,
-                             Py_ssize_t* lo, Py_ssize_t* hi) noexcept nogil:
-    """Contiguous share t of range(n) split into parts."""
+cdef inline double recentre(double cnt, double sx, double sg, double* sgx) noexcept nogil:
+    """Re-centre backward sums on the data's own mean; return the shift δ.
+
+    The saved mean m is rounded to the statistics dtype; with δ = Σ(x - m)/cnt
+    the group's exact mean is m + δ, and Σg·(x - m - δ) = Σg·(x - m) - δ·Σg.
+    Without this, |mean| ≫ std turns m's rounding into a large error in dx.
+    """
+    cdef double dl = sx / cnt
+    sgx[0] = sgx[0] - dl * sg
+    return dl
+
+
+cdef inline Py_ssize_t split_lo(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t t) noexcept nogil:
+    """Start of contiguous share t of range(n) split into parts (share t ends at split_lo(t + 1)).
+
+    Returned by value, never through a pointer: inside a prange body only
+    variables *assigned* there are made thread-private, so ``lo``/``hi``
+    written through ``&lo`` would be shared between threads (a race).
+    """
     cdef Py_ssize_t q = n // parts, r = n % parts
-    lo[0] = t * q + (t if t < r else r)
-    hi[0] = lo[0] + q + (1 if t < r else 0)
+    return t * q + (t if t < r else r)
 
 
 cdef inline void fwd_consts(double cnt, double mu, double m2, double eps, double w, double b,
@@ -247,13 +301,18 @@ cdef inline void fwd_consts(double cnt, double mu, double m2, double eps, double
     k[2] = <floating>(b - (mu - <double>mh) * a)
 
 
-cdef inline void bwd_consts(double mu, double ka, double kb, double kc, floating* k) noexcept nogil:
-    """(ka, mean_hi, kb, kc') with dx = g·ka + (x - mean_hi)·kb + kc'."""
+cdef inline void bwd_consts(double mu, double dl, double ka, double kb, double kc,
+                            floating* k) noexcept nogil:
+    """(ka, mean_hi, kb, kc') with dx = g·ka + (x - mean_hi)·kb + kc'.
+
+    The centre is mu + dl (saved mean and re-centring shift, kept apart so
+    that float64 loses nothing to their sum's rounding).
+    """
     cdef floating mh = <floating>mu
     k[0] = <floating>ka
     k[1] = mh
     k[2] = <floating>kb
-    k[3] = <floating>(kc + (mu - <double>mh) * (-kb))
+    k[3] = <floating>(kc + ((mu - <double>mh) + dl) * (-kb))
 
 
 # ---------------------------------------------- cross-sample, channels-first --
@@ -269,7 +328,7 @@ cdef inline void cf_block(Py_ssize_t N, Py_ssize_t S, Py_ssize_t rb, Py_ssize_t 
     s1[0] = s0[0] + sp if s0[0] + sp < S else S
 
 
-cdef void cf_block_stats(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                          double* out) noexcept nogil:
     """out = (count, mean, M2) of block k of channel c, two-pass."""
@@ -277,7 +336,7 @@ cdef void cf_block_stats(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
     cdef Py_ssize_t r0, r1, s0, s1, r
     cdef double cnt, mu, piv
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
-    piv = x[(r0 * C + c) * S + s0]
+    piv = ld(x + ((r0 * C + c) * S + s0))
     lanes_zero(acc)
     for r in range(r0, r1):
         sum_run(x + (r * C + c) * S + s0, s1 - s0, piv, acc)
@@ -291,7 +350,7 @@ cdef void cf_block_stats(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize
     out[2] = lanes_total(acc)
 
 
-cdef void cf_block_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef void cf_block_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                         const floating* kk) noexcept nogil:
     cdef Py_ssize_t r0, r1, s0, s1, r, off
@@ -303,7 +362,7 @@ cdef void cf_block_norm(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t
         norm_run(x + off, y + off, s1 - s0, kk[0], kk[1], kk[2])
 
 
-cdef void cf_channel_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
                          Py_ssize_t c, const double* part, bint have_part, double eps,
                          const floating* w, const floating* b,
@@ -330,57 +389,87 @@ cdef void cf_channel_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_
             cf_block_norm(x, y, N, C, S, rb, sp, nsp, c, k, kk + 3 * c)
 
 
-cdef void cf_cross_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
                        double* part, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
     if fused:
-        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-            split_range(C, nt, t, &lo, &hi)
-            for c in range(lo, hi):
-                cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
-                               mean, var, rstd, kk)
+        if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+            for t in range(nt):
+                lo = split_lo(C, nt, t)
+                hi = split_lo(C, nt, t + 1)
+                for c in range(lo, hi):
+                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
+                                   mean, var, rstd, kk)
+        else:
+            for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+                lo = split_lo(C, nt, t)
+                hi = split_lo(C, nt, t + 1)
+                for c in range(lo, hi):
+                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
+                                   mean, var, rstd, kk)
         return
     # Split path: (channel, block) units in parallel, then fold, then normalize.
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        for u in range(lo, hi):
-            cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
     for c in range(C):
         cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, part, True, eps, w, b,
                        mean, var, rstd, kk)
     if y == NULL:
         return
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        u = hi
-        while u > lo:
-            u = u - 1
-            cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            u = hi
+            while u > lo:
+                u = u - 1
+                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            u = hi
+            while u > lo:
+                u = u - 1
+                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
 
 
-cdef void cf_block_grad(const floating* g, const floating* x, floating* dx,
+cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                         double mu, floating dscale, double* out) noexcept nogil:
-    """out = (Σg, Σg·(x-mu)) over block k of channel c; with dx, also dx = g·dscale."""
+    """out = (Σg, Σg·(x-mu), Σ(x-mu)) over block k of channel c; with dx, also dx = g·dscale."""
     cdef double ag[LANES]
     cdef double agx[LANES]
+    cdef double ax[LANES]
     cdef Py_ssize_t r0, r1, s0, s1, r, off
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
     lanes_zero(ag)
     lanes_zero(agx)
+    lanes_zero(ax)
     for r in range(r0, r1):
         off = (r * C + c) * S + s0
-        grad_run(g + off, x + off, s1 - s0, mu, ag, agx)
+        grad_run(g + off, x + off, s1 - s0, mu, ag, agx, ax)
         if dx != NULL:
             scale_run(g + off, dx + off, s1 - s0, dscale, 0)
     out[0] = lanes_total(ag)
     out[1] = lanes_total(agx)
+    out[2] = lanes_total(ax)
 
 
-cdef void cf_block_dx(const floating* g, const floating* x, floating* dx,
+cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                       const floating* kk) noexcept nogil:
@@ -393,43 +482,46 @@ cdef void cf_block_dx(const floating* g, const floating* x, floating* dx,
         dx_run(g + off, x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
 
 
-cdef inline void cross_bwd_consts(int mode, double cnt, double sg, double sgx, double mu, double r,
+cdef inline void cross_bwd_consts(int mode, double cnt, double sg, double sgx, double mu, double dl,
+                                  double r,
                                   double w, const floating* mdy, const floating* mdyx, Py_ssize_t c,
                                   floating* oa, floating* ob, floating* kk) noexcept nogil:
     """Outputs and dx constants of one channel from its gradient sums."""
     cdef double wr = w * r
     if mode == MODE_APPLY:
-        bwd_consts(mu, wr, -wr * r * <double>mdyx[c], -wr * <double>mdy[c], kk)
+        bwd_consts(mu, 0.0, wr, -wr * r * <double>mdyx[c], -wr * <double>mdy[c], kk)
         return
     oa[c] = <floating>(sgx * r)  # Σ dy·xhat
     ob[c] = <floating>sg         # Σ dy
     if mode == MODE_TRAIN:
-        bwd_consts(mu, wr, -wr * r * r * sgx / cnt, -wr * sg / cnt, kk)
+        bwd_consts(mu, dl, wr, -wr * r * r * sgx / cnt, -wr * sg / cnt, kk)
 
 
-cdef void cf_channel_bwd(const floating* g, const floating* x, floating* dx,
+cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
                          Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
                          Py_ssize_t c, const double* part, bint have_part, int mode,
                          const floating* mean, const floating* rstd, const floating* w,
                          const floating* mdy, const floating* mdyx,
                          floating* oa, floating* ob, floating* kk, bint apply_dx) noexcept nogil:
-    cdef double sg = 0.0, sgx = 0.0
-    cdef double blk[2]
+    cdef double sg = 0.0, sgx = 0.0, sx = 0.0, dl = 0.0
+    cdef double blk[3]
     cdef double mu = mean[c], r = rstd[c]
     cdef floating dscale = <floating>(<double>w[c] * r)
     cdef Py_ssize_t k
     if mode != MODE_APPLY:
         for k in range(nblk):
             if have_part:
-                blk[0] = part[2 * (c * nblk + k)]
-                blk[1] = part[2 * (c * nblk + k) + 1]
+                memcpy(blk, part + 3 * (c * nblk + k), 3 * sizeof(double))
             else:
                 cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
                               c, k, mu, dscale, blk)
             sg += blk[0]
             sgx += blk[1]
-    cross_bwd_consts(mode, <double>(N * S), sg, sgx, mu, r, w[c], mdy, mdyx, c, oa, ob, kk + 4 * c)
+            sx += blk[2]
+        if mode == MODE_TRAIN:  # batch statistics: re-centre on the exact mean
+            dl = recentre(<double>(N * S), sx, sg, &sgx)
+    cross_bwd_consts(mode, <double>(N * S), sg, sgx, mu, dl, r, w[c], mdy, mdyx, c, oa, ob, kk + 4 * c)
     if apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY):
         k = nblk
         while k > 0:
@@ -437,7 +529,7 @@ cdef void cf_channel_bwd(const floating* g, const floating* x, floating* dx,
             cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c)
 
 
-cdef void cf_cross_bwd(const floating* g, const floating* x, floating* dx,
+cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
                        double* part, int mode, const floating* mean, const floating* rstd,
@@ -446,54 +538,84 @@ cdef void cf_cross_bwd(const floating* g, const floating* x, floating* dx,
     cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
     cdef double mu
     if fused or mode == MODE_APPLY:
-        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-            split_range(C, nt, t, &lo, &hi)
-            for c in range(lo, hi):
-                cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
-                               mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+        if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+            for t in range(nt):
+                lo = split_lo(C, nt, t)
+                hi = split_lo(C, nt, t + 1)
+                for c in range(lo, hi):
+                    cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
+                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+        else:
+            for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+                lo = split_lo(C, nt, t)
+                hi = split_lo(C, nt, t + 1)
+                for c in range(lo, hi):
+                    cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
+                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
         return
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        for u in range(lo, hi):
-            c = u // nblk
-            cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
-                          c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
-                          part + 2 * u)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                c = u // nblk
+                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                              c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
+                              part + 3 * u)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                c = u // nblk
+                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                              c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
+                              part + 3 * u)
     for c in range(C):
         cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, True, mode,
                        mean, rstd, w, mdy, mdyx, oa, ob, kk, False)
     if mode != MODE_TRAIN:
         return
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        u = hi
-        while u > lo:
-            u = u - 1
-            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            u = hi
+            while u > lo:
+                u = u - 1
+                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            u = hi
+            while u > lo:
+                u = u - 1
+                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
 
 
 # ----------------------------------------------- cross-sample, channels-last --
 # Rows of C channels; row block k is rows [k·rb, (k+1)·rb). Block partials are
 # vectors over C, computed with one row at a time feeding C accumulators.
 
-cdef void cl_block_stats(const floating* x, Py_ssize_t nr, Py_ssize_t C,
+cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
                          double* m, double* q) noexcept nogil:
     """Per-column mean m[C] and M2 q[C] of nr rows, two-pass."""
     cdef Py_ssize_t r = 0, c
-    cdef const floating* p
+    cdef const dat* p
     cdef double d0, d1, inv = 1.0 / <double>nr
     for c in range(C):
         m[c] = 0.0
-        q[c] = x[c]  # pivot: the first row (q is free until the second pass)
+        q[c] = ld(x + c)  # pivot: the first row (q is free until the second pass)
     while r + 2 <= nr:  # two rows per accumulator update halves the L1 traffic
         p = x + r * C
         for c in range(C):
-            m[c] += (p[c] - q[c]) + (p[c + C] - q[c])
+            m[c] += (ld(p + c) - q[c]) + (ld(p + (c + C)) - q[c])
         r += 2
     if r < nr:
         p = x + r * C
         for c in range(C):
-            m[c] += p[c] - q[c]
+            m[c] += ld(p + c) - q[c]
     for c in range(C):
         m[c] = q[c] + m[c] * inv
         q[c] = 0.0
@@ -501,55 +623,91 @@ cdef void cl_block_stats(const floating* x, Py_ssize_t nr, Py_ssize_t C,
     while r + 2 <= nr:
         p = x + r * C
         for c in range(C):
-            d0 = p[c] - m[c]
-            d1 = p[c + C] - m[c]
+            d0 = ld(p + c) - m[c]
+            d1 = ld(p + (c + C)) - m[c]
             q[c] += d0 * d0 + d1 * d1
         r += 2
     if r < nr:
         p = x + r * C
         for c in range(C):
-            d0 = p[c] - m[c]
+            d0 = ld(p + c) - m[c]
             q[c] += d0 * d0
 
 
-cdef void cl_block_grad(const floating* g, const floating* x, floating* dx, Py_ssize_t nr,
-                        Py_ssize_t C, const double* mu, const floating* dscale,
-                        double* sg, double* sgx) noexcept nogil:
-    """Per-column Σg, Σg·(x-mu) of nr rows; with dx, also dx = g·dscale."""
-    cdef Py_ssize_t r, c
-    cdef const floating* pg
-    cdef const floating* px
-    cdef floating* pd
-    cdef double gv
-    for c in range(C):
-        sg[c] = 0.0
-        sgx[c] = 0.0
-    for r in range(nr):
+cdef void cl_rows_grad(const dat* g, const dat* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
+                       double* sg, double* sgx, double* sx) noexcept nogil:
+    """Per-column sg += Σg, sgx += Σg·(x-mu), sx += Σ(x-mu) over nr rows of C.
+
+    Four rows per update of the (L1-resident) column accumulators: their
+    loads and stores, not the data, bound a row-at-a-time loop. The grouping
+    counts from the first row, so results depend on positions only.
+    """
+    cdef Py_ssize_t r = 0, c
+    cdef const dat* pg
+    cdef const dat* px
+    cdef double g0, g1, g2, g3, d0, d1, d2, d3, m
+    while r + 4 <= nr:
         pg = g + r * C
         px = x + r * C
         for c in range(C):
-            gv = pg[c]
-            sg[c] += gv
-            sgx[c] += gv * (px[c] - mu[c])
-        if dx != NULL:
+            m = mu[c]
+            g0 = ld(pg + c)
+            g1 = ld(pg + (c + C))
+            g2 = ld(pg + (c + 2 * C))
+            g3 = ld(pg + (c + 3 * C))
+            d0 = ld(px + c) - m
+            d1 = ld(px + (c + C)) - m
+            d2 = ld(px + (c + 2 * C)) - m
+            d3 = ld(px + (c + 3 * C)) - m
+            sg[c] += (g0 + g1) + (g2 + g3)
+            sgx[c] += (g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3)
+            sx[c] += (d0 + d1) + (d2 + d3)
+        r += 4
+    while r < nr:
+        pg = g + r * C
+        px = x + r * C
+        for c in range(C):
+            g0 = ld(pg + c)
+            d0 = ld(px + c) - mu[c]
+            sg[c] += g0
+            sgx[c] += g0 * d0
+            sx[c] += d0
+        r += 1
+
+
+cdef void cl_block_grad(const dat* g, const dat* x, dat* dx, Py_ssize_t nr,
+                        Py_ssize_t C, const double* mu, const floating* dscale,
+                        double* sg, double* sgx, double* sx) noexcept nogil:
+    """Per-column Σg, Σg·(x-mu), Σ(x-mu) of nr rows; with dx, also dx = g·dscale."""
+    cdef Py_ssize_t r, c
+    cdef const dat* pg
+    cdef dat* pd
+    for c in range(C):
+        sg[c] = 0.0
+        sgx[c] = 0.0
+        sx[c] = 0.0
+    cl_rows_grad(g, x, nr, C, mu, sg, sgx, sx)
+    if dx != NULL:
+        for r in range(nr):
+            pg = g + r * C
             pd = dx + r * C
             for c in range(C):
-                pd[c] = pg[c] * dscale[c]
+                st(pd + c, <floating>ld(pg + c) * dscale[c])
 
 
-cdef inline void cl_row_norm(const floating* x, floating* y, Py_ssize_t C,
+cdef inline void cl_row_norm(const dat* x, dat* y, Py_ssize_t C,
                              const floating* mh, const floating* a, const floating* b) noexcept nogil:
     cdef Py_ssize_t c
     for c in range(C):
-        y[c] = (x[c] - mh[c]) * a[c] + b[c]
+        st(y + c, (<floating>ld(x + c) - mh[c]) * a[c] + b[c])
 
 
-cdef inline void cl_row_dx(const floating* g, const floating* x, floating* dx, Py_ssize_t C,
+cdef inline void cl_row_dx(const dat* g, const dat* x, dat* dx, Py_ssize_t C,
                            const floating* ka, const floating* mh, const floating* kb,
                            const floating* kc) noexcept nogil:
     cdef Py_ssize_t c
     for c in range(C):
-        dx[c] = g[c] * ka[c] + (x[c] - mh[c]) * kb[c] + kc[c]
+        st(dx + c, <floating>ld(g + c) * ka[c] + (<floating>ld(x + c) - mh[c]) * kb[c] + kc[c])
 
 
 cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk, Py_ssize_t j,
@@ -579,16 +737,22 @@ cdef void cl_fold_bwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t nblk, Py_ssize_t j,
                       floating* oa, floating* ob, floating* kk) noexcept nogil:
     """Sum the row-block gradient partials of channels [j·CFOLD, ...) in block order."""
     cdef Py_ssize_t c, k, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
-    cdef double sg, sgx
+    cdef double sg, sgx, sx, mu, dl
     cdef floating k4[4]
     for c in range(j * CFOLD, c1):
+        dl = 0.0
         sg = 0.0
         sgx = 0.0
+        sx = 0.0
+        mu = mud[c]
         if mode != MODE_APPLY:
             for k in range(nblk):
-                sg += part[2 * k * C + c]
-                sgx += part[(2 * k + 1) * C + c]
-        cross_bwd_consts(mode, <double>R, sg, sgx, mud[c], rstd[c], w[c], mdy, mdyx, c, oa, ob, k4)
+                sg += part[3 * k * C + c]
+                sgx += part[(3 * k + 1) * C + c]
+                sx += part[(3 * k + 2) * C + c]
+        if mode == MODE_TRAIN:
+            dl = recentre(<double>R, sx, sg, &sgx)
+        cross_bwd_consts(mode, <double>R, sg, sgx, mu, dl, rstd[c], w[c], mdy, mdyx, c, oa, ob, k4)
         if mode == MODE_TRAIN or mode == MODE_APPLY:
             kk[c] = k4[0]
             kk[C + c] = k4[1]
@@ -596,60 +760,113 @@ cdef void cl_fold_bwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t nblk, Py_ssize_t j,
             kk[3 * C + c] = k4[3]
 
 
-cdef void cl_cross_fwd(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
+cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
                        Py_ssize_t rb, Py_ssize_t nblk, double* part, double eps,
                        const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
     """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C])."""
     cdef Py_ssize_t t, lo, hi, k, r0, r1, j, nf = (C + CFOLD - 1) // CFOLD
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nblk, nt, t, &lo, &hi)
-        for k in range(lo, hi):
-            r0 = k * rb
-            r1 = r0 + rb if r0 + rb < R else R
-            cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
-    for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
-        cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            for k in range(lo, hi):
+                r0 = k * rb
+                r1 = r0 + rb if r0 + rb < R else R
+                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            for k in range(lo, hi):
+                r0 = k * rb
+                r1 = r0 + rb if r0 + rb < R else R
+                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for j in range(nf):
+            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
+    else:
+        for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
+            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
     if y == NULL:
         return
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nblk, nt, t, &lo, &hi)
-        r1 = hi * rb if hi * rb < R else R
-        r0 = lo * rb
-        while r1 > r0:  # newest rows first
-            r1 = r1 - 1
-            cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            r1 = hi * rb if hi * rb < R else R
+            r0 = lo * rb
+            while r1 > r0:  # newest rows first
+                r1 = r1 - 1
+                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            r1 = hi * rb if hi * rb < R else R
+            r0 = lo * rb
+            while r1 > r0:  # newest rows first
+                r1 = r1 - 1
+                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
 
 
-cdef void cl_cross_bwd(const floating* g, const floating* x, floating* dx, Py_ssize_t R, Py_ssize_t C,
+cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssize_t C,
                        Py_ssize_t rb, Py_ssize_t nblk, double* part, int mode,
                        const floating* mean, const floating* rstd, const floating* w,
                        const floating* mdy, const floating* mdyx,
                        floating* oa, floating* ob, floating* kk, double* mud, int nt) noexcept nogil:
-    """part: 2·nblk·C doubles; kk: 4·C constants (ka, mean_hi, kb, kc'); mud: C doubles."""
+    """part: 3·nblk·C doubles; kk: 4·C constants (ka, mean_hi, kb, kc'); mud: C doubles."""
     cdef Py_ssize_t t, lo, hi, k, r0, r1, c, j, nf = (C + CFOLD - 1) // CFOLD
     for c in range(C):
         mud[c] = mean[c]
         kk[c] = <floating>(<double>w[c] * <double>rstd[c])  # dx scale for MODE_EVAL
     if mode != MODE_APPLY:
-        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-            split_range(nblk, nt, t, &lo, &hi)
-            for k in range(lo, hi):
-                r0 = k * rb
-                r1 = r0 + rb if r0 + rb < R else R
-                cl_block_grad(g + r0 * C, x + r0 * C, dx + r0 * C if mode == MODE_EVAL else NULL,
-                              r1 - r0, C, mud, kk, part + 2 * k * C, part + (2 * k + 1) * C)
-    for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
-        cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
+        if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+            for t in range(nt):
+                lo = split_lo(nblk, nt, t)
+                hi = split_lo(nblk, nt, t + 1)
+                for k in range(lo, hi):
+                    r0 = k * rb
+                    r1 = r0 + rb if r0 + rb < R else R
+                    cl_block_grad(g + r0 * C, x + r0 * C, dx + r0 * C if mode == MODE_EVAL else NULL,
+                                  r1 - r0, C, mud, kk, part + 3 * k * C, part + (3 * k + 1) * C,
+                                  part + (3 * k + 2) * C)
+        else:
+            for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+                lo = split_lo(nblk, nt, t)
+                hi = split_lo(nblk, nt, t + 1)
+                for k in range(lo, hi):
+                    r0 = k * rb
+                    r1 = r0 + rb if r0 + rb < R else R
+                    cl_block_grad(g + r0 * C, x + r0 * C, dx + r0 * C if mode == MODE_EVAL else NULL,
+                                  r1 - r0, C, mud, kk, part + 3 * k * C, part + (3 * k + 1) * C,
+                                  part + (3 * k + 2) * C)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for j in range(nf):
+            cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
+    else:
+        for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
+            cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
     if mode != MODE_TRAIN and mode != MODE_APPLY:
         return
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nblk, nt, t, &lo, &hi)
-        r1 = hi * rb if hi * rb < R else R
-        r0 = lo * rb
-        while r1 > r0:
-            r1 = r1 - 1
-            cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            r1 = hi * rb if hi * rb < R else R
+            r0 = lo * rb
+            while r1 > r0:
+                r1 = r1 - 1
+                cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nblk, nt, t)
+            hi = split_lo(nblk, nt, t + 1)
+            r1 = hi * rb if hi * rb < R else R
+            r0 = lo * rb
+            while r1 > r0:
+                r1 = r1 - 1
+                cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
 
 
 # ------------------------------------------- per-sample, contiguous groups --
@@ -657,15 +874,15 @@ cdef void cl_cross_bwd(const floating* g, const floating* x, floating* dx, Py_ss
 # cg·S values starting at (n·C + g·cg)·S. Its statistics are BLK-sized pieces,
 # two-pass each, merged in order.
 
-cdef void run_stats(const floating* x, Py_ssize_t L, double* mu_o, double* m2_o) noexcept nogil:
+cdef void run_stats(const dat* x, Py_ssize_t L, double* mu_o, double* m2_o) noexcept nogil:
     cdef double acc[LANES]
     cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, bm
     cdef Py_ssize_t s0 = 0, n
     while s0 < L:
         n = L - s0 if L - s0 < BLK else BLK
         lanes_zero(acc)
-        sum_run(x + s0, n, x[s0], acc)
-        bm = x[s0] + lanes_total(acc) / <double>n
+        sum_run(x + s0, n, ld(x + s0), acc)
+        bm = ld(x + s0) + lanes_total(acc) / <double>n
         lanes_zero(acc)
         sq_run(x + s0, n, bm, acc)
         chan_merge(&cnt, &mu, &m2, <double>n, bm, lanes_total(acc))
@@ -674,7 +891,7 @@ cdef void run_stats(const floating* x, Py_ssize_t L, double* mu_o, double* m2_o)
     m2_o[0] = m2
 
 
-cdef void grp_fwd_unit(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
+cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
                        Py_ssize_t u, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd) noexcept nogil:
     """Group u = n·G + g: statistics, then normalize while it is in cache."""
@@ -696,7 +913,7 @@ cdef void grp_fwd_unit(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
         ml = <floating>(mu - <double>mh)
         rf = <floating>r
         for i in range(cg):
-            y[off + i] = ((x[off + i] - mh) - ml) * rf * w[c0 + i] + b[c0 + i]
+            st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
         return
     for ci in range(cg):
         a = <double>w[c0 + ci] * r
@@ -704,19 +921,20 @@ cdef void grp_fwd_unit(const floating* x, floating* y, Py_ssize_t C, Py_ssize_t 
                  <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
 
 
-cdef void grp_bwd_unit(const floating* g, const floating* x, floating* dx,
+cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
-                       double* pw, double* pb) noexcept nogil:
+                       double* pw, double* pb, double* chs) noexcept nogil:
     """Unit u = sb·G + g: group g of the samples of sample block sb.
 
     pw/pb are this sample block's dweight/dbias partials (length C), summed
-    over its samples in order.
+    over its samples in order; chs is 2·cg doubles of scratch.
     """
     cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, i, n, n1, off, o2
     cdef double ag[LANES]
     cdef double agx[LANES]
-    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, gv, d
+    cdef double ax[LANES]
+    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, gv, d, sx
     cdef floating mh, ml, rf, kb, kc
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     for n in range(sb * sbs, n1):
@@ -726,19 +944,30 @@ cdef void grp_bwd_unit(const floating* g, const floating* x, floating* dx,
         swg = 0.0
         swgx = 0.0
         if S == 1:
+            # re-centre first (the row is in L1): mu becomes the row's exact mean
+            lanes_zero(ag)
+            sum_run(x + off, cg, mu, ag)
+            d = lanes_total(ag) / m
             lanes_zero(ag)
             lanes_zero(agx)
-            elem_grad_run(g + off, x + off, w + c0, cg, mu, r, ag, agx, pb + c0, pw + c0)
+            elem_grad_run(g + off, x + off, w + c0, cg, mu, d, r, ag, agx, pb + c0, pw + c0)
             swg = lanes_total(ag)
             swgx = lanes_total(agx)
         else:
+            sx = 0.0
             for ci in range(cg):
                 lanes_zero(ag)
                 lanes_zero(agx)
+                lanes_zero(ax)
                 o2 = off + ci * S
-                grad_run(g + o2, x + o2, S, mu, ag, agx)
-                a = lanes_total(ag)
-                bx = lanes_total(agx)
+                grad_run(g + o2, x + o2, S, mu, ag, agx, ax)
+                chs[2 * ci] = lanes_total(ag)
+                chs[2 * ci + 1] = lanes_total(agx)
+                sx += lanes_total(ax)
+            d = sx / m  # re-centre on the group's exact mean (see recentre)
+            for ci in range(cg):
+                a = chs[2 * ci]
+                bx = chs[2 * ci + 1] - d * a
                 wd = w[c0 + ci]
                 swg += wd * a
                 swgx += wd * bx
@@ -749,30 +978,30 @@ cdef void grp_bwd_unit(const floating* g, const floating* x, floating* dx,
         # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu)
         mh = <floating>mu
         if S == 1:
-            ml = <floating>(mu - <double>mh)
+            ml = <floating>((mu - <double>mh) + d)
             rf = <floating>r
             kb = <floating>(-r * r * r * swgx / m)
             kc = <floating>(-r * swg / m)
             for i in range(cg):
-                dx[off + i] = (w[c0 + i] * g[off + i]) * rf + ((x[off + i] - mh) - ml) * kb + kc
+                st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
         else:
             for ci in range(cg):
                 o2 = off + ci * S
                 kb = <floating>(-r * r * r * swgx / m)
                 dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
-                       <floating>(-r * swg / m + (mu - <double>mh) * (r * r * r * swgx / m)))
+                       <floating>(-r * swg / m + ((mu - <double>mh) + d) * (r * r * r * swgx / m)))
 
 
 # ---------------------------------------------- per-sample, channels-last --
 # Sample n is S rows of C; group g is columns [g·cg, (g+1)·cg) of every row.
 # Statistics per row block of rbs rows, merged in order.
 
-cdef void cls_sample_stats(const floating* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+cdef void cls_sample_stats(const dat* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
                            Py_ssize_t rbs, double* acc, double* colm,
                            double* gcnt, double* gmu, double* gm2) noexcept nogil:
     """Per-group (count, mean, M2) of one sample, into gcnt/gmu/gm2 (length G)."""
     cdef Py_ssize_t G = C // cg, r0, nr, r, c, gi, ci
-    cdef const floating* p
+    cdef const dat* p
     cdef double s, bm, d
     for gi in range(G):
         gcnt[gi] = 0.0
@@ -783,13 +1012,13 @@ cdef void cls_sample_stats(const floating* x, Py_ssize_t S, Py_ssize_t C, Py_ssi
         nr = S - r0 if S - r0 < rbs else rbs
         for gi in range(G):
             for ci in range(cg):
-                colm[gi * cg + ci] = x[r0 * C + gi * cg]  # pivot per group
+                colm[gi * cg + ci] = ld(x + (r0 * C + gi * cg))  # pivot per group
         for c in range(C):
             acc[c] = 0.0
         for r in range(r0, r0 + nr):
             p = x + r * C
             for c in range(C):
-                acc[c] += p[c] - colm[c]
+                acc[c] += ld(p + c) - colm[c]
         for gi in range(G):
             s = 0.0
             for ci in range(cg):
@@ -802,7 +1031,7 @@ cdef void cls_sample_stats(const floating* x, Py_ssize_t S, Py_ssize_t C, Py_ssi
         for r in range(r0, r0 + nr):
             p = x + r * C
             for c in range(C):
-                d = p[c] - colm[c]
+                d = ld(p + c) - colm[c]
                 acc[c] += d * d
         for gi in range(G):
             s = 0.0
@@ -812,7 +1041,7 @@ cdef void cls_sample_stats(const floating* x, Py_ssize_t S, Py_ssize_t C, Py_ssi
         r0 += nr
 
 
-cdef void cls_fwd_unit(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
                        Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd,
                        double* scratch, floating* kk) noexcept nogil:
@@ -823,7 +1052,7 @@ cdef void cls_fwd_unit(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t 
     cdef double* gcnt = scratch + 2 * C
     cdef double* gmu = gcnt + G
     cdef double* gm2 = gmu + G
-    cdef const floating* xs = x + n * S * C
+    cdef const dat* xs = x + n * S * C
     cdef floating k3[3]
     cls_sample_stats(xs, S, C, cg, rbs, acc, colm, gcnt, gmu, gm2)
     for gi in range(G):
@@ -842,19 +1071,20 @@ cdef void cls_fwd_unit(const floating* x, floating* y, Py_ssize_t S, Py_ssize_t 
         cl_row_norm(xs + r * C, y + n * S * C + r * C, C, kk, kk + C, kk + 2 * C)
 
 
-cdef void cls_bwd_unit(const floating* g, const floating* x, floating* dx,
+cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t sb, const floating* mean, const floating* rstd, const floating* w,
                        double* pw, double* pb, double* scratch, floating* kk) noexcept nogil:
-    """Samples of sample block sb; scratch: 3·C doubles, kk: 4·C constants."""
+    """Samples of sample block sb; scratch: 4·C doubles, kk: 4·C constants."""
     cdef Py_ssize_t G = C // cg, gi, ci, c, r, n, n1
     cdef double* sg = scratch
     cdef double* sgx = scratch + C
     cdef double* colm = scratch + 2 * C
-    cdef double mu, rr, m = <double>(S * cg), swg, swgx
+    cdef double* sx = scratch + 3 * C
+    cdef double mu, rr, m = <double>(S * cg), swg, swgx, dl, d
     cdef floating k4[4]
-    cdef const floating* pg
-    cdef const floating* px
+    cdef const dat* pg
+    cdef const dat* px
     cdef double gv
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     for n in range(sb * sbs, n1):
@@ -864,27 +1094,27 @@ cdef void cls_bwd_unit(const floating* g, const floating* x, floating* dx,
         for c in range(C):
             sg[c] = 0.0
             sgx[c] = 0.0
-        for r in range(S):
-            pg = g + (n * S + r) * C
-            px = x + (n * S + r) * C
-            for c in range(C):
-                gv = pg[c]
-                sg[c] += gv
-                sgx[c] += gv * (px[c] - colm[c])
+            sx[c] = 0.0
+        cl_rows_grad(g + n * S * C, x + n * S * C, S, C, colm, sg, sgx, sx)
         for gi in range(G):
             mu = mean[n * G + gi]
             rr = rstd[n * G + gi]
             swg = 0.0
             swgx = 0.0
+            dl = 0.0
+            for ci in range(cg):
+                dl += sx[gi * cg + ci]
+            dl = dl / m  # re-centre on the group's exact mean (see recentre)
             for ci in range(cg):
                 c = gi * cg + ci
+                sgx[c] -= dl * sg[c]
                 swg += <double>w[c] * sg[c]
                 swgx += <double>w[c] * sgx[c]
                 pb[c] += sg[c]
                 pw[c] += sgx[c] * rr
             for ci in range(cg):
                 c = gi * cg + ci
-                bwd_consts(mu, <double>w[c] * rr, -rr * rr * rr * swgx / m, -rr * swg / m, k4)
+                bwd_consts(mu, dl, <double>w[c] * rr, -rr * rr * rr * swgx / m, -rr * swg / m, k4)
                 kk[c] = k4[0]
                 kk[C + c] = k4[1]
                 kk[2 * C + c] = k4[2]
@@ -898,64 +1128,124 @@ cdef void cls_bwd_unit(const floating* g, const floating* x, floating* dx,
             cl_row_dx(g + c, x + c, dx + c, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
 
 
-cdef void grp_fwd(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                   Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
                   floating* mean, floating* var, floating* rstd,
                   double* scratch, Py_ssize_t sstride, floating* kk, int nt) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = N if cl else N * G
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        for u in range(lo, hi):
-            if cl:
-                cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
-                             scratch + t * sstride, kk + t * 3 * C)
-            else:
-                grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
+                                 scratch + t * sstride, kk + t * 3 * C)
+                else:
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+    else:
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
+                                 scratch + t * sstride, kk + t * 3 * C)
+                else:
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
 
 
-cdef void grp_bwd(const floating* g, const floating* x, floating* dx, Py_ssize_t N, Py_ssize_t C,
+cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
                   const floating* mean, const floating* rstd, const floating* w,
                   double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
                   int nt) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = nsb if cl else nsb * G
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        for u in range(lo, hi):
-            if cl:
-                cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
-                             scratch + t * sstride, kk + t * 4 * C)
-            else:
-                grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                             pw + (u // G) * C, pb + (u // G) * C)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
+                                 scratch + t * sstride, kk + t * 4 * C)
+                else:
+                    grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
+                                 scratch + t * sstride, kk + t * 4 * C)
+                else:
+                    grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
 
 
 # ------------------------------------------------------------ elementwise --
 
-cdef void affine_k(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint cl,
+cdef void affine_k(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint cl,
                    const floating* a, const floating* b, int nt) noexcept nogil:
     """y = x·a[c] + b[c]: runs (n, c) of S for channels-first, rows of C for channels-last."""
     cdef Py_ssize_t t, lo, hi, u, c, nu = N * S if cl else N * C
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(nu, nt, t, &lo, &hi)
-        for u in range(lo, hi):
-            if cl:
-                for c in range(C):
-                    y[u * C + c] = x[u * C + c] * a[c] + b[c]
-            else:
-                scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    for c in range(C):
+                        st(y + (u * C + c), <floating>ld(x + (u * C + c)) * a[c] + b[c])
+                else:
+                    scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                if cl:
+                    for c in range(C):
+                        st(y + (u * C + c), <floating>ld(x + (u * C + c)) * a[c] + b[c])
+                else:
+                    scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
 
 
 cdef void copy_k(const char* src, char* dst, Py_ssize_t n, int nt) noexcept nogil:
     cdef Py_ssize_t t, lo, hi
-    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
-        split_range(n, nt, t, &lo, &hi)
-        memcpy(dst + lo, src + lo, hi - lo)
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(n, nt, t)
+            hi = split_lo(n, nt, t + 1)
+            memcpy(dst + lo, src + lo, hi - lo)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(n, nt, t)
+            hi = split_lo(n, nt, t + 1)
+            memcpy(dst + lo, src + lo, hi - lo)
 
 
 # ------------------------------------------------------- Python wrappers --
+# Every wrapper checks what the kernels would otherwise misread (type,
+# contiguity, length, dtype, writability) in C, then dispatches on the data
+# dtype: float32 and the half types use float32 parameters and statistics,
+# float64 uses float64.
+
+try:
+    import ml_dtypes as _ml_dtypes
+
+    _BF16_NUM = np.dtype(_ml_dtypes.bfloat16).num
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BF16_NUM = -1
+
+cdef int F32 = cnp.NPY_FLOAT32
+cdef int F64 = cnp.NPY_FLOAT64
+cdef int F16 = cnp.NPY_FLOAT16
+cdef int BF16 = _BF16_NUM
 
 _EMPTY = np.empty(1)  # stands in for scratch a path does not use
 
@@ -964,14 +1254,21 @@ cdef inline void* ptr(object a):
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef int _check(x, dt, Py_ssize_t size, str name) except -1:
+cdef inline void* optr(object a):
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef str _dtname(int dt):
+    return str(np.dtype(_ml_dtypes.bfloat16) if dt == BF16 and BF16 >= 0 else cnp.PyArray_DescrFromType(dt))
+
+
+cdef int _check(x, int dt, Py_ssize_t size, str name) except -1:
     """Refuse arrays the kernels would read out of bounds or misread."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
     cdef cnp.ndarray a = x
     if not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_TYPE(a) != dt or cnp.PyArray_SIZE(a) != size:
-        want = "float32" if dt == cnp.NPY_FLOAT32 else "float64"
-        raise ValueError(f"{name}: expected a C-contiguous {want} array of {size} values, "
+        raise ValueError(f"{name}: expected a C-contiguous {_dtname(dt)} array of {size} values, "
                          f"got shape {x.shape}, dtype {x.dtype}")
     return 0
 
@@ -991,7 +1288,7 @@ def last_threads():
     return _last_threads
 
 
-cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt):
+cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt) noexcept:
     global _last_threads
     cdef int t = 1
     if work >= SERIAL_ELEMS and units >= 2:
@@ -1000,13 +1297,24 @@ cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt):
     return t
 
 
-def _dtype_num(x):
+cdef int _dtype_num(x) except -1:
+    """The data dtype's number; TypeError for dtypes without kernels."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
     cdef int dt = cnp.PyArray_TYPE(<cnp.ndarray>x)
-    if dt != cnp.NPY_FLOAT32 and dt != cnp.NPY_FLOAT64:
-        raise TypeError(f"x: the cython kernels take float32 or float64, got {x.dtype}")
+    if dt != F32 and dt != F64 and dt != F16 and dt != BF16:
+        raise TypeError(f"x: the cython kernels take float32 or float64 (or float16, bfloat16), got {x.dtype}")
     return dt
+
+
+cdef inline int _pnum(int dt) noexcept:
+    """Parameter/statistics dtype number for data dtype ``dt``."""
+    return F64 if dt == F64 else F32
+
+
+cdef inline cnp.ndarray _empty1(Py_ssize_t n, int dt):
+    cdef cnp.npy_intp d = n
+    return cnp.PyArray_EMPTY(1, &d, dt, 0)
 
 
 def cf_geometry(Py_ssize_t N, Py_ssize_t S):
@@ -1030,6 +1338,30 @@ def sample_blocks(Py_ssize_t N):
     return sbs, (N + sbs - 1) // sbs
 
 
+def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                  weight, bias, double eps, int nt):
+    """Training forward into new arrays: ``(y, mean, var, rstd)``.
+
+    ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
+    G groups (``(N, G)``). Other arguments as in :func:`cross_forward`.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef cnp.npy_intp sd[2]
+    sd[0] = C if G == 0 else N
+    sd[1] = G
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                                           dt, 0)
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    cdef cnp.ndarray rstd = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    if G == 0:
+        _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
+    else:
+        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt)
+    return y, mean, var, rstd
+
+
 def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
                   mean, var, rstd, double eps, int nt):
     """Cross-sample (BatchNorm) training forward; ``y=None`` computes statistics only.
@@ -1037,36 +1369,47 @@ def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weigh
     Parameters
     ----------
     x, y : ndarray
-        Input and output, C-contiguous ``(N, C, S)`` or (``cl``) ``(N, S, C)``.
+        Input and output, C-contiguous ``(N, C, S)`` or (``cl``) ``(N, S, C)``;
+        float32, float64, float16 or bfloat16.
     cl : bool
         Channels-last layout.
     N, C, S : int
         Problem sizes.
     weight, bias : ndarray
-        Length-C affine parameters in x's dtype.
+        Length-C affine parameters in the statistics dtype (float64 for
+        float64 data, else float32).
     mean, var, rstd : ndarray
-        Length-C outputs in x's dtype.
+        Length-C outputs in the statistics dtype.
     eps : float
         Added to the variance.
     nt : int
         Most threads to use.
     """
+    _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
+
+
+cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
+                        mean, var, rstd, double eps, int nt) except -1:
     cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     _check(x, dt, size, "x")
     if y is not None:
         _check(y, dt, size, "y")
         _writable(y, "y")
-    for a, nm in ((weight, "weight"), (bias, "bias"), (mean, "mean"), (var, "var"), (rstd, "rstd")):
-        _check(a, dt, C, nm)
-    cdef cnp.ndarray part, kk = np.empty(3 * C, dtype=x.dtype)
+    _check(weight, pt, C, "weight")
+    _check(bias, pt, C, "bias")
+    _check(mean, pt, C, "mean")
+    _check(var, pt, C, "var")
+    _check(rstd, pt, C, "rstd")
+    cdef cnp.ndarray part, kk = _empty1(3 * C, pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
     cdef int t
     cl = cl or S == 1  # (N, C, 1) channels-first is (N, 1, C) channels-last
     if cl:
         rb, nblk = cl_geometry(N * S, C)
-        part = np.empty(2 * nblk * C)
+        part = _empty1(2 * nblk * C, F64)
         t = _nthreads(size, nblk, nt)
     else:
         rb, sp, nsp, nblk = cf_geometry(N, S)
@@ -1074,9 +1417,9 @@ def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weigh
         # One thread per channel keeps the channel in L2 between its passes
         # when there are enough channels to share and a channel fits.
         fused = (t == 1 or C >= 4 * t) and N * S * x.itemsize <= FUSE_BYTES
-        part = np.empty(0 if fused else 3 * C * nblk)
+        part = _empty1(0 if fused else 3 * C * nblk, F64)
     cdef void* px = ptr(x)
-    cdef void* py = NULL if y is None else ptr(y)
+    cdef void* py = optr(y)
     cdef void* pw = ptr(weight)
     cdef void* pb = ptr(bias)
     cdef void* pm = ptr(mean)
@@ -1085,20 +1428,34 @@ def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weigh
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     with nogil:
-        if cl and dt == cnp.NPY_FLOAT32:
-            cl_cross_fwd[float](<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                                <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
-        elif cl:
-            cl_cross_fwd[double](<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
-                                 <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, t)
-        elif dt == cnp.NPY_FLOAT32:
-            cf_cross_fwd[float](<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
-                                <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr,
-                                <float*>pk, t)
+        if cl:
+            if dt == F32:
+                cl_cross_fwd(<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            elif dt == F64:
+                cl_cross_fwd(<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
+                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, t)
+            elif dt == F16:
+                cl_cross_fwd(<cn_f16*>px, <cn_f16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            else:
+                cl_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
         else:
-            cf_cross_fwd[double](<double*>px, <double*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
-                                 <double*>pw, <double*>pb, <double*>pm, <double*>pv, <double*>pr,
-                                 <double*>pk, t)
+            if dt == F32:
+                cf_cross_fwd(<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            elif dt == F64:
+                cf_cross_fwd(<double*>px, <double*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <double*>pw, <double*>pb, <double*>pm, <double*>pv, <double*>pr,
+                             <double*>pk, t)
+            elif dt == F16:
+                cf_cross_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            else:
+                cf_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+    return 0
 
 
 def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, mean, rstd, weight,
@@ -1112,39 +1469,41 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     ``out_b`` are None). Other arguments as in :func:`cross_forward`.
     """
     cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     _check(dy, dt, size, "dy")
     _check(x, dt, size, "x")
     if mode != MODE_SUMS:
         _check(dx, dt, size, "dx")
         _writable(dx, "dx")
-    for a, nm in ((mean, "mean"), (rstd, "rstd"), (weight, "weight")):
-        _check(a, dt, C, nm)
+    _check(mean, pt, C, "mean")
+    _check(rstd, pt, C, "rstd")
+    _check(weight, pt, C, "weight")
     if mode == MODE_APPLY:
-        _check(mean_dy, dt, C, "mean_dy")
-        _check(mean_dy_xhat, dt, C, "mean_dy_xhat")
-        out_a = out_b = np.empty(C, dtype=x.dtype)  # not written
+        _check(mean_dy, pt, C, "mean_dy")
+        _check(mean_dy_xhat, pt, C, "mean_dy_xhat")
+        out_a = out_b = _empty1(C, pt)  # not written
     else:
-        _check(out_a, dt, C, "out_a")
-        _check(out_b, dt, C, "out_b")
+        _check(out_a, pt, C, "out_a")
+        _check(out_b, pt, C, "out_b")
         mean_dy = mean_dy_xhat = mean  # not read
-    cdef cnp.ndarray part, mud = np.empty(C), kk = np.empty(4 * C, dtype=x.dtype)
+    cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C, pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
     cdef int t
     cl = cl or S == 1
     if cl:
         rb, nblk = cl_geometry(N * S, C)
-        part = np.empty(2 * nblk * C)
+        part = _empty1(3 * nblk * C, F64)
         t = _nthreads(size, nblk, nt)
     else:
         rb, sp, nsp, nblk = cf_geometry(N, S)
         t = _nthreads(size, C * nblk, nt)
         fused = (t == 1 or C >= 4 * t) and 2 * N * S * x.itemsize <= FUSE_BYTES
-        part = np.empty(0 if fused else 2 * C * nblk)
+        part = _empty1(0 if fused else 3 * C * nblk, F64)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
-    cdef void* pdx = NULL if dx is None else ptr(dx)
+    cdef void* pdx = optr(dx)
     cdef void* pm = ptr(mean)
     cdef void* pr = ptr(rstd)
     cdef void* pw = ptr(weight)
@@ -1156,48 +1515,73 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* pp = <double*>ptr(part)
     cdef double* pmu = <double*>ptr(mud)
     with nogil:
-        if cl and dt == cnp.NPY_FLOAT32:
-            cl_cross_bwd[float](<float*>pg, <float*>px, <float*>pdx, N * S, C, rb, nblk, pp, mode,
-                                <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
-                                <float*>pa, <float*>pb, <float*>pk, pmu, t)
-        elif cl:
-            cl_cross_bwd[double](<double*>pg, <double*>px, <double*>pdx, N * S, C, rb, nblk, pp, mode,
-                                 <double*>pm, <double*>pr, <double*>pw, <double*>pmd, <double*>pmdx,
-                                 <double*>pa, <double*>pb, <double*>pk, pmu, t)
-        elif dt == cnp.NPY_FLOAT32:
-            cf_cross_bwd[float](<float*>pg, <float*>px, <float*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
-                                pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
-                                <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+        if cl:
+            if dt == F32:
+                cl_cross_bwd(<float*>pg, <float*>px, <float*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
+            elif dt == F64:
+                cl_cross_bwd(<double*>pg, <double*>px, <double*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <double*>pm, <double*>pr, <double*>pw, <double*>pmd, <double*>pmdx,
+                             <double*>pa, <double*>pb, <double*>pk, pmu, t)
+            elif dt == F16:
+                cl_cross_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
+            else:
+                cl_cross_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
         else:
-            cf_cross_bwd[double](<double*>pg, <double*>px, <double*>pdx, N, C, S, rb, sp, nsp, nblk,
-                                 fused, pp, mode, <double*>pm, <double*>pr, <double*>pw, <double*>pmd,
-                                 <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t)
+            if dt == F32:
+                cf_cross_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
+                             pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+            elif dt == F64:
+                cf_cross_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, rb, sp, nsp, nblk,
+                             fused, pp, mode, <double*>pm, <double*>pr, <double*>pw, <double*>pmd,
+                             <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t)
+            elif dt == F16:
+                cf_cross_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
+                             pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+            else:
+                cf_cross_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, rb, sp, nsp, nblk,
+                             fused, pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
 
 
 def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                   weight, bias, mean, var, rstd, double eps, int nt):
     """Per-sample training forward: statistics per (n, g) over C/G channels and S.
 
-    ``mean``, ``var``, ``rstd`` are ``(N, G)`` outputs in x's dtype; other
-    arguments as in :func:`cross_forward`.
+    ``mean``, ``var``, ``rstd`` are ``(N, G)`` outputs in the statistics
+    dtype; other arguments as in :func:`cross_forward`.
     """
+    _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt)
+
+
+cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                        weight, bias, mean, var, rstd, double eps, int nt) except -1:
     cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     _check(x, dt, size, "x")
     _check(y, dt, size, "y")
     _writable(y, "y")
-    for a, nm in ((weight, "weight"), (bias, "bias")):
-        _check(a, dt, C, nm)
-    for a, nm in ((mean, "mean"), (var, "var"), (rstd, "rstd")):
-        _check(a, dt, N * G, nm)
+    _check(weight, pt, C, "weight")
+    _check(bias, pt, C, "bias")
+    _check(mean, pt, N * G, "mean")
+    _check(var, pt, N * G, "var")
+    _check(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
     cdef int t = _nthreads(size, N if cl else N * G, nt)
     cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 2 * C + 3 * G
     # scratch only for channels-last; small calls skip the allocations
-    cdef cnp.ndarray scratch = np.empty(t * sstride) if cl else _EMPTY
-    cdef cnp.ndarray kk = np.empty(t * 3 * C, dtype=x.dtype) if cl else _EMPTY
+    cdef cnp.ndarray scratch = _empty1(t * sstride, F64) if cl else _EMPTY
+    cdef cnp.ndarray kk = _empty1(t * 3 * C, pt) if cl else _EMPTY
     cdef void* px = ptr(x)
     cdef void* py = ptr(y)
     cdef void* pw = ptr(weight)
@@ -1208,45 +1592,54 @@ def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ss
     cdef void* pk = ptr(kk)
     cdef double* ps = <double*>ptr(scratch)
     with nogil:
-        if dt == cnp.NPY_FLOAT32:
-            grp_fwd[float](<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                           <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+        if dt == F32:
+            grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+        elif dt == F64:
+            grp_fwd(<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
+                    <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
+                    <double*>pk, t)
+        elif dt == F16:
+            grp_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
         else:
-            grp_fwd[double](<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
-                            <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
-                            <double*>pk, t)
+            grp_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+    return 0
 
 
 def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                    mean, rstd, weight, int nt):
-    """Per-sample training backward; returns ``(dweight, dbias)`` in x's dtype.
+    """Per-sample training backward; returns ``(dweight, dbias)`` in the statistics dtype.
 
     ``dx`` (written in place) may be None to compute the parameter gradients only.
     """
     cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     _check(dy, dt, size, "dy")
     _check(x, dt, size, "x")
     if dx is not None:
         _check(dx, dt, size, "dx")
         _writable(dx, "dx")
-    _check(weight, dt, C, "weight")
-    for a, nm in ((mean, "mean"), (rstd, "rstd")):
-        _check(a, dt, N * G, nm)
+    _check(weight, pt, C, "weight")
+    _check(mean, pt, N * G, "mean")
+    _check(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1
-    cdef Py_ssize_t sbs, nsb
-    sbs, nsb = sample_blocks(N)
+    cdef Py_ssize_t sbs = (N + MAXBLK - 1) // MAXBLK
+    cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
     cdef int t = _nthreads(size, nsb if cl else nsb * G, nt)
-    cdef Py_ssize_t sstride = 3 * C
+    cdef Py_ssize_t sstride = 4 * C if cl else 2 * (C // G)
     # dweight/dbias partials per sample block, reduced below in block order
-    cdef cnp.ndarray pwa = np.zeros((nsb, C)), pba = np.zeros((nsb, C))
-    cdef cnp.ndarray scratch = np.empty(t * sstride if cl else 0)
-    cdef cnp.ndarray kk = np.empty(t * 4 * C if cl else 0, dtype=x.dtype)
+    cdef cnp.ndarray pwa = _empty1(nsb * C, F64), pba = _empty1(nsb * C, F64)
+    cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
+    cdef cnp.ndarray kk = _empty1(t * 4 * C if cl else 0, pt)
+    cdef cnp.ndarray dw = _empty1(C, pt), db = _empty1(C, pt)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
-    cdef void* pdx = NULL if dx is None else ptr(dx)
+    cdef void* pdx = optr(dx)
     cdef void* pm = ptr(mean)
     cdef void* pr = ptr(rstd)
     cdef void* pw = ptr(weight)
@@ -1254,26 +1647,53 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* ppw = <double*>ptr(pwa)
     cdef double* ppb = <double*>ptr(pba)
     cdef double* ps = <double*>ptr(scratch)
+    cdef void* pdw = ptr(dw)
+    cdef void* pdb = ptr(db)
+    cdef Py_ssize_t k, c
+    cdef double sw, sb
     with nogil:
-        if dt == cnp.NPY_FLOAT32:
-            grp_bwd[float](<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                           <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        for k in range(nsb * C):
+            ppw[k] = 0.0
+            ppb[k] = 0.0
+        if dt == F32:
+            grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        elif dt == F64:
+            grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
+                    <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
+                    <double*>pk, t)
+        elif dt == F16:
+            grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
         else:
-            grp_bwd[double](<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
-                            <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
-                            <double*>pk, t)
-    return pwa.sum(axis=0).astype(x.dtype), pba.sum(axis=0).astype(x.dtype)
+            grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        # block partials in block order (fixed: bit-identical for any thread count)
+        for c in range(C):
+            sw = 0.0
+            sb = 0.0
+            for k in range(nsb):
+                sw += ppw[k * C + c]
+                sb += ppb[k * C + c]
+            if pt == F64:
+                (<double*>pdw)[c] = sw
+                (<double*>pdb)[c] = sb
+            else:
+                (<float*>pdw)[c] = <float>sw
+                (<float*>pdb)[c] = <float>sb
+    return dw, db
 
 
 def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt):
     """Eval-mode forward ``y = x·scale[c] + shift[c]``: one multiply-add per element."""
     cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     _check(x, dt, size, "x")
     _check(y, dt, size, "y")
     _writable(y, "y")
-    _check(scale, dt, C, "scale")
-    _check(shift, dt, C, "shift")
+    _check(scale, pt, C, "scale")
+    _check(shift, pt, C, "shift")
     cl = cl or S == 1
     cdef int t = _nthreads(size, N * S if cl else N * C, nt)
     cdef void* px = ptr(x)
@@ -1281,10 +1701,14 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     cdef void* pa = ptr(scale)
     cdef void* pb = ptr(shift)
     with nogil:
-        if dt == cnp.NPY_FLOAT32:
-            affine_k[float](<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+        if dt == F32:
+            affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+        elif dt == F64:
+            affine_k(<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t)
+        elif dt == F16:
+            affine_k(<cn_f16*>px, <cn_f16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
         else:
-            affine_k[double](<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t)
+            affine_k(<cn_bf16*>px, <cn_bf16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
 
 
 def parallel_copy(src, dst, int nt):
