@@ -6,20 +6,11 @@ import numpy as np
 import torch
 
 import cnorm
+from gpu_bench import median_ms  # the same CUDA-event timing as the full benchmark
 
 
 def timed(fn, reps=20):
-    fn()
-    cp.cuda.Device().synchronize()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    return median_ms(fn, cp, reps)
 
 
 for dtype, tdtype in ((cp.float32, torch.float32), (cp.float16, torch.float16)):

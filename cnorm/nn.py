@@ -181,6 +181,23 @@ class _Layer:
         self.bias_grad = None
         self._pending = None
 
+    def _init_channels(self, num_features, eps, momentum, affine, track_running_stats, bias, channel_axis):
+        """Check and keep the per-channel settings of BatchNorm and InstanceNorm; allocate
+        their parameters (weight 1, bias 0) and running buffers (mean 0, var 1, count 0)."""
+        self.num_features = c = v.check_int("num_features", num_features)
+        self.eps = v.check_eps(eps)
+        self.momentum = _check_momentum(momentum)
+        self.affine = v.check_bool("affine", affine)
+        self.track_running_stats = tracked = v.check_bool("track_running_stats", track_running_stats)
+        bias = v.check_bool("bias", bias)
+        self.channel_axis = _check_axis(channel_axis)
+        if self.affine:
+            self.weight = self._full(c, 1.0)
+            self.bias = self._full(c, 0.0) if bias else None
+        self.running_mean = self._full(c, 0.0) if tracked else None
+        self.running_var = self._full(c, 1.0) if tracked else None
+        self.num_batches_tracked = self.xp.zeros((), dtype=np.int64) if tracked else None
+
     # -- forward / backward ----------------------------------------------------------
     def __call__(self, x):
         return self.forward(x)
@@ -388,22 +405,9 @@ class _BatchNorm(_Layer):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  bias=True, channel_axis=1, dtype=np.float32, backend=None):
         super().__init__(dtype, backend)
-        self.num_features = v.check_int("num_features", num_features)
-        self.eps = v.check_eps(eps)
-        self.momentum = _check_momentum(momentum)
-        self.affine = v.check_bool("affine", affine)
-        self.track_running_stats = v.check_bool("track_running_stats", track_running_stats)
-        bias = v.check_bool("bias", bias)
-        self.channel_axis = _check_axis(channel_axis)
+        self._init_channels(num_features, eps, momentum, affine, track_running_stats, bias, channel_axis)
         self.frozen = False
         self._records = None  # a list while a precise_bn block records this layer
-        c = self.num_features
-        if self.affine:
-            self.weight = self._full(c, 1.0)
-            self.bias = self._full(c, 0.0) if bias else None
-        self.running_mean = self._full(c, 0.0) if self.track_running_stats else None
-        self.running_var = self._full(c, 1.0) if self.track_running_stats else None
-        self.num_batches_tracked = self.xp.zeros((), dtype=np.int64) if self.track_running_stats else None
 
     # -- PyTorch's resets ------------------------------------------------------------
     def reset_running_stats(self):
@@ -772,20 +776,7 @@ class _InstanceNorm(_Layer):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
                  bias=True, channel_axis=1, dtype=np.float32, backend=None):
         super().__init__(dtype, backend)
-        self.num_features = v.check_int("num_features", num_features)
-        self.eps = v.check_eps(eps)
-        self.momentum = _check_momentum(momentum)
-        self.affine = v.check_bool("affine", affine)
-        self.track_running_stats = v.check_bool("track_running_stats", track_running_stats)
-        bias = v.check_bool("bias", bias)
-        self.channel_axis = _check_axis(channel_axis)
-        c = self.num_features
-        if self.affine:
-            self.weight = self._full(c, 1.0)
-            self.bias = self._full(c, 0.0) if bias else None
-        self.running_mean = self._full(c, 0.0) if self.track_running_stats else None
-        self.running_var = self._full(c, 1.0) if self.track_running_stats else None
-        self.num_batches_tracked = self.xp.zeros((), dtype=np.int64) if self.track_running_stats else None
+        self._init_channels(num_features, eps, momentum, affine, track_running_stats, bias, channel_axis)
 
     reset_running_stats = _BatchNorm.reset_running_stats
     reset_parameters = _BatchNorm.reset_parameters
