@@ -154,6 +154,15 @@ def _chunking(length: int, nseg: int, per_block: int):
     return chunk, _cdiv(length, chunk)
 
 
+def _column_blocks(rows: int, cv: int):
+    """Channels-last reduction geometry: (tx vector columns per block, column blocks,
+    rows per chunk, chunks), from the shape alone so results are deterministic."""
+    tx = min(32, _pow2ceil(cv))
+    ncol = _cdiv(cv, tx)
+    chunk, nch = _chunking(rows, ncol, THREADS // tx)
+    return tx, ncol, chunk, nch
+
+
 class CupyBackend(Backend):
     """Raw CUDA kernels for ``cupy.ndarray`` inputs (float16/bfloat16/float32/float64).
 
@@ -309,9 +318,7 @@ class CupyBackend(Backend):
             seg_stride, chunk_stride = nch, 1
         else:
             rows, cv = n * s, c // V
-            tx = min(32, _pow2ceil(cv))
-            ncol = _cdiv(cv, tx)
-            chunk, nch = _chunking(rows, ncol, THREADS // tx)
+            tx, ncol, chunk, nch = _column_blocks(rows, cv)
             pn, pm, pq = (self._empty(nch * c, np.float64) for _ in range(3))
             self._kernel("reduce.cu", ctype, f"col_stats_partial<{ctype}, {V}>")(
                 (nch * ncol,), (THREADS,),
@@ -346,9 +353,7 @@ class CupyBackend(Backend):
             seg_stride, chunk_stride = nch, 1
         else:
             rows, cv = n * s, c // V
-            tx = min(32, _pow2ceil(cv))
-            ncol = _cdiv(cv, tx)
-            chunk, nch = _chunking(rows, ncol, THREADS // tx)
+            tx, ncol, chunk, nch = _column_blocks(rows, cv)
             p1, p2 = self._empty(nch * c, sd), self._empty(nch * c, sd)
             self._kernel("reduce.cu", ctype, f"col_grad_partial<{ctype}, {V}>")(
                 (nch * ncol,), (THREADS,),
