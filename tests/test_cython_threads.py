@@ -267,3 +267,17 @@ def test_rejects_arrays_the_kernels_cannot_read():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         _kernels.affine(x, ro, False, 2, 3, 4, w, b, 1)
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64, *HALVES])
+@pytest.mark.parametrize("p", [THREAD_PROBLEMS[i] for i in (0, 2, 3, 6, 8, 9)], ids=str)
+def test_streaming_stores_change_nothing(p, dt, monkeypatch, restore_threads):
+    """Large outputs are written with streaming stores (vector body, scalar head
+    to alignment and tail): forcing them on small problems must give the same bits."""
+    cnorm.set_num_threads(2)
+    monkeypatch.setattr(_kernels, "NT_BYTES", 1 << 62)
+    cached = _all_outputs(p, dt)
+    monkeypatch.setattr(_kernels, "NT_BYTES", 0)
+    streamed = _all_outputs(p, dt)
+    for i, (a, b) in enumerate(zip(cached, streamed)):
+        assert a.tobytes() == b.tobytes(), f"output {i} differs with streaming stores"

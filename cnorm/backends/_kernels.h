@@ -43,7 +43,8 @@ static inline float cn_f16_to_f32(cn_f16 h) {
 }
 static inline cn_f16 cn_f32_to_f16(float f) {
     uint32_t u = cn_f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    uint32_t big = 0x7c00u | ((uint32_t)(a > 0x7f800000u) << 9);
+    /* Inf; NaN keeps its top payload bits with the quiet bit set, as F16C's vcvtps2ph does */
+    uint32_t big = 0x7c00u | ((0u - (uint32_t)(a > 0x7f800000u)) & (0x200u | ((a >> 13) & 0x3ffu)));
     float den = cn_u2f(a) + 0.5f;                      /* magic: result in low bits, RNE by the FPU */
     uint32_t sub = cn_f2u(den) - 0x3f000000u;
     uint32_t nrm = (a + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
@@ -132,9 +133,234 @@ static inline void cn_elem_grad_run_##T(const T* g, const T* x, const P* w, ptrd
     for (j = 0; j < CN_LANES; j++) { awg[j] = a[j]; awgx[j] = b[j]; }                     \
 }
 
+/* Rows of a per-element-affine problem (LayerNorm), split so that every loop
+   vectorizes: per-row lane sums (a reduction), then the dweight/dbias column
+   sums of up to four rows per pass (elementwise, no reduction), which reads
+   and writes the double partials pb/pw once per four rows instead of once
+   per row. Row k: values g + k*stride, x + k*stride, centre m[k] + dl[k]. */
+#define CN_LNROWS(T, P)                                                                   \
+/* awg += w g, awgx += w g (x - m), ax += x - m, lane-wise */                           \
+static inline void cn_wsums_##T(const T* g, const T* x, const P* w, ptrdiff_t n, double m, \
+                                double* awg, double* awgx, double* ax) {                  \
+    double a[CN_LANES], b[CN_LANES], c[CN_LANES]; ptrdiff_t i, j, nv = n - n % CN_LANES;  \
+    for (j = 0; j < CN_LANES; j++) { a[j] = awg[j]; b[j] = awgx[j]; c[j] = ax[j]; }       \
+    for (i = 0; i < nv; i += CN_LANES) {                                                  \
+        CN_KEEP_LOOP                                                                      \
+        for (j = 0; j < CN_LANES; j++) {                                                  \
+            double wg = (double)w[i + j] * CN_LD_##T(g + i + j), d = CN_LD_##T(x + i + j) - m; \
+            a[j] += wg; b[j] += wg * d; c[j] += d;                                        \
+        }                                                                                 \
+    }                                                                                     \
+    for (j = 0; j < n - nv; j++) {                                                        \
+        double wg = (double)w[nv + j] * CN_LD_##T(g + nv + j), d = CN_LD_##T(x + nv + j) - m; \
+        a[j] += wg; b[j] += wg * d; c[j] += d;                                            \
+    }                                                                                     \
+    for (j = 0; j < CN_LANES; j++) { awg[j] = a[j]; awgx[j] = b[j]; ax[j] = c[j]; }       \
+}                                                                                         \
+/* pb[i] += sum_k g_k[i], pw[i] += sum_k g_k[i] (x_k[i] - m[k] - dl[k]) r[k], k < rows <= 4 */ \
+static inline void cn_colsums_##T(const T* g, const T* x, ptrdiff_t stride, int rows,     \
+                                  ptrdiff_t n, const double* m, const double* dl,         \
+                                  const double* r, double* pb, double* pw) {              \
+    ptrdiff_t i;                                                                          \
+    if (rows == 4) {                                                                      \
+        const T *g1 = g + stride, *g2 = g + 2 * stride, *g3 = g + 3 * stride;             \
+        const T *x1 = x + stride, *x2 = x + 2 * stride, *x3 = x + 3 * stride;             \
+        for (i = 0; i < n; i++) {                                                         \
+            double a0 = CN_LD_##T(g + i), a1 = CN_LD_##T(g1 + i);                         \
+            double a2 = CN_LD_##T(g2 + i), a3 = CN_LD_##T(g3 + i);                        \
+            pb[i] += (a0 + a1) + (a2 + a3);                                               \
+            pw[i] += (a0 * ((CN_LD_##T(x + i) - m[0]) - dl[0]) * r[0]                     \
+                      + a1 * ((CN_LD_##T(x1 + i) - m[1]) - dl[1]) * r[1])                 \
+                   + (a2 * ((CN_LD_##T(x2 + i) - m[2]) - dl[2]) * r[2]                    \
+                      + a3 * ((CN_LD_##T(x3 + i) - m[3]) - dl[3]) * r[3]);                \
+        }                                                                                 \
+        return;                                                                           \
+    }                                                                                     \
+    for (int k = 0; k < rows; k++) {                                                      \
+        const T *gk = g + k * stride, *xk = x + k * stride;                               \
+        for (i = 0; i < n; i++) {                                                         \
+            double a0 = CN_LD_##T(gk + i);                                                \
+            pb[i] += a0;                                                                  \
+            pw[i] += a0 * ((CN_LD_##T(xk + i) - m[k]) - dl[k]) * r[k];                    \
+        }                                                                                 \
+    }                                                                                     \
+}
+
 CN_RUNS(float, float)
 CN_RUNS(double, double)
 CN_RUNS(cn_bf16, float)
 CN_RUNS(cn_f16, float)
+CN_LNROWS(float, float)
+CN_LNROWS(double, double)
+CN_LNROWS(cn_bf16, float)
+CN_LNROWS(cn_f16, float)
+
+/* ---------------------------------------------------------- elementwise --
+   The normalization and dx sweeps for float32 and the half types, in float:
+   16-wide AVX-512 with the conversions in hardware (F16C for float16) where
+   the build has AVX-512, the same operations one element at a time
+   elsewhere (head, tail, other builds) - fused multiply-adds both ways, so
+   where an element falls never changes its value.
+
+   When cn_nt_store is set (outputs much larger than the caches), full
+   vectors are written with non-temporal (streaming) stores: the output then
+   costs one write to memory instead of a read-for-ownership plus a write.
+   Whoever sets it calls cn_sfence() on every thread that stored, before the
+   output is read. */
+#include <math.h>
+#include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define CN_AVX512 1
+#endif
+#if defined(__FMA__) || defined(__AVX512F__)
+#define CN_FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define CN_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+static int cn_nt_store = 0;
+
+#define CN_LDF_float(p) (*(p))
+#define CN_LDF_cn_bf16(p) cn_bf16_to_f32(*(p))
+#define CN_LDF_cn_f16(p) cn_f16_to_f32(*(p))
+
+static inline void cn_sfence(void) {
+#if defined(CN_AVX512)
+    _mm_sfence();
+#endif
+}
+
+static inline void cn_st1_float(float* p, float v) { *p = v; }
+static inline void cn_st1_cn_bf16(cn_bf16* p, float v) { *p = cn_f32_to_bf16(v); }
+static inline void cn_st1_cn_f16(cn_f16* p, float v) { *p = cn_f32_to_f16(v); }
+
+#if defined(CN_AVX512)
+#define CN_ALIGN_float 64
+#define CN_ALIGN_cn_bf16 32
+#define CN_ALIGN_cn_f16 32
+static inline __m512 cn_vld_float(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 cn_vld_cn_bf16(const cn_bf16* p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+static inline __m512 cn_vld_cn_f16(const cn_f16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+static inline void cn_vst_float(float* p, __m512 v, int nt) {
+    if (nt) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
+}
+static inline void cn_vst16(void* p, __m256i h, int nt) {
+    if (nt) _mm256_stream_si256((__m256i*)p, h); else _mm256_storeu_si256((__m256i*)p, h);
+}
+static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) {   /* as cn_f32_to_bf16 */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                                   _mm512_and_si512(hi, _mm512_set1_epi32(1))), 16);
+    __m512i q = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    cn_vst16(p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)), nt);
+}
+static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
+    cn_vst16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nt);
+}
+/* elements before y reaches the streaming stores' alignment */
+#define CN_HEAD(T, y, n) ({                                                               \
+    uintptr_t a_ = (uintptr_t)(y), k_ = CN_ALIGN_##T;                                      \
+    ptrdiff_t h_ = (a_ % sizeof(T)) ? (n) : (ptrdiff_t)(((k_ - a_ % k_) % k_) / sizeof(T)); \
+    h_ < (n) ? h_ : (n); })
+#define CN_P(p, i) _mm512_loadu_ps((p) + (i))
+#define CN_S(v) _mm512_set1_ps(v)
+#endif
+
+
+#if defined(CN_AVX512)
+#define CN_BODY(T, y, n, SCALAR, VECTOR) do {                                             \
+    const int nt_ = cn_nt_store; ptrdiff_t i = 0, h_ = nt_ ? CN_HEAD(T, y, n) : 0;         \
+    for (; i < h_; i++) { SCALAR; }                                                       \
+    for (; i + 16 <= (n); i += 16) { VECTOR; }                                            \
+    for (; i < (n); i++) { SCALAR; }                                                      \
+} while (0)
+#else
+#define CN_BODY(T, y, n, SCALAR, VECTOR) do {                                             \
+    ptrdiff_t i; for (i = 0; i < (n); i++) { SCALAR; }                                    \
+} while (0)
+#endif
+
+#define CN_EW(T)                                                                          \
+/* y = (x - mh) a + b */                                                                  \
+static inline void cn_norm_run_##T(const T* x, T* y, ptrdiff_t n, float mh, float a,      \
+                                   float b) {                                             \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i) - mh, a, b)),                          \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_S(mh)),      \
+                                          CN_S(a), CN_S(b)), nt_));                       \
+}                                                                                         \
+/* y = x a + b */                                                                         \
+static inline void cn_scale_run_##T(const T* x, T* y, ptrdiff_t n, float a, float b) {    \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i), a, b)),                               \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(cn_vld_##T(x + i), CN_S(a), CN_S(b)), nt_));     \
+}                                                                                         \
+/* dx = g ka + ((x - mh) kb + kc) */                                                      \
+static inline void cn_dx_run_##T(const T* g, const T* x, T* dx, ptrdiff_t n, float ka,    \
+                                 float mh, float kb, float kc) {                          \
+    CN_BODY(T, dx, n,                                                                     \
+        cn_st1_##T(dx + i, CN_FMA(CN_LDF_##T(g + i), ka,                                  \
+                                  CN_FMA(CN_LDF_##T(x + i) - mh, kb, kc))),               \
+        cn_vst_##T(dx + i, _mm512_fmadd_ps(cn_vld_##T(g + i), CN_S(ka),                   \
+            _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_S(mh)), CN_S(kb), CN_S(kc))), nt_)); \
+}                                                                                         \
+/* channels-last row: y[c] = (x[c] - mh[c]) a[c] + b[c] */                                \
+static inline void cn_row_norm_##T(const T* x, T* y, ptrdiff_t n, const float* mh,       \
+                                   const float* a, const float* b) {                      \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i) - mh[i], a[i], b[i])),                 \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, i)),  \
+                                          CN_P(a, i), CN_P(b, i)), nt_));                 \
+}                                                                                         \
+/* channels-last row: y[c] = x[c] a[c] + b[c] */                                          \
+static inline void cn_row_affine_##T(const T* x, T* y, ptrdiff_t n, const float* a,      \
+                                     const float* b) {                                    \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i), a[i], b[i])),                         \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(cn_vld_##T(x + i), CN_P(a, i), CN_P(b, i)), nt_)); \
+}                                                                                         \
+/* channels-last row: dx[c] = g[c] ka[c] + ((x[c] - mh[c]) kb[c] + kc[c]) */              \
+static inline void cn_row_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,             \
+                                 const float* ka, const float* mh, const float* kb,       \
+                                 const float* kc) {                                       \
+    CN_BODY(T, dx, n,                                                                     \
+        cn_st1_##T(dx + i, CN_FMA(CN_LDF_##T(g + i), ka[i],                               \
+                                  CN_FMA(CN_LDF_##T(x + i) - mh[i], kb[i], kc[i]))),      \
+        cn_vst_##T(dx + i, _mm512_fmadd_ps(cn_vld_##T(g + i), CN_P(ka, i),                \
+            _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, i)), CN_P(kb, i),   \
+                            CN_P(kc, i))), nt_));                                         \
+}                                                                                         \
+/* LayerNorm row: y[i] = (((x[i] - mh) - ml) rf) w[i] + b[i] */                          \
+static inline void cn_ln_fwd_##T(const T* x, T* y, ptrdiff_t n, float mh, float ml,       \
+                                 float rf, const float* w, const float* b) {              \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(((CN_LDF_##T(x + i) - mh) - ml) * rf, w[i], b[i])),      \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(      \
+            cn_vld_##T(x + i), CN_S(mh)), CN_S(ml)), CN_S(rf)), CN_P(w, i), CN_P(b, i)), nt_)); \
+}                                                                                         \
+/* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */                \
+static inline void cn_ln_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,              \
+                                const float* w, float rf, float mh, float ml, float kb,   \
+                                float kc) {                                               \
+    CN_BODY(T, dx, n,                                                                     \
+        cn_st1_##T(dx + i, CN_FMA(w[i] * CN_LDF_##T(g + i), rf,                           \
+                                  CN_FMA((CN_LDF_##T(x + i) - mh) - ml, kb, kc))),        \
+        cn_vst_##T(dx + i, _mm512_fmadd_ps(_mm512_mul_ps(CN_P(w, i), cn_vld_##T(g + i)),  \
+            CN_S(rf), _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(cn_vld_##T(x + i),      \
+            CN_S(mh)), CN_S(ml)), CN_S(kb), CN_S(kc))), nt_));                            \
+}
+
+CN_EW(float)
+CN_EW(cn_bf16)
+CN_EW(cn_f16)
 
 #endif

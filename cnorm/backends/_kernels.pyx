@@ -54,6 +54,63 @@ cdef extern from "_kernels.h" nogil:
     cn_bf16 cn_f32_to_bf16(float f)
     float cn_f16_to_f32(cn_f16 h)
     cn_f16 cn_f32_to_f16(float f)
+    void cn_wsums_float(const float* g, const float* x, const float* w, Py_ssize_t n, double m, double* awg,
+                     double* awgx, double* ax)
+    void cn_colsums_float(const float* g, const float* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                       const double* m, const double* dl, const double* r, double* pb, double* pw)
+    void cn_wsums_double(const double* g, const double* x, const double* w, Py_ssize_t n, double m, double* awg,
+                     double* awgx, double* ax)
+    void cn_colsums_double(const double* g, const double* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                       const double* m, const double* dl, const double* r, double* pb, double* pw)
+    void cn_wsums_cn_bf16(const cn_bf16* g, const cn_bf16* x, const float* w, Py_ssize_t n, double m, double* awg,
+                     double* awgx, double* ax)
+    void cn_colsums_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                       const double* m, const double* dl, const double* r, double* pb, double* pw)
+    void cn_wsums_cn_f16(const cn_f16* g, const cn_f16* x, const float* w, Py_ssize_t n, double m, double* awg,
+                     double* awgx, double* ax)
+    void cn_colsums_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                       const double* m, const double* dl, const double* r, double* pb, double* pw)
+    int cn_nt_store
+    void cn_sfence()
+    void cn_norm_run_float(const float* x, float* y, Py_ssize_t n, float mh, float a, float b)
+    void cn_scale_run_float(const float* x, float* y, Py_ssize_t n, float a, float b)
+    void cn_dx_run_float(const float* g, const float* x, float* dx, Py_ssize_t n, float ka, float mh, float kb,
+                      float kc)
+    void cn_row_norm_float(const float* x, float* y, Py_ssize_t n, const float* mh, const float* a,
+                        const float* b)
+    void cn_row_affine_float(const float* x, float* y, Py_ssize_t n, const float* a, const float* b)
+    void cn_row_dx_float(const float* g, const float* x, float* dx, Py_ssize_t n, const float* ka,
+                      const float* mh, const float* kb, const float* kc)
+    void cn_ln_fwd_float(const float* x, float* y, Py_ssize_t n, float mh, float ml, float rf, const float* w,
+                      const float* b)
+    void cn_ln_dx_float(const float* g, const float* x, float* dx, Py_ssize_t n, const float* w, float rf,
+                     float mh, float ml, float kb, float kc)
+    void cn_norm_run_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float mh, float a, float b)
+    void cn_scale_run_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float a, float b)
+    void cn_dx_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n, float ka, float mh, float kb,
+                      float kc)
+    void cn_row_norm_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, const float* mh, const float* a,
+                        const float* b)
+    void cn_row_affine_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, const float* a, const float* b)
+    void cn_row_dx_cn_bf16(const cn_bf16* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n, const float* ka,
+                      const float* mh, const float* kb, const float* kc)
+    void cn_ln_fwd_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, float mh, float ml, float rf, const float* w,
+                      const float* b)
+    void cn_ln_dx_cn_bf16(const cn_bf16* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n, const float* w, float rf,
+                     float mh, float ml, float kb, float kc)
+    void cn_norm_run_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, float mh, float a, float b)
+    void cn_scale_run_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, float a, float b)
+    void cn_dx_run_cn_f16(const cn_f16* g, const cn_f16* x, cn_f16* dx, Py_ssize_t n, float ka, float mh, float kb,
+                      float kc)
+    void cn_row_norm_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, const float* mh, const float* a,
+                        const float* b)
+    void cn_row_affine_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, const float* a, const float* b)
+    void cn_row_dx_cn_f16(const cn_f16* g, const cn_f16* x, cn_f16* dx, Py_ssize_t n, const float* ka,
+                      const float* mh, const float* kb, const float* kc)
+    void cn_ln_fwd_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, float mh, float ml, float rf, const float* w,
+                      const float* b)
+    void cn_ln_dx_cn_f16(const cn_f16* g, const cn_f16* x, cn_f16* dx, Py_ssize_t n, const float* w, float rf,
+                     float mh, float ml, float kb, float kc)
     void cn_sum_run_float(const float* x, Py_ssize_t n, double piv, double* acc)
     void cn_sq_run_float(const float* x, Py_ssize_t n, double m, double* acc)
     void cn_grad_run_float(const float* g, const float* x, Py_ssize_t n, double m, double* ag, double* agx,
@@ -103,6 +160,10 @@ cdef enum:
 # Below this many elements a call stays on the calling thread: an OpenMP
 # fork/join costs more than the work.
 SERIAL_ELEMS = 32768
+# Outputs of at least this many bytes are written with streaming (non-temporal)
+# stores: far larger than the per-core caches, they would be evicted unread,
+# and a streaming store saves the read-for-ownership of every output line.
+NT_BYTES = 8 << 20
 # A channel (forward: x; backward: x and dy) up to this many bytes is kept in
 # the per-core L2 (2 MB here) between statistics and normalization.
 FUSE_BYTES = 1 << 20
@@ -227,23 +288,44 @@ cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
                           floating mh, floating a, floating b) noexcept nogil:
     """y = (x - mh)·a + b: one subtract and one FMA per element."""
     cdef Py_ssize_t i
-    for i in range(n):
-        st(y + i, (<floating>ld(x + i) - mh) * a + b)
+    if dat is float:
+        cn_norm_run_float(x, y, n, mh, a, b)
+    elif dat is cn_bf16:
+        cn_norm_run_cn_bf16(x, y, n, mh, a, b)
+    elif dat is cn_f16:
+        cn_norm_run_cn_f16(x, y, n, mh, a, b)
+    else:
+        for i in range(n):
+            st(y + i, (<floating>ld(x + i) - mh) * a + b)
 
 
 cdef inline void scale_run(const dat* x, dat* y, Py_ssize_t n,
                            floating a, floating b) noexcept nogil:
     cdef Py_ssize_t i
-    for i in range(n):
-        st(y + i, <floating>ld(x + i) * a + b)
+    if dat is float:
+        cn_scale_run_float(x, y, n, a, b)
+    elif dat is cn_bf16:
+        cn_scale_run_cn_bf16(x, y, n, a, b)
+    elif dat is cn_f16:
+        cn_scale_run_cn_f16(x, y, n, a, b)
+    else:
+        for i in range(n):
+            st(y + i, <floating>ld(x + i) * a + b)
 
 
 cdef inline void dx_run(const dat* g, const dat* x, dat* dx, Py_ssize_t n,
                         floating ka, floating mh, floating kb, floating kc) noexcept nogil:
     """dx = g·ka + (x - mh)·kb + kc."""
     cdef Py_ssize_t i
-    for i in range(n):
-        st(dx + i, <floating>ld(g + i) * ka + (<floating>ld(x + i) - mh) * kb + kc)
+    if dat is float:
+        cn_dx_run_float(g, x, dx, n, ka, mh, kb, kc)
+    elif dat is cn_bf16:
+        cn_dx_run_cn_bf16(g, x, dx, n, ka, mh, kb, kc)
+    elif dat is cn_f16:
+        cn_dx_run_cn_f16(g, x, dx, n, ka, mh, kb, kc)
+    else:
+        for i in range(n):
+            st(dx + i, <floating>ld(g + i) * ka + (<floating>ld(x + i) - mh) * kb + kc)
 
 
 cdef inline void chan_merge(double* cnt, double* mean, double* m2,
@@ -409,6 +491,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 for c in range(lo, hi):
                     cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
                                    mean, var, rstd, kk)
+                cn_sfence()  # order this thread's streaming stores before the join
         return
     # Split path: (channel, block) units in parallel, then fold, then normalize.
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -423,6 +506,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
                 cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
+            cn_sfence()  # order this thread's streaming stores before the join
     for c in range(C):
         cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, part, True, eps, w, b,
                        mean, var, rstd, kk)
@@ -444,6 +528,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
             while u > lo:
                 u = u - 1
                 cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
@@ -552,6 +637,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                 for c in range(lo, hi):
                     cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
                                    mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+                cn_sfence()  # order this thread's streaming stores before the join
         return
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for t in range(nt):
@@ -571,6 +657,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                 cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
                               c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
                               part + 3 * u)
+            cn_sfence()  # order this thread's streaming stores before the join
     for c in range(C):
         cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, True, mode,
                        mean, rstd, w, mdy, mdyx, oa, ob, kk, False)
@@ -592,6 +679,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
             while u > lo:
                 u = u - 1
                 cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 # ----------------------------------------------- cross-sample, channels-last --
@@ -698,16 +786,47 @@ cdef void cl_block_grad(const dat* g, const dat* x, dat* dx, Py_ssize_t nr,
 cdef inline void cl_row_norm(const dat* x, dat* y, Py_ssize_t C,
                              const floating* mh, const floating* a, const floating* b) noexcept nogil:
     cdef Py_ssize_t c
-    for c in range(C):
-        st(y + c, (<floating>ld(x + c) - mh[c]) * a[c] + b[c])
+    if dat is float:
+        cn_row_norm_float(x, y, C, <const float*>mh, <const float*>a, <const float*>b)
+    elif dat is cn_bf16:
+        cn_row_norm_cn_bf16(x, y, C, <const float*>mh, <const float*>a, <const float*>b)
+    elif dat is cn_f16:
+        cn_row_norm_cn_f16(x, y, C, <const float*>mh, <const float*>a, <const float*>b)
+    else:
+        for c in range(C):
+            st(y + c, (<floating>ld(x + c) - mh[c]) * a[c] + b[c])
+
+
+cdef inline void row_affine(const dat* x, dat* y, Py_ssize_t C, const floating* a,
+                            const floating* b) noexcept nogil:
+    cdef Py_ssize_t c
+    if dat is float:
+        cn_row_affine_float(x, y, C, <const float*>a, <const float*>b)
+    elif dat is cn_bf16:
+        cn_row_affine_cn_bf16(x, y, C, <const float*>a, <const float*>b)
+    elif dat is cn_f16:
+        cn_row_affine_cn_f16(x, y, C, <const float*>a, <const float*>b)
+    else:
+        for c in range(C):
+            st(y + c, <floating>ld(x + c) * a[c] + b[c])
 
 
 cdef inline void cl_row_dx(const dat* g, const dat* x, dat* dx, Py_ssize_t C,
                            const floating* ka, const floating* mh, const floating* kb,
                            const floating* kc) noexcept nogil:
     cdef Py_ssize_t c
-    for c in range(C):
-        st(dx + c, <floating>ld(g + c) * ka[c] + (<floating>ld(x + c) - mh[c]) * kb[c] + kc[c])
+    if dat is float:
+        cn_row_dx_float(g, x, dx, C, <const float*>ka, <const float*>mh, <const float*>kb,
+                        <const float*>kc)
+    elif dat is cn_bf16:
+        cn_row_dx_cn_bf16(g, x, dx, C, <const float*>ka, <const float*>mh, <const float*>kb,
+                          <const float*>kc)
+    elif dat is cn_f16:
+        cn_row_dx_cn_f16(g, x, dx, C, <const float*>ka, <const float*>mh, <const float*>kb,
+                         <const float*>kc)
+    else:
+        for c in range(C):
+            st(dx + c, <floating>ld(g + c) * ka[c] + (<floating>ld(x + c) - mh[c]) * kb[c] + kc[c])
 
 
 cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk, Py_ssize_t j,
@@ -782,6 +901,7 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
                 r0 = k * rb
                 r1 = r0 + rb if r0 + rb < R else R
                 cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+            cn_sfence()  # order this thread's streaming stores before the join
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for j in range(nf):
             cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
@@ -808,6 +928,7 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
             while r1 > r0:  # newest rows first
                 r1 = r1 - 1
                 cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssize_t C,
@@ -841,6 +962,7 @@ cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssi
                     cl_block_grad(g + r0 * C, x + r0 * C, dx + r0 * C if mode == MODE_EVAL else NULL,
                                   r1 - r0, C, mud, kk, part + 3 * k * C, part + (3 * k + 1) * C,
                                   part + (3 * k + 2) * C)
+                cn_sfence()  # order this thread's streaming stores before the join
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for j in range(nf):
             cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
@@ -867,6 +989,7 @@ cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssi
             while r1 > r0:
                 r1 = r1 - 1
                 cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 # ------------------------------------------- per-sample, contiguous groups --
@@ -912,13 +1035,106 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
         # per-element affine (LayerNorm): y = ((x - mh) - ml)·r·w + b
         ml = <floating>(mu - <double>mh)
         rf = <floating>r
-        for i in range(cg):
-            st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
+        if dat is float:
+            cn_ln_fwd_float(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0)
+        elif dat is cn_bf16:
+            cn_ln_fwd_cn_bf16(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0)
+        elif dat is cn_f16:
+            cn_ln_fwd_cn_f16(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0)
+        else:
+            for i in range(cg):
+                st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
         return
     for ci in range(cg):
         a = <double>w[c0 + ci] * r
         norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
                  <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
+
+
+cdef inline void wsums(const dat* g, const dat* x, const floating* w, Py_ssize_t n, double m,
+                       double* awg, double* awgx, double* ax) noexcept nogil:
+    """awg += w·g, awgx += w·g·(x - m), ax += x - m, lane-wise (C helper in _kernels.h)."""
+    if dat is float:
+        cn_wsums_float(g, x, <const float*>w, n, m, awg, awgx, ax)
+    elif dat is double:
+        cn_wsums_double(g, x, <const double*>w, n, m, awg, awgx, ax)
+    elif dat is cn_bf16:
+        cn_wsums_cn_bf16(g, x, <const float*>w, n, m, awg, awgx, ax)
+    else:
+        cn_wsums_cn_f16(g, x, <const float*>w, n, m, awg, awgx, ax)
+
+
+cdef inline void colsums(const dat* g, const dat* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                         const double* m, const double* dl, const double* r,
+                         double* pb, double* pw) noexcept nogil:
+    if dat is float:
+        cn_colsums_float(g, x, stride, rows, n, m, dl, r, pb, pw)
+    elif dat is double:
+        cn_colsums_double(g, x, stride, rows, n, m, dl, r, pb, pw)
+    elif dat is cn_bf16:
+        cn_colsums_cn_bf16(g, x, stride, rows, n, m, dl, r, pb, pw)
+    else:
+        cn_colsums_cn_f16(g, x, stride, rows, n, m, dl, r, pb, pw)
+
+
+cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
+                   Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1,
+                   const floating* mean, const floating* rstd, const floating* w,
+                   double* pw, double* pb) noexcept nogil:
+    """Backward of rows n0..n1-1 of a per-element-affine group (S == 1: LayerNorm).
+
+    Per row, one reduction pass (the two weighted sums and the re-centring
+    shift) and the dx pass; then the dweight/dbias column sums of four rows
+    at a time (fixed from n0), all while the rows are in L1/L2.
+    """
+    cdef Py_ssize_t c0 = gi * cg, n, k, off, i
+    cdef int rows
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef double ax[LANES]
+    cdef double m4[4]
+    cdef double dl4[4]
+    cdef double r4[4]
+    cdef double mu, r, dl, swg, swgx, m = <double>cg
+    cdef floating mh, ml, rf, kb, kc
+    n = n0
+    while n < n1:
+        rows = <int>(n1 - n if n1 - n < 4 else 4)
+        for k in range(rows):
+            mu = mean[(n + k) * G + gi]
+            r = rstd[(n + k) * G + gi]
+            off = (n + k) * C + c0
+            lanes_zero(ag)
+            lanes_zero(agx)
+            lanes_zero(ax)
+            wsums(g + off, x + off, w + c0, cg, mu, ag, agx, ax)
+            swg = lanes_total(ag)
+            swgx = lanes_total(agx)
+            dl = recentre(m, lanes_total(ax), swg, &swgx)  # centre: the row's exact mean
+            m4[k] = mu
+            dl4[k] = dl
+            r4[k] = r
+            if dx == NULL:
+                continue
+            # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - dl)
+            mh = <floating>mu
+            ml = <floating>((mu - <double>mh) + dl)
+            rf = <floating>r
+            kb = <floating>(-r * r * r * swgx / m)
+            kc = <floating>(-r * swg / m)
+            if dat is float:
+                cn_ln_dx_float(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            elif dat is cn_bf16:
+                cn_ln_dx_cn_bf16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            elif dat is cn_f16:
+                cn_ln_dx_cn_f16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            else:
+                for i in range(cg):
+                    st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
+                       + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
+        off = n * C + c0
+        colsums(g + off, x + off, C, rows, cg, m4, dl4, r4, pb + c0, pw + c0)
+        n += rows
 
 
 cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
@@ -937,22 +1153,17 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, gv, d, sx
     cdef floating mh, ml, rf, kb, kc
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
+    if S == 1:
+        rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
+        return
     for n in range(sb * sbs, n1):
         mu = mean[n * G + gi]
         r = rstd[n * G + gi]
         off = (n * C + c0) * S
         swg = 0.0
         swgx = 0.0
-        if S == 1:
-            # re-centre first (the row is in L1): mu becomes the row's exact mean
-            lanes_zero(ag)
-            sum_run(x + off, cg, mu, ag)
-            d = lanes_total(ag) / m
-            lanes_zero(ag)
-            lanes_zero(agx)
-            elem_grad_run(g + off, x + off, w + c0, cg, mu, d, r, ag, agx, pb + c0, pw + c0)
-            swg = lanes_total(ag)
-            swgx = lanes_total(agx)
+        if False:
+            pass
         else:
             sx = 0.0
             for ci in range(cg):
@@ -982,8 +1193,16 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
             rf = <floating>r
             kb = <floating>(-r * r * r * swgx / m)
             kc = <floating>(-r * swg / m)
-            for i in range(cg):
-                st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
+            if dat is float:
+                cn_ln_dx_float(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            elif dat is cn_bf16:
+                cn_ln_dx_cn_bf16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            elif dat is cn_f16:
+                cn_ln_dx_cn_f16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            else:
+                for i in range(cg):
+                    st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
+                       + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
         else:
             for ci in range(cg):
                 o2 = off + ci * S
@@ -1154,6 +1373,7 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
                                  scratch + t * sstride, kk + t * 3 * C)
                 else:
                     grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C,
@@ -1185,6 +1405,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
                                  pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 # ------------------------------------------------------------ elementwise --
@@ -1199,8 +1420,7 @@ cdef void affine_k(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t 
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
                 if cl:
-                    for c in range(C):
-                        st(y + (u * C + c), <floating>ld(x + (u * C + c)) * a[c] + b[c])
+                    row_affine(x + u * C, y + u * C, C, a, b)
                 else:
                     scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
     else:
@@ -1209,10 +1429,10 @@ cdef void affine_k(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t 
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
                 if cl:
-                    for c in range(C):
-                        st(y + (u * C + c), <floating>ld(x + (u * C + c)) * a[c] + b[c])
+                    row_affine(x + u * C, y + u * C, C, a, b)
                 else:
                     scale_run(x + u * S, y + u * S, S, a[u % C], b[u % C])
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 cdef void copy_k(const char* src, char* dst, Py_ssize_t n, int nt) noexcept nogil:
@@ -1227,6 +1447,7 @@ cdef void copy_k(const char* src, char* dst, Py_ssize_t n, int nt) noexcept nogi
             lo = split_lo(n, nt, t)
             hi = split_lo(n, nt, t + 1)
             memcpy(dst + lo, src + lo, hi - lo)
+            cn_sfence()  # order this thread's streaming stores before the join
 
 
 # ------------------------------------------------------- Python wrappers --
@@ -1305,6 +1526,12 @@ cdef int _dtype_num(x) except -1:
     if dt != F32 and dt != F64 and dt != F16 and dt != BF16:
         raise TypeError(f"x: the cython kernels take float32 or float64 (or float16, bfloat16), got {x.dtype}")
     return dt
+
+
+cdef inline void _stream(Py_ssize_t out_bytes) noexcept:
+    """Choose streaming stores for this call's output (a hint: any value is correct)."""
+    global cn_nt_store
+    cn_nt_store = 1 if out_bytes >= NT_BYTES else 0
 
 
 cdef inline int _pnum(int dt) noexcept:
@@ -1427,6 +1654,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
+    _stream(0 if y is None else size * x.itemsize)
     with nogil:
         if cl:
             if dt == F32:
@@ -1514,6 +1742,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pmu = <double*>ptr(mud)
+    _stream(0 if dx is None else size * x.itemsize)
     with nogil:
         if cl:
             if dt == F32:
@@ -1591,6 +1820,7 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* ps = <double*>ptr(scratch)
+    _stream(size * x.itemsize)
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
@@ -1651,6 +1881,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pdb = ptr(db)
     cdef Py_ssize_t k, c
     cdef double sw, sb
+    _stream(0 if dx is None else size * x.itemsize)
     with nogil:
         for k in range(nsb * C):
             ppw[k] = 0.0
@@ -1700,6 +1931,7 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     cdef void* py = ptr(y)
     cdef void* pa = ptr(scale)
     cdef void* pb = ptr(shift)
+    _stream(size * x.itemsize)
     with nogil:
         if dt == F32:
             affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
