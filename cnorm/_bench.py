@@ -404,8 +404,10 @@ def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, 
             print(f"  {case.name}: no torch row ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
                   file=sys.stderr)
             continue
-        check(got, want, f"{case.name} [{name}]", tolerance(case.np_dtype) if name != "torch" else
-              max(tolerance(case.np_dtype), 2.0 ** -7 if case.dtype != "float32" else 1e-4))
+        # PyTorch's half kernels round intermediates (and bfloat16 parameter
+        # gradients) to the half type: its rows get a sanity bound, not cnorm's.
+        tol = tolerance(case.np_dtype) if name != "torch" or case.dtype == "float32" else 2.0 ** -5
+        check(got, want, f"{case.name} [{name}]", tol)
         times = time_call(call, repeat if name != "numpy" else max(3, repeat // 3), budget_s)
         med = statistics.median(times)
         row["results"][name] = {"median_s": med, "min_s": min(times), "n": len(times),

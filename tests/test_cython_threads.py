@@ -281,3 +281,20 @@ def test_streaming_stores_change_nothing(p, dt, monkeypatch, restore_threads):
     streamed = _all_outputs(p, dt)
     for i, (a, b) in enumerate(zip(cached, streamed)):
         assert a.tobytes() == b.tobytes(), f"output {i} differs with streaming stores"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # var ~ 1e60 in float32
+@pytest.mark.parametrize("dt", [np.float32, *HALVES])
+@pytest.mark.parametrize("p", [Problem("cl", 4, 8, 300), Problem("cl", 4, 8, 300, 2), Problem("cl", 1300, 3, 1),
+                               Problem("cf", 4, 8, 300), Problem("cf", 4, 8, 300, 2)], ids=str)
+def test_overflowing_float_sums_fall_back_to_double(p, dt):
+    """Statistics accumulate in float where that is exact enough; squares of |x| ~ 1e30
+    (1e4 in float16) overflow float and must be recomputed in double, not returned as Inf."""
+    big = 1e4 if dt == FLOAT16 else 1e30
+    x, dy, w, b = _data(p, np.float32, offset=0.0)
+    x = (x * np.float32(big)).astype(dt)
+    y, mean, var, rstd = K.forward_train(x, p, w, b, 1e-5)
+    ry, _, _, rrstd = R.forward_train(x, p, w, b, 1e-5)
+    assert np.all(np.isfinite(np.asarray(y, np.float32))) and np.all(rstd > 0)
+    assert _rel_err(y, ry) <= (1e-5 if dt == np.float32 else 2.0 ** -7)
+    assert float(np.max(np.abs(rstd / rrstd - 1))) <= 1e-5

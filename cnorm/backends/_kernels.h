@@ -65,6 +65,9 @@ static inline cn_f16 cn_f32_to_f16(float f) {
 #define CN_LD_double(p) (*(p))
 #define CN_LD_cn_bf16(p) ((double)cn_bf16_to_f32(*(p)))
 #define CN_LD_cn_f16(p) ((double)cn_f16_to_f32(*(p)))
+#define CN_LDF_float(p) (*(p))
+#define CN_LDF_cn_bf16(p) cn_bf16_to_f32(*(p))
+#define CN_LDF_cn_f16(p) cn_f16_to_f32(*(p))
 
 /* T: storage type, P: parameter type (float, or double for double data). */
 #define CN_RUNS(T, P)                                                                     \
@@ -190,6 +193,101 @@ CN_RUNS(float, float)
 CN_RUNS(double, double)
 CN_RUNS(cn_bf16, float)
 CN_RUNS(cn_f16, float)
+/* Half-precision data: the same runs with float arithmetic in CN_FL float lanes
+   over chunks of CN_CHUNK elements (16 terms per lane), each chunk then added
+   into double lanes - the widening of 16-bit data straight to double
+   vectorizes poorly. A run whose float partials are not finite (bfloat16
+   |x| ~ 1e30 squares overflow float) is redone by the double version above:
+   overflow never reaches the statistics and NaN/Inf inputs still propagate.
+   Positions alone decide lanes and chunks: deterministic. */
+#define CN_FL 32
+#define CN_CHUNK 512
+static inline int cn_dlanes_finite(const double* a) {
+    double s = 0.0; int j;
+    for (j = 0; j < CN_LANES; j++) s += a[j] * 0.0;   /* NaN iff some lane is Inf or NaN */
+    return s == 0.0;
+}
+#define CN_HRUNS(T)                                                                       \
+static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
+    const float pf = (float)piv; ptrdiff_t i0, i, j; double da[CN_LANES];                 \
+    for (j = 0; j < CN_LANES; j++) da[j] = 0.0;                                           \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* xc = x + i0; ptrdiff_t m = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;        \
+        ptrdiff_t nv = m - m % CN_FL; float a[CN_FL];                                     \
+        for (j = 0; j < CN_FL; j++) a[j] = 0.0f;                                          \
+        for (i = 0; i < nv; i += CN_FL) {                                                 \
+            CN_KEEP_LOOP                                                                  \
+            for (j = 0; j < CN_FL; j++) a[j] += CN_LDF_##T(xc + i + j) - pf;              \
+        }                                                                                 \
+        for (j = 0; j < m - nv; j++) a[j] += CN_LDF_##T(xc + nv + j) - pf;                \
+        for (j = 0; j < CN_LANES; j++) da[j] += (double)a[j] + (double)a[j + CN_LANES];   \
+    }                                                                                     \
+    if (!cn_dlanes_finite(da)) { cn_sum_run_##T(x, n, piv, acc); return; }                \
+    for (j = 0; j < CN_LANES; j++) acc[j] += da[j];                                       \
+    acc[0] += (double)n * ((double)pf - piv);  /* exact for any piv */                    \
+}                                                                                         \
+static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc) {       \
+    const float mf = (float)m; const double dm = m - (double)mf; ptrdiff_t i0, i, j;      \
+    double da[CN_LANES], sb = 0.0;                                                        \
+    for (j = 0; j < CN_LANES; j++) da[j] = 0.0;                                           \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* xc = x + i0; ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;        \
+        ptrdiff_t nv = k - k % CN_FL; float a[CN_FL], b[CN_FL];                           \
+        for (j = 0; j < CN_FL; j++) { a[j] = 0.0f; b[j] = 0.0f; }                         \
+        for (i = 0; i < nv; i += CN_FL) {                                                 \
+            CN_KEEP_LOOP                                                                  \
+            for (j = 0; j < CN_FL; j++) {                                                 \
+                float d = CN_LDF_##T(xc + i + j) - mf; a[j] += d * d; b[j] += d;          \
+            }                                                                             \
+        }                                                                                 \
+        for (j = 0; j < k - nv; j++) {                                                    \
+            float d = CN_LDF_##T(xc + nv + j) - mf; a[j] += d * d; b[j] += d;             \
+        }                                                                                 \
+        for (j = 0; j < CN_LANES; j++) {                                                  \
+            da[j] += (double)a[j] + (double)a[j + CN_LANES];                              \
+            sb += (double)b[j] + (double)b[j + CN_LANES];                                 \
+        }                                                                                 \
+    }                                                                                     \
+    if (!cn_dlanes_finite(da) || sb - sb != 0.0) { cn_sq_run_##T(x, n, m, acc); return; } \
+    for (j = 0; j < CN_LANES; j++) acc[j] += da[j];                                       \
+    acc[0] += dm * ((double)n * dm - 2.0 * sb);  /* exact for the centre's rounding */    \
+}                                                                                         \
+static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
+                                    double* ag, double* agx, double* ax) {                \
+    const float mf = (float)m; ptrdiff_t i0, i, j;                                        \
+    double da[CN_LANES], db[CN_LANES], dc[CN_LANES];                                      \
+    if ((double)mf != m) { cn_grad_run_##T(g, x, n, m, ag, agx, ax); return; }            \
+    for (j = 0; j < CN_LANES; j++) { da[j] = 0.0; db[j] = 0.0; dc[j] = 0.0; }             \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* gc = g + i0; const T* xc = x + i0;                                       \
+        ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK, nv = k - k % CN_FL;          \
+        float a[CN_FL], b[CN_FL], c[CN_FL];                                               \
+        for (j = 0; j < CN_FL; j++) { a[j] = 0.0f; b[j] = 0.0f; c[j] = 0.0f; }            \
+        for (i = 0; i < nv; i += CN_FL) {                                                 \
+            CN_KEEP_LOOP                                                                  \
+            for (j = 0; j < CN_FL; j++) {                                                 \
+                float gv = CN_LDF_##T(gc + i + j), d = CN_LDF_##T(xc + i + j) - mf;       \
+                a[j] += gv; b[j] += gv * d; c[j] += d;                                    \
+            }                                                                             \
+        }                                                                                 \
+        for (j = 0; j < k - nv; j++) {                                                    \
+            float gv = CN_LDF_##T(gc + nv + j), d = CN_LDF_##T(xc + nv + j) - mf;         \
+            a[j] += gv; b[j] += gv * d; c[j] += d;                                        \
+        }                                                                                 \
+        for (j = 0; j < CN_LANES; j++) {                                                  \
+            da[j] += (double)a[j] + (double)a[j + CN_LANES];                              \
+            db[j] += (double)b[j] + (double)b[j + CN_LANES];                              \
+            dc[j] += (double)c[j] + (double)c[j + CN_LANES];                              \
+        }                                                                                 \
+    }                                                                                     \
+    if (!(cn_dlanes_finite(da) && cn_dlanes_finite(db) && cn_dlanes_finite(dc))) {       \
+        cn_grad_run_##T(g, x, n, m, ag, agx, ax); return;                                 \
+    }                                                                                     \
+    for (j = 0; j < CN_LANES; j++) { ag[j] += da[j]; agx[j] += db[j]; ax[j] += dc[j]; }   \
+}
+CN_HRUNS(cn_bf16)
+CN_HRUNS(cn_f16)
+
 CN_LNROWS(float, float)
 CN_LNROWS(double, double)
 CN_LNROWS(cn_bf16, float)
@@ -221,9 +319,6 @@ CN_LNROWS(cn_f16, float)
 
 static int cn_nt_store = 0;
 
-#define CN_LDF_float(p) (*(p))
-#define CN_LDF_cn_bf16(p) cn_bf16_to_f32(*(p))
-#define CN_LDF_cn_f16(p) cn_f16_to_f32(*(p))
 
 static inline void cn_sfence(void) {
 #if defined(CN_AVX512)
@@ -236,9 +331,19 @@ static inline void cn_st1_cn_bf16(cn_bf16* p, float v) { *p = cn_f32_to_bf16(v);
 static inline void cn_st1_cn_f16(cn_f16* p, float v) { *p = cn_f32_to_f16(v); }
 
 #if defined(CN_AVX512)
+/* Streaming stores fill whole 64-byte lines: a line written partly by
+   streaming and partly by ordinary stores costs far more than either. So the
+   head runs to a line boundary and the body moves a line per step: one
+   16-float vector, or two 16-half vectors. */
 #define CN_ALIGN_float 64
-#define CN_ALIGN_cn_bf16 32
-#define CN_ALIGN_cn_f16 32
+#define CN_ALIGN_cn_bf16 64
+#define CN_ALIGN_cn_f16 64
+/* shorter runs (channels-last rows of few channels) keep ordinary stores:
+   their scalar head and tail would cost more than streaming saves */
+#define CN_NT_MIN 256
+#define CN_VN_float 1
+#define CN_VN_cn_bf16 2
+#define CN_VN_cn_f16 2
 static inline __m512 cn_vld_float(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 cn_vld_cn_bf16(const cn_bf16* p) {
     __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
@@ -278,10 +383,13 @@ static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
 
 #if defined(CN_AVX512)
 #define CN_BODY(T, y, n, SCALAR, VECTOR) do {                                             \
-    const int nt_ = cn_nt_store; ptrdiff_t i = 0, h_ = nt_ ? CN_HEAD(T, y, n) : 0;         \
-    for (; i < h_; i++) { SCALAR; }                                                       \
-    for (; i + 16 <= (n); i += 16) { VECTOR; }                                            \
-    for (; i < (n); i++) { SCALAR; }                                                      \
+    const int nt_ = cn_nt_store && (n) >= CN_NT_MIN;                                      \
+    ptrdiff_t i0_ = 0, h_ = nt_ ? CN_HEAD(T, y, n) : 0;                                   \
+    for (; i0_ < h_; i0_++) { ptrdiff_t i = i0_; SCALAR; }                                \
+    for (; i0_ + 16 * CN_VN_##T <= (n); i0_ += 16 * CN_VN_##T) {                          \
+        for (int v_ = 0; v_ < CN_VN_##T; v_++) { ptrdiff_t i = i0_ + 16 * v_; VECTOR; }   \
+    }                                                                                     \
+    for (; i0_ < (n); i0_++) { ptrdiff_t i = i0_; SCALAR; }                               \
 } while (0)
 #else
 #define CN_BODY(T, y, n, SCALAR, VECTOR) do {                                             \
@@ -362,5 +470,83 @@ static inline void cn_ln_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,     
 CN_EW(float)
 CN_EW(cn_bf16)
 CN_EW(cn_f16)
+
+/* Column statistics of a block of nr channels-last rows of C (float32 and
+   half data), two-pass in float while the block is in L2: pass 1 sums
+   deviations from the first row (a data value: exact), pass 2 sums squared
+   deviations from the float-rounded mean mf, corrected exactly for that
+   rounding (S(x-m)^2 = S(x-mf)^2 - 2 dm S(x-mf) + nr dm^2, dm = m - mf).
+   Four rows per update of the column accumulators; float partials cover at
+   most CN_FROWS rows before they are added into double, so accuracy does not
+   depend on nr. Returns 0, leaving m/q unspecified, when a float sum
+   overflowed (|x| ~ 1e30): the caller redoes the block in double.
+   ws: 3*C doubles of scratch. */
+#define CN_FROWS 64
+static inline int cn_finite_f(const float* a, ptrdiff_t n) {
+    uint32_t bad = 0, u; ptrdiff_t j;
+    for (j = 0; j < n; j++) { memcpy(&u, a + j, 4); bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u); }
+    return bad == 0;
+}
+#define CN_CLSTATS(T)                                                                     \
+static inline int cn_cl_stats_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,         \
+                                  double* restrict m, double* restrict q, double* ws) {   \
+    float *restrict a = (float*)ws, *restrict b = a + C, *restrict e = a + 2 * C;        \
+    double *restrict se = ws + 2 * C; ptrdiff_t r, r1, c;                                 \
+    for (c = 0; c < C; c++) m[c] = 0.0;                                                   \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
+        for (r = r1; r + 4 <= rend; r += 4) {                                             \
+            const T* p = x + r * C;                                                       \
+            for (c = 0; c < C; c++) {                                                     \
+                float pv = CN_LDF_##T(x + c);                                             \
+                a[c] += ((CN_LDF_##T(p + c) - pv) + (CN_LDF_##T(p + c + C) - pv))         \
+                      + ((CN_LDF_##T(p + c + 2 * C) - pv) + (CN_LDF_##T(p + c + 3 * C) - pv)); \
+            }                                                                             \
+        }                                                                                 \
+        for (; r < rend; r++) {                                                           \
+            const T* p = x + r * C;                                                       \
+            for (c = 0; c < C; c++) a[c] += CN_LDF_##T(p + c) - CN_LDF_##T(x + c);        \
+        }                                                                                 \
+        for (c = 0; c < C; c++) m[c] += (double)a[c];                                     \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        m[c] = (double)CN_LDF_##T(x + c) + m[c] / (double)nr;                             \
+        a[c] = (float)m[c];                                                               \
+        q[c] = 0.0; se[c] = 0.0;                                                          \
+    }                                                                                     \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) { b[c] = 0.0f; e[c] = 0.0f; }                             \
+        for (r = r1; r + 4 <= rend; r += 4) {                                             \
+            const T* p = x + r * C;                                                       \
+            for (c = 0; c < C; c++) {                                                     \
+                float mf = a[c], d0 = CN_LDF_##T(p + c) - mf, d1 = CN_LDF_##T(p + c + C) - mf; \
+                float d2 = CN_LDF_##T(p + c + 2 * C) - mf, d3 = CN_LDF_##T(p + c + 3 * C) - mf; \
+                b[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                        \
+                e[c] += (d0 + d1) + (d2 + d3);                                            \
+            }                                                                             \
+        }                                                                                 \
+        for (; r < rend; r++) {                                                           \
+            const T* p = x + r * C;                                                       \
+            for (c = 0; c < C; c++) {                                                     \
+                float d0 = CN_LDF_##T(p + c) - a[c]; b[c] += d0 * d0; e[c] += d0;         \
+            }                                                                             \
+        }                                                                                 \
+        if (!cn_finite_f(b, C) || !cn_finite_f(e, C)) return 0;                           \
+        for (c = 0; c < C; c++) { q[c] += (double)b[c]; se[c] += (double)e[c]; }          \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        double dm = m[c] - (double)a[c];                                                  \
+        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);                           \
+        q[c] = v > 0.0 ? v : 0.0;                                                         \
+    }                                                                                     \
+    return 1;                                                                             \
+}
+CN_CLSTATS(float)
+CN_CLSTATS(cn_bf16)
+CN_CLSTATS(cn_f16)
 
 #endif

@@ -70,6 +70,17 @@ cdef extern from "_kernels.h" nogil:
                      double* awgx, double* ax)
     void cn_colsums_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t stride, int rows, Py_ssize_t n,
                        const double* m, const double* dl, const double* r, double* pb, double* pw)
+    int cn_cl_stats_float(const float* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    int cn_cl_stats_cn_bf16(const cn_bf16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    int cn_cl_stats_cn_f16(const cn_f16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    void cn_hsum_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double piv, double* acc)
+    void cn_hsq_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* acc)
+    void cn_hgrad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t n, double m, double* ag, double* agx,
+                         double* ax)
+    void cn_hsum_run_cn_f16(const cn_f16* x, Py_ssize_t n, double piv, double* acc)
+    void cn_hsq_run_cn_f16(const cn_f16* x, Py_ssize_t n, double m, double* acc)
+    void cn_hgrad_run_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t n, double m, double* ag, double* agx,
+                         double* ax)
     int cn_nt_store
     void cn_sfence()
     void cn_norm_run_float(const float* x, float* y, Py_ssize_t n, float mh, float a, float b)
@@ -232,9 +243,9 @@ cdef inline void sum_run(const dat* x, Py_ssize_t n, double piv, double* acc) no
     elif dat is double:
         cn_sum_run_double(x, n, piv, acc)
     elif dat is cn_bf16:
-        cn_sum_run_cn_bf16(x, n, piv, acc)
+        cn_hsum_run_cn_bf16(x, n, piv, acc)
     else:
-        cn_sum_run_cn_f16(x, n, piv, acc)
+        cn_hsum_run_cn_f16(x, n, piv, acc)
 
 
 cdef inline void sq_run(const dat* x, Py_ssize_t n, double m, double* acc) noexcept nogil:
@@ -244,9 +255,9 @@ cdef inline void sq_run(const dat* x, Py_ssize_t n, double m, double* acc) noexc
     elif dat is double:
         cn_sq_run_double(x, n, m, acc)
     elif dat is cn_bf16:
-        cn_sq_run_cn_bf16(x, n, m, acc)
+        cn_hsq_run_cn_bf16(x, n, m, acc)
     else:
-        cn_sq_run_cn_f16(x, n, m, acc)
+        cn_hsq_run_cn_f16(x, n, m, acc)
 
 
 cdef inline void grad_run(const dat* g, const dat* x, Py_ssize_t n, double m,
@@ -261,9 +272,9 @@ cdef inline void grad_run(const dat* g, const dat* x, Py_ssize_t n, double m,
     elif dat is double:
         cn_grad_run_double(g, x, n, m, ag, agx, ax)
     elif dat is cn_bf16:
-        cn_grad_run_cn_bf16(g, x, n, m, ag, agx, ax)
+        cn_hgrad_run_cn_bf16(g, x, n, m, ag, agx, ax)
     else:
-        cn_grad_run_cn_f16(g, x, n, m, ag, agx, ax)
+        cn_hgrad_run_cn_f16(g, x, n, m, ag, agx, ax)
 
 
 cdef inline void elem_grad_run(const dat* g, const dat* x, const floating* w, Py_ssize_t n,
@@ -687,39 +698,61 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
 # vectors over C, computed with one row at a time feeding C accumulators.
 
 cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
-                         double* m, double* q) noexcept nogil:
-    """Per-column mean m[C] and M2 q[C] of nr rows, two-pass."""
+                         double* m, double* q, double* fs) noexcept nogil:
+    """Per-column mean m[C] and M2 q[C] of nr rows, two-pass (the block is in L2).
+
+    float32 and half data: in float (C helper, fs: 3·C doubles of scratch),
+    redone here in double only if a float sum overflowed. Four rows per
+    update of the L1-resident column accumulators: their loads and stores,
+    not the data, bound a row-at-a-time loop.
+    """
     cdef Py_ssize_t r = 0, c
     cdef const dat* p
-    cdef double d0, d1, inv = 1.0 / <double>nr
+    cdef double d0, d1, d2, d3, mc, inv = 1.0 / <double>nr
+    if dat is float:
+        if cn_cl_stats_float(x, nr, C, m, q, fs):
+            return
+    elif dat is cn_bf16:
+        if cn_cl_stats_cn_bf16(x, nr, C, m, q, fs):
+            return
+    elif dat is cn_f16:
+        if cn_cl_stats_cn_f16(x, nr, C, m, q, fs):
+            return
     for c in range(C):
         m[c] = 0.0
         q[c] = ld(x + c)  # pivot: the first row (q is free until the second pass)
-    while r + 2 <= nr:  # two rows per accumulator update halves the L1 traffic
+    while r + 4 <= nr:
         p = x + r * C
         for c in range(C):
-            m[c] += (ld(p + c) - q[c]) + (ld(p + (c + C)) - q[c])
-        r += 2
-    if r < nr:
+            mc = q[c]
+            m[c] += ((ld(p + c) - mc) + (ld(p + (c + C)) - mc)) + ((ld(p + (c + 2 * C)) - mc)
+                                                                  + (ld(p + (c + 3 * C)) - mc))
+        r += 4
+    while r < nr:
         p = x + r * C
         for c in range(C):
             m[c] += ld(p + c) - q[c]
+        r += 1
     for c in range(C):
         m[c] = q[c] + m[c] * inv
         q[c] = 0.0
     r = 0
-    while r + 2 <= nr:
+    while r + 4 <= nr:
         p = x + r * C
         for c in range(C):
-            d0 = ld(p + c) - m[c]
-            d1 = ld(p + (c + C)) - m[c]
-            q[c] += d0 * d0 + d1 * d1
-        r += 2
-    if r < nr:
+            mc = m[c]
+            d0 = ld(p + c) - mc
+            d1 = ld(p + (c + C)) - mc
+            d2 = ld(p + (c + 2 * C)) - mc
+            d3 = ld(p + (c + 3 * C)) - mc
+            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    while r < nr:
         p = x + r * C
         for c in range(C):
             d0 = ld(p + c) - m[c]
             q[c] += d0 * d0
+        r += 1
 
 
 cdef void cl_rows_grad(const dat* g, const dat* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
@@ -834,17 +867,26 @@ cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk
                       floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
     """Merge the row-block partials of channels [j·CFOLD, (j+1)·CFOLD) in block order."""
     cdef Py_ssize_t c, k, r0, r1, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
-    cdef double cnt, mu, m2
+    cdef double mu, m2, d, s, m0
     cdef floating k3[3]
+    # Two-level merge, no division per block: mean = m_0 + Σ n_k·(m_k - m_0) / R
+    # (relative to the first block's mean, so |mean| ≫ std loses nothing), then
+    # M2 = Σ q_k + Σ n_k·(m_k - mean)² (each term centred: no cancellation).
     for c in range(j * CFOLD, c1):
-        cnt = 0.0
-        mu = 0.0
+        s = 0.0
+        m0 = part[c]
+        for k in range(nblk):
+            r0 = k * rb
+            r1 = r0 + rb if r0 + rb < R else R
+            s += <double>(r1 - r0) * (part[2 * k * C + c] - m0)
+        mu = m0 + s / <double>R
         m2 = 0.0
         for k in range(nblk):
             r0 = k * rb
             r1 = r0 + rb if r0 + rb < R else R
-            chan_merge(&cnt, &mu, &m2, <double>(r1 - r0), part[2 * k * C + c], part[(2 * k + 1) * C + c])
-        fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
+            d = part[2 * k * C + c] - mu
+            m2 += part[(2 * k + 1) * C + c] + <double>(r1 - r0) * d * d
+        fwd_consts(<double>R, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
         kk[c] = k3[0]
         kk[C + c] = k3[1]
         kk[2 * C + c] = k3[2]
@@ -882,8 +924,10 @@ cdef void cl_fold_bwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t nblk, Py_ssize_t j,
 cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
                        Py_ssize_t rb, Py_ssize_t nblk, double* part, double eps,
                        const floating* w, const floating* b,
-                       floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
-    """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C])."""
+                       floating* mean, floating* var, floating* rstd, floating* kk, double* fscr,
+                       int nt) noexcept nogil:
+    """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C]);
+    fscr: 3·C doubles per thread."""
     cdef Py_ssize_t t, lo, hi, k, r0, r1, j, nf = (C + CFOLD - 1) // CFOLD
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for t in range(nt):
@@ -892,7 +936,8 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
             for k in range(lo, hi):
                 r0 = k * rb
                 r1 = r0 + rb if r0 + rb < R else R
-                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C,
+                               fscr + t * 3 * C)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nblk, nt, t)
@@ -900,7 +945,8 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
             for k in range(lo, hi):
                 r0 = k * rb
                 r1 = r0 + rb if r0 + rb < R else R
-                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C)
+                cl_block_stats(x + r0 * C, r1 - r0, C, part + 2 * k * C, part + (2 * k + 1) * C,
+                               fscr + t * 3 * C)
             cn_sfence()  # order this thread's streaming stores before the join
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for j in range(nf):
@@ -1215,10 +1261,46 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
 # Sample n is S rows of C; group g is columns [g·cg, (g+1)·cg) of every row.
 # Statistics per row block of rbs rows, merged in order.
 
+cdef inline bint cl_cols_to_groups(const dat* x, Py_ssize_t nr, Py_ssize_t C, Py_ssize_t cg,
+                                   double* m, double* q, double* ws,
+                                   double* gcnt, double* gmu, double* gm2) noexcept nogil:
+    """float32/half: a row block's column statistics in float (C helper), merged
+    into per-group (count, mean, M2). False (nothing merged) for float64 data or
+    when a float sum overflowed: the caller then uses the double code."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c
+    cdef double gm, d, s
+    cdef int ok = 0
+    if dat is float:
+        ok = cn_cl_stats_float(x, nr, C, m, q, ws)
+    elif dat is cn_bf16:
+        ok = cn_cl_stats_cn_bf16(x, nr, C, m, q, ws)
+    elif dat is cn_f16:
+        ok = cn_cl_stats_cn_f16(x, nr, C, m, q, ws)
+    if not ok:
+        return False
+    for gi in range(G):
+        # columns have equal counts: group mean relative to the first column's,
+        # then M2 = Σ q_c + nr·Σ (m_c - mean)²
+        s = 0.0
+        for ci in range(cg):
+            s += m[gi * cg + ci] - m[gi * cg]
+        gm = m[gi * cg] + s / <double>cg
+        s = 0.0
+        for ci in range(cg):
+            c = gi * cg + ci
+            d = m[c] - gm
+            s += q[c] + <double>nr * d * d
+        chan_merge(gcnt + gi, gmu + gi, gm2 + gi, <double>(nr * cg), gm, s)
+    return True
+
+
 cdef void cls_sample_stats(const dat* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
                            Py_ssize_t rbs, double* acc, double* colm,
-                           double* gcnt, double* gmu, double* gm2) noexcept nogil:
-    """Per-group (count, mean, M2) of one sample, into gcnt/gmu/gm2 (length G)."""
+                           double* gcnt, double* gmu, double* gm2, double* ws) noexcept nogil:
+    """Per-group (count, mean, M2) of one sample, into gcnt/gmu/gm2 (length G).
+
+    ws: 3·C doubles of scratch for the float path.
+    """
     cdef Py_ssize_t G = C // cg, r0, nr, r, c, gi, ci
     cdef const dat* p
     cdef double s, bm, d
@@ -1229,6 +1311,9 @@ cdef void cls_sample_stats(const dat* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t 
     r0 = 0
     while r0 < S:
         nr = S - r0 if S - r0 < rbs else rbs
+        if cl_cols_to_groups(x + r0 * C, nr, C, cg, acc, colm, ws, gcnt, gmu, gm2):
+            r0 += nr
+            continue
         for gi in range(G):
             for ci in range(cg):
                 colm[gi * cg + ci] = ld(x + (r0 * C + gi * cg))  # pivot per group
@@ -1264,7 +1349,7 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
                        Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd,
                        double* scratch, floating* kk) noexcept nogil:
-    """Sample n; scratch: 2·C + 3·G doubles, kk: 3·C constants."""
+    """Sample n; scratch: 5·C + 3·G doubles, kk: 3·C constants."""
     cdef Py_ssize_t G = C // cg, gi, ci, c, r
     cdef double* acc = scratch
     cdef double* colm = scratch + C
@@ -1273,7 +1358,7 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
     cdef double* gm2 = gmu + G
     cdef const dat* xs = x + n * S * C
     cdef floating k3[3]
-    cls_sample_stats(xs, S, C, cg, rbs, acc, colm, gcnt, gmu, gm2)
+    cls_sample_stats(xs, S, C, cg, rbs, acc, colm, gcnt, gmu, gm2, gm2 + G)
     for gi in range(G):
         for ci in range(cg):
             c = gi * cg + ci
@@ -1634,10 +1719,12 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef bint fused = False
     cdef int t
     cl = cl or S == 1  # (N, C, 1) channels-first is (N, 1, C) channels-last
+    cdef cnp.ndarray fscr = _EMPTY
     if cl:
         rb, nblk = cl_geometry(N * S, C)
         part = _empty1(2 * nblk * C, F64)
         t = _nthreads(size, nblk, nt)
+        fscr = _empty1(3 * C * t, F64)
     else:
         rb, sp, nsp, nblk = cf_geometry(N, S)
         t = _nthreads(size, C * nblk, nt)
@@ -1654,21 +1741,22 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
+    cdef double* pfs = <double*>ptr(fscr)
     _stream(0 if y is None else size * x.itemsize)
     with nogil:
         if cl:
             if dt == F32:
                 cl_cross_fwd(<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
             elif dt == F64:
                 cl_cross_fwd(<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
-                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, t)
+                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, pfs, t)
             elif dt == F16:
                 cl_cross_fwd(<cn_f16*>px, <cn_f16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
             else:
                 cl_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
         else:
             if dt == F32:
                 cf_cross_fwd(<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
@@ -1807,7 +1895,7 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
     cdef int t = _nthreads(size, N if cl else N * G, nt)
-    cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 2 * C + 3 * G
+    cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 5 * C + 3 * G
     # scratch only for channels-last; small calls skip the allocations
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64) if cl else _EMPTY
     cdef cnp.ndarray kk = _empty1(t * 3 * C, pt) if cl else _EMPTY
