@@ -89,10 +89,11 @@ class BuildExtWithOpenMP(build_ext):
         super().build_extensions()
 
 
-def extension(name, source):
+def extension(name, source, depends=()):
     return Extension(
         name,
         [source],
+        depends=list(depends),
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
     )
@@ -100,7 +101,7 @@ def extension(name, source):
 
 EXTENSIONS = [
     extension("cnorm._openmp", "cnorm/_openmp.pyx"),
-    extension("cnorm.backends._kernels", "cnorm/backends/_kernels.pyx"),
+    extension("cnorm.backends._kernels", "cnorm/backends/_kernels.pyx", ["cnorm/backends/_kernels.h"]),
 ]
 
 setup(

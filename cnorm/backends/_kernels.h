@@ -14,6 +14,9 @@
       Accumulator j holds the elements i with i % CN_LANES == j, in order:
       the result depends on positions only, never on threads or alignment. */
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 /* Cython emits every combination of the kernels' two fused types (storage x
    statistics); only four are called, the rest are dead code by design. */
 #if defined(__GNUC__)
@@ -69,8 +72,8 @@ static inline cn_f16 cn_f32_to_f16(float f) {
 #define CN_LDF_cn_bf16(p) cn_bf16_to_f32(*(p))
 #define CN_LDF_cn_f16(p) cn_f16_to_f32(*(p))
 
-/* T: storage type, P: parameter type (float, or double for double data). */
-#define CN_RUNS(T, P)                                                                     \
+/* T: storage type */
+#define CN_RUNS(T)                                                                     \
 /* acc[i % L] += x[i] - piv */                                                            \
 static inline void cn_sum_run_##T(const T* x, ptrdiff_t n, double piv, double* acc) {     \
     double a[CN_LANES]; ptrdiff_t i, j, nv = n - n % CN_LANES;                            \
@@ -112,29 +115,30 @@ static inline void cn_grad_run_##T(const T* g, const T* x, ptrdiff_t n, double m
         a[j] += gv; b[j] += gv * d; c[j] += d;                                            \
     }                                                                                     \
     for (j = 0; j < CN_LANES; j++) { ag[j] = a[j]; agx[j] = b[j]; ax[j] = c[j]; }         \
-}                                                                                         \
-/* per-element affine (LayerNorm) row: awg += w g, awgx += w g (x-m-dl) lane-wise;        \
-   pb[i] += g, pw[i] += g (x-m-dl) r */                                                   \
-static inline void cn_elem_grad_run_##T(const T* g, const T* x, const P* w, ptrdiff_t n,  \
-                                        double m, double dl, double r, double* awg,       \
-                                        double* awgx, double* pb, double* pw) {           \
-    double a[CN_LANES], b[CN_LANES]; ptrdiff_t i, j, nv = n - n % CN_LANES;               \
-    for (j = 0; j < CN_LANES; j++) { a[j] = awg[j]; b[j] = awgx[j]; }                     \
-    for (i = 0; i < nv; i += CN_LANES) {                                                  \
-        CN_KEEP_LOOP                                                                      \
-        for (j = 0; j < CN_LANES; j++) {                                                  \
-            double gv = CN_LD_##T(g + i + j), wv = w[i + j];                              \
-            double d = ((CN_LD_##T(x + i + j) - m) - dl) * gv;                            \
-            a[j] += wv * gv; b[j] += wv * d; pb[i + j] += gv; pw[i + j] += d * r;         \
-        }                                                                                 \
-    }                                                                                     \
-    for (j = 0; j < n - nv; j++) {                                                        \
-        double gv = CN_LD_##T(g + nv + j), wv = w[nv + j];                                \
-        double d = ((CN_LD_##T(x + nv + j) - m) - dl) * gv;                               \
-        a[j] += wv * gv; b[j] += wv * d; pb[nv + j] += gv; pw[nv + j] += d * r;           \
-    }                                                                                     \
-    for (j = 0; j < CN_LANES; j++) { awg[j] = a[j]; awgx[j] = b[j]; }                     \
 }
+
+/* 16 stored values as float, for loops that would otherwise widen 16-bit
+   data element by element (poorly vectorized): a tile converted at once, in
+   hardware where the build has AVX-512 (same values as the integer code). */
+static inline void cn_cvt16_cn_bf16(const cn_bf16* p, float* o) {
+#if defined(__AVX512F__)
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    _mm512_storeu_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+#else
+    int j; for (j = 0; j < 16; j++) o[j] = cn_bf16_to_f32(p[j]);
+#endif
+}
+static inline void cn_cvt16_cn_f16(const cn_f16* p, float* o) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)));
+#else
+    int j; for (j = 0; j < 16; j++) o[j] = cn_f16_to_f32(p[j]);
+#endif
+}
+#define CN_TILE_float(t, src) const float* t = (src)
+#define CN_TILE_double(t, src) const double* t = (src)
+#define CN_TILE_cn_bf16(t, src) float t##_[16]; cn_cvt16_cn_bf16((src), t##_); const float* t = t##_
+#define CN_TILE_cn_f16(t, src) float t##_[16]; cn_cvt16_cn_f16((src), t##_); const float* t = t##_
 
 /* Rows of a per-element-affine problem (LayerNorm), split so that every loop
    vectorizes: per-row lane sums (a reduction), then the dweight/dbias column
@@ -148,9 +152,10 @@ static inline void cn_wsums_##T(const T* g, const T* x, const P* w, ptrdiff_t n,
     double a[CN_LANES], b[CN_LANES], c[CN_LANES]; ptrdiff_t i, j, nv = n - n % CN_LANES;  \
     for (j = 0; j < CN_LANES; j++) { a[j] = awg[j]; b[j] = awgx[j]; c[j] = ax[j]; }       \
     for (i = 0; i < nv; i += CN_LANES) {                                                  \
+        CN_TILE_##T(tg, g + i); CN_TILE_##T(tx, x + i);                                   \
         CN_KEEP_LOOP                                                                      \
         for (j = 0; j < CN_LANES; j++) {                                                  \
-            double wg = (double)w[i + j] * CN_LD_##T(g + i + j), d = CN_LD_##T(x + i + j) - m; \
+            double wg = (double)w[i + j] * (double)tg[j], d = (double)tx[j] - m;          \
             a[j] += wg; b[j] += wg * d; c[j] += d;                                        \
         }                                                                                 \
     }                                                                                     \
@@ -164,11 +169,25 @@ static inline void cn_wsums_##T(const T* g, const T* x, const P* w, ptrdiff_t n,
 static inline void cn_colsums_##T(const T* g, const T* x, ptrdiff_t stride, int rows,     \
                                   ptrdiff_t n, const double* m, const double* dl,         \
                                   const double* r, double* pb, double* pw) {              \
-    ptrdiff_t i;                                                                          \
+    ptrdiff_t i, j, nv = n - n % 16;                                                      \
     if (rows == 4) {                                                                      \
         const T *g1 = g + stride, *g2 = g + 2 * stride, *g3 = g + 3 * stride;             \
         const T *x1 = x + stride, *x2 = x + 2 * stride, *x3 = x + 3 * stride;             \
-        for (i = 0; i < n; i++) {                                                         \
+        for (i = 0; i < nv; i += 16) {                                                    \
+            CN_TILE_##T(ta, g + i); CN_TILE_##T(tb, g1 + i);                              \
+            CN_TILE_##T(tc, g2 + i); CN_TILE_##T(td, g3 + i);                             \
+            CN_TILE_##T(ua, x + i); CN_TILE_##T(ub, x1 + i);                              \
+            CN_TILE_##T(uc, x2 + i); CN_TILE_##T(ud, x3 + i);                             \
+            for (j = 0; j < 16; j++) {                                                    \
+                double a0 = ta[j], a1 = tb[j], a2 = tc[j], a3 = td[j];                    \
+                pb[i + j] += (a0 + a1) + (a2 + a3);                                       \
+                pw[i + j] += (a0 * (((double)ua[j] - m[0]) - dl[0]) * r[0]                \
+                              + a1 * (((double)ub[j] - m[1]) - dl[1]) * r[1])             \
+                           + (a2 * (((double)uc[j] - m[2]) - dl[2]) * r[2]                \
+                              + a3 * (((double)ud[j] - m[3]) - dl[3]) * r[3]);            \
+            }                                                                             \
+        }                                                                                 \
+        for (i = nv; i < n; i++) {                                                        \
             double a0 = CN_LD_##T(g + i), a1 = CN_LD_##T(g1 + i);                         \
             double a2 = CN_LD_##T(g2 + i), a3 = CN_LD_##T(g3 + i);                        \
             pb[i] += (a0 + a1) + (a2 + a3);                                               \
@@ -189,10 +208,10 @@ static inline void cn_colsums_##T(const T* g, const T* x, ptrdiff_t stride, int 
     }                                                                                     \
 }
 
-CN_RUNS(float, float)
-CN_RUNS(double, double)
-CN_RUNS(cn_bf16, float)
-CN_RUNS(cn_f16, float)
+CN_RUNS(float)
+CN_RUNS(double)
+CN_RUNS(cn_bf16)
+CN_RUNS(cn_f16)
 /* Half-precision data: the same runs with float arithmetic in CN_FL float lanes
    over chunks of CN_CHUNK elements (16 terms per lane), each chunk then added
    into double lanes - the widening of 16-bit data straight to double
@@ -207,6 +226,26 @@ static inline int cn_dlanes_finite(const double* a) {
     for (j = 0; j < CN_LANES; j++) s += a[j] * 0.0;   /* NaN iff some lane is Inf or NaN */
     return s == 0.0;
 }
+/* 32 stored values -> float: hardware (F16C/AVX-512) for float16 where the
+   build has it, the bit-exact integer conversion otherwise (identical values). */
+static inline void cn_cvt32_cn_bf16(const cn_bf16* p, float* o) {
+#if defined(__AVX512F__)
+    __m512i u0 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    __m512i u1 = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(p + 16)));
+    _mm512_storeu_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(u0, 16)));
+    _mm512_storeu_ps(o + 16, _mm512_castsi512_ps(_mm512_slli_epi32(u1, 16)));
+#else
+    int j; for (j = 0; j < 32; j++) o[j] = cn_bf16_to_f32(p[j]);
+#endif
+}
+static inline void cn_cvt32_cn_f16(const cn_f16* p, float* o) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(o, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)));
+    _mm512_storeu_ps(o + 16, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 16))));
+#else
+    int j; for (j = 0; j < 32; j++) o[j] = cn_f16_to_f32(p[j]);
+#endif
+}
 #define CN_HRUNS(T)                                                                       \
 static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
     const float pf = (float)piv; ptrdiff_t i0, i, j; double da[CN_LANES];                 \
@@ -216,8 +255,9 @@ static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* 
         ptrdiff_t nv = m - m % CN_FL; float a[CN_FL];                                     \
         for (j = 0; j < CN_FL; j++) a[j] = 0.0f;                                          \
         for (i = 0; i < nv; i += CN_FL) {                                                 \
+            float t_[CN_FL]; cn_cvt32_##T(xc + i, t_);                                    \
             CN_KEEP_LOOP                                                                  \
-            for (j = 0; j < CN_FL; j++) a[j] += CN_LDF_##T(xc + i + j) - pf;              \
+            for (j = 0; j < CN_FL; j++) a[j] += t_[j] - pf;                               \
         }                                                                                 \
         for (j = 0; j < m - nv; j++) a[j] += CN_LDF_##T(xc + nv + j) - pf;                \
         for (j = 0; j < CN_LANES; j++) da[j] += (double)a[j] + (double)a[j + CN_LANES];   \
@@ -235,9 +275,10 @@ static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc
         ptrdiff_t nv = k - k % CN_FL; float a[CN_FL], b[CN_FL];                           \
         for (j = 0; j < CN_FL; j++) { a[j] = 0.0f; b[j] = 0.0f; }                         \
         for (i = 0; i < nv; i += CN_FL) {                                                 \
+            float t_[CN_FL]; cn_cvt32_##T(xc + i, t_);                                    \
             CN_KEEP_LOOP                                                                  \
             for (j = 0; j < CN_FL; j++) {                                                 \
-                float d = CN_LDF_##T(xc + i + j) - mf; a[j] += d * d; b[j] += d;          \
+                float d = t_[j] - mf; a[j] += d * d; b[j] += d;                           \
             }                                                                             \
         }                                                                                 \
         for (j = 0; j < k - nv; j++) {                                                    \
@@ -264,9 +305,10 @@ static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double 
         float a[CN_FL], b[CN_FL], c[CN_FL];                                               \
         for (j = 0; j < CN_FL; j++) { a[j] = 0.0f; b[j] = 0.0f; c[j] = 0.0f; }            \
         for (i = 0; i < nv; i += CN_FL) {                                                 \
+            float tg_[CN_FL], tx_[CN_FL]; cn_cvt32_##T(gc + i, tg_); cn_cvt32_##T(xc + i, tx_); \
             CN_KEEP_LOOP                                                                  \
             for (j = 0; j < CN_FL; j++) {                                                 \
-                float gv = CN_LDF_##T(gc + i + j), d = CN_LDF_##T(xc + i + j) - mf;       \
+                float gv = tg_[j], d = tx_[j] - mf;                                       \
                 a[j] += gv; b[j] += gv * d; c[j] += d;                                    \
             }                                                                             \
         }                                                                                 \

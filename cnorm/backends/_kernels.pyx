@@ -18,16 +18,27 @@ combine, so any thread count gives bit-identical output. Lane accumulators
 are indexed by position in a run, not by address, so alignment does not
 matter either.
 
-Numerics. Sums run in double lanes; a block's variance is two-pass (mean, then
-Σ(x-mean)², the second pass from cache), blocks merge by Chan's formula, so no
-E[x²]-E[x]² appears. Normalization is ``y = (x - mean_hi)·a + b'`` with
-``mean_hi`` the mean rounded to the data type and the rounding remainder
-folded into ``b'`` in double: float32 data with |mean| ≫ std keeps full
-relative accuracy at one subtract and one FMA per element.
+Numerics. Sums run in double lanes (float lanes over short chunks for the
+half types and for channels-last column statistics, centred so that nothing
+cancels, redone in double if a float sum overflows); a block's variance is
+two-pass (mean, then Σ(x-mean)², the second pass from cache), blocks merge by
+Chan's formula or its two-level form, so no E[x²]-E[x]² appears.
+Normalization is ``y = (x - mean_hi)·a + b'`` with ``mean_hi`` the mean
+rounded to the statistics type and the rounding remainder folded into ``b'``
+in double: float32 data with |mean| ≫ std keeps full relative accuracy at one
+subtract and one FMA per element. Backward re-centres on the data's exact mean
+(:func:`recentre`), so the saved mean's rounding does not reach dx.
 
-Data are read through ``floating`` pointers and arithmetic happens either in
-double (sums) or in ``floating`` (elementwise); a half-precision storage type
-would change the loads and stores of the ``*_run`` helpers only.
+Types. Data (x, y, dy, dx) are ``dat``: float32, float64, or float16/bfloat16
+held as 16-bit patterns and converted on load and store (never copied to
+float32). Parameters, statistics and per-channel constants are ``floating``:
+float64 for float64 data, float32 otherwise.
+
+C helpers (``_kernels.h``): the half conversions, the lane reductions (kept
+as loops the compiler vectorizes), and the elementwise sweeps, which write
+outputs of ``NT_BYTES`` or more with streaming stores (no read-for-ownership
+of output lines) and are bit-identical to their scalar form wherever an
+element falls. Calls on one thread never enter an OpenMP region.
 """
 
 from cython cimport floating
@@ -126,26 +137,18 @@ cdef extern from "_kernels.h" nogil:
     void cn_sq_run_float(const float* x, Py_ssize_t n, double m, double* acc)
     void cn_grad_run_float(const float* g, const float* x, Py_ssize_t n, double m, double* ag, double* agx,
                         double* ax)
-    void cn_elem_grad_run_float(const float* g, const float* x, const float* w, Py_ssize_t n, double m,
-                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
     void cn_sum_run_double(const double* x, Py_ssize_t n, double piv, double* acc)
     void cn_sq_run_double(const double* x, Py_ssize_t n, double m, double* acc)
     void cn_grad_run_double(const double* g, const double* x, Py_ssize_t n, double m, double* ag, double* agx,
                         double* ax)
-    void cn_elem_grad_run_double(const double* g, const double* x, const double* w, Py_ssize_t n, double m,
-                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
     void cn_sum_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double piv, double* acc)
     void cn_sq_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* acc)
     void cn_grad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t n, double m, double* ag, double* agx,
                         double* ax)
-    void cn_elem_grad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, const float* w, Py_ssize_t n, double m,
-                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
     void cn_sum_run_cn_f16(const cn_f16* x, Py_ssize_t n, double piv, double* acc)
     void cn_sq_run_cn_f16(const cn_f16* x, Py_ssize_t n, double m, double* acc)
     void cn_grad_run_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t n, double m, double* ag, double* agx,
                         double* ax)
-    void cn_elem_grad_run_cn_f16(const cn_f16* g, const cn_f16* x, const float* w, Py_ssize_t n, double m,
-                             double dl, double r, double* awg, double* awgx, double* pb, double* pw)
 
 # Storage type of x, y, dy, dx. Parameters, statistics and per-channel
 # constants are ``floating``: float32 for float32 and the half types, float64
@@ -275,24 +278,6 @@ cdef inline void grad_run(const dat* g, const dat* x, Py_ssize_t n, double m,
         cn_hgrad_run_cn_bf16(g, x, n, m, ag, agx, ax)
     else:
         cn_hgrad_run_cn_f16(g, x, n, m, ag, agx, ax)
-
-
-cdef inline void elem_grad_run(const dat* g, const dat* x, const floating* w, Py_ssize_t n,
-                               double m, double dl, double r, double* awg, double* awgx,
-                               double* pb, double* pw) noexcept nogil:
-    """Per-element affine (LayerNorm) sums, lane-wise: awg += w·g, awgx += w·g·(x-m-dl);
-    and the dbias/dweight partials pb += g, pw += g·(x-m-dl)·r.
-
-    (floating is float32 for every storage type but float64.)
-    """
-    if dat is float:
-        cn_elem_grad_run_float(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
-    elif dat is double:
-        cn_elem_grad_run_double(g, x, <const double*>w, n, m, dl, r, awg, awgx, pb, pw)
-    elif dat is cn_bf16:
-        cn_elem_grad_run_cn_bf16(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
-    else:
-        cn_elem_grad_run_cn_f16(g, x, <const float*>w, n, m, dl, r, awg, awgx, pb, pw)
 
 
 cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
@@ -1192,12 +1177,12 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     pw/pb are this sample block's dweight/dbias partials (length C), summed
     over its samples in order; chs is 2·cg doubles of scratch.
     """
-    cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, i, n, n1, off, o2
+    cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, n, n1, off, o2
     cdef double ag[LANES]
     cdef double agx[LANES]
     cdef double ax[LANES]
-    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, gv, d, sx
-    cdef floating mh, ml, rf, kb, kc
+    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, d, sx
+    cdef floating mh, kb
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     if S == 1:
         rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
@@ -1208,53 +1193,34 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
         off = (n * C + c0) * S
         swg = 0.0
         swgx = 0.0
-        if False:
-            pass
-        else:
-            sx = 0.0
-            for ci in range(cg):
-                lanes_zero(ag)
-                lanes_zero(agx)
-                lanes_zero(ax)
-                o2 = off + ci * S
-                grad_run(g + o2, x + o2, S, mu, ag, agx, ax)
-                chs[2 * ci] = lanes_total(ag)
-                chs[2 * ci + 1] = lanes_total(agx)
-                sx += lanes_total(ax)
-            d = sx / m  # re-centre on the group's exact mean (see recentre)
-            for ci in range(cg):
-                a = chs[2 * ci]
-                bx = chs[2 * ci + 1] - d * a
-                wd = w[c0 + ci]
-                swg += wd * a
-                swgx += wd * bx
-                pb[c0 + ci] += a
-                pw[c0 + ci] += bx * r
+        sx = 0.0
+        for ci in range(cg):
+            lanes_zero(ag)
+            lanes_zero(agx)
+            lanes_zero(ax)
+            o2 = off + ci * S
+            grad_run(g + o2, x + o2, S, mu, ag, agx, ax)
+            chs[2 * ci] = lanes_total(ag)
+            chs[2 * ci + 1] = lanes_total(agx)
+            sx += lanes_total(ax)
+        d = sx / m  # re-centre on the group's exact mean (see recentre)
+        for ci in range(cg):
+            a = chs[2 * ci]
+            bx = chs[2 * ci + 1] - d * a
+            wd = w[c0 + ci]
+            swg += wd * a
+            swgx += wd * bx
+            pb[c0 + ci] += a
+            pw[c0 + ci] += bx * r
         if dx == NULL:
             continue
-        # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu)
+        # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - d)
         mh = <floating>mu
-        if S == 1:
-            ml = <floating>((mu - <double>mh) + d)
-            rf = <floating>r
-            kb = <floating>(-r * r * r * swgx / m)
-            kc = <floating>(-r * swg / m)
-            if dat is float:
-                cn_ln_dx_float(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
-            elif dat is cn_bf16:
-                cn_ln_dx_cn_bf16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
-            elif dat is cn_f16:
-                cn_ln_dx_cn_f16(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
-            else:
-                for i in range(cg):
-                    st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
-                       + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
-        else:
-            for ci in range(cg):
-                o2 = off + ci * S
-                kb = <floating>(-r * r * r * swgx / m)
-                dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
-                       <floating>(-r * swg / m + ((mu - <double>mh) + d) * (r * r * r * swgx / m)))
+        kb = <floating>(-r * r * r * swgx / m)
+        for ci in range(cg):
+            o2 = off + ci * S
+            dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
+                   <floating>(-r * swg / m + ((mu - <double>mh) + d) * (r * r * r * swgx / m)))
 
 
 # ---------------------------------------------- per-sample, channels-last --
