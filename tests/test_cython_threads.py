@@ -169,7 +169,7 @@ THREAD_PROBLEMS = [
     Problem("cf", 9, 2, 5001), Problem("cf", 16, 24, 999), Problem("cf", 3, 3, 70001),
     Problem("cl", 1031, 67, 3), Problem("cl", 4099, 33, 1), Problem("cf", 4099, 33, 1),
     Problem("cf", 5, 12, 1111, 4), Problem("cf", 7, 6, 5003, 6), Problem("cl", 5, 12, 1111, 3),
-    Problem("cl", 301, 255, 1, 1), Problem("cl", 67, 16, 601, 16),
+    Problem("cl", 301, 255, 1, 1), Problem("cl", 67, 16, 601, 16), Problem("cf", 2100, 45, 1, 1),
 ]
 
 
@@ -298,3 +298,23 @@ def test_overflowing_float_sums_fall_back_to_double(p, dt):
     assert np.all(np.isfinite(np.asarray(y, np.float32))) and np.all(rstd > 0)
     assert _rel_err(y, ry) <= (1e-5 if dt == np.float32 else 2.0 ** -7)
     assert float(np.max(np.abs(rstd / rrstd - 1))) <= 1e-5
+
+
+@pytest.mark.parametrize("p", [Problem("cf", 32, 100, 1, 1), Problem("cf", 64, 45, 1, 1)], ids=str)
+def test_layer_norm_backward_float_overflow_falls_back_to_double(p):
+    """LayerNorm backward sums rows and columns in float; |dy| ~ 2.5e37 overflows those
+    float sums (not the double ones) and must be redone in double, not returned as Inf."""
+    x, dy, w, b = _data(p, np.float32, offset=0.0)
+    # rows of one sign in runs of 16: row sums and 16-row dbias partials overflow float,
+    # while the results stay finite (runs of opposite signs cancel in dbias; rows in
+    # pairs of equal dy and opposite x cancel in dweight)
+    x[1::2], dy[1::2] = -x[0::2], dy[0::2]
+    sign = np.where(np.arange(p.n) % 32 < 16, 1.0, -1.0)[:, None, None]
+    dy = (sign * (1.0 + 0.1 * np.abs(dy)) * 2.5e37).astype(np.float32)
+    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
+    got = K.backward_train(dy, x, p, mean, rstd, w)
+    want = R.backward_train(dy.astype(np.float64), x.astype(np.float64), p, mean.astype(np.float64),
+                            rstd.astype(np.float64), w.astype(np.float64))
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert np.all(np.isfinite(a)), name
+        _close(a, e, max(np.abs(e).max(), float(np.abs(dy).max())), np.float32, name)

@@ -94,6 +94,15 @@ cdef extern from "_kernels.h" nogil:
                          double* ax)
     int cn_nt_store
     void cn_sfence()
+    int cn_ln_row_stats_f(const float* x, Py_ssize_t n, double* mu, double* m2)
+    void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
+                               const float* a, const float* b)
+    void cn_cl_dx_span_float(const float* g, const float* x, float* dx, Py_ssize_t n, Py_ssize_t C,
+                             const float* ka, const float* mh, const float* kb, const float* kc)
+    int cn_cl_stats_f32(const float* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    void cn_ln_bwd_rows_float(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t cg,
+                              Py_ssize_t G, Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean,
+                              const float* rstd, const float* w, double* pw, double* pb, float* fb)
     void cn_norm_run_float(const float* x, float* y, Py_ssize_t n, float mh, float a, float b)
     void cn_scale_run_float(const float* x, float* y, Py_ssize_t n, float a, float b)
     void cn_dx_run_float(const float* g, const float* x, float* dx, Py_ssize_t n, float ka, float mh, float kb,
@@ -695,7 +704,7 @@ cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
     cdef const dat* p
     cdef double d0, d1, d2, d3, mc, inv = 1.0 / <double>nr
     if dat is float:
-        if cn_cl_stats_float(x, nr, C, m, q, fs):
+        if cn_cl_stats_f32(x, nr, C, m, q, fs):
             return
     elif dat is cn_bf16:
         if cn_cl_stats_cn_bf16(x, nr, C, m, q, fs):
@@ -847,31 +856,73 @@ cdef inline void cl_row_dx(const dat* g, const dat* x, dat* dx, Py_ssize_t C,
             st(dx + c, <floating>ld(g + c) * ka[c] + (<floating>ld(x + c) - mh[c]) * kb[c] + kc[c])
 
 
+cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
+                       const floating* kk, const floating* kx) noexcept nogil:
+    """Normalize rows [r0, r1), newest first (the stats pass left them in cache):
+    float32 by spans of ~64 KB (one stream each), other types row by row."""
+    cdef Py_ssize_t rs, ch = 16384 // C if 16384 // C > 1 else 1, e = C + 16
+    if dat is float:
+        while r1 > r0:
+            rs = r1 - ch if r1 - ch > r0 else r0
+            cn_cl_norm_span_float(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                  <const float*>kx + e, <const float*>kx + 2 * e)
+            r1 = rs
+    else:
+        while r1 > r0:
+            r1 = r1 - 1
+            cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+
+
+cdef void cl_dx_rows(const dat* g, const dat* x, dat* dx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
+                     const floating* kk, const floating* kx) noexcept nogil:
+    """dx of rows [r0, r1), newest first; float32 by spans (see cl_norm_rows)."""
+    cdef Py_ssize_t rs, ch = 16384 // C if 16384 // C > 1 else 1, e = C + 16
+    if dat is float:
+        while r1 > r0:
+            rs = r1 - ch if r1 - ch > r0 else r0
+            cn_cl_dx_span_float(g + rs * C, x + rs * C, dx + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                <const float*>kx + e, <const float*>kx + 2 * e, <const float*>kx + 3 * e)
+            r1 = rs
+    else:
+        while r1 > r0:
+            r1 = r1 - 1
+            cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+
+
 cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk, Py_ssize_t j,
                       const double* part, double eps, const floating* w, const floating* b,
                       floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
     """Merge the row-block partials of channels [j·CFOLD, (j+1)·CFOLD) in block order."""
-    cdef Py_ssize_t c, k, r0, r1, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
-    cdef double mu, m2, d, s, m0
+    cdef Py_ssize_t c, k, r0, r1, c0 = j * CFOLD, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
+    cdef double mu, d, nk
+    cdef double s[CFOLD]
+    cdef double m2[CFOLD]
     cdef floating k3[3]
     # Two-level merge, no division per block: mean = m_0 + Σ n_k·(m_k - m_0) / R
     # (relative to the first block's mean, so |mean| ≫ std loses nothing), then
     # M2 = Σ q_k + Σ n_k·(m_k - mean)² (each term centred: no cancellation).
-    for c in range(j * CFOLD, c1):
-        s = 0.0
-        m0 = part[c]
-        for k in range(nblk):
-            r0 = k * rb
-            r1 = r0 + rb if r0 + rb < R else R
-            s += <double>(r1 - r0) * (part[2 * k * C + c] - m0)
-        mu = m0 + s / <double>R
-        m2 = 0.0
-        for k in range(nblk):
-            r0 = k * rb
-            r1 = r0 + rb if r0 + rb < R else R
-            d = part[2 * k * C + c] - mu
-            m2 += part[(2 * k + 1) * C + c] + <double>(r1 - r0) * d * d
-        fwd_consts(<double>R, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
+    # Blocks outer, channels inner: the partials are read row by row (a
+    # channel-outer loop strides by 2·C doubles and thrashes one L1 set).
+    for c in range(c0, c1):
+        s[c - c0] = 0.0
+        m2[c - c0] = 0.0
+    for k in range(nblk):
+        r0 = k * rb
+        r1 = r0 + rb if r0 + rb < R else R
+        nk = <double>(r1 - r0)
+        for c in range(c0, c1):
+            s[c - c0] += nk * (part[2 * k * C + c] - part[c])
+    for c in range(c0, c1):
+        s[c - c0] = part[c] + s[c - c0] / <double>R  # the mean
+    for k in range(nblk):
+        r0 = k * rb
+        r1 = r0 + rb if r0 + rb < R else R
+        nk = <double>(r1 - r0)
+        for c in range(c0, c1):
+            d = part[2 * k * C + c] - s[c - c0]
+            m2[c - c0] += part[(2 * k + 1) * C + c] + nk * d * d
+    for c in range(c0, c1):
+        fwd_consts(<double>R, s[c - c0], m2[c - c0], eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
         kk[c] = k3[0]
         kk[C + c] = k3[1]
         kk[2 * C + c] = k3[2]
@@ -882,20 +933,29 @@ cdef void cl_fold_bwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t nblk, Py_ssize_t j,
                       const floating* mdy, const floating* mdyx,
                       floating* oa, floating* ob, floating* kk) noexcept nogil:
     """Sum the row-block gradient partials of channels [j·CFOLD, ...) in block order."""
-    cdef Py_ssize_t c, k, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
+    cdef Py_ssize_t c, k, c0 = j * CFOLD, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
     cdef double sg, sgx, sx, mu, dl
+    cdef double ag[CFOLD]
+    cdef double agx[CFOLD]
+    cdef double ax[CFOLD]
     cdef floating k4[4]
-    for c in range(j * CFOLD, c1):
+    for c in range(c0, c1):
+        ag[c - c0] = 0.0
+        agx[c - c0] = 0.0
+        ax[c - c0] = 0.0
+    if mode != MODE_APPLY:
+        # blocks outer, channels inner (see cl_fold_fwd); same order of additions per channel
+        for k in range(nblk):
+            for c in range(c0, c1):
+                ag[c - c0] += part[3 * k * C + c]
+                agx[c - c0] += part[(3 * k + 1) * C + c]
+                ax[c - c0] += part[(3 * k + 2) * C + c]
+    for c in range(c0, c1):
         dl = 0.0
-        sg = 0.0
-        sgx = 0.0
-        sx = 0.0
+        sg = ag[c - c0]
+        sgx = agx[c - c0]
+        sx = ax[c - c0]
         mu = mud[c]
-        if mode != MODE_APPLY:
-            for k in range(nblk):
-                sg += part[3 * k * C + c]
-                sgx += part[(3 * k + 1) * C + c]
-                sx += part[(3 * k + 2) * C + c]
         if mode == MODE_TRAIN:
             dl = recentre(<double>R, sx, sg, &sgx)
         cross_bwd_consts(mode, <double>R, sg, sgx, mu, dl, rstd[c], w[c], mdy, mdyx, c, oa, ob, k4)
@@ -911,9 +971,9 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
                        const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd, floating* kk, double* fscr,
                        int nt) noexcept nogil:
-    """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C]);
-    fscr: 3·C doubles per thread."""
-    cdef Py_ssize_t t, lo, hi, k, r0, r1, j, nf = (C + CFOLD - 1) // CFOLD
+    """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C]),
+    then 3·(C + 16) of scratch; fscr: 3·C doubles per thread."""
+    cdef Py_ssize_t t, lo, hi, k, r0, r1, j, c, nf = (C + CFOLD - 1) // CFOLD
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for t in range(nt):
             lo = split_lo(nblk, nt, t)
@@ -941,24 +1001,22 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
             cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
     if y == NULL:
         return
+    cdef floating* kx = kk + 3 * C  # extended constants (float32 spans), 3·(C + 16)
+    cdef Py_ssize_t e = C + 16
+    for c in range(e):
+        kx[c] = kk[c % C]
+        kx[e + c] = kk[C + c % C]
+        kx[2 * e + c] = kk[2 * C + c % C]
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for t in range(nt):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            r1 = hi * rb if hi * rb < R else R
-            r0 = lo * rb
-            while r1 > r0:  # newest rows first
-                r1 = r1 - 1
-                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            r1 = hi * rb if hi * rb < R else R
-            r0 = lo * rb
-            while r1 > r0:  # newest rows first
-                r1 = r1 - 1
-                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -967,7 +1025,8 @@ cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssi
                        const floating* mean, const floating* rstd, const floating* w,
                        const floating* mdy, const floating* mdyx,
                        floating* oa, floating* ob, floating* kk, double* mud, int nt) noexcept nogil:
-    """part: 3·nblk·C doubles; kk: 4·C constants (ka, mean_hi, kb, kc'); mud: C doubles."""
+    """part: 3·nblk·C doubles; kk: 4·C constants (ka, mean_hi, kb, kc'), then 4·(C + 16) of
+    scratch; mud: C doubles."""
     cdef Py_ssize_t t, lo, hi, k, r0, r1, c, j, nf = (C + CFOLD - 1) // CFOLD
     for c in range(C):
         mud[c] = mean[c]
@@ -1002,24 +1061,23 @@ cdef void cl_cross_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t R, Py_ssi
             cl_fold_bwd(R, C, nblk, j, part, mode, mud, rstd, w, mdy, mdyx, oa, ob, kk)
     if mode != MODE_TRAIN and mode != MODE_APPLY:
         return
+    cdef floating* kx = kk + 4 * C  # extended constants (float32 spans), 4·(C + 16)
+    cdef Py_ssize_t e = C + 16
+    for c in range(e):
+        kx[c] = kk[c % C]
+        kx[e + c] = kk[C + c % C]
+        kx[2 * e + c] = kk[2 * C + c % C]
+        kx[3 * e + c] = kk[3 * C + c % C]
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for t in range(nt):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            r1 = hi * rb if hi * rb < R else R
-            r0 = lo * rb
-            while r1 > r0:
-                r1 = r1 - 1
-                cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+            cl_dx_rows(g, x, dx, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            r1 = hi * rb if hi * rb < R else R
-            r0 = lo * rb
-            while r1 > r0:
-                r1 = r1 - 1
-                cl_row_dx(g + r1 * C, x + r1 * C, dx + r1 * C, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+            cl_dx_rows(g, x, dx, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -1053,7 +1111,11 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
     cdef Py_ssize_t off = (n * C + c0) * S
     cdef double mu, m2, v, r, a
     cdef floating mh, ml, rf
-    run_stats(x + off, L, &mu, &m2)
+    if dat is float:
+        if not (S == 1 and cn_ln_row_stats_f(x + off, L, &mu, &m2)):  # float lanes, else double
+            run_stats(x + off, L, &mu, &m2)
+    else:
+        run_stats(x + off, L, &mu, &m2)
     v = m2 / <double>L
     r = 1.0 / sqrt(v + eps)
     mean[u] = <floating>mu
@@ -1185,7 +1247,12 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     cdef floating mh, kb
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     if S == 1:
-        rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
+        if dat is float:
+            # one sweep per row, float lanes and column partials (C helper); chs: 2·cg floats
+            cn_ln_bwd_rows_float(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
+                                 <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
+        else:
+            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
         return
     for n in range(sb * sbs, n1):
         mu = mean[n * G + gi]
@@ -1237,7 +1304,7 @@ cdef inline bint cl_cols_to_groups(const dat* x, Py_ssize_t nr, Py_ssize_t C, Py
     cdef double gm, d, s
     cdef int ok = 0
     if dat is float:
-        ok = cn_cl_stats_float(x, nr, C, m, q, ws)
+        ok = cn_cl_stats_f32(x, nr, C, m, q, ws)
     elif dat is cn_bf16:
         ok = cn_cl_stats_cn_bf16(x, nr, C, m, q, ws)
     elif dat is cn_f16:
@@ -1315,7 +1382,7 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
                        Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd,
                        double* scratch, floating* kk) noexcept nogil:
-    """Sample n; scratch: 5·C + 3·G doubles, kk: 3·C constants."""
+    """Sample n; scratch: 5·C + 3·G doubles, kk: 3·C constants + 3·(C + 16) of scratch."""
     cdef Py_ssize_t G = C // cg, gi, ci, c, r
     cdef double* acc = scratch
     cdef double* colm = scratch + C
@@ -1335,10 +1402,14 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
             kk[2 * C + c] = k3[2]
     if y == NULL:
         return
-    r = S
-    while r > 0:
-        r -= 1
-        cl_row_norm(xs + r * C, y + n * S * C + r * C, C, kk, kk + C, kk + 2 * C)
+    cdef floating* kx = kk + 3 * C  # extended constants for float32 spans: 3·(C + 16)
+    cdef Py_ssize_t e = C + 16
+    if dat is float:
+        for c in range(e):
+            kx[c] = kk[c % C]
+            kx[e + c] = kk[C + c % C]
+            kx[2 * e + c] = kk[2 * C + c % C]
+    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx)
 
 
 cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
@@ -1398,6 +1469,41 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
             cl_row_dx(g + c, x + c, dx + c, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
 
 
+cdef void ln_fwd_units(const float* x, float* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
+                       Py_ssize_t hi, double eps, const float* w, const float* b,
+                       float* mean, float* var, float* rstd) noexcept nogil:
+    """Units [lo, hi) of a float32 S == 1 problem (LayerNorm rows), as grp_fwd_unit
+    (same arithmetic), eight rows at a time: the statistics of eight rows, then
+    their eight independent sqrt/div chains, then their normalization — short
+    rows are otherwise bound by one row's latency chain."""
+    cdef double mu8[8]
+    cdef double m28[8]
+    cdef double v8[8]
+    cdef double r8[8]
+    cdef Py_ssize_t G = C // cg, u0 = lo, u, j, nb, c0
+    cdef float mh
+    while u0 < hi:
+        nb = hi - u0 if hi - u0 < 8 else 8
+        for j in range(nb):
+            u = u0 + j
+            if not cn_ln_row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
+                run_stats(x + u * cg, cg, &mu8[j], &m28[j])
+        for j in range(nb):
+            v8[j] = m28[j] / <double>cg
+            r8[j] = 1.0 / sqrt(v8[j] + eps)
+        for j in range(nb):
+            u = u0 + j
+            mean[u] = <float>mu8[j]
+            var[u] = <float>v8[j]
+            rstd[u] = <float>r8[j]
+            if y != NULL:
+                c0 = (u % G) * cg
+                mh = <float>mu8[j]
+                cn_ln_fwd_float(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                                <float>r8[j], w + c0, b + c0)
+        u0 += nb
+
+
 cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                   Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
                   floating* mean, floating* var, floating* rstd,
@@ -1408,20 +1514,30 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
         for t in range(nt):
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
+            if dat is float:
+                if S == 1 and not cl:
+                    ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
+                                 <float*>mean, <float*>var, <float*>rstd)
+                    continue
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
-                                 scratch + t * sstride, kk + t * 3 * C)
+                                 scratch + t * sstride, kk + t * (6 * C + 48))
                 else:
                     grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
     else:
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
+            if dat is float:
+                if S == 1 and not cl:
+                    ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
+                                 <float*>mean, <float*>var, <float*>rstd)
+                    hi = lo  # done: skip the per-unit loop
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
-                                 scratch + t * sstride, kk + t * 3 * C)
+                                 scratch + t * sstride, kk + t * (6 * C + 48))
                 else:
                     grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
             cn_sfence()  # order this thread's streaming stores before the join
@@ -1680,7 +1796,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     _check(mean, pt, C, "mean")
     _check(var, pt, C, "var")
     _check(rstd, pt, C, "rstd")
-    cdef cnp.ndarray part, kk = _empty1(3 * C, pt)
+    cdef cnp.ndarray part, kk = _empty1(3 * C + 3 * (C + 16), pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
     cdef int t
@@ -1769,7 +1885,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         _check(out_a, pt, C, "out_a")
         _check(out_b, pt, C, "out_b")
         mean_dy = mean_dy_xhat = mean  # not read
-    cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C, pt)
+    cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C + 4 * (C + 16), pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
     cdef int t
@@ -1864,7 +1980,7 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 5 * C + 3 * G
     # scratch only for channels-last; small calls skip the allocations
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64) if cl else _EMPTY
-    cdef cnp.ndarray kk = _empty1(t * 3 * C, pt) if cl else _EMPTY
+    cdef cnp.ndarray kk = _empty1(t * (6 * C + 48), pt) if cl else _EMPTY
     cdef void* px = ptr(x)
     cdef void* py = ptr(y)
     cdef void* pw = ptr(weight)
@@ -1953,13 +2069,16 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         else:
             grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
                     <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
-        # block partials in block order (fixed: bit-identical for any thread count)
+        # block partials in block order (fixed: bit-identical for any thread count),
+        # summed into block 0's row: blocks outer, channels inner (a channel-outer
+        # loop strides by C doubles and thrashes one L1 set)
+        for k in range(1, nsb):
+            for c in range(C):
+                ppw[c] += ppw[k * C + c]
+                ppb[c] += ppb[k * C + c]
         for c in range(C):
-            sw = 0.0
-            sb = 0.0
-            for k in range(nsb):
-                sw += ppw[k * C + c]
-                sb += ppb[k * C + c]
+            sw = ppw[c]
+            sb = ppb[c]
             if pt == F64:
                 (<double*>pdw)[c] = sw
                 (<double*>pdb)[c] = sb
