@@ -26,9 +26,10 @@ K = CythonBackend()
 R = NumpyBackend()
 
 # (n, c, s): odd sizes, S = 1, one group per channel, channels that split into
-# several statistics blocks (S > 65536, N·S > 65536 rows), C below any thread count.
+# several statistics blocks (S > 65536, N·S > 65536 rows), C below any thread count,
+# and runs long enough to be swept in prefetch pieces (S > 1536) with C >= 4 threads.
 SIZES = [(3, 5, 7), (1, 4, 9), (7, 3, 1), (2, 6, 33), (5, 8, 300), (64, 3, 1100),
-         (2, 2, 70000), (4097, 5, 1), (3, 64, 17)]
+         (2, 2, 70000), (4097, 5, 1), (3, 64, 17), (2, 12, 1600)]
 OFFSET = 1e4  # |mean| = 1e4·std: catches E[x²] - E[x]² and float32 mean rounding
 
 

@@ -94,6 +94,7 @@ cdef extern from "_kernels.h" nogil:
                          double* ax)
     int cn_nt_store
     void cn_sfence()
+    void cn_prefetch(const void* p, Py_ssize_t nbytes)
     int cn_ln_row_stats_f(const float* x, Py_ssize_t n, double* mu, double* m2)
     void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
                                const float* a, const float* b)
@@ -179,6 +180,11 @@ cdef enum:
     MAXBLK = 64
     # Channels of one cross-sample channels-last fold task.
     CFOLD = 256
+    # Elements processed between two prefetch steps of the fused channels-first
+    # forward (see PfCur): a multiple of LANES, at least CN_NT_MIN.
+    PF_CH = 768
+    # Each element processed advances the prefetch by itemsize / PF_DIV bytes.
+    PF_DIV = 4
 
 # Below this many elements a call stays on the calling thread: an OpenMP
 # fork/join costs more than the work.
@@ -415,9 +421,62 @@ cdef inline void cf_block(Py_ssize_t N, Py_ssize_t S, Py_ssize_t rb, Py_ssize_t 
     s1[0] = s0[0] + sp if s0[0] + sp < S else S
 
 
+# Prefetch cursor over the next channel of a fused channels-first forward: its
+# N runs of S elements in the order its statistics will read them. The current
+# channel's three sweeps (sum and square passes from memory/L2, normalization
+# from L2 with streaming stores) each advance it by a third of what they
+# process, so memory keeps reading x while this core computes or writes: the
+# reads of channel c + 1 overlap all of channel c's work (both channels fit
+# in the per-core L2 together). A hint only: no value depends on it.
+ctypedef struct PfCur:
+    const char* base    # first run of the next channel
+    Py_ssize_t run      # bytes of a run
+    Py_ssize_t stride   # bytes between runs (C·S elements)
+    Py_ssize_t nrun     # runs (N)
+    Py_ssize_t r        # next run to prefetch
+    Py_ssize_t off      # next byte within it
+
+
+cdef inline void pf_step(PfCur* p, Py_ssize_t nb) noexcept nogil:
+    cdef Py_ssize_t m
+    while nb > 0 and p.r < p.nrun:
+        m = p.run - p.off if nb > p.run - p.off else nb
+        cn_prefetch(p.base + p.r * p.stride + p.off, m)
+        p.off += m
+        nb -= m
+        if p.off >= p.run:
+            p.off = 0
+            p.r += 1
+
+
+cdef inline void sum_run_pf(const dat* x, Py_ssize_t n, double piv, double* acc, PfCur* pf) noexcept nogil:
+    """sum_run in pieces of PF_CH (a multiple of LANES: same lanes, same result), prefetching between."""
+    cdef Py_ssize_t i = 0, m
+    if pf == NULL:
+        sum_run(x, n, piv, acc)
+        return
+    while i < n:
+        m = PF_CH if n - i >= 2 * PF_CH else n - i
+        sum_run(x + i, m, piv, acc)
+        pf_step(pf, m * sizeof(dat) // PF_DIV)
+        i += m
+
+
+cdef inline void sq_run_pf(const dat* x, Py_ssize_t n, double mu, double* acc, PfCur* pf) noexcept nogil:
+    cdef Py_ssize_t i = 0, m
+    if pf == NULL:
+        sq_run(x, n, mu, acc)
+        return
+    while i < n:
+        m = PF_CH if n - i >= 2 * PF_CH else n - i
+        sq_run(x + i, m, mu, acc)
+        pf_step(pf, m * sizeof(dat) // PF_DIV)
+        i += m
+
+
 cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
-                         double* out) noexcept nogil:
+                         double* out, PfCur* pf=NULL) noexcept nogil:
     """out = (count, mean, M2) of block k of channel c, two-pass."""
     cdef double acc[LANES]
     cdef Py_ssize_t r0, r1, s0, s1, r
@@ -426,12 +485,12 @@ cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     piv = ld(x + ((r0 * C + c) * S + s0))
     lanes_zero(acc)
     for r in range(r0, r1):
-        sum_run(x + (r * C + c) * S + s0, s1 - s0, piv, acc)
+        sum_run_pf(x + (r * C + c) * S + s0, s1 - s0, piv, acc, pf)
     cnt = <double>((r1 - r0) * (s1 - s0))
     mu = piv + lanes_total(acc) / cnt
     lanes_zero(acc)
     for r in range(r0, r1):
-        sq_run(x + (r * C + c) * S + s0, s1 - s0, mu, acc)
+        sq_run_pf(x + (r * C + c) * S + s0, s1 - s0, mu, acc, pf)
     out[0] = cnt
     out[1] = mu
     out[2] = lanes_total(acc)
@@ -451,7 +510,7 @@ cdef void cf_block_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssi
 
 cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
-                         Py_ssize_t c, const double* part, bint have_part, double eps,
+                         Py_ssize_t c, Py_ssize_t cn, const double* part, bint have_part, double eps,
                          const floating* w, const floating* b,
                          floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
     """Fold channel c's block partials in block order, then normalize it.
@@ -462,18 +521,56 @@ cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ss
     cdef double cnt = 0.0, mu = 0.0, m2 = 0.0
     cdef double blk[3]
     cdef Py_ssize_t k
+    cdef PfCur pf
+    cdef PfCur* pfp = NULL
+    if cn >= 0 and y != NULL and not have_part:
+        pf.base = <const char*>(x + cn * S)
+        pf.run = S * sizeof(dat)
+        pf.stride = C * S * sizeof(dat)
+        pf.nrun = N
+        pf.r = 0
+        pf.off = 0
+        pfp = &pf
     for k in range(nblk):
         if have_part:
             memcpy(blk, part + 3 * (c * nblk + k), 3 * sizeof(double))
         else:
-            cf_block_stats(x, N, C, S, rb, sp, nsp, c, k, blk)
+            cf_block_stats(x, N, C, S, rb, sp, nsp, c, k, blk, pfp)
         chan_merge(&cnt, &mu, &m2, blk[0], blk[1], blk[2])
     fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, kk + 3 * c)
     if y != NULL and not have_part:
-        k = nblk
-        while k > 0:
-            k -= 1
-            cf_block_norm(x, y, N, C, S, rb, sp, nsp, c, k, kk + 3 * c)
+        cf_channel_norm(x, y, N, C, S, sp, nsp, c, pfp, kk + 3 * c)
+
+
+cdef void cf_channel_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, PfCur* pf,
+                          const floating* kk) noexcept nogil:
+    """Normalize channel c (its statistics just read it into L2), newest runs first.
+
+    With a prefetch cursor, runs are normalized in pieces of about PF_CH
+    elements, each followed by a prefetch step (see PfCur); the pieces change
+    no value (elementwise), and the first ends at a 64-byte boundary of y so
+    the others stream whole lines.
+    """
+    cdef Py_ssize_t q = N * nsp, s0, n, off, i, m, h
+    while q > 0:  # newest (row, piece) first: they are the ones still in cache
+        q -= 1
+        s0 = (q % nsp) * sp
+        n = sp if s0 + sp < S else S - s0
+        off = ((q // nsp) * C + c) * S + s0
+        if pf == NULL:
+            norm_run(x + off, y + off, n, kk[0], kk[1], kk[2])
+            continue
+        h = ((64 - (<size_t>(y + off)) % 64) % 64) // sizeof(dat)
+        i = 0
+        while i < n:
+            m = h + PF_CH
+            if n - i - m < PF_CH:  # no short last piece (it would not stream)
+                m = n - i
+            norm_run(x + off + i, y + off + i, m, kk[0], kk[1], kk[2])
+            pf_step(pf, m * sizeof(dat) // PF_DIV)
+            i += m
+            h = 0
 
 
 cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
@@ -487,14 +584,16 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 lo = split_lo(C, nt, t)
                 hi = split_lo(C, nt, t + 1)
                 for c in range(lo, hi):
-                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
+                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, c + 1 if c + 1 < hi else -1,
+                                   part, False, eps, w, b,
                                    mean, var, rstd, kk)
         else:
             for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
                 lo = split_lo(C, nt, t)
                 hi = split_lo(C, nt, t + 1)
                 for c in range(lo, hi):
-                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, part, False, eps, w, b,
+                    cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, c + 1 if c + 1 < hi else -1,
+                                   part, False, eps, w, b,
                                    mean, var, rstd, kk)
                 cn_sfence()  # order this thread's streaming stores before the join
         return
@@ -513,7 +612,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 cf_block_stats(x, N, C, S, rb, sp, nsp, u // nblk, u % nblk, part + 3 * u)
             cn_sfence()  # order this thread's streaming stores before the join
     for c in range(C):
-        cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, part, True, eps, w, b,
+        cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, -1, part, True, eps, w, b,
                        mean, var, rstd, kk)
     if y == NULL:
         return
