@@ -10,6 +10,20 @@
 
 using namespace cnorm;
 
+// y = (x - mean) * rstd * weight[c] + bias[c] for the vector of a row at the walker.
+template <typename T, int VEC, bool CL, typename A>
+__device__ __forceinline__ Vec<T, VEC> normalize_vec(const Vec<T, VEC>& v, const RowGeom<CL, VEC>& geo,
+                                                     const Walker& it, A mu, A rs, const A* __restrict__ weight,
+                                                     const A* __restrict__ bias) {
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+        const int c = geo.chan(it, j);
+        o.v[j] = Cvt<T>::from((to_acc(v.v[j]) - mu) * (rs * weight[c]) + bias[c]);
+    }
+    return o;
+}
+
 // Statistics and normalization of whole rows, one read of x and one write of y:
 // y = (x - mean) * rstd * weight[c] + bias[c].
 template <typename T, int VEC, bool CL>
@@ -66,13 +80,7 @@ __global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const ty
 #pragma unroll 4
     for (i64 k = lt; k < M; k += tpr) {
         const Vec<T, VEC> v = cache[k];
-        Vec<T, VEC> o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = geo.chan(it, j);
-            o.v[j] = Cvt<T>::from((to_acc(v.v[j]) - mu) * (rs * weight[c]) + bias[c]);
-        }
-        store_vec<T, VEC>(y, geo.addr(it), o);
+        store_vec<T, VEC>(y, geo.addr(it), normalize_vec(v, geo, it, mu, rs, weight, bias));
         it.advance();
     }
 }
@@ -96,13 +104,7 @@ __global__ void row_apply(const T* __restrict__ x, T* __restrict__ y, const type
 #pragma unroll 4
     for (; k < k1; k += blockDim.x) {
         const Vec<T, VEC> v = load_vec<T, VEC>(x, geo.addr(it));
-        Vec<T, VEC> o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = geo.chan(it, j);
-            o.v[j] = Cvt<T>::from((to_acc(v.v[j]) - mu) * (rs * weight[c]) + bias[c]);
-        }
-        store_vec<T, VEC>(y, geo.addr(it), o);
+        store_vec<T, VEC>(y, geo.addr(it), normalize_vec(v, geo, it, mu, rs, weight, bias));
         it.advance();
     }
 }
