@@ -108,8 +108,7 @@ def _frozen_constants(xp, running_mean, running_var, weight, bias, eps, sdtype):
     rstd = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
     scale = weight.astype(xp.float64) * rstd
     shift = bias.astype(xp.float64) - mean * scale
-    cast = [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
-    return cast
+    return [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
 
 
 def _empty_forward(be, x, p: Problem, sdtype):

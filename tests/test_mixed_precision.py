@@ -63,16 +63,9 @@ def test_half_large_offset(backend, norm, dtype):
     close(to(r["dx"]), r["dx_ref"], 5e-2, "dx")
 
 
-torch = None
-
-
-def _torch():
-    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
-
-
 @pytest.mark.parametrize("norm", NORMS)
 def test_bfloat16_matches_torch(backend, norm):
-    torch = _torch()
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
     F = torch.nn.functional
     rng = np.random.default_rng(3)
     x32 = rng.standard_normal((4, 6, 5, 7)).astype(np.float32) * 2 + 1

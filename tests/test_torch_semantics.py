@@ -117,9 +117,8 @@ def test_running_stats_over_several_calls(backend, momentum, norm):
         close(backend.to_numpy(rv_c), trv.numpy(), 1e-12, f"running_var step {step}")
     x = rng.standard_normal((2, c, 7))
     kw = {"training": False} if norm == "batch_norm" else {"use_input_stats": False}
-    tkw = kw
     y = fn(backend.asarray(x), running_mean=rm_c, running_var=rv_c, backend=backend.name, **kw)
-    ty = tfn(torch.from_numpy(x), trm, trv, **tkw)
+    ty = tfn(torch.from_numpy(x), trm, trv, **kw)
     close(backend.to_numpy(y), ty.numpy(), 1e-9, "eval output")
 
 
