@@ -171,6 +171,8 @@ THREAD_PROBLEMS = [
     Problem("cl", 1031, 67, 3), Problem("cl", 4099, 33, 1), Problem("cf", 4099, 33, 1),
     Problem("cf", 5, 12, 1111, 4), Problem("cf", 7, 6, 5003, 6), Problem("cl", 5, 12, 1111, 3),
     Problem("cl", 301, 255, 1, 1), Problem("cl", 67, 16, 601, 16), Problem("cf", 2100, 45, 1, 1),
+    # channels-last with C a multiple of 16: the vector column sweeps (64-column tiles and a 16-column tail)
+    Problem("cl", 517, 80, 1), Problem("cl", 9, 32, 900, 4),
 ]
 
 
@@ -287,6 +289,7 @@ def test_streaming_stores_change_nothing(p, dt, monkeypatch, restore_threads):
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # var ~ 1e60 in float32
 @pytest.mark.parametrize("dt", [np.float32, *HALVES])
 @pytest.mark.parametrize("p", [Problem("cl", 4, 8, 300), Problem("cl", 4, 8, 300, 2), Problem("cl", 1300, 3, 1),
+                               Problem("cl", 4, 32, 300), Problem("cl", 4, 32, 300, 2),
                                Problem("cf", 4, 8, 300), Problem("cf", 4, 8, 300, 2)], ids=str)
 def test_overflowing_float_sums_fall_back_to_double(p, dt):
     """Statistics accumulate in float where that is exact enough; squares of |x| ~ 1e30
@@ -319,3 +322,19 @@ def test_layer_norm_backward_float_overflow_falls_back_to_double(p):
     for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
         assert np.all(np.isfinite(a)), name
         _close(a, e, max(np.abs(e).max(), float(np.abs(dy).max())), np.float32, name)
+
+
+@pytest.mark.parametrize("p", [Problem("cl", 4, 8, 300), Problem("cl", 4, 32, 300), Problem("cl", 4, 32, 300, 2),
+                               Problem("cl", 1300, 80, 1)], ids=str)
+def test_channels_last_backward_float_overflow_falls_back_to_double(p):
+    """Channels-last backward sums dy·(x - mean) per column in float; |dy·x| ~ 1e40
+    overflows float (not double) and must be redone in double, not returned as Inf."""
+    x, dy, w, b = _data(p, np.float32, offset=0.0)
+    x, dy = x * np.float32(1e20), dy * np.float32(1e20)  # the dx constants stay normal floats
+    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
+    got = K.backward_train(dy, x, p, mean, rstd, w)
+    want = R.backward_train(dy.astype(np.float64), x.astype(np.float64), p, mean.astype(np.float64),
+                            rstd.astype(np.float64), w.astype(np.float64))
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert np.all(np.isfinite(a)), name
+        _close(a, e, float(np.abs(e).max()), np.float32, name)

@@ -349,7 +349,7 @@ CN_LNROWS(cn_f16, float)
    output is read. */
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define CN_AVX512 1
 #endif
@@ -407,6 +407,15 @@ static inline __m512 cn_vld_cn_bf16(const cn_bf16* p) {
 }
 static inline __m512 cn_vld_cn_f16(const cn_f16* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+/* masked loads: lanes outside k read nothing and are 0.0f */
+static inline __m512 cn_vldm_float(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+static inline __m512 cn_vldm_cn_bf16(__mmask16 k, const cn_bf16* p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+static inline __m512 cn_vldm_cn_f16(__mmask16 k, const cn_f16* p) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
 static inline void cn_vst_float(float* p, __m512 v, int nt) {
     if (nt) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
@@ -527,47 +536,38 @@ CN_EW(float)
 CN_EW(cn_bf16)
 CN_EW(cn_f16)
 
-/* Channels-last spans (float32): n consecutive values starting at channel 0
-   of rows of C, normalized (or dx) as one stream - no call per row, whole
-   lines for streaming stores whatever C is. The constants are "extended":
+/* Channels-last spans: n consecutive values starting at channel 0 of rows
+   of C, normalized (or dx) as one stream - no call per row, whole lines for
+   streaming stores whatever C is. The constants are "extended":
    k[i] = k0[i % C] for i < C + 16, so the 16 channels of any vector are one
    unaligned load. Same fused multiply-adds as cn_row_norm / cn_row_dx. */
-static inline void cn_cl_norm_span_float(const float* x, float* y, ptrdiff_t n, ptrdiff_t C,
-                                         const float* mh, const float* a, const float* b) {
-    ptrdiff_t i = 0, c = 0;
-#if defined(CN_AVX512)
-    const int nt_ = cn_nt_store && n >= CN_NT_MIN;
-    ptrdiff_t h = nt_ ? CN_HEAD(float, y, n) : 0;
-    for (; i < h; i++) { y[i] = CN_FMA(x[i] - mh[c], a[c], b[c]); if (++c == C) c = 0; }
-    for (; i + 16 <= n; i += 16) {
-        cn_vst_float(y + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), CN_P(mh, c)),
-                                            CN_P(a, c), CN_P(b, c)), nt_);
-        c += 16; while (c >= C) c -= C;
-    }
-#endif
-    for (; i < n; i++) { y[i] = CN_FMA(x[i] - mh[c], a[c], b[c]); if (++c == C) c = 0; }
+#define CN_CLSPANS(T)                                                                     \
+static inline void cn_cl_norm_span_##T(const T* x, T* y, ptrdiff_t n, ptrdiff_t C,       \
+                                       const float* mh, const float* a, const float* b) { \
+    ptrdiff_t c = 0;                                                                      \
+    CN_BODY(T, y, n,                                                                      \
+        cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i) - mh[c], a[c], b[c]));                 \
+        if (++c == C) c = 0,                                                              \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, c)),  \
+                                          CN_P(a, c), CN_P(b, c)), nt_);                  \
+        c += 16; while (c >= C) c -= C);                                                  \
+}                                                                                         \
+static inline void cn_cl_dx_span_##T(const T* g, const T* x, T* dx, ptrdiff_t n,         \
+                                     ptrdiff_t C, const float* ka, const float* mh,       \
+                                     const float* kb, const float* kc) {                  \
+    ptrdiff_t c = 0;                                                                      \
+    CN_BODY(T, dx, n,                                                                     \
+        cn_st1_##T(dx + i, CN_FMA(CN_LDF_##T(g + i), ka[c],                               \
+                                  CN_FMA(CN_LDF_##T(x + i) - mh[c], kb[c], kc[c])));      \
+        if (++c == C) c = 0,                                                              \
+        cn_vst_##T(dx + i, _mm512_fmadd_ps(cn_vld_##T(g + i), CN_P(ka, c),                \
+            _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, c)), CN_P(kb, c),   \
+                            CN_P(kc, c))), nt_);                                          \
+        c += 16; while (c >= C) c -= C);                                                  \
 }
-static inline void cn_cl_dx_span_float(const float* g, const float* x, float* dx, ptrdiff_t n,
-                                       ptrdiff_t C, const float* ka, const float* mh,
-                                       const float* kb, const float* kc) {
-    ptrdiff_t i = 0, c = 0;
-#if defined(CN_AVX512)
-    const int nt_ = cn_nt_store && n >= CN_NT_MIN;
-    ptrdiff_t h = nt_ ? CN_HEAD(float, dx, n) : 0;
-    for (; i < h; i++) {
-        dx[i] = CN_FMA(g[i], ka[c], CN_FMA(x[i] - mh[c], kb[c], kc[c])); if (++c == C) c = 0;
-    }
-    for (; i + 16 <= n; i += 16) {
-        cn_vst_float(dx + i, _mm512_fmadd_ps(_mm512_loadu_ps(g + i), CN_P(ka, c),
-            _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), CN_P(mh, c)), CN_P(kb, c),
-                            CN_P(kc, c))), nt_);
-        c += 16; while (c >= C) c -= C;
-    }
-#endif
-    for (; i < n; i++) {
-        dx[i] = CN_FMA(g[i], ka[c], CN_FMA(x[i] - mh[c], kb[c], kc[c])); if (++c == C) c = 0;
-    }
-}
+CN_CLSPANS(float)
+CN_CLSPANS(cn_bf16)
+CN_CLSPANS(cn_f16)
 
 /* Column statistics of a block of nr channels-last rows of C (float32 and
    half data), two-pass in float while the block is in L2: pass 1 sums
@@ -648,107 +648,200 @@ CN_CLSTATS(cn_bf16)
 CN_CLSTATS(cn_f16)
 
 #if defined(CN_AVX512)
-/* cn_cl_stats for float32 rows whose C is a multiple of 16 (AVX-512): the
-   same two-pass algorithm (float partials over CN_FROWS rows, exact centring
-   on the float mean), swept CN_RC rows at a time (an L1-sized slab); in a
-   slab each tile of nv <= 4 vectors (64 channels) keeps its accumulators in
+/* cn_cl_stats for rows whose C is a multiple of 16 (AVX-512): the same
+   two-pass algorithm (float partials over CN_FROWS rows, exact centring on
+   the float mean), swept CN_RC rows at a time (an L1-sized slab); in a slab
+   each tile of nv <= 4 vectors (64 channels) keeps its accumulators in
    registers, two rows per add, and loads/stores the float column partials
-   once. Same contract and result layout as cn_cl_stats_float. */
+   once. Half data are widened in registers (F16C / a shift), 16 at a time.
+   Same contract and result layout as cn_cl_stats. */
 #define CN_RC 8
-static inline __attribute__((always_inline)) void cn_cls_slab_sum(const float* restrict x, ptrdiff_t nr, ptrdiff_t C,
-                                   const int nv, const float* restrict pv, float* restrict a,
-                                   const float* pf) {
-    __m512 acc[4], piv[4]; ptrdiff_t r; int v;
-    for (v = 0; v < nv; v++) { acc[v] = _mm512_loadu_ps(a + 16 * v); piv[v] = _mm512_loadu_ps(pv + 16 * v); }
-    for (r = 0; r + 2 <= nr; r += 2) {
-        const float* p = x + r * C;
-        for (v = 0; v < nv; v++) _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1);
-        for (v = 0; v < nv; v++)
-            acc[v] = _mm512_add_ps(acc[v], _mm512_add_ps(_mm512_sub_ps(_mm512_loadu_ps(p + 16 * v), piv[v]),
-                                                         _mm512_sub_ps(_mm512_loadu_ps(p + C + 16 * v), piv[v])));
-    }
-    for (; r < nr; r++)
-        for (v = 0; v < nv; v++)
-            acc[v] = _mm512_add_ps(acc[v], _mm512_sub_ps(_mm512_loadu_ps(x + r * C + 16 * v), piv[v]));
-    for (v = 0; v < nv; v++) _mm512_storeu_ps(a + 16 * v, acc[v]);
+#define CN_CLSTATS_V(T)                                                                   \
+static inline __attribute__((always_inline)) void cn_cls_slab_sum_##T(                    \
+        const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
+        const float* restrict pv, float* restrict a, const T* pf) {                        \
+    __m512 acc[4], piv[4]; ptrdiff_t r; int v;                                            \
+    for (v = 0; v < nv; v++) { acc[v] = _mm512_loadu_ps(a + 16 * v); piv[v] = _mm512_loadu_ps(pv + 16 * v); } \
+    for (r = 0; r + 2 <= nr; r += 2) {                                                    \
+        const T* p = x + r * C;                                                           \
+        for (v = 0; v < nv; v++) _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1); \
+        for (v = 0; v < nv; v++)                                                          \
+            acc[v] = _mm512_add_ps(acc[v], _mm512_add_ps(_mm512_sub_ps(cn_vld_##T(p + 16 * v), piv[v]), \
+                                                         _mm512_sub_ps(cn_vld_##T(p + C + 16 * v), piv[v]))); \
+    }                                                                                     \
+    for (; r < nr; r++)                                                                   \
+        for (v = 0; v < nv; v++)                                                          \
+            acc[v] = _mm512_add_ps(acc[v], _mm512_sub_ps(cn_vld_##T(x + r * C + 16 * v), piv[v])); \
+    for (v = 0; v < nv; v++) _mm512_storeu_ps(a + 16 * v, acc[v]);                        \
+}                                                                                         \
+static inline __attribute__((always_inline)) void cn_cls_slab_sq_##T(                     \
+        const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
+        const float* restrict mf, float* restrict b, const T* pf) {                        \
+    __m512 mv[4], b0[4], b1[4]; ptrdiff_t r; int v;                                       \
+    for (v = 0; v < nv; v++) {                                                            \
+        mv[v] = _mm512_loadu_ps(mf + 16 * v); b0[v] = _mm512_loadu_ps(b + 16 * v); b1[v] = _mm512_setzero_ps(); \
+    }                                                                                     \
+    for (r = 0; r + 2 <= nr; r += 2) {                                                    \
+        const T* p = x + r * C;                                                           \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 d0 = _mm512_sub_ps(cn_vld_##T(p + 16 * v), mv[v]);                     \
+            __m512 d1 = _mm512_sub_ps(cn_vld_##T(p + C + 16 * v), mv[v]);                 \
+            _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1);          \
+            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);                                       \
+            b1[v] = _mm512_fmadd_ps(d1, d1, b1[v]);                                       \
+        }                                                                                 \
+    }                                                                                     \
+    for (; r < nr; r++)                                                                   \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 d0 = _mm512_sub_ps(cn_vld_##T(x + r * C + 16 * v), mv[v]);             \
+            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);                                       \
+        }                                                                                 \
+    for (v = 0; v < nv; v++) _mm512_storeu_ps(b + 16 * v, _mm512_add_ps(b0[v], b1[v]));   \
+}                                                                                         \
+/* Both passes prefetch the next nr rows into L2 (pass 1 the first half, pass  \
+   2 the second: a row per row pair), so memory keeps streaming while this     \
+   thread computes; prefetches past the data are harmless. Pass 2 sums only    \
+   squares: the sum of deviations from mf that the exact correction needs is  \
+   pass 1's, re-centred in double: S(x - mf) = S(x - p) + nr (p - mf). */      \
+static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,       \
+                                    double* restrict m, double* restrict q, double* ws) { \
+    float* restrict mf = (float*)ws; float* restrict a = mf + C;                          \
+    double* restrict se = ws + 2 * C; ptrdiff_t c, c0, r1, rs;                            \
+    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; mf[c] = CN_LDF_##T(x + c); }        \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
+        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
+            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
+            const T* pf = x + (nr + rs / 2) * C;                                          \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 4, mf + c0, a + c0, pf + c0); \
+            for (; c0 < C; c0 += 16) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 1, mf + c0, a + c0, pf + c0); \
+        }                                                                                 \
+        for (c = 0; c < C; c++) m[c] += (double)a[c];                                     \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    if (!cn_finite_f(a, C)) return 0;                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        double p = (double)CN_LDF_##T(x + c), s1 = m[c];                                  \
+        m[c] = p + s1 / (double)nr;                                                       \
+        mf[c] = (float)m[c];                                                              \
+        se[c] = s1 + (double)nr * (p - (double)mf[c]);                                    \
+    }                                                                                     \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
+        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
+            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
+            const T* pf = x + (nr + (nr + 1) / 2 + rs / 2) * C;                           \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sq_##T(x + rs * C + c0, k, C, 4, mf + c0, a + c0, pf + c0); \
+            for (; c0 < C; c0 += 16) cn_cls_slab_sq_##T(x + rs * C + c0, k, C, 1, mf + c0, a + c0, pf + c0); \
+        }                                                                                 \
+        if (!cn_finite_f(a, C)) return 0;                                                 \
+        for (c = 0; c < C; c++) q[c] += (double)a[c];                                     \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        double dm = m[c] - (double)mf[c];                                                 \
+        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);                           \
+        q[c] = v > 0.0 ? v : 0.0;                                                         \
+    }                                                                                     \
+    return 1;                                                                             \
 }
-static inline __attribute__((always_inline)) void cn_cls_slab_sq(const float* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,
-                                  const float* restrict mf, float* restrict b, const float* pf) {
-    __m512 mv[4], b0[4], b1[4]; ptrdiff_t r; int v;
-    for (v = 0; v < nv; v++) {
-        mv[v] = _mm512_loadu_ps(mf + 16 * v); b0[v] = _mm512_loadu_ps(b + 16 * v); b1[v] = _mm512_setzero_ps();
-    }
-    for (r = 0; r + 2 <= nr; r += 2) {
-        const float* p = x + r * C;
-        for (v = 0; v < nv; v++) {
-            __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(p + 16 * v), mv[v]);
-            __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(p + C + 16 * v), mv[v]);
-            _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1);
-            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);
-            b1[v] = _mm512_fmadd_ps(d1, d1, b1[v]);
-        }
-    }
-    for (; r < nr; r++)
-        for (v = 0; v < nv; v++) {
-            __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(x + r * C + 16 * v), mv[v]);
-            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);
-        }
-    for (v = 0; v < nv; v++) _mm512_storeu_ps(b + 16 * v, _mm512_add_ps(b0[v], b1[v]));
-}
-static inline int cn_cl_stats_float_v(const float* restrict x, ptrdiff_t nr, ptrdiff_t C,
-                                      double* restrict m, double* restrict q, double* ws) {
-    /* Both passes prefetch the next nr rows into L2 (pass 1 the first half,
-       pass 2 the second: a row per row pair), so memory keeps streaming
-       while this thread computes; prefetches past the data are harmless.
-       pass 2 sums only squares: the sum of deviations from mf that the exact
-       correction needs is pass 1's, re-centred in double: S(x - mf) = S(x - p) + nr (p - mf) */
-    float* restrict mf = (float*)ws; float* restrict a = mf + C;
-    double* restrict se = ws + 2 * C; ptrdiff_t c, c0, r1, rs;
-    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; mf[c] = x[c]; }
-    for (r1 = 0; r1 < nr; ) {
-        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;
-        for (c = 0; c < C; c++) a[c] = 0.0f;
-        for (rs = r1; rs < rend; rs += CN_RC) {
-            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;
-            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sum(x + rs * C + c0, k, C, 4, mf + c0, a + c0, x + (nr + rs / 2) * C + c0);
-            for (; c0 < C; c0 += 16) cn_cls_slab_sum(x + rs * C + c0, k, C, 1, mf + c0, a + c0, x + (nr + rs / 2) * C + c0);
-        }
-        for (c = 0; c < C; c++) m[c] += (double)a[c];
-        r1 = rend;
-    }
-    if (!cn_finite_f(a, C)) return 0;
-    for (c = 0; c < C; c++) {
-        double p = (double)x[c], s1 = m[c];
-        m[c] = p + s1 / (double)nr;
-        mf[c] = (float)m[c];
-        se[c] = s1 + (double)nr * (p - (double)mf[c]);
-    }
-    for (r1 = 0; r1 < nr; ) {
-        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;
-        for (c = 0; c < C; c++) a[c] = 0.0f;
-        for (rs = r1; rs < rend; rs += CN_RC) {
-            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;
-            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sq(x + rs * C + c0, k, C, 4, mf + c0, a + c0, x + (nr + (nr + 1) / 2 + rs / 2) * C + c0);
-            for (; c0 < C; c0 += 16) cn_cls_slab_sq(x + rs * C + c0, k, C, 1, mf + c0, a + c0, x + (nr + (nr + 1) / 2 + rs / 2) * C + c0);
-        }
-        if (!cn_finite_f(a, C)) return 0;
-        for (c = 0; c < C; c++) q[c] += (double)a[c];
-        r1 = rend;
-    }
-    for (c = 0; c < C; c++) {
-        double dm = m[c] - (double)mf[c];
-        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);
-        q[c] = v > 0.0 ? v : 0.0;
-    }
-    return 1;
-}
-#define CN_CL_STATS_FLOAT(x, nr, C, m, q, ws) \
-    (((C) % 16 == 0) ? cn_cl_stats_float_v((x), (nr), (C), (m), (q), (ws)) : cn_cl_stats_float((x), (nr), (C), (m), (q), (ws)))
+CN_CLSTATS_V(float)
+CN_CLSTATS_V(cn_bf16)
+CN_CLSTATS_V(cn_f16)
+#define CN_CL_STATS(T, x, nr, C, m, q, ws) \
+    (((C) % 16 == 0) ? cn_cl_stats_v_##T((x), (nr), (C), (m), (q), (ws)) : cn_cl_stats_##T((x), (nr), (C), (m), (q), (ws)))
 #else
-#define CN_CL_STATS_FLOAT(x, nr, C, m, q, ws) cn_cl_stats_float((x), (nr), (C), (m), (q), (ws))
+#define CN_CL_STATS(T, x, nr, C, m, q, ws) cn_cl_stats_##T((x), (nr), (C), (m), (q), (ws))
 #endif
-static inline int cn_cl_stats_f32(const float* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
-    return CN_CL_STATS_FLOAT(x, nr, C, m, q, ws);
+#if defined(CN_AVX512)
+/* Channels-last gradient sums of nr rows of C (C a multiple of 16, at most
+   CN_CLG_MAXC): sg = S g, sgx = S g (x - mu), sx = S (x - mu) per column
+   (set, not added). Swept as cn_cl_stats_v: slabs of CN_RC rows, 64-column
+   tiles with float accumulators in registers, float column partials flushed
+   into double every CN_FROWS rows (positions alone decide the grouping).
+   Each row prefetches the same row of the next nr rows into L2. Returns 0,
+   with sg/sgx/sx unspecified, when a mean is not a float value (the float
+   centre would round it) or a float partial overflowed. */
+#define CN_CLG_MAXC 2048
+#define CN_CLGRAD(T)                                                                      \
+static inline __attribute__((always_inline)) void cn_clg_slab_##T(                        \
+        const T* restrict g, const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv, \
+        const float* restrict mf, float* restrict fa, float* restrict fb, float* restrict fc, \
+        ptrdiff_t pd) {                                                                    \
+    __m512 va[4], vb[4], vc[4], mv[4]; ptrdiff_t r; int v;                                \
+    for (v = 0; v < nv; v++) {                                                            \
+        mv[v] = _mm512_loadu_ps(mf + 16 * v); va[v] = _mm512_loadu_ps(fa + 16 * v);       \
+        vb[v] = _mm512_loadu_ps(fb + 16 * v); vc[v] = _mm512_loadu_ps(fc + 16 * v);       \
+    }                                                                                     \
+    for (r = 0; r < nr; r++) {                                                            \
+        const T* pg = g + r * C; const T* px = x + r * C;                                 \
+        for (v = 0; v < nv; v++) {                                                        \
+            _mm_prefetch((const char*)(pg + pd + 16 * v), _MM_HINT_T1);                   \
+            _mm_prefetch((const char*)(px + pd + 16 * v), _MM_HINT_T1);                   \
+        }                                                                                 \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 gv = cn_vld_##T(pg + 16 * v);                                          \
+            __m512 d = _mm512_sub_ps(cn_vld_##T(px + 16 * v), mv[v]);                     \
+            va[v] = _mm512_add_ps(va[v], gv);                                             \
+            vb[v] = _mm512_fmadd_ps(gv, d, vb[v]);                                        \
+            vc[v] = _mm512_add_ps(vc[v], d);                                              \
+        }                                                                                 \
+    }                                                                                     \
+    for (v = 0; v < nv; v++) {                                                            \
+        _mm512_storeu_ps(fa + 16 * v, va[v]); _mm512_storeu_ps(fb + 16 * v, vb[v]);       \
+        _mm512_storeu_ps(fc + 16 * v, vc[v]);                                             \
+    }                                                                                     \
+}                                                                                         \
+static inline int cn_cl_grad_##T(const T* restrict g, const T* restrict x, ptrdiff_t nr,  \
+                                 ptrdiff_t C, const double* mu, double* restrict sg,      \
+                                 double* restrict sgx, double* restrict sx) {             \
+    float mf[CN_CLG_MAXC], f[3 * CN_CLG_MAXC]; ptrdiff_t c, c0, r1, rs;                   \
+    if (C % 16 != 0 || C > CN_CLG_MAXC) return 0;                                         \
+    for (c = 0; c < C; c++) {                                                             \
+        mf[c] = (float)mu[c];                                                             \
+        if ((double)mf[c] != mu[c]) return 0;                                             \
+        sg[c] = 0.0; sgx[c] = 0.0; sx[c] = 0.0;                                           \
+    }                                                                                     \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < 3 * C; c++) f[c] = 0.0f;                                          \
+        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
+            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
+            const T* gs = g + rs * C; const T* xs = x + rs * C;                           \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64)                                          \
+                cn_clg_slab_##T(gs + c0, xs + c0, k, C, 4, mf + c0, f + c0, f + C + c0, f + 2 * C + c0, nr * C); \
+            for (; c0 < C; c0 += 16)                                                      \
+                cn_clg_slab_##T(gs + c0, xs + c0, k, C, 1, mf + c0, f + c0, f + C + c0, f + 2 * C + c0, nr * C); \
+        }                                                                                 \
+        if (!cn_finite_f(f, 3 * C)) return 0;                                             \
+        for (c = 0; c < C; c++) {                                                         \
+            sg[c] += (double)f[c]; sgx[c] += (double)f[C + c]; sx[c] += (double)f[2 * C + c]; \
+        }                                                                                 \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    return 1;                                                                             \
+}
+CN_CLGRAD(float)
+CN_CLGRAD(cn_bf16)
+CN_CLGRAD(cn_f16)
+#else
+#define CN_CLGRAD_NONE(T) static inline int cn_cl_grad_##T(const T* g, const T* x, ptrdiff_t nr, \
+    ptrdiff_t C, const double* mu, double* sg, double* sgx, double* sx) { return 0; }
+CN_CLGRAD_NONE(float)
+CN_CLGRAD_NONE(cn_bf16)
+CN_CLGRAD_NONE(cn_f16)
+#endif
+/* column statistics of a channels-last block (see cn_cl_stats): 1, or 0 when a float sum overflowed */
+static inline int cn_cl_block_stats_float(const float* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
+    return CN_CL_STATS(float, x, nr, C, m, q, ws);
+}
+static inline int cn_cl_block_stats_cn_bf16(const cn_bf16* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
+    return CN_CL_STATS(cn_bf16, x, nr, C, m, q, ws);
+}
+static inline int cn_cl_block_stats_cn_f16(const cn_f16* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
+    return CN_CL_STATS(cn_f16, x, nr, C, m, q, ws);
 }
 
 /* ------------------------------------------------ LayerNorm backward, f32 --
@@ -773,177 +866,203 @@ static inline double cn_dtotal16(const double* a) {
     for (j = 0; j < 8; j++) s8[j] = a[j] + a[j + 8];
     return ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
 }
-static inline void cn_lnb_sums_f(const float* restrict g, const float* restrict x,
-                                 const float* restrict w, ptrdiff_t n, float mu,
-                                 double* swg, double* swgx, double* sx) {
-    float a[CN_LNF], b[CN_LNF], c[CN_LNF]; ptrdiff_t i = 0, j;
 #if defined(CN_AVX512)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
-    const __m512 vm = _mm512_set1_ps(mu);
-    for (; i + CN_LNF <= n; i += CN_LNF) {
-        __m512 wg0 = _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(g + i));
-        __m512 wg1 = _mm512_mul_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(g + i + 16));
-        __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(x + i), vm);
-        __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vm);
-        a0 = _mm512_add_ps(a0, wg0); a1 = _mm512_add_ps(a1, wg1);
-        b0 = _mm512_fmadd_ps(wg0, d0, b0); b1 = _mm512_fmadd_ps(wg1, d1, b1);
-        c0 = _mm512_add_ps(c0, d0); c1 = _mm512_add_ps(c1, d1);
-    }
-    _mm512_storeu_ps(a, a0); _mm512_storeu_ps(a + 16, a1);
-    _mm512_storeu_ps(b, b0); _mm512_storeu_ps(b + 16, b1);
-    _mm512_storeu_ps(c, c0); _mm512_storeu_ps(c + 16, c1);
-#else
-    for (j = 0; j < CN_LNF; j++) { a[j] = 0.0f; b[j] = 0.0f; c[j] = 0.0f; }
-    for (; i + CN_LNF <= n; i += CN_LNF) {
-        for (j = 0; j < CN_LNF; j++) {
-            float wg = w[i + j] * g[i + j], d = x[i + j] - mu;
-            a[j] += wg; b[j] = CN_FMA(wg, d, b[j]); c[j] += d;
-        }
-    }
-#endif
-    for (j = 0; i + j < n; j++) {
-        float wg = w[i + j] * g[i + j], d = x[i + j] - mu;
-        a[j] += wg; b[j] = CN_FMA(wg, d, b[j]); c[j] += d;
-    }
-    *swg = cn_ftotal32(a); *swgx = cn_ftotal32(b); *sx = cn_ftotal32(c);
+#define CN_LNB_SUMS(T)                                                                    \
+static inline void cn_lnb_sums_##T(const T* restrict g, const T* restrict x,              \
+                                   const float* restrict w, ptrdiff_t n, float mu,        \
+                                   double* swg, double* swgx, double* sx) {               \
+    float a[CN_LNF], b[CN_LNF], c[CN_LNF]; ptrdiff_t i = 0, j;                            \
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;         \
+    const __m512 vm = _mm512_set1_ps(mu);                                                 \
+    for (; i + CN_LNF <= n; i += CN_LNF) {                                                \
+        __m512 wg0 = _mm512_mul_ps(_mm512_loadu_ps(w + i), cn_vld_##T(g + i));            \
+        __m512 wg1 = _mm512_mul_ps(_mm512_loadu_ps(w + i + 16), cn_vld_##T(g + i + 16));  \
+        __m512 d0 = _mm512_sub_ps(cn_vld_##T(x + i), vm);                                 \
+        __m512 d1 = _mm512_sub_ps(cn_vld_##T(x + i + 16), vm);                            \
+        a0 = _mm512_add_ps(a0, wg0); a1 = _mm512_add_ps(a1, wg1);                         \
+        b0 = _mm512_fmadd_ps(wg0, d0, b0); b1 = _mm512_fmadd_ps(wg1, d1, b1);             \
+        c0 = _mm512_add_ps(c0, d0); c1 = _mm512_add_ps(c1, d1);                           \
+    }                                                                                     \
+    _mm512_storeu_ps(a, a0); _mm512_storeu_ps(a + 16, a1);                                \
+    _mm512_storeu_ps(b, b0); _mm512_storeu_ps(b + 16, b1);                                \
+    _mm512_storeu_ps(c, c0); _mm512_storeu_ps(c + 16, c1);                                \
+    for (j = 0; i + j < n; j++) {                                                         \
+        float wg = w[i + j] * CN_LDF_##T(g + i + j), d = CN_LDF_##T(x + i + j) - mu;      \
+        a[j] += wg; b[j] = CN_FMA(wg, d, b[j]); c[j] += d;                                \
+    }                                                                                     \
+    *swg = cn_ftotal32(a); *swgx = cn_ftotal32(b); *sx = cn_ftotal32(c);                  \
 }
+#else
+#define CN_LNB_SUMS(T)                                                                    \
+static inline void cn_lnb_sums_##T(const T* restrict g, const T* restrict x,              \
+                                   const float* restrict w, ptrdiff_t n, float mu,        \
+                                   double* swg, double* swgx, double* sx) {               \
+    float a[CN_LNF], b[CN_LNF], c[CN_LNF]; ptrdiff_t i, j;                                \
+    for (j = 0; j < CN_LNF; j++) { a[j] = 0.0f; b[j] = 0.0f; c[j] = 0.0f; }               \
+    for (i = 0; i < n; i++) {                                                             \
+        float wg = w[i] * CN_LDF_##T(g + i), d = CN_LDF_##T(x + i) - mu;                  \
+        j = i % CN_LNF; a[j] += wg; b[j] = CN_FMA(wg, d, b[j]); c[j] += d;                \
+    }                                                                                     \
+    *swg = cn_ftotal32(a); *swgx = cn_ftotal32(b); *sx = cn_ftotal32(c);                  \
+}
+#endif
 static inline int cn_dfinite3(double a, double b, double c) {
     return (a * 0.0 + b * 0.0 + c * 0.0) == 0.0;
 }
 
-/* LayerNorm forward row statistics (float32): two passes in 32 float lanes,
-   each 512-element chunk's lanes added into double - pass 1 sums x - x[0]
-   (exact pivot), pass 2 sums (x - mf)^2 and x - mf around the float-rounded
-   mean mf, corrected exactly for that rounding (as cn_cl_stats). Positions
-   alone decide lanes and chunks. Returns 0 when a float sum overflowed: the
-   caller redoes the row in double. */
+/* LayerNorm forward row statistics: two passes in 32 float lanes, each
+   512-element chunk's lanes added into double - pass 1 sums x - x[0] (exact
+   pivot), pass 2 sums (x - mf)^2 and x - mf around the float-rounded mean mf,
+   corrected exactly for that rounding (as cn_cl_stats). Positions alone
+   decide lanes and chunks. Returns 0 when a float sum overflowed: the caller
+   redoes the row in double. Half data are widened in registers. */
 #define CN_RCH 512
-static inline void cn_row_lanes_f(const float* restrict x, ptrdiff_t n, float c, int sq,
-                                  double* s1, double* s2) {
 #if defined(CN_AVX512)
-    /* tails by masked loads; lanes kept as vectors: (lanes j and j + 16 in
-       float) widened into 8+8 double lanes per chunk, one fixed-order
-       reduction at the end */
-    const __m512 vc = _mm512_set1_ps(c);
-    __m512d p1 = _mm512_setzero_pd(), q1 = p1, p2 = p1, q2 = p1;
-    ptrdiff_t i0, i;
-    for (i0 = 0; i0 < n; i0 += CN_RCH) {
-        ptrdiff_t m = n - i0 < CN_RCH ? n - i0 : CN_RCH; const float* xc = x + i0;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, e0, e1;
-        for (i = 0; i < m; i += 32) {
-            ptrdiff_t r = m - i;
-            __mmask16 k0 = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);
-            __mmask16 k1 = r >= 32 ? (__mmask16)0xffff : r <= 16 ? (__mmask16)0 : (__mmask16)((1u << (r - 16)) - 1u);
-            e0 = _mm512_maskz_sub_ps(k0, _mm512_maskz_loadu_ps(k0, xc + i), vc);
-            e1 = _mm512_maskz_sub_ps(k1, _mm512_maskz_loadu_ps(k1, xc + i + 16), vc);
-            if (sq) {
-                a0 = _mm512_fmadd_ps(e0, e0, a0); a1 = _mm512_fmadd_ps(e1, e1, a1);
-                b0 = _mm512_add_ps(b0, e0); b1 = _mm512_add_ps(b1, e1);
-            } else {
-                a0 = _mm512_add_ps(a0, e0); a1 = _mm512_add_ps(a1, e1);
-            }
-        }
-        a0 = _mm512_add_ps(a0, a1);
-        p1 = _mm512_add_pd(p1, _mm512_cvtps_pd(_mm512_castps512_ps256(a0)));
-        q1 = _mm512_add_pd(q1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))));
-        if (sq) {
-            b0 = _mm512_add_ps(b0, b1);
-            p2 = _mm512_add_pd(p2, _mm512_cvtps_pd(_mm512_castps512_ps256(b0)));
-            q2 = _mm512_add_pd(q2, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b0), 1))));
-        }
-    }
-    *s1 = _mm512_reduce_add_pd(_mm512_add_pd(p1, q1));
-    *s2 = sq ? _mm512_reduce_add_pd(_mm512_add_pd(p2, q2)) : 0.0;
+/* tails by masked loads; lanes kept as vectors: (lanes j and j + 16 in
+   float) widened into 8+8 double lanes per chunk, one fixed-order reduction
+   at the end */
+#define CN_ROW_LANES(T)                                                                   \
+static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, int sq,    \
+                                    double* s1, double* s2) {                             \
+    const __m512 vc = _mm512_set1_ps(c);                                                  \
+    __m512d p1 = _mm512_setzero_pd(), q1 = p1, p2 = p1, q2 = p1;                          \
+    ptrdiff_t i0, i;                                                                      \
+    for (i0 = 0; i0 < n; i0 += CN_RCH) {                                                  \
+        ptrdiff_t m = n - i0 < CN_RCH ? n - i0 : CN_RCH; const T* xc = x + i0;            \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, e0, e1;               \
+        for (i = 0; i < m; i += 32) {                                                     \
+            ptrdiff_t r = m - i;                                                          \
+            __mmask16 k0 = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);     \
+            __mmask16 k1 = r >= 32 ? (__mmask16)0xffff                                    \
+                         : r <= 16 ? (__mmask16)0 : (__mmask16)((1u << (r - 16)) - 1u);   \
+            e0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, xc + i), vc);                    \
+            e1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, xc + i + 16), vc);               \
+            if (sq) {                                                                     \
+                a0 = _mm512_fmadd_ps(e0, e0, a0); a1 = _mm512_fmadd_ps(e1, e1, a1);       \
+                b0 = _mm512_add_ps(b0, e0); b1 = _mm512_add_ps(b1, e1);                   \
+            } else {                                                                      \
+                a0 = _mm512_add_ps(a0, e0); a1 = _mm512_add_ps(a1, e1);                   \
+            }                                                                             \
+        }                                                                                 \
+        a0 = _mm512_add_ps(a0, a1);                                                       \
+        p1 = _mm512_add_pd(p1, _mm512_cvtps_pd(_mm512_castps512_ps256(a0)));              \
+        q1 = _mm512_add_pd(q1, _mm512_cvtps_pd(_mm256_castpd_ps(                          \
+                 _mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))));                      \
+        if (sq) {                                                                         \
+            b0 = _mm512_add_ps(b0, b1);                                                   \
+            p2 = _mm512_add_pd(p2, _mm512_cvtps_pd(_mm512_castps512_ps256(b0)));          \
+            q2 = _mm512_add_pd(q2, _mm512_cvtps_pd(_mm256_castpd_ps(                      \
+                     _mm512_extractf64x4_pd(_mm512_castps_pd(b0), 1))));                  \
+        }                                                                                 \
+    }                                                                                     \
+    *s1 = _mm512_reduce_add_pd(_mm512_add_pd(p1, q1));                                    \
+    *s2 = sq ? _mm512_reduce_add_pd(_mm512_add_pd(p2, q2)) : 0.0;                         \
+}
 #else
-    ptrdiff_t i0, i, j; double d1 = 0.0, d2 = 0.0;
-    for (i0 = 0; i0 < n; i0 += CN_RCH) {
-        ptrdiff_t m = n - i0 < CN_RCH ? n - i0 : CN_RCH; const float* xc = x + i0;
-        float a[32], b[32];
-        for (j = 0; j < 32; j++) { a[j] = 0.0f; b[j] = 0.0f; }
-        for (i = 0; i < m; i++) {
-            float e = xc[i] - c;
-            if (sq) { a[i % 32] = CN_FMA(e, e, a[i % 32]); b[i % 32] += e; } else a[i % 32] += e;
-        }
-        d1 += cn_ftotal32(a);
-        if (sq) d2 += cn_ftotal32(b);
-    }
-    *s1 = d1; *s2 = d2;
+#define CN_ROW_LANES(T)                                                                   \
+static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, int sq,    \
+                                    double* s1, double* s2) {                             \
+    ptrdiff_t i0, i, j; double d1 = 0.0, d2 = 0.0;                                        \
+    for (i0 = 0; i0 < n; i0 += CN_RCH) {                                                  \
+        ptrdiff_t m = n - i0 < CN_RCH ? n - i0 : CN_RCH; const T* xc = x + i0;            \
+        float a[32], b[32];                                                               \
+        for (j = 0; j < 32; j++) { a[j] = 0.0f; b[j] = 0.0f; }                            \
+        for (i = 0; i < m; i++) {                                                         \
+            float e = CN_LDF_##T(xc + i) - c;                                             \
+            if (sq) { a[i % 32] = CN_FMA(e, e, a[i % 32]); b[i % 32] += e; } else a[i % 32] += e; \
+        }                                                                                 \
+        d1 += cn_ftotal32(a);                                                             \
+        if (sq) d2 += cn_ftotal32(b);                                                     \
+    }                                                                                     \
+    *s1 = d1; *s2 = d2;                                                                   \
+}
 #endif
+#define CN_ROWSTATS(T)                                                                    \
+CN_ROW_LANES(T)                                                                           \
+static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) {  \
+    double s, q, se, m, dm; float mf, p = CN_LDF_##T(x);                                  \
+    cn_row_lanes_##T(x, n, p, 0, &s, &se);                                                \
+    m = (double)p + s / (double)n;                                                        \
+    mf = (float)m;                                                                        \
+    cn_row_lanes_##T(x, n, mf, 1, &q, &se);                                               \
+    if ((q * 0.0 + se * 0.0 + m * 0.0) != 0.0) return 0;                                  \
+    dm = m - (double)mf;                                                                  \
+    q = q + dm * ((double)n * dm - 2.0 * se);                                             \
+    *mu = m; *m2 = q > 0.0 ? q : 0.0;                                                     \
+    return 1;                                                                             \
 }
-static inline int cn_ln_row_stats_f(const float* x, ptrdiff_t n, double* mu, double* m2) {
-    double s, q, se, m, dm; float mf;
-    cn_row_lanes_f(x, n, x[0], 0, &s, &se);
-    m = (double)x[0] + s / (double)n;
-    mf = (float)m;
-    cn_row_lanes_f(x, n, mf, 1, &q, &se);
-    if ((q * 0.0 + se * 0.0 + m * 0.0) != 0.0) return 0;
-    dm = m - (double)mf;
-    q = q + dm * ((double)n * dm - 2.0 * se);
-    *mu = m; *m2 = q > 0.0 ? q : 0.0;
-    return 1;
+CN_ROWSTATS(float)
+CN_ROWSTATS(cn_bf16)
+CN_ROWSTATS(cn_f16)
+CN_LNB_SUMS(float)
+CN_LNB_SUMS(cn_bf16)
+CN_LNB_SUMS(cn_f16)
+#define CN_LNBWD(T)                                                                       \
+static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,                \
+                                 ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,   \
+                                 ptrdiff_t n1, const float* mean, const float* rstd,      \
+                                 const float* w, double* pw, double* pb, float* fb) {     \
+    const ptrdiff_t c0 = gi * cg; const double m = (double)cg;                            \
+    float* restrict cb = fb; float* restrict cw = fb + cg;                                \
+    double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK];                                            \
+    ptrdiff_t r0, n, i, k;                                                                \
+    w += c0; pw += c0; pb += c0;                                                          \
+    for (r0 = n0; r0 < n1; r0 += CN_LNK) {                                                \
+        ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK;                               \
+        for (i = 0; i < cg; i++) { cb[i] = 0.0f; cw[i] = 0.0f; }                          \
+        for (n = r0; n < r1; n++) {                                                       \
+            const float mu = mean[n * G + gi]; const double r = (double)rstd[n * G + gi]; \
+            const ptrdiff_t off = n * C + c0;                                             \
+            const T* gr = g + off; const T* xr = x + off;                                 \
+            double swg, swgx, sx, dl;                                                     \
+            cn_lnb_sums_##T(gr, xr, w, cg, mu, &swg, &swgx, &sx);                         \
+            if (!cn_dfinite3(swg, swgx, sx)) {                                            \
+                double a[CN_LANES], b[CN_LANES], c[CN_LANES]; int j;                      \
+                for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; c[j] = 0.0; }    \
+                cn_wsums_##T(gr, xr, w, cg, (double)mu, a, b, c);                         \
+                swg = cn_dtotal16(a); swgx = cn_dtotal16(b); sx = cn_dtotal16(c);         \
+            }                                                                             \
+            dl = sx / m;                                                                  \
+            swgx = swgx - dl * swg;                                                       \
+            mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;                     \
+            {                                                                             \
+                const float dlf = (float)dl, rf = (float)r;                               \
+                const float kb = (float)(-r * r * r * swgx / m), kc = (float)(-r * swg / m);\
+                if (dx != NULL) {                                                         \
+                    T* dr = dx + off;                                                     \
+                    CN_BODY(T, dr, cg,                                                    \
+                        float gv = CN_LDF_##T(gr + i); float d = (CN_LDF_##T(xr + i) - mu) - dlf;\
+                        cn_st1_##T(dr + i, CN_FMA(w[i] * gv, rf, CN_FMA(d, kb, kc)));     \
+                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]),                   \
+                        __m512 gv = cn_vld_##T(gr + i);                                   \
+                        __m512 d = _mm512_sub_ps(_mm512_sub_ps(cn_vld_##T(xr + i), CN_S(mu)), CN_S(dlf));\
+                        _mm_prefetch((const char*)(gr + C + i), _MM_HINT_T1);             \
+                        _mm_prefetch((const char*)(xr + C + i), _MM_HINT_T1);             \
+                        cn_vst_##T(dr + i, _mm512_fmadd_ps(_mm512_mul_ps(CN_P(w, i), gv), CN_S(rf),\
+                                     _mm512_fmadd_ps(d, CN_S(kb), CN_S(kc))), nt_);       \
+                        _mm512_storeu_ps(cb + i, _mm512_add_ps(CN_P(cb, i), gv));         \
+                        _mm512_storeu_ps(cw + i, _mm512_fmadd_ps(gv, _mm512_mul_ps(d, CN_S(rf)), CN_P(cw, i))));\
+                } else {                                                                  \
+                    for (i = 0; i < cg; i++) {                                            \
+                        float gv = CN_LDF_##T(gr + i); float d = (CN_LDF_##T(xr + i) - mu) - dlf;\
+                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]);                   \
+                    }                                                                     \
+                }                                                                         \
+            }                                                                             \
+        }                                                                                 \
+        if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {                                 \
+            for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }  \
+        } else {                                                                          \
+            for (n = r0; n < r1; n += 4) {                                                \
+                k = r1 - n < 4 ? r1 - n : 4;                                              \
+                cn_colsums_##T(g + n * C + c0, x + n * C + c0, C, (int)k, cg,             \
+                                 mk + (n - r0), dk + (n - r0), rk + (n - r0), pb, pw);    \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
 }
-static void cn_ln_bwd_rows_float(const float* g, const float* x, float* dx, ptrdiff_t C,
-                                 ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,
-                                 ptrdiff_t n1, const float* mean, const float* rstd,
-                                 const float* w, double* pw, double* pb, float* fb) {
-    const ptrdiff_t c0 = gi * cg; const double m = (double)cg;
-    float* restrict cb = fb; float* restrict cw = fb + cg;
-    double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK];
-    ptrdiff_t r0, n, i, k;
-    w += c0; pw += c0; pb += c0;
-    for (r0 = n0; r0 < n1; r0 += CN_LNK) {
-        ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK;
-        for (i = 0; i < cg; i++) { cb[i] = 0.0f; cw[i] = 0.0f; }
-        for (n = r0; n < r1; n++) {
-            const float mu = mean[n * G + gi]; const double r = (double)rstd[n * G + gi];
-            const ptrdiff_t off = n * C + c0;
-            const float* gr = g + off; const float* xr = x + off;
-            double swg, swgx, sx, dl;
-            cn_lnb_sums_f(gr, xr, w, cg, mu, &swg, &swgx, &sx);
-            if (!cn_dfinite3(swg, swgx, sx)) {
-                double a[CN_LANES], b[CN_LANES], c[CN_LANES]; int j;
-                for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; c[j] = 0.0; }
-                cn_wsums_float(gr, xr, w, cg, (double)mu, a, b, c);
-                swg = cn_dtotal16(a); swgx = cn_dtotal16(b); sx = cn_dtotal16(c);
-            }
-            dl = sx / m;
-            swgx = swgx - dl * swg;
-            mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;
-            {
-                const float dlf = (float)dl, rf = (float)r;
-                const float kb = (float)(-r * r * r * swgx / m), kc = (float)(-r * swg / m);
-                if (dx != NULL) {
-                    float* dr = dx + off;
-                    CN_BODY(float, dr, cg,
-                        float gv = gr[i]; float d = (xr[i] - mu) - dlf;
-                        dr[i] = CN_FMA(w[i] * gv, rf, CN_FMA(d, kb, kc));
-                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]),
-                        __m512 gv = _mm512_loadu_ps(gr + i);
-                        __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + i), CN_S(mu)), CN_S(dlf));
-                        _mm_prefetch((const char*)(gr + C + i), _MM_HINT_T1);
-                        _mm_prefetch((const char*)(xr + C + i), _MM_HINT_T1);
-                        cn_vst_float(dr + i, _mm512_fmadd_ps(_mm512_mul_ps(CN_P(w, i), gv), CN_S(rf),
-                                     _mm512_fmadd_ps(d, CN_S(kb), CN_S(kc))), nt_);
-                        _mm512_storeu_ps(cb + i, _mm512_add_ps(CN_P(cb, i), gv));
-                        _mm512_storeu_ps(cw + i, _mm512_fmadd_ps(gv, _mm512_mul_ps(d, CN_S(rf)), CN_P(cw, i))));
-                } else {
-                    for (i = 0; i < cg; i++) {
-                        float gv = gr[i]; float d = (xr[i] - mu) - dlf;
-                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]);
-                    }
-                }
-            }
-        }
-        if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {
-            for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }
-        } else {
-            for (n = r0; n < r1; n += 4) {
-                k = r1 - n < 4 ? r1 - n : 4;
-                cn_colsums_float(g + n * C + c0, x + n * C + c0, C, (int)k, cg,
-                                 mk + (n - r0), dk + (n - r0), rk + (n - r0), pb, pw);
-            }
-        }
-    }
-}
+CN_LNBWD(float)
+CN_LNBWD(cn_bf16)
+CN_LNBWD(cn_f16)
 
 #endif

@@ -81,9 +81,16 @@ cdef extern from "_kernels.h" nogil:
                      double* awgx, double* ax)
     void cn_colsums_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t stride, int rows, Py_ssize_t n,
                        const double* m, const double* dl, const double* r, double* pb, double* pw)
-    int cn_cl_stats_float(const float* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
-    int cn_cl_stats_cn_bf16(const cn_bf16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
-    int cn_cl_stats_cn_f16(const cn_f16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    int cn_cl_block_stats_float(const float* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    int cn_cl_block_stats_cn_bf16(const cn_bf16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q,
+                                  double* ws)
+    int cn_cl_block_stats_cn_f16(const cn_f16* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    int cn_cl_grad_float(const float* g, const float* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
+                         double* sg, double* sgx, double* sx)
+    int cn_cl_grad_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
+                           double* sg, double* sgx, double* sx)
+    int cn_cl_grad_cn_f16(const cn_f16* g, const cn_f16* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
+                          double* sg, double* sgx, double* sx)
     void cn_hsum_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double piv, double* acc)
     void cn_hsq_run_cn_bf16(const cn_bf16* x, Py_ssize_t n, double m, double* acc)
     void cn_hgrad_run_cn_bf16(const cn_bf16* g, const cn_bf16* x, Py_ssize_t n, double m, double* ag, double* agx,
@@ -95,15 +102,30 @@ cdef extern from "_kernels.h" nogil:
     int cn_nt_store
     void cn_sfence()
     void cn_prefetch(const void* p, Py_ssize_t nbytes)
-    int cn_ln_row_stats_f(const float* x, Py_ssize_t n, double* mu, double* m2)
+    int cn_ln_row_stats_float(const float* x, Py_ssize_t n, double* mu, double* m2)
+    int cn_ln_row_stats_cn_bf16(const cn_bf16* x, Py_ssize_t n, double* mu, double* m2)
+    int cn_ln_row_stats_cn_f16(const cn_f16* x, Py_ssize_t n, double* mu, double* m2)
     void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
                                const float* a, const float* b)
+    void cn_cl_norm_span_cn_bf16(const cn_bf16* x, cn_bf16* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
+                                 const float* a, const float* b)
+    void cn_cl_norm_span_cn_f16(const cn_f16* x, cn_f16* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
+                                const float* a, const float* b)
     void cn_cl_dx_span_float(const float* g, const float* x, float* dx, Py_ssize_t n, Py_ssize_t C,
                              const float* ka, const float* mh, const float* kb, const float* kc)
-    int cn_cl_stats_f32(const float* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
+    void cn_cl_dx_span_cn_bf16(const cn_bf16* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t n, Py_ssize_t C,
+                               const float* ka, const float* mh, const float* kb, const float* kc)
+    void cn_cl_dx_span_cn_f16(const cn_f16* g, const cn_f16* x, cn_f16* dx, Py_ssize_t n, Py_ssize_t C,
+                              const float* ka, const float* mh, const float* kb, const float* kc)
     void cn_ln_bwd_rows_float(const float* g, const float* x, float* dx, Py_ssize_t C, Py_ssize_t cg,
                               Py_ssize_t G, Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean,
                               const float* rstd, const float* w, double* pw, double* pb, float* fb)
+    void cn_ln_bwd_rows_cn_bf16(const cn_bf16* g, const cn_bf16* x, cn_bf16* dx, Py_ssize_t C, Py_ssize_t cg,
+                                Py_ssize_t G, Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean,
+                                const float* rstd, const float* w, double* pw, double* pb, float* fb)
+    void cn_ln_bwd_rows_cn_f16(const cn_f16* g, const cn_f16* x, cn_f16* dx, Py_ssize_t C, Py_ssize_t cg,
+                               Py_ssize_t G, Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean,
+                               const float* rstd, const float* w, double* pw, double* pb, float* fb)
     void cn_norm_run_float(const float* x, float* y, Py_ssize_t n, float mh, float a, float b)
     void cn_scale_run_float(const float* x, float* y, Py_ssize_t n, float a, float b)
     void cn_dx_run_float(const float* g, const float* x, float* dx, Py_ssize_t n, float ka, float mh, float kb,
@@ -790,6 +812,31 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
 # Rows of C channels; row block k is rows [k·rb, (k+1)·rb). Block partials are
 # vectors over C, computed with one row at a time feeding C accumulators.
 
+cdef inline bint cl_stats_f(const dat* x, Py_ssize_t nr, Py_ssize_t C,
+                            double* m, double* q, double* ws) noexcept nogil:
+    """Column statistics of a channels-last block in float (C helper, ws: 3·C
+    doubles); False for float64 data or when a float sum overflowed."""
+    if dat is float:
+        return cn_cl_block_stats_float(x, nr, C, m, q, ws)
+    elif dat is cn_bf16:
+        return cn_cl_block_stats_cn_bf16(x, nr, C, m, q, ws)
+    elif dat is cn_f16:
+        return cn_cl_block_stats_cn_f16(x, nr, C, m, q, ws)
+    return False
+
+
+cdef inline bint row_stats_f(const dat* x, Py_ssize_t n, double* mu, double* m2) noexcept nogil:
+    """Mean and M2 of one contiguous run in float lanes (C helper); False for
+    float64 data or when a float sum overflowed."""
+    if dat is float:
+        return cn_ln_row_stats_float(x, n, mu, m2)
+    elif dat is cn_bf16:
+        return cn_ln_row_stats_cn_bf16(x, n, mu, m2)
+    elif dat is cn_f16:
+        return cn_ln_row_stats_cn_f16(x, n, mu, m2)
+    return False
+
+
 cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
                          double* m, double* q, double* fs) noexcept nogil:
     """Per-column mean m[C] and M2 q[C] of nr rows, two-pass (the block is in L2).
@@ -802,15 +849,8 @@ cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
     cdef Py_ssize_t r = 0, c
     cdef const dat* p
     cdef double d0, d1, d2, d3, mc, inv = 1.0 / <double>nr
-    if dat is float:
-        if cn_cl_stats_f32(x, nr, C, m, q, fs):
-            return
-    elif dat is cn_bf16:
-        if cn_cl_stats_cn_bf16(x, nr, C, m, q, fs):
-            return
-    elif dat is cn_f16:
-        if cn_cl_stats_cn_f16(x, nr, C, m, q, fs):
-            return
+    if cl_stats_f(x, nr, C, m, q, fs):
+        return
     for c in range(C):
         m[c] = 0.0
         q[c] = ld(x + c)  # pivot: the first row (q is free until the second pass)
@@ -850,16 +890,30 @@ cdef void cl_block_stats(const dat* x, Py_ssize_t nr, Py_ssize_t C,
 
 cdef void cl_rows_grad(const dat* g, const dat* x, Py_ssize_t nr, Py_ssize_t C, const double* mu,
                        double* sg, double* sgx, double* sx) noexcept nogil:
-    """Per-column sg += Σg, sgx += Σg·(x-mu), sx += Σ(x-mu) over nr rows of C.
+    """Per-column sg = Σg, sgx = Σg·(x-mu), sx = Σ(x-mu) over nr rows of C.
 
-    Four rows per update of the (L1-resident) column accumulators: their
-    loads and stores, not the data, bound a row-at-a-time loop. The grouping
-    counts from the first row, so results depend on positions only.
+    float32/half: in float lanes (C helper) where it applies. Otherwise in
+    double, four rows per update of the (L1-resident) column accumulators:
+    their loads and stores, not the data, bound a row-at-a-time loop. The
+    grouping counts from the first row, so results depend on positions only.
     """
     cdef Py_ssize_t r = 0, c
     cdef const dat* pg
     cdef const dat* px
     cdef double g0, g1, g2, g3, d0, d1, d2, d3, m
+    if dat is float:
+        if cn_cl_grad_float(g, x, nr, C, mu, sg, sgx, sx):
+            return
+    elif dat is cn_bf16:
+        if cn_cl_grad_cn_bf16(g, x, nr, C, mu, sg, sgx, sx):
+            return
+    elif dat is cn_f16:
+        if cn_cl_grad_cn_f16(g, x, nr, C, mu, sg, sgx, sx):
+            return
+    for c in range(C):
+        sg[c] = 0.0
+        sgx[c] = 0.0
+        sx[c] = 0.0
     while r + 4 <= nr:
         pg = g + r * C
         px = x + r * C
@@ -896,10 +950,6 @@ cdef void cl_block_grad(const dat* g, const dat* x, dat* dx, Py_ssize_t nr,
     cdef Py_ssize_t r, c
     cdef const dat* pg
     cdef dat* pd
-    for c in range(C):
-        sg[c] = 0.0
-        sgx[c] = 0.0
-        sx[c] = 0.0
     cl_rows_grad(g, x, nr, C, mu, sg, sgx, sx)
     if dx != NULL:
         for r in range(nr):
@@ -958,13 +1008,20 @@ cdef inline void cl_row_dx(const dat* g, const dat* x, dat* dx, Py_ssize_t C,
 cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
                        const floating* kk, const floating* kx) noexcept nogil:
     """Normalize rows [r0, r1), newest first (the stats pass left them in cache):
-    float32 by spans of ~64 KB (one stream each), other types row by row."""
+    float32 and half by spans of 16384 values (one stream each), float64 row by row."""
     cdef Py_ssize_t rs, ch = 16384 // C if 16384 // C > 1 else 1, e = C + 16
-    if dat is float:
+    if dat is not double:
         while r1 > r0:
             rs = r1 - ch if r1 - ch > r0 else r0
-            cn_cl_norm_span_float(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
-                                  <const float*>kx + e, <const float*>kx + 2 * e)
+            if dat is float:
+                cn_cl_norm_span_float(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                      <const float*>kx + e, <const float*>kx + 2 * e)
+            elif dat is cn_bf16:
+                cn_cl_norm_span_cn_bf16(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                        <const float*>kx + e, <const float*>kx + 2 * e)
+            else:
+                cn_cl_norm_span_cn_f16(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                       <const float*>kx + e, <const float*>kx + 2 * e)
             r1 = rs
     else:
         while r1 > r0:
@@ -974,13 +1031,22 @@ cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ss
 
 cdef void cl_dx_rows(const dat* g, const dat* x, dat* dx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
                      const floating* kk, const floating* kx) noexcept nogil:
-    """dx of rows [r0, r1), newest first; float32 by spans (see cl_norm_rows)."""
+    """dx of rows [r0, r1), newest first; by spans but for float64 (see cl_norm_rows)."""
     cdef Py_ssize_t rs, ch = 16384 // C if 16384 // C > 1 else 1, e = C + 16
-    if dat is float:
+    if dat is not double:
         while r1 > r0:
             rs = r1 - ch if r1 - ch > r0 else r0
-            cn_cl_dx_span_float(g + rs * C, x + rs * C, dx + rs * C, (r1 - rs) * C, C, <const float*>kx,
-                                <const float*>kx + e, <const float*>kx + 2 * e, <const float*>kx + 3 * e)
+            if dat is float:
+                cn_cl_dx_span_float(g + rs * C, x + rs * C, dx + rs * C, (r1 - rs) * C, C, <const float*>kx,
+                                    <const float*>kx + e, <const float*>kx + 2 * e, <const float*>kx + 3 * e)
+            elif dat is cn_bf16:
+                cn_cl_dx_span_cn_bf16(g + rs * C, x + rs * C, dx + rs * C, (r1 - rs) * C, C,
+                                      <const float*>kx, <const float*>kx + e, <const float*>kx + 2 * e,
+                                      <const float*>kx + 3 * e)
+            else:
+                cn_cl_dx_span_cn_f16(g + rs * C, x + rs * C, dx + rs * C, (r1 - rs) * C, C,
+                                     <const float*>kx, <const float*>kx + e, <const float*>kx + 2 * e,
+                                     <const float*>kx + 3 * e)
             r1 = rs
     else:
         while r1 > r0:
@@ -1210,10 +1276,8 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
     cdef Py_ssize_t off = (n * C + c0) * S
     cdef double mu, m2, v, r, a
     cdef floating mh, ml, rf
-    if dat is float:
-        if not (S == 1 and cn_ln_row_stats_f(x + off, L, &mu, &m2)):  # float lanes, else double
-            run_stats(x + off, L, &mu, &m2)
-    else:
+    # float lanes while the group fits the L2 (two passes over it), else double blocks
+    if not (L <= BLK and row_stats_f(x + off, L, &mu, &m2)):
         run_stats(x + off, L, &mu, &m2)
     v = m2 / <double>L
     r = 1.0 / sqrt(v + eps)
@@ -1346,10 +1410,16 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     cdef floating mh, kb
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     if S == 1:
+        # one sweep per row, float lanes and column partials (C helper); chs: 2·cg floats
         if dat is float:
-            # one sweep per row, float lanes and column partials (C helper); chs: 2·cg floats
             cn_ln_bwd_rows_float(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
                                  <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
+        elif dat is cn_bf16:
+            cn_ln_bwd_rows_cn_bf16(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
+                                   <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
+        elif dat is cn_f16:
+            cn_ln_bwd_rows_cn_f16(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
+                                  <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
         else:
             rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
         return
@@ -1401,14 +1471,7 @@ cdef inline bint cl_cols_to_groups(const dat* x, Py_ssize_t nr, Py_ssize_t C, Py
     when a float sum overflowed: the caller then uses the double code."""
     cdef Py_ssize_t G = C // cg, gi, ci, c
     cdef double gm, d, s
-    cdef int ok = 0
-    if dat is float:
-        ok = cn_cl_stats_f32(x, nr, C, m, q, ws)
-    elif dat is cn_bf16:
-        ok = cn_cl_stats_cn_bf16(x, nr, C, m, q, ws)
-    elif dat is cn_f16:
-        ok = cn_cl_stats_cn_f16(x, nr, C, m, q, ws)
-    if not ok:
+    if not cl_stats_f(x, nr, C, m, q, ws):
         return False
     for gi in range(G):
         # columns have equal counts: group mean relative to the first column's,
@@ -1501,9 +1564,9 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
             kk[2 * C + c] = k3[2]
     if y == NULL:
         return
-    cdef floating* kx = kk + 3 * C  # extended constants for float32 spans: 3·(C + 16)
+    cdef floating* kx = kk + 3 * C  # extended constants for the spans: 3·(C + 16)
     cdef Py_ssize_t e = C + 16
-    if dat is float:
+    if dat is not double:
         for c in range(e):
             kx[c] = kk[c % C]
             kx[e + c] = kk[C + c % C]
@@ -1515,7 +1578,7 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t sb, const floating* mean, const floating* rstd, const floating* w,
                        double* pw, double* pb, double* scratch, floating* kk) noexcept nogil:
-    """Samples of sample block sb; scratch: 4·C doubles, kk: 4·C constants."""
+    """Samples of sample block sb; scratch: 4·C doubles, kk: 4·C constants + 4·(C + 16) of scratch."""
     cdef Py_ssize_t G = C // cg, gi, ci, c, r, n, n1
     cdef double* sg = scratch
     cdef double* sgx = scratch + C
@@ -1531,10 +1594,6 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
         for gi in range(G):
             for ci in range(cg):
                 colm[gi * cg + ci] = mean[n * G + gi]
-        for c in range(C):
-            sg[c] = 0.0
-            sgx[c] = 0.0
-            sx[c] = 0.0
         cl_rows_grad(g + n * S * C, x + n * S * C, S, C, colm, sg, sgx, sx)
         for gi in range(G):
             mu = mean[n * G + gi]
@@ -1561,17 +1620,19 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
                 kk[3 * C + c] = k4[3]
         if dx == NULL:
             continue
-        r = S
-        while r > 0:
-            r -= 1
-            c = (n * S + r) * C
-            cl_row_dx(g + c, x + c, dx + c, C, kk, kk + C, kk + 2 * C, kk + 3 * C)
+        if dat is not double:
+            for c in range(C + 16):
+                kk[4 * C + c] = kk[c % C]
+                kk[5 * C + 16 + c] = kk[C + c % C]
+                kk[6 * C + 32 + c] = kk[2 * C + c % C]
+                kk[7 * C + 48 + c] = kk[3 * C + c % C]
+        cl_dx_rows(g + n * S * C, x + n * S * C, dx + n * S * C, 0, S, C, kk, kk + 4 * C)
 
 
-cdef void ln_fwd_units(const float* x, float* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
+cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
                        Py_ssize_t hi, double eps, const float* w, const float* b,
                        float* mean, float* var, float* rstd) noexcept nogil:
-    """Units [lo, hi) of a float32 S == 1 problem (LayerNorm rows), as grp_fwd_unit
+    """Units [lo, hi) of a float32/half S == 1 problem (LayerNorm rows), as grp_fwd_unit
     (same arithmetic), eight rows at a time: the statistics of eight rows, then
     their eight independent sqrt/div chains, then their normalization — short
     rows are otherwise bound by one row's latency chain."""
@@ -1585,7 +1646,7 @@ cdef void ln_fwd_units(const float* x, float* y, Py_ssize_t C, Py_ssize_t cg, Py
         nb = hi - u0 if hi - u0 < 8 else 8
         for j in range(nb):
             u = u0 + j
-            if not cn_ln_row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
+            if not row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
                 run_stats(x + u * cg, cg, &mu8[j], &m28[j])
         for j in range(nb):
             v8[j] = m28[j] / <double>cg
@@ -1598,8 +1659,15 @@ cdef void ln_fwd_units(const float* x, float* y, Py_ssize_t C, Py_ssize_t cg, Py
             if y != NULL:
                 c0 = (u % G) * cg
                 mh = <float>mu8[j]
-                cn_ln_fwd_float(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
-                                <float>r8[j], w + c0, b + c0)
+                if dat is float:
+                    cn_ln_fwd_float(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                                    <float>r8[j], w + c0, b + c0)
+                elif dat is cn_bf16:
+                    cn_ln_fwd_cn_bf16(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                                      <float>r8[j], w + c0, b + c0)
+                elif dat is cn_f16:
+                    cn_ln_fwd_cn_f16(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                                     <float>r8[j], w + c0, b + c0)
         u0 += nb
 
 
@@ -1613,7 +1681,7 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
         for t in range(nt):
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
-            if dat is float:
+            if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
                                  <float*>mean, <float*>var, <float*>rstd)
@@ -1628,7 +1696,7 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
-            if dat is float:
+            if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
                                  <float*>mean, <float*>var, <float*>rstd)
@@ -1656,7 +1724,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             for u in range(lo, hi):
                 if cl:
                     cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
-                                 scratch + t * sstride, kk + t * 4 * C)
+                                 scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
                                  pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
@@ -1667,7 +1735,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             for u in range(lo, hi):
                 if cl:
                     cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
-                                 scratch + t * sstride, kk + t * 4 * C)
+                                 scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
                                  pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
@@ -2134,7 +2202,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     # dweight/dbias partials per sample block, reduced below in block order
     cdef cnp.ndarray pwa = _empty1(nsb * C, F64), pba = _empty1(nsb * C, F64)
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
-    cdef cnp.ndarray kk = _empty1(t * 4 * C if cl else 0, pt)
+    cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
     cdef cnp.ndarray dw = _empty1(C, pt), db = _empty1(C, pt)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
