@@ -81,7 +81,8 @@ def _affine(be, weight, bias, c: int, sdtype):
 
 def _as_vector(xp, a, c, dtype):
     """``a`` as a contiguous length-c vector of ``dtype`` (no copy when it already is one)."""
-    if a.ndim == 1 and a.dtype == dtype and a.flags.c_contiguous:
+    # (strides, not a.flags: building the flags object costs more than this whole test)
+    if a.ndim == 1 and a.dtype == dtype and (a.strides[0] == a.itemsize or a.shape[0] <= 1):
         return a
     return xp.ascontiguousarray(a.reshape(c), dtype=dtype)
 

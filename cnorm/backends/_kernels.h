@@ -977,10 +977,52 @@ static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, i
     *s1 = d1; *s2 = d2;                                                                   \
 }
 #endif
+#if defined(CN_AVX512)
+/* Rows of at most 128 values (per-token LayerNorm): the same two passes and
+   correction from registers - the row is loaded once, 16 float lanes of at
+   most 8 terms each, widened into 8+8 double lanes and reduced in a fixed
+   order. Loop and chunk overhead otherwise dominate such short rows. */
+#define CN_SHORT_MAX 128
+static inline double cn_reduce16(__m512 a) {
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))));
+}
+#define CN_SHORT_ROW(T)                                                                   \
+static inline int cn_short_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) { \
+    __m512 v[8], a = _mm512_setzero_ps(), q = a, e = a, vp, vm; __mmask16 k[8];           \
+    double s, m, dm, sq, se; float p = CN_LDF_##T(x), mf; int j, nv = (int)((n + 15) / 16); \
+    for (j = 0; j < nv; j++) {                                                            \
+        ptrdiff_t r = n - 16 * j;                                                         \
+        k[j] = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);                 \
+        v[j] = cn_vldm_##T(k[j], x + 16 * j);                                             \
+    }                                                                                     \
+    vp = _mm512_set1_ps(p);                                                               \
+    for (j = 0; j < nv; j++) a = _mm512_add_ps(a, _mm512_maskz_sub_ps(k[j], v[j], vp));   \
+    s = cn_reduce16(a);                                                                   \
+    m = (double)p + s / (double)n; mf = (float)m; vm = _mm512_set1_ps(mf);                \
+    for (j = 0; j < nv; j++) {                                                            \
+        __m512 d = _mm512_maskz_sub_ps(k[j], v[j], vm);                                   \
+        q = _mm512_fmadd_ps(d, d, q); e = _mm512_add_ps(e, d);                            \
+    }                                                                                     \
+    sq = cn_reduce16(q); se = cn_reduce16(e);                                             \
+    if ((sq * 0.0 + se * 0.0 + m * 0.0) != 0.0) return 0;                                 \
+    dm = m - (double)mf;                                                                  \
+    sq = sq + dm * ((double)n * dm - 2.0 * se);                                           \
+    *mu = m; *m2 = sq > 0.0 ? sq : 0.0;                                                   \
+    return 1;                                                                             \
+}
+#define CN_SHORT_ROW_CALL(T, x, n, mu, m2) \
+    if ((n) <= CN_SHORT_MAX) return cn_short_row_stats_##T((x), (n), (mu), (m2));
+#else
+#define CN_SHORT_ROW(T)
+#define CN_SHORT_ROW_CALL(T, x, n, mu, m2)
+#endif
 #define CN_ROWSTATS(T)                                                                    \
 CN_ROW_LANES(T)                                                                           \
+CN_SHORT_ROW(T)                                                                           \
 static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) {  \
     double s, q, se, m, dm; float mf, p = CN_LDF_##T(x);                                  \
+    CN_SHORT_ROW_CALL(T, x, n, mu, m2)                                                    \
     cn_row_lanes_##T(x, n, p, 0, &s, &se);                                                \
     m = (double)p + s / (double)n;                                                        \
     mf = (float)m;                                                                        \

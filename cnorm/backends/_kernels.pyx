@@ -209,15 +209,15 @@ cdef enum:
     PF_DIV = 4
 
 # Below this many elements a call stays on the calling thread: an OpenMP
-# fork/join costs more than the work.
-SERIAL_ELEMS = 32768
+# fork/join costs more than the work. (C constants: read on every call.)
+cdef Py_ssize_t SERIAL_ELEMS = 32768
 # Outputs of at least this many bytes are written with streaming (non-temporal)
 # stores: far larger than the per-core caches, they would be evicted unread,
 # and a streaming store saves the read-for-ownership of every output line.
 NT_BYTES = 8 << 20
 # A channel (forward: x; backward: x and dy) up to this many bytes is kept in
 # the per-core L2 (2 MB here) between statistics and normalization.
-FUSE_BYTES = 1 << 20
+cdef Py_ssize_t FUSE_BYTES = 1 << 20
 
 cdef enum:
     # cross_backward modes (exported below as Python ints)
@@ -1819,7 +1819,7 @@ cdef str _dtname(int dt):
 
 cdef int _check(x, int dt, Py_ssize_t size, str name) except -1:
     """Refuse arrays the kernels would read out of bounds or misread."""
-    if not isinstance(x, np.ndarray):
+    if not isinstance(x, cnp.ndarray):  # a C type check (np.ndarray would be two lookups)
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
     cdef cnp.ndarray a = x
     if not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_TYPE(a) != dt or cnp.PyArray_SIZE(a) != size:
@@ -1854,7 +1854,7 @@ cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt) noexcept:
 
 cdef int _dtype_num(x) except -1:
     """The data dtype's number; TypeError for dtypes without kernels."""
-    if not isinstance(x, np.ndarray):
+    if not isinstance(x, cnp.ndarray):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
     cdef int dt = cnp.PyArray_TYPE(<cnp.ndarray>x)
     if dt != F32 and dt != F64 and dt != F16 and dt != BF16:
@@ -1979,7 +1979,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         t = _nthreads(size, C * nblk, nt)
         # One thread per channel keeps the channel in L2 between its passes
         # when there are enough channels to share and a channel fits.
-        fused = (t == 1 or C >= 4 * t) and N * S * x.itemsize <= FUSE_BYTES
+        fused = (t == 1 or C >= 4 * t) and N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
         part = _empty1(0 if fused else 3 * C * nblk, F64)
     cdef void* px = ptr(x)
     cdef void* py = optr(y)
@@ -1991,7 +1991,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pfs = <double*>ptr(fscr)
-    _stream(0 if y is None else size * x.itemsize)
+    _stream(0 if y is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
         if cl:
             if dt == F32:
@@ -2064,7 +2064,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     else:
         rb, sp, nsp, nblk = cf_geometry(N, S)
         t = _nthreads(size, C * nblk, nt)
-        fused = (t == 1 or C >= 4 * t) and 2 * N * S * x.itemsize <= FUSE_BYTES
+        fused = (t == 1 or C >= 4 * t) and 2 * N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
         part = _empty1(0 if fused else 3 * C * nblk, F64)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
@@ -2079,7 +2079,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pmu = <double*>ptr(mud)
-    _stream(0 if dx is None else size * x.itemsize)
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
         if cl:
             if dt == F32:
@@ -2157,7 +2157,7 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* ps = <double*>ptr(scratch)
-    _stream(size * x.itemsize)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
@@ -2218,7 +2218,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pdb = ptr(db)
     cdef Py_ssize_t k, c
     cdef double sw, sb
-    _stream(0 if dx is None else size * x.itemsize)
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
         for k in range(nsb * C):
             ppw[k] = 0.0
@@ -2271,7 +2271,7 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     cdef void* py = ptr(y)
     cdef void* pa = ptr(scale)
     cdef void* pb = ptr(shift)
-    _stream(size * x.itemsize)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
         if dt == F32:
             affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
