@@ -1011,15 +1011,58 @@ static inline int cn_short_row_stats_##T(const T* x, ptrdiff_t n, double* mu, do
     *mu = m; *m2 = sq > 0.0 ? sq : 0.0;                                                   \
     return 1;                                                                             \
 }
+/* nb <= 8 consecutive short rows (row j at x + j n, n <= CN_SHORT_MAX) at
+   once, each step for all rows before the next: the rows' latency chains
+   (two reductions and a division each) overlap instead of running one after
+   another. Same arithmetic as cn_short_row_stats, so the same values. Returns
+   a bit mask of the rows whose float sums overflowed (to redo in double). */
+#define CN_SHORT_ROWS(T)                                                                  \
+static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, double* mu,    \
+                                          double* m2) {                                   \
+    __m512 a[8], q[8], e[8]; __mmask16 k[8]; float p[8], mf[8]; double s[8], m[8];        \
+    int j, v, bad = 0, nv = (int)((n + 15) / 16);                                         \
+    for (v = 0; v < nv; v++) {                                                            \
+        ptrdiff_t r = n - 16 * v;                                                         \
+        k[v] = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);                 \
+    }                                                                                     \
+    for (j = 0; j < nb; j++) {                                                            \
+        const T* xr = x + j * n; __m512 vp;                                               \
+        p[j] = CN_LDF_##T(xr); vp = _mm512_set1_ps(p[j]); a[j] = _mm512_setzero_ps();     \
+        for (v = 0; v < nv; v++)                                                          \
+            a[j] = _mm512_add_ps(a[j], _mm512_maskz_sub_ps(k[v], cn_vldm_##T(k[v], xr + 16 * v), vp)); \
+    }                                                                                     \
+    for (j = 0; j < nb; j++) s[j] = cn_reduce16(a[j]);                                    \
+    for (j = 0; j < nb; j++) { m[j] = (double)p[j] + s[j] / (double)n; mf[j] = (float)m[j]; } \
+    for (j = 0; j < nb; j++) {                                                            \
+        const T* xr = x + j * n; __m512 vm = _mm512_set1_ps(mf[j]);                       \
+        q[j] = _mm512_setzero_ps(); e[j] = q[j];                                          \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 d = _mm512_maskz_sub_ps(k[v], cn_vldm_##T(k[v], xr + 16 * v), vm);     \
+            q[j] = _mm512_fmadd_ps(d, d, q[j]); e[j] = _mm512_add_ps(e[j], d);            \
+        }                                                                                 \
+    }                                                                                     \
+    for (j = 0; j < nb; j++) {                                                            \
+        double sq = cn_reduce16(q[j]), se = cn_reduce16(e[j]), dm = m[j] - (double)mf[j]; \
+        if ((sq * 0.0 + se * 0.0 + m[j] * 0.0) != 0.0) { bad |= 1 << j; continue; }      \
+        sq = sq + dm * ((double)n * dm - 2.0 * se);                                       \
+        mu[j] = m[j]; m2[j] = sq > 0.0 ? sq : 0.0;                                        \
+    }                                                                                     \
+    return bad;                                                                           \
+}
 #define CN_SHORT_ROW_CALL(T, x, n, mu, m2) \
     if ((n) <= CN_SHORT_MAX) return cn_short_row_stats_##T((x), (n), (mu), (m2));
 #else
+#define CN_SHORT_MAX 0
 #define CN_SHORT_ROW(T)
+#define CN_SHORT_ROWS(T)                                                                  \
+static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, double* mu,    \
+                                          double* m2) { return (1 << nb) - 1; }
 #define CN_SHORT_ROW_CALL(T, x, n, mu, m2)
 #endif
 #define CN_ROWSTATS(T)                                                                    \
 CN_ROW_LANES(T)                                                                           \
 CN_SHORT_ROW(T)                                                                           \
+CN_SHORT_ROWS(T)                                                                          \
 static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) {  \
     double s, q, se, m, dm; float mf, p = CN_LDF_##T(x);                                  \
     CN_SHORT_ROW_CALL(T, x, n, mu, m2)                                                    \

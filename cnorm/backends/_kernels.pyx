@@ -103,6 +103,10 @@ cdef extern from "_kernels.h" nogil:
     void cn_sfence()
     void cn_prefetch(const void* p, Py_ssize_t nbytes)
     int cn_ln_row_stats_float(const float* x, Py_ssize_t n, double* mu, double* m2)
+    int CN_SHORT_MAX
+    int cn_short_rows_stats_float(const float* x, Py_ssize_t n, int nb, double* mu, double* m2)
+    int cn_short_rows_stats_cn_bf16(const cn_bf16* x, Py_ssize_t n, int nb, double* mu, double* m2)
+    int cn_short_rows_stats_cn_f16(const cn_f16* x, Py_ssize_t n, int nb, double* mu, double* m2)
     int cn_ln_row_stats_cn_bf16(const cn_bf16* x, Py_ssize_t n, double* mu, double* m2)
     int cn_ln_row_stats_cn_f16(const cn_f16* x, Py_ssize_t n, double* mu, double* m2)
     void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
@@ -1642,12 +1646,26 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
     cdef double r8[8]
     cdef Py_ssize_t G = C // cg, u0 = lo, u, j, nb, c0
     cdef float mh
+    cdef int bad
     while u0 < hi:
         nb = hi - u0 if hi - u0 < 8 else 8
-        for j in range(nb):
-            u = u0 + j
-            if not row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
-                run_stats(x + u * cg, cg, &mu8[j], &m28[j])
+        if cg <= CN_SHORT_MAX:  # the eight rows' statistics interleaved (C helper)
+            if dat is float:
+                bad = cn_short_rows_stats_float(x + u0 * cg, cg, <int>nb, mu8, m28)
+            elif dat is cn_bf16:
+                bad = cn_short_rows_stats_cn_bf16(x + u0 * cg, cg, <int>nb, mu8, m28)
+            elif dat is cn_f16:
+                bad = cn_short_rows_stats_cn_f16(x + u0 * cg, cg, <int>nb, mu8, m28)
+            else:
+                bad = (1 << nb) - 1
+            for j in range(nb):
+                if bad & (1 << j):
+                    run_stats(x + (u0 + j) * cg, cg, &mu8[j], &m28[j])
+        else:
+            for j in range(nb):
+                u = u0 + j
+                if not row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
+                    run_stats(x + u * cg, cg, &mu8[j], &m28[j])
         for j in range(nb):
             v8[j] = m28[j] / <double>cg
             r8[j] = 1.0 / sqrt(v8[j] + eps)
