@@ -290,7 +290,8 @@ def test_streaming_stores_change_nothing(p, dt, monkeypatch, restore_threads):
 @pytest.mark.parametrize("dt", [np.float32, *HALVES])
 @pytest.mark.parametrize("p", [Problem("cl", 4, 8, 300), Problem("cl", 4, 8, 300, 2), Problem("cl", 1300, 3, 1),
                                Problem("cl", 4, 32, 300), Problem("cl", 4, 32, 300, 2),
-                               Problem("cf", 4, 8, 300), Problem("cf", 4, 8, 300, 2)], ids=str)
+                               Problem("cf", 4, 8, 300), Problem("cf", 4, 8, 300, 2), Problem("cf", 40, 64, 1, 1)],
+                         ids=str)
 def test_overflowing_float_sums_fall_back_to_double(p, dt):
     """Statistics accumulate in float where that is exact enough; squares of |x| ~ 1e30
     (1e4 in float16) overflow float and must be recomputed in double, not returned as Inf."""
@@ -338,3 +339,20 @@ def test_channels_last_backward_float_overflow_falls_back_to_double(p):
     for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
         assert np.all(np.isfinite(a)), name
         _close(a, e, float(np.abs(e).max()), np.float32, name)
+
+
+@pytest.mark.parametrize("dt", [np.float32, *HALVES])
+@pytest.mark.parametrize("width", [64, 100, 300])
+def test_layer_norm_rows_overflowing_alone_fall_back_alone(width, dt):
+    """Short LayerNorm rows are summed eight at a time; a row whose float sums
+    overflow is redone in double while its neighbours keep the float result."""
+    p = Problem("cf", 41, width, 1, 1)
+    x, _, w, b = _data(p, np.float32, offset=0.0)
+    big = 1e4 if dt == FLOAT16 else 1e30
+    x[[3, 17, 40]] *= np.float32(big)
+    x = x.astype(dt)
+    y, mean, var, rstd = K.forward_train(x, p, w, b, 1e-5)
+    ry, rmean, _, rrstd = R.forward_train(x, p, w, b, 1e-5)
+    assert np.all(np.isfinite(np.asarray(y, np.float32))) and np.all(np.isfinite(rstd))
+    assert _rel_err(y, ry) <= (1e-5 if dt == np.float32 else 2.0 ** -7)
+    assert float(np.max(np.abs(rstd / rrstd - 1))) <= 1e-5
