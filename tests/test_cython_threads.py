@@ -11,6 +11,7 @@ directly.
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 
+import ml_dtypes
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -356,3 +357,29 @@ def test_layer_norm_rows_overflowing_alone_fall_back_alone(width, dt):
     assert np.all(np.isfinite(np.asarray(y, np.float32))) and np.all(np.isfinite(rstd))
     assert _rel_err(y, ry) <= (1e-5 if dt == np.float32 else 2.0 ** -7)
     assert float(np.max(np.abs(rstd / rrstd - 1))) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("dt", HALVES)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_half_stores_round_like_numpy(dt, streaming, monkeypatch):
+    """Every half store (vector body, scalar head and tail, hardware or integer
+    conversion) rounds the float32 result to nearest even exactly as NumPy's
+    cast does: subnormal results, overflow to Inf, signed zeros and NaN included."""
+    monkeypatch.setattr(_kernels, "NT_BYTES", 0 if streaming else 1 << 62)
+    rng = np.random.default_rng(5)
+    info = ml_dtypes.finfo(dt)
+    tiny = float(info.smallest_normal)
+    x32 = np.concatenate([rng.standard_normal(3000) * s for s in (tiny * 4, tiny / 8, 1.0, float(info.max))])
+    x32 = np.concatenate([x32, [0.0, -0.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    rng.shuffle(x32)
+    x = x32.astype(dt)  # exact in float32 again below: a half value times 1 + 2^-7
+    n = x.size
+    scale, shift = np.full(1, 1.0 + 2.0 ** -7, np.float32), np.zeros(1, np.float32)
+    for off in (0, 1, 7):  # unaligned starts exercise the scalar heads
+        y = np.empty(n - off, dt)
+        _kernels.affine(x[off:].copy(), y, False, 1, 1, n - off, scale, shift, 1)
+        want = (x[off:].astype(np.float32) * scale[0] + shift[0]).astype(dt)  # -0·a + 0 is +0, as in an FMA
+        nan = np.isnan(want.astype(np.float32))
+        assert np.array_equal(np.isnan(y.astype(np.float32)), nan)
+        assert np.array_equal(y.view(np.uint16)[~nan], want.view(np.uint16)[~nan])

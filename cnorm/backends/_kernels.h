@@ -247,7 +247,7 @@ static inline void cn_cvt32_cn_f16(const cn_f16* p, float* o) {
 #endif
 }
 #define CN_HRUNS(T)                                                                       \
-static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
+static inline void cn_hsum_run_s_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
     const float pf = (float)piv; ptrdiff_t i0, i, j; double da[CN_LANES];                 \
     for (j = 0; j < CN_LANES; j++) da[j] = 0.0;                                           \
     for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
@@ -266,7 +266,7 @@ static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* 
     for (j = 0; j < CN_LANES; j++) acc[j] += da[j];                                       \
     acc[0] += (double)n * ((double)pf - piv);  /* exact for any piv */                    \
 }                                                                                         \
-static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc) {       \
+static inline void cn_hsq_run_s_##T(const T* x, ptrdiff_t n, double m, double* acc) {       \
     const float mf = (float)m; const double dm = m - (double)mf; ptrdiff_t i0, i, j;      \
     double da[CN_LANES], sb = 0.0;                                                        \
     for (j = 0; j < CN_LANES; j++) da[j] = 0.0;                                           \
@@ -293,7 +293,7 @@ static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc
     for (j = 0; j < CN_LANES; j++) acc[j] += da[j];                                       \
     acc[0] += dm * ((double)n * dm - 2.0 * sb);  /* exact for the centre's rounding */    \
 }                                                                                         \
-static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
+static inline void cn_hgrad_run_s_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
                                     double* ag, double* agx, double* ax) {                \
     const float mf = (float)m; ptrdiff_t i0, i, j;                                        \
     double da[CN_LANES], db[CN_LANES], dc[CN_LANES];                                      \
@@ -423,7 +423,7 @@ static inline void cn_vst_float(float* p, __m512 v, int nt) {
 static inline void cn_vst16(void* p, __m256i h, int nt) {
     if (nt) _mm256_stream_si256((__m256i*)p, h); else _mm256_storeu_si256((__m256i*)p, h);
 }
-static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) {   /* as cn_f32_to_bf16 */
+static inline __m256i cn_bf16_round16(__m512 v) {   /* as cn_f32_to_bf16, 16 lanes */
     __m512i u = _mm512_castps_si512(v);
     __m512i hi = _mm512_srli_epi32(u, 16);
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
@@ -431,7 +431,21 @@ static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) {   /* as cn_f32
     __m512i q = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
     __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                             _mm512_set1_epi32(0x7f800000));
-    cn_vst16(p, _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q)), nt);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q));
+}
+static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    /* AVX512-BF16 rounds to nearest even and quiets NaN as the integer code
+       does, but reads subnormal inputs as zero: vectors holding one (|v| <
+       2^-126, not 0) take the integer code, so every value stays bit-exact. */
+    __mmask16 sub = _mm512_fpclass_ps_mask(v, 0x20);   /* 0x20: subnormal */
+    if (__builtin_expect(sub == 0, 1)) {
+        __m256bh h = _mm512_cvtneps_pbh(v);
+        cn_vst16(p, (__m256i)h, nt);
+        return;
+    }
+#endif
+    cn_vst16(p, cn_bf16_round16(v), nt);
 }
 static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
     cn_vst16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nt);
@@ -1149,5 +1163,141 @@ static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,      
 CN_LNBWD(float)
 CN_LNBWD(cn_bf16)
 CN_LNBWD(cn_f16)
+
+
+/* ------------------------------------------------- half runs, AVX-512 --
+   cn_hsum_run / cn_hsq_run / cn_hgrad_run for half data with the float lanes
+   and double lanes kept in registers: the same chunking (CN_CHUNK elements,
+   CN_FL float lanes, lane j + 16 folded onto lane j in double), tails by
+   masked loads, the overflow check once per run. The scalar versions above
+   spill and reload every lane at each chunk's end, which costs as much as
+   the chunk's arithmetic. */
+#if defined(CN_AVX512)
+static inline __mmask16 cn_mask16(ptrdiff_t r) {
+    return r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
+}
+/* d0 (lanes 0-7) += lo(a0) + lo(a1), d1 (lanes 8-15) += hi(a0) + hi(a1): (double)a[j] + (double)a[j + 16] */
+#define CN_FOLD(d0, d1, a0, a1) do {                                                      \
+    d0 = _mm512_add_pd(d0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),     \
+                                         _mm512_cvtps_pd(_mm512_castps512_ps256(a1))));   \
+    d1 = _mm512_add_pd(d1, _mm512_add_pd(                                                 \
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))), \
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))))); \
+} while (0)
+static inline int cn_vfinite(__m512d a, __m512d b) {
+    __m512d z = _mm512_setzero_pd();
+    return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_mul_pd(a, z), _mm512_mul_pd(b, z))) == 0.0;
+}
+#define CN_VHRUNS(T)                                                                      \
+static inline void cn_hsum_run_v_##T(const T* x, ptrdiff_t n, double piv, double* acc) {  \
+    const float pf = (float)piv; const __m512 vp = _mm512_set1_ps(pf);                    \
+    __m512d d0 = _mm512_setzero_pd(), d1 = d0; ptrdiff_t i0, i;                           \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* xc = x + i0; ptrdiff_t m = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;        \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;                                         \
+        for (i = 0; i + CN_FL <= m; i += CN_FL) {                                         \
+            a0 = _mm512_add_ps(a0, _mm512_sub_ps(cn_vld_##T(xc + i), vp));                \
+            a1 = _mm512_add_ps(a1, _mm512_sub_ps(cn_vld_##T(xc + i + 16), vp));           \
+        }                                                                                 \
+        if (i < m) {                                                                      \
+            __mmask16 k0 = cn_mask16(m - i), k1 = cn_mask16(m - i - 16);                  \
+            a0 = _mm512_mask_add_ps(a0, k0, a0, _mm512_sub_ps(cn_vldm_##T(k0, xc + i), vp)); \
+            a1 = _mm512_mask_add_ps(a1, k1, a1, _mm512_sub_ps(cn_vldm_##T(k1, xc + i + 16), vp)); \
+        }                                                                                 \
+        CN_FOLD(d0, d1, a0, a1);                                                          \
+    }                                                                                     \
+    if (!cn_vfinite(d0, d1)) { cn_sum_run_##T(x, n, piv, acc); return; }                  \
+    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), d0));                       \
+    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), d1));               \
+    acc[0] += (double)n * ((double)pf - piv);  /* exact for any piv */                    \
+}                                                                                         \
+static inline void cn_hsq_run_v_##T(const T* x, ptrdiff_t n, double m, double* acc) {     \
+    const float mf = (float)m; const double dm = m - (double)mf;                          \
+    const __m512 vm = _mm512_set1_ps(mf);                                                 \
+    __m512d d0 = _mm512_setzero_pd(), d1 = d0, e0 = d0, e1 = d0; ptrdiff_t i0, i; double sb; \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* xc = x + i0; ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;        \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;                       \
+        for (i = 0; i + CN_FL <= k; i += CN_FL) {                                         \
+            __m512 u0 = _mm512_sub_ps(cn_vld_##T(xc + i), vm);                            \
+            __m512 u1 = _mm512_sub_ps(cn_vld_##T(xc + i + 16), vm);                       \
+            a0 = _mm512_fmadd_ps(u0, u0, a0); a1 = _mm512_fmadd_ps(u1, u1, a1);           \
+            b0 = _mm512_add_ps(b0, u0); b1 = _mm512_add_ps(b1, u1);                       \
+        }                                                                                 \
+        if (i < k) {                                                                      \
+            __mmask16 k0 = cn_mask16(k - i), k1 = cn_mask16(k - i - 16);                  \
+            __m512 u0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, xc + i), vm);             \
+            __m512 u1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, xc + i + 16), vm);        \
+            a0 = _mm512_fmadd_ps(u0, u0, a0); a1 = _mm512_fmadd_ps(u1, u1, a1);           \
+            b0 = _mm512_add_ps(b0, u0); b1 = _mm512_add_ps(b1, u1);                       \
+        }                                                                                 \
+        CN_FOLD(d0, d1, a0, a1); CN_FOLD(e0, e1, b0, b1);                                 \
+    }                                                                                     \
+    sb = _mm512_reduce_add_pd(_mm512_add_pd(e0, e1));                                     \
+    if (!cn_vfinite(d0, d1) || sb - sb != 0.0) { cn_sq_run_##T(x, n, m, acc); return; }   \
+    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), d0));                       \
+    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), d1));               \
+    acc[0] += dm * ((double)n * dm - 2.0 * sb);  /* exact for the centre's rounding */    \
+}                                                                                         \
+static inline void cn_hgrad_run_v_##T(const T* g, const T* x, ptrdiff_t n, double m,      \
+                                      double* ag, double* agx, double* ax) {              \
+    const float mf = (float)m; const __m512 vm = _mm512_set1_ps(mf); ptrdiff_t i0, i;     \
+    __m512d p0 = _mm512_setzero_pd(), p1 = p0, q0 = p0, q1 = p0, r0 = p0, r1 = p0;        \
+    if ((double)mf != m) { cn_grad_run_##T(g, x, n, m, ag, agx, ax); return; }            \
+    for (i0 = 0; i0 < n; i0 += CN_CHUNK) {                                                \
+        const T* gc = g + i0; const T* xc = x + i0;                                       \
+        ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;                              \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;     \
+        for (i = 0; i + CN_FL <= k; i += CN_FL) {                                         \
+            __m512 g0 = cn_vld_##T(gc + i), g1 = cn_vld_##T(gc + i + 16);                 \
+            __m512 u0 = _mm512_sub_ps(cn_vld_##T(xc + i), vm);                            \
+            __m512 u1 = _mm512_sub_ps(cn_vld_##T(xc + i + 16), vm);                       \
+            a0 = _mm512_add_ps(a0, g0); a1 = _mm512_add_ps(a1, g1);                       \
+            b0 = _mm512_fmadd_ps(g0, u0, b0); b1 = _mm512_fmadd_ps(g1, u1, b1);           \
+            c0 = _mm512_add_ps(c0, u0); c1 = _mm512_add_ps(c1, u1);                       \
+        }                                                                                 \
+        if (i < k) {                                                                      \
+            __mmask16 k0 = cn_mask16(k - i), k1 = cn_mask16(k - i - 16);                  \
+            __m512 g0 = cn_vldm_##T(k0, gc + i), g1 = cn_vldm_##T(k1, gc + i + 16);       \
+            __m512 u0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, xc + i), vm);             \
+            __m512 u1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, xc + i + 16), vm);        \
+            a0 = _mm512_add_ps(a0, g0); a1 = _mm512_add_ps(a1, g1);                       \
+            b0 = _mm512_fmadd_ps(g0, u0, b0); b1 = _mm512_fmadd_ps(g1, u1, b1);           \
+            c0 = _mm512_add_ps(c0, u0); c1 = _mm512_add_ps(c1, u1);                       \
+        }                                                                                 \
+        CN_FOLD(p0, p1, a0, a1); CN_FOLD(q0, q1, b0, b1); CN_FOLD(r0, r1, c0, c1);        \
+    }                                                                                     \
+    if (!(cn_vfinite(p0, p1) && cn_vfinite(q0, q1) && cn_vfinite(r0, r1))) {              \
+        cn_grad_run_##T(g, x, n, m, ag, agx, ax); return;                                 \
+    }                                                                                     \
+    _mm512_storeu_pd(ag, _mm512_add_pd(_mm512_loadu_pd(ag), p0));                         \
+    _mm512_storeu_pd(ag + 8, _mm512_add_pd(_mm512_loadu_pd(ag + 8), p1));                 \
+    _mm512_storeu_pd(agx, _mm512_add_pd(_mm512_loadu_pd(agx), q0));                       \
+    _mm512_storeu_pd(agx + 8, _mm512_add_pd(_mm512_loadu_pd(agx + 8), q1));               \
+    _mm512_storeu_pd(ax, _mm512_add_pd(_mm512_loadu_pd(ax), r0));                         \
+    _mm512_storeu_pd(ax + 8, _mm512_add_pd(_mm512_loadu_pd(ax + 8), r1));                 \
+}
+CN_VHRUNS(cn_bf16)
+CN_VHRUNS(cn_f16)
+#define CN_HRUN_IMPL(T) v_##T
+#else
+#define CN_HRUN_IMPL(T) s_##T
+#endif
+#define CN_HRUN_PICK(name, impl) CN_HRUN_PICK_(name, impl)
+#define CN_HRUN_PICK_(name, impl) name##impl
+/* the runs the kernels call: the vector versions where the build has them */
+#define CN_HRUN_API(T)                                                                    \
+static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
+    CN_HRUN_PICK(cn_hsum_run_, CN_HRUN_IMPL(T))(x, n, piv, acc);                          \
+}                                                                                         \
+static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc) {       \
+    CN_HRUN_PICK(cn_hsq_run_, CN_HRUN_IMPL(T))(x, n, m, acc);                             \
+}                                                                                         \
+static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
+                                    double* ag, double* agx, double* ax) {                \
+    CN_HRUN_PICK(cn_hgrad_run_, CN_HRUN_IMPL(T))(g, x, n, m, ag, agx, ax);                \
+}
+CN_HRUN_API(cn_bf16)
+CN_HRUN_API(cn_f16)
 
 #endif
