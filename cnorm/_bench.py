@@ -159,20 +159,24 @@ def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     return inp
 
 
-def _cnorm_forward(case: Case, inp: Inputs, x, backend):
+def _cnorm_forward(case: Case, inp: Inputs, x, backend, saved: bool = True):
+    """``(y, saved)`` from the ``*_forward`` API; with ``saved=False`` the plain
+    call (``cnorm.layer_norm`` ...) and ``(y, None)``: what a forward-only
+    (inference) caller runs, as PyTorch does without autograd."""
     import cnorm
 
+    fn = getattr(cnorm, case.norm + "_forward" if saved else case.norm)
     if case.norm == "batch_norm":
         rm = None if inp.running_mean is None else inp.running_mean.copy()
         rv = None if inp.running_var is None else inp.running_var.copy()
-        return cnorm.batch_norm_forward(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS,
-                                        case.channel_axis, backend)
-    if case.norm == "layer_norm":
-        return cnorm.layer_norm_forward(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend)
-    if case.norm == "group_norm":
-        return cnorm.group_norm_forward(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend)
-    return cnorm.instance_norm_forward(x, inp.weight, inp.bias, None, None, True, 0.1, EPS,
-                                       case.channel_axis, backend)
+        out = fn(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS, case.channel_axis, backend)
+    elif case.norm == "layer_norm":
+        out = fn(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend)
+    elif case.norm == "group_norm":
+        out = fn(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend)
+    else:
+        out = fn(x, inp.weight, inp.bias, None, None, True, 0.1, EPS, case.channel_axis, backend)
+    return out if saved else (out, None)
 
 
 def _cnorm_backward(case: Case, dy, x, saved, weight):
@@ -187,11 +191,11 @@ def cnorm_runner(case: Case, inp: Inputs, backend: str):
     k = len(inp.xs)
     state = {"i": 0}
     if case.direction == "fwd":
-        def call():
+        def call():  # forward only, like PyTorch's timed call: no state kept for a backward
             i = state["i"] = (state["i"] + 1) % k
-            return _cnorm_forward(case, inp, inp.xs[i], backend)[0]
+            return _cnorm_forward(case, inp, inp.xs[i], backend, saved=False)[0]
 
-        first = lambda: _cnorm_forward(case, inp, inp.xs[0], backend)[0]  # noqa: E731
+        first = lambda: _cnorm_forward(case, inp, inp.xs[0], backend, saved=False)[0]  # noqa: E731
         return call, first
     saved = [_cnorm_forward(case, inp, x, backend)[1] for x in inp.xs]
 

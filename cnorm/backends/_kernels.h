@@ -408,6 +408,10 @@ static inline __m512 cn_vld_cn_bf16(const cn_bf16* p) {
 static inline __m512 cn_vld_cn_f16(const cn_f16* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
 }
+/* the first min(max(r, 0), 16) lanes */
+static inline __mmask16 cn_mask16(ptrdiff_t r) {
+    return r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
+}
 /* masked loads: lanes outside k read nothing and are 0.0f */
 static inline __m512 cn_vldm_float(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
 static inline __m512 cn_vldm_cn_bf16(__mmask16 k, const cn_bf16* p) {
@@ -526,13 +530,14 @@ static inline void cn_row_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,    
             _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, i)), CN_P(kb, i),   \
                             CN_P(kc, i))), nt_));                                         \
 }                                                                                         \
-/* LayerNorm row: y[i] = (((x[i] - mh) - ml) rf) w[i] + b[i] */                          \
+/* LayerNorm row: y[i] = ((x[i] - mh) rf - ml rf) w[i] + b[i], two FMAs */               \
 static inline void cn_ln_fwd_##T(const T* x, T* y, ptrdiff_t n, float mh, float ml,       \
                                  float rf, const float* w, const float* b) {              \
+    const float mlr = -ml * rf;                                                           \
     CN_BODY(T, y, n,                                                                      \
-        cn_st1_##T(y + i, CN_FMA(((CN_LDF_##T(x + i) - mh) - ml) * rf, w[i], b[i])),      \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(      \
-            cn_vld_##T(x + i), CN_S(mh)), CN_S(ml)), CN_S(rf)), CN_P(w, i), CN_P(b, i)), nt_)); \
+        cn_st1_##T(y + i, CN_FMA(CN_FMA(CN_LDF_##T(x + i) - mh, rf, mlr), w[i], b[i])),   \
+        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_sub_ps(                  \
+            cn_vld_##T(x + i), CN_S(mh)), CN_S(rf), CN_S(mlr)), CN_P(w, i), CN_P(b, i)), nt_)); \
 }                                                                                         \
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */                \
 static inline void cn_ln_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,              \
@@ -943,27 +948,35 @@ static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, i
     ptrdiff_t i0, i;                                                                      \
     for (i0 = 0; i0 < n; i0 += CN_RCH) {                                                  \
         ptrdiff_t m = n - i0 < CN_RCH ? n - i0 : CN_RCH; const T* xc = x + i0;            \
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, e0, e1;               \
-        for (i = 0; i < m; i += 32) {                                                     \
-            ptrdiff_t r = m - i;                                                          \
-            __mmask16 k0 = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);     \
-            __mmask16 k1 = r >= 32 ? (__mmask16)0xffff                                    \
-                         : r <= 16 ? (__mmask16)0 : (__mmask16)((1u << (r - 16)) - 1u);   \
-            e0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, xc + i), vc);                    \
-            e1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, xc + i + 16), vc);               \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+        __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                        \
+        for (i = 0; i + 64 <= m; i += 64) {  /* four accumulators: add latency hidden */  \
+            __m512 e0 = _mm512_sub_ps(cn_vld_##T(xc + i), vc);                            \
+            __m512 e1 = _mm512_sub_ps(cn_vld_##T(xc + i + 16), vc);                       \
+            __m512 e2 = _mm512_sub_ps(cn_vld_##T(xc + i + 32), vc);                       \
+            __m512 e3 = _mm512_sub_ps(cn_vld_##T(xc + i + 48), vc);                       \
             if (sq) {                                                                     \
                 a0 = _mm512_fmadd_ps(e0, e0, a0); a1 = _mm512_fmadd_ps(e1, e1, a1);       \
+                a2 = _mm512_fmadd_ps(e2, e2, a2); a3 = _mm512_fmadd_ps(e3, e3, a3);       \
                 b0 = _mm512_add_ps(b0, e0); b1 = _mm512_add_ps(b1, e1);                   \
+                b2 = _mm512_add_ps(b2, e2); b3 = _mm512_add_ps(b3, e3);                   \
             } else {                                                                      \
                 a0 = _mm512_add_ps(a0, e0); a1 = _mm512_add_ps(a1, e1);                   \
+                a2 = _mm512_add_ps(a2, e2); a3 = _mm512_add_ps(a3, e3);                   \
             }                                                                             \
         }                                                                                 \
-        a0 = _mm512_add_ps(a0, a1);                                                       \
+        for (; i < m; i += 16) {  /* tail, by masked loads, into a0 */                    \
+            __mmask16 k = cn_mask16(m - i);                                               \
+            __m512 e = _mm512_maskz_sub_ps(k, cn_vldm_##T(k, xc + i), vc);                \
+            if (sq) { a0 = _mm512_fmadd_ps(e, e, a0); b0 = _mm512_add_ps(b0, e); }        \
+            else a0 = _mm512_add_ps(a0, e);                                               \
+        }                                                                                 \
+        a0 = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));                 \
         p1 = _mm512_add_pd(p1, _mm512_cvtps_pd(_mm512_castps512_ps256(a0)));              \
         q1 = _mm512_add_pd(q1, _mm512_cvtps_pd(_mm256_castpd_ps(                          \
                  _mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))));                      \
         if (sq) {                                                                         \
-            b0 = _mm512_add_ps(b0, b1);                                                   \
+            b0 = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));             \
             p2 = _mm512_add_pd(p2, _mm512_cvtps_pd(_mm512_castps512_ps256(b0)));          \
             q2 = _mm512_add_pd(q2, _mm512_cvtps_pd(_mm256_castpd_ps(                      \
                      _mm512_extractf64x4_pd(_mm512_castps_pd(b0), 1))));                  \
@@ -1173,9 +1186,6 @@ CN_LNBWD(cn_f16)
    spill and reload every lane at each chunk's end, which costs as much as
    the chunk's arithmetic. */
 #if defined(CN_AVX512)
-static inline __mmask16 cn_mask16(ptrdiff_t r) {
-    return r >= 16 ? (__mmask16)0xffff : r <= 0 ? (__mmask16)0 : (__mmask16)((1u << r) - 1u);
-}
 /* d0 (lanes 0-7) += lo(a0) + lo(a1), d1 (lanes 8-15) += hi(a0) + hi(a1): (double)a[j] + (double)a[j + 16] */
 #define CN_FOLD(d0, d1, a0, a1) do {                                                      \
     d0 = _mm512_add_pd(d0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),     \
