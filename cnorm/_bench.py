@@ -373,22 +373,33 @@ def keep_freed_memory() -> bool:
 
 # -- timing ------------------------------------------------------------------------
 
-def time_call(call, repeat: int, budget_s: float) -> list:
-    """Seconds of each call: one warm-up, then up to ``repeat`` timed calls within the budget."""
-    call()
-    times = []
-    start = time.perf_counter()
-    inner = 1
-    while len(times) < repeat:
+def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
+    """Seconds per call of each named zero-argument call, interleaved.
+
+    One warm-up each, then rounds in which every call is timed once (tiny
+    calls as a batch), until each has its ``repeats`` samples or the budget
+    is spent (at least 3 samples each). Interleaving makes every backend see
+    the same drift of a shared machine's load, so their ratios hold.
+    """
+    inner = {}
+    for name, call in calls.items():
+        call()
         t0 = time.perf_counter()
-        for _ in range(inner):
-            call()
-        times.append((time.perf_counter() - t0) / inner)
-        if len(times) == 1 and times[0] < 1e-4:
-            inner = max(1, int(2e-3 / max(times[0], 1e-7)))  # tiny calls: time batches
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
-            break
-    return times
+        call()
+        dt = time.perf_counter() - t0
+        inner[name] = max(1, int(2e-3 / max(dt, 1e-7))) if dt < 1e-4 else 1  # tiny calls: time batches
+    times = {name: [] for name in calls}
+    start = time.perf_counter()
+    while True:
+        pending = [n for n in calls if len(times[n]) < repeats[n]]
+        if not pending or (time.perf_counter() - start > budget_s and min(map(len, times.values())) >= 3):
+            return times
+        for name in pending:
+            call, k = calls[name], inner[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                call()
+            times[name].append((time.perf_counter() - t0) / k)
 
 
 def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, budget_s: float,
@@ -399,6 +410,7 @@ def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, 
            "layout": case.layout, "bytes": case.nbytes, "latency": case.latency, "results": {}}
     floor = case.floor_factor * case.nbytes / bandwidth
     row["floor_s"] = None if case.latency else floor
+    calls = {}
     for name in backends:
         try:
             call, first = runner(case, inp, name)
@@ -413,7 +425,9 @@ def run_case(case: Case, backends, threads: int, bandwidth: float, repeat: int, 
         # gradients) to the half type: its rows get a sanity bound, not cnorm's.
         tol = tolerance(case.np_dtype) if name != "torch" or case.dtype == "float32" else 2.0 ** -5
         check(got, want, f"{case.name} [{name}]", tol)
-        times = time_call(call, repeat if name != "numpy" else max(3, repeat // 3), budget_s)
+        calls[name] = call
+    repeats = {name: repeat if name != "numpy" else max(3, repeat // 3) for name in calls}
+    for name, times in time_calls(calls, repeats, budget_s).items():
         med = statistics.median(times)
         row["results"][name] = {"median_s": med, "min_s": min(times), "n": len(times),
                                 "floor_fraction": None if case.latency else floor / med}
@@ -510,6 +524,10 @@ def main(argv: list[str]) -> int:
         print(f"backends not available here: {missing}", file=sys.stderr)
         return 2
     kept = False if args.system_malloc else keep_freed_memory()
+    # NumPy's BLAS is not used by any case; its idle worker threads would only compete for the cores
+    from threadpoolctl import threadpool_limits
+
+    blas_limit = threadpool_limits(1, user_api="blas")
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
     cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
@@ -534,6 +552,7 @@ def main(argv: list[str]) -> int:
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
+    blas_limit.restore_original_limits()
     plot(rows, backends, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
