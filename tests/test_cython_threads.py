@@ -174,6 +174,8 @@ THREAD_PROBLEMS = [
     Problem("cl", 301, 255, 1, 1), Problem("cl", 67, 16, 601, 16), Problem("cf", 2100, 45, 1, 1),
     # channels-last with C a multiple of 16: the vector column sweeps (64-column tiles and a 16-column tail)
     Problem("cl", 517, 80, 1), Problem("cl", 9, 32, 900, 4),
+    # long LayerNorm rows in many sample blocks: dweight/dbias partials summed over channel ranges in parallel
+    Problem("cf", 300, 2048, 1, 1),
 ]
 
 

@@ -1728,6 +1728,42 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             cn_sfence()  # order this thread's streaming stores before the join
 
 
+cdef inline void zero_unit_partials(double* pw, double* pb, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
+                                    bint cl, Py_ssize_t u) noexcept nogil:
+    """Zero the dweight/dbias partials unit u alone adds into (so no serial pass
+    over all nsb·C partials precedes the parallel region)."""
+    cdef Py_ssize_t o = u * C if cl else (u // G) * C + (u % G) * cg
+    cdef Py_ssize_t n = C if cl else cg, i
+    for i in range(n):
+        pw[o + i] = 0.0
+        pb[o + i] = 0.0
+
+
+cdef void sum_block_partials(double* pw, double* pb, Py_ssize_t nsb, Py_ssize_t C, void* dw, void* db,
+                             bint f64, int nt) noexcept nogil:
+    """dweight/dbias = the sample-block partials summed in block order, per
+    channel (bit-identical for any thread count); channel ranges in parallel."""
+    cdef Py_ssize_t t, lo, hi, k, c
+    cdef double sw, sb
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        lo = split_lo(C, nt, t)
+        hi = split_lo(C, nt, t + 1)
+        # blocks outer, channels inner (a channel-outer loop strides by C doubles)
+        for k in range(1, nsb):
+            for c in range(lo, hi):
+                pw[c] += pw[k * C + c]
+                pb[c] += pb[k * C + c]
+        for c in range(lo, hi):
+            sw = pw[c]
+            sb = pb[c]
+            if f64:
+                (<double*>dw)[c] = sw
+                (<double*>db)[c] = sb
+            else:
+                (<float*>dw)[c] = <float>sw
+                (<float*>db)[c] = <float>sb
+
+
 cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C,
                   Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
                   const floating* mean, const floating* rstd, const floating* w,
@@ -1740,6 +1776,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
+                zero_unit_partials(pw, pb, C, cg, G, cl, u)
                 if cl:
                     cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
                                  scratch + t * sstride, kk + t * (8 * C + 64))
@@ -1751,6 +1788,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             lo = split_lo(nu, nt, t)
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
+                zero_unit_partials(pw, pb, C, cg, G, cl, u)
                 if cl:
                     cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
                                  scratch + t * sstride, kk + t * (8 * C + 64))
@@ -1911,9 +1949,18 @@ def cl_geometry(Py_ssize_t R, Py_ssize_t C):
     return rb, (R + rb - 1) // rb
 
 
-def sample_blocks(Py_ssize_t N):
+cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexcept:
+    """Samples per block of the per-sample dweight/dbias partials: at most MAXBLK
+    blocks, each of at least SERIAL_ELEMS values (a block of a few short rows
+    would cost its C-long partial rows more than its work). Shape-determined."""
+    cdef Py_ssize_t sbs = (N + MAXBLK - 1) // MAXBLK
+    cdef Py_ssize_t least = (SERIAL_ELEMS + per_sample - 1) // per_sample
+    return max(1, min(N, max(sbs, least)))
+
+
+def sample_blocks(Py_ssize_t N, Py_ssize_t per_sample=1):
     """Return (sbs, nsb): samples per block and blocks, for per-sample dweight/dbias partials."""
-    sbs = (N + MAXBLK - 1) // MAXBLK
+    sbs = _sample_block(N, per_sample)
     return sbs, (N + sbs - 1) // sbs
 
 
@@ -2213,7 +2260,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1
-    cdef Py_ssize_t sbs = (N + MAXBLK - 1) // MAXBLK
+    cdef Py_ssize_t sbs = _sample_block(N, C * S)
     cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
     cdef int t = _nthreads(size, nsb if cl else nsb * G, nt)
     cdef Py_ssize_t sstride = 4 * C if cl else 2 * (C // G)
@@ -2234,13 +2281,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* ps = <double*>ptr(scratch)
     cdef void* pdw = ptr(dw)
     cdef void* pdb = ptr(db)
-    cdef Py_ssize_t k, c
-    cdef double sw, sb
     _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
-        for k in range(nsb * C):
-            ppw[k] = 0.0
-            ppb[k] = 0.0
         if dt == F32:
             grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
                     <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
@@ -2254,22 +2296,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         else:
             grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
                     <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
-        # block partials in block order (fixed: bit-identical for any thread count),
-        # summed into block 0's row: blocks outer, channels inner (a channel-outer
-        # loop strides by C doubles and thrashes one L1 set)
-        for k in range(1, nsb):
-            for c in range(C):
-                ppw[c] += ppw[k * C + c]
-                ppb[c] += ppb[k * C + c]
-        for c in range(C):
-            sw = ppw[c]
-            sb = ppb[c]
-            if pt == F64:
-                (<double*>pdw)[c] = sw
-                (<double*>pdb)[c] = sb
-            else:
-                (<float*>pdw)[c] = <float>sw
-                (<float*>pdb)[c] = <float>sb
+        sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
+                           t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
     return dw, db
 
 
