@@ -308,6 +308,18 @@ def test_overflowing_float_sums_fall_back_to_double(p, dt):
     assert float(np.max(np.abs(rstd / rrstd - 1))) <= 1e-5
 
 
+def _check_backward_stays_finite(p, x, dy, w, b, scale=0.0):
+    """float32 backward of (x, dy) finite and within float32 accuracy of the float64
+    reference, errors relative to max(|reference|, scale)."""
+    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
+    got = K.backward_train(dy, x, p, mean, rstd, w)
+    want = R.backward_train(dy.astype(np.float64), x.astype(np.float64), p, mean.astype(np.float64),
+                            rstd.astype(np.float64), w.astype(np.float64))
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
+        assert np.all(np.isfinite(a)), name
+        _close(a, e, max(float(np.abs(e).max()), scale), np.float32, name)
+
+
 @pytest.mark.parametrize("p", [Problem("cf", 32, 100, 1, 1), Problem("cf", 64, 45, 1, 1)], ids=str)
 def test_layer_norm_backward_float_overflow_falls_back_to_double(p):
     """LayerNorm backward sums rows and columns in float; |dy| ~ 2.5e37 overflows those
@@ -319,13 +331,7 @@ def test_layer_norm_backward_float_overflow_falls_back_to_double(p):
     x[1::2], dy[1::2] = -x[0::2], dy[0::2]
     sign = np.where(np.arange(p.n) % 32 < 16, 1.0, -1.0)[:, None, None]
     dy = (sign * (1.0 + 0.1 * np.abs(dy)) * 2.5e37).astype(np.float32)
-    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
-    got = K.backward_train(dy, x, p, mean, rstd, w)
-    want = R.backward_train(dy.astype(np.float64), x.astype(np.float64), p, mean.astype(np.float64),
-                            rstd.astype(np.float64), w.astype(np.float64))
-    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
-        assert np.all(np.isfinite(a)), name
-        _close(a, e, max(np.abs(e).max(), float(np.abs(dy).max())), np.float32, name)
+    _check_backward_stays_finite(p, x, dy, w, b, float(np.abs(dy).max()))
 
 
 @pytest.mark.parametrize("p", [Problem("cl", 4, 8, 300), Problem("cl", 4, 32, 300), Problem("cl", 4, 32, 300, 2),
@@ -335,13 +341,7 @@ def test_channels_last_backward_float_overflow_falls_back_to_double(p):
     overflows float (not double) and must be redone in double, not returned as Inf."""
     x, dy, w, b = _data(p, np.float32, offset=0.0)
     x, dy = x * np.float32(1e20), dy * np.float32(1e20)  # the dx constants stay normal floats
-    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
-    got = K.backward_train(dy, x, p, mean, rstd, w)
-    want = R.backward_train(dy.astype(np.float64), x.astype(np.float64), p, mean.astype(np.float64),
-                            rstd.astype(np.float64), w.astype(np.float64))
-    for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
-        assert np.all(np.isfinite(a)), name
-        _close(a, e, float(np.abs(e).max()), np.float32, name)
+    _check_backward_stays_finite(p, x, dy, w, b)
 
 
 @pytest.mark.parametrize("dt", [np.float32, *HALVES])

@@ -604,6 +604,18 @@ static inline int cn_finite_f(const float* a, ptrdiff_t n) {
     for (j = 0; j < n; j++) { memcpy(&u, a + j, 4); bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u); }
     return bad == 0;
 }
+/* q[c] (squares summed around the float mean mf[c]) re-centred exactly on the
+   double mean m[c]: S(x-m)^2 = S(x-mf)^2 - 2 dm S(x-mf) + nr dm^2, dm = m - mf
+   (se[c] = S(x-mf)); rounding below 0 clamps to 0. */
+static inline void cn_m2_recentre(ptrdiff_t C, ptrdiff_t nr, const double* m, const float* mf,
+                                  const double* se, double* q) {
+    ptrdiff_t c;
+    for (c = 0; c < C; c++) {
+        double dm = m[c] - (double)mf[c];
+        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);
+        q[c] = v > 0.0 ? v : 0.0;
+    }
+}
 #define CN_CLSTATS(T)                                                                     \
 static inline int cn_cl_stats_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,         \
                                   double* restrict m, double* restrict q, double* ws) {   \
@@ -655,11 +667,7 @@ static inline int cn_cl_stats_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C
         for (c = 0; c < C; c++) { q[c] += (double)b[c]; se[c] += (double)e[c]; }          \
         r1 = rend;                                                                        \
     }                                                                                     \
-    for (c = 0; c < C; c++) {                                                             \
-        double dm = m[c] - (double)a[c];                                                  \
-        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);                           \
-        q[c] = v > 0.0 ? v : 0.0;                                                         \
-    }                                                                                     \
+    cn_m2_recentre(C, nr, m, a, se, q);                                                   \
     return 1;                                                                             \
 }
 CN_CLSTATS(float)
@@ -759,11 +767,7 @@ static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t
         for (c = 0; c < C; c++) q[c] += (double)a[c];                                     \
         r1 = rend;                                                                        \
     }                                                                                     \
-    for (c = 0; c < C; c++) {                                                             \
-        double dm = m[c] - (double)mf[c];                                                 \
-        double v = q[c] + dm * ((double)nr * dm - 2.0 * se[c]);                           \
-        q[c] = v > 0.0 ? v : 0.0;                                                         \
-    }                                                                                     \
+    cn_m2_recentre(C, nr, m, mf, se, q);                                                  \
     return 1;                                                                             \
 }
 CN_CLSTATS_V(float)
