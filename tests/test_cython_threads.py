@@ -385,3 +385,23 @@ def test_half_stores_round_like_numpy(dt, streaming, monkeypatch):
         nan = np.isnan(want.astype(np.float32))
         assert np.array_equal(np.isnan(y.astype(np.float32)), nan)
         assert np.array_equal(y.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+
+
+@pytest.mark.parametrize("dt", [np.float32, *HALVES])
+@pytest.mark.parametrize("width", [768, 1000])
+def test_layer_norm_backward_any_output_alignment(width, dt, monkeypatch):
+    """LayerNorm backward writes dx tile by tile, streaming whole lines after a head
+    that reaches the first line boundary: every alignment of dx, streamed or not,
+    gives the same bits."""
+    p = Problem("cf", 40, width, 1, 1)
+    x, dy, w, b = _data(p, dt, offset=0.0)
+    _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
+    results = []
+    for nt_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_kernels, "NT_BYTES", nt_bytes)
+        for shift in range(0, 40):  # dx starts `shift` elements into a fresh buffer
+            buf = np.empty(x.size + 64, dt)
+            dx = buf[shift:shift + x.size].reshape(x.shape)
+            dw, db = _kernels.group_backward(dy, x, dx, False, p.n, p.c, p.s, 1, mean, rstd, w, 2)
+            results.append((dx.tobytes(), dw.tobytes(), db.tobytes()))
+    assert all(r == results[0] for r in results)

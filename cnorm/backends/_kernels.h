@@ -437,22 +437,28 @@ static inline __m256i cn_bf16_round16(__m512 v) {   /* as cn_f32_to_bf16, 16 lan
                                             _mm512_set1_epi32(0x7f800000));
     return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q));
 }
-static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) {
+/* 16 floats to bfloat16, rounded to nearest even */
+static inline __m256i cn_bf16_cvt16(__m512 v) {
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
     /* AVX512-BF16 rounds to nearest even and quiets NaN as the integer code
        does, but reads subnormal inputs as zero: vectors holding one (|v| <
        2^-126, not 0) take the integer code, so every value stays bit-exact. */
     __mmask16 sub = _mm512_fpclass_ps_mask(v, 0x20);   /* 0x20: subnormal */
-    if (__builtin_expect(sub == 0, 1)) {
-        __m256bh h = _mm512_cvtneps_pbh(v);
-        cn_vst16(p, (__m256i)h, nt);
-        return;
-    }
+    if (__builtin_expect(sub == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(v);
 #endif
-    cn_vst16(p, cn_bf16_round16(v), nt);
+    return cn_bf16_round16(v);
 }
+static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) { cn_vst16(p, cn_bf16_cvt16(v), nt); }
 static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
     cn_vst16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nt);
+}
+/* masked stores: lanes outside k are not written */
+static inline void cn_vstm_float(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
+static inline void cn_vstm_cn_bf16(cn_bf16* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, cn_bf16_cvt16(v));
+}
+static inline void cn_vstm_cn_f16(cn_f16* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 /* elements before y reaches the streaming stores' alignment */
 #define CN_HEAD(T, y, n) ({                                                               \
@@ -890,11 +896,20 @@ static inline double cn_dtotal16(const double* a) {
     return ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
 }
 #if defined(CN_AVX512)
+/* lanes j and j + 16 of a0 and of a1 widened to double, summed in a fixed order */
+static inline double cn_vtotal32(__m512 a0, __m512 a1) {
+    __m512d lo = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),
+                               _mm512_cvtps_pd(_mm512_castps512_ps256(a1)));
+    __m512d hi = _mm512_add_pd(
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))),
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+}
 #define CN_LNB_SUMS(T)                                                                    \
 static inline void cn_lnb_sums_##T(const T* restrict g, const T* restrict x,              \
                                    const float* restrict w, ptrdiff_t n, float mu,        \
                                    double* swg, double* swgx, double* sx) {               \
-    float a[CN_LNF], b[CN_LNF], c[CN_LNF]; ptrdiff_t i = 0, j;                            \
+    ptrdiff_t i = 0;                                                                      \
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;         \
     const __m512 vm = _mm512_set1_ps(mu);                                                 \
     for (; i + CN_LNF <= n; i += CN_LNF) {                                                \
@@ -906,14 +921,17 @@ static inline void cn_lnb_sums_##T(const T* restrict g, const T* restrict x,    
         b0 = _mm512_fmadd_ps(wg0, d0, b0); b1 = _mm512_fmadd_ps(wg1, d1, b1);             \
         c0 = _mm512_add_ps(c0, d0); c1 = _mm512_add_ps(c1, d1);                           \
     }                                                                                     \
-    _mm512_storeu_ps(a, a0); _mm512_storeu_ps(a + 16, a1);                                \
-    _mm512_storeu_ps(b, b0); _mm512_storeu_ps(b + 16, b1);                                \
-    _mm512_storeu_ps(c, c0); _mm512_storeu_ps(c + 16, c1);                                \
-    for (j = 0; i + j < n; j++) {                                                         \
-        float wg = w[i + j] * CN_LDF_##T(g + i + j), d = CN_LDF_##T(x + i + j) - mu;      \
-        a[j] += wg; b[j] = CN_FMA(wg, d, b[j]); c[j] += d;                                \
+    if (i < n) {  /* tail by masked loads: absent lanes add zeros */                      \
+        __mmask16 k0 = cn_mask16(n - i), k1 = cn_mask16(n - i - 16);                      \
+        __m512 wg0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k0, w + i), cn_vldm_##T(k0, g + i)); \
+        __m512 wg1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k1, w + i + 16), cn_vldm_##T(k1, g + i + 16)); \
+        __m512 d0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, x + i), vm);                  \
+        __m512 d1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, x + i + 16), vm);             \
+        a0 = _mm512_add_ps(a0, wg0); a1 = _mm512_add_ps(a1, wg1);                         \
+        b0 = _mm512_fmadd_ps(wg0, d0, b0); b1 = _mm512_fmadd_ps(wg1, d1, b1);             \
+        c0 = _mm512_add_ps(c0, d0); c1 = _mm512_add_ps(c1, d1);                           \
     }                                                                                     \
-    *swg = cn_ftotal32(a); *swgx = cn_ftotal32(b); *sx = cn_ftotal32(c);                  \
+    *swg = cn_vtotal32(a0, a1); *swgx = cn_vtotal32(b0, b1); *sx = cn_vtotal32(c0, c1);   \
 }
 #else
 #define CN_LNB_SUMS(T)                                                                    \
@@ -1113,6 +1131,120 @@ CN_ROWSTATS(cn_f16)
 CN_LNB_SUMS(float)
 CN_LNB_SUMS(cn_bf16)
 CN_LNB_SUMS(cn_f16)
+#if defined(CN_AVX512)
+/* Pass B, tile by tile: columns [0, 16 nv) of `rows` rows (row n at offset
+   n C; the last vector masked by kt), the tile's w and its dweight/dbias
+   accumulators in registers across the rows (rows in order: the same float
+   sums as row-by-row column partials), so the partials cost one store per
+   tile instead of a load and a store per row. k5: per row mu, dl, rf, kb,
+   kc. Each row prefetches its lines of the next chunk (pf rows ahead). */
+#define CN_LNB_TILE(T)                                                                    \
+static inline __attribute__((always_inline)) void cn_lnb_tile_##T(                        \
+        const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, const float* w,        \
+        const float* k5, const int nv, __mmask16 kt, int nt, float* cb, float* cw,         \
+        ptrdiff_t pf) {                                                                    \
+    __m512 ab[4], aw[4], wv[4]; __mmask16 km[4]; ptrdiff_t n; int v;                      \
+    for (v = 0; v < nv; v++) {                                                            \
+        km[v] = v == nv - 1 ? kt : (__mmask16)0xffff;                                     \
+        ab[v] = _mm512_setzero_ps(); aw[v] = ab[v];                                       \
+        wv[v] = _mm512_maskz_loadu_ps(km[v], w + 16 * v);                                 \
+    }                                                                                     \
+    for (n = 0; n < rows; n++) {                                                          \
+        const T* gr = g + n * C; const T* xr = x + n * C; const float* k = k5 + 5 * n;    \
+        const __m512 mu = _mm512_set1_ps(k[0]), dl = _mm512_set1_ps(k[1]);                \
+        const __m512 rf = _mm512_set1_ps(k[2]), kb = _mm512_set1_ps(k[3]), kc = _mm512_set1_ps(k[4]); \
+        for (v = 0; v < nv; v += 64 / (int)(16 * sizeof(T))) {                            \
+            _mm_prefetch((const char*)(gr + pf + 16 * v), _MM_HINT_T1);                   \
+            _mm_prefetch((const char*)(xr + pf + 16 * v), _MM_HINT_T1);                   \
+        }                                                                                 \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 gv = cn_vldm_##T(km[v], gr + 16 * v), q = _mm512_mul_ps(gv, rf);       \
+            __m512 d = _mm512_maskz_sub_ps(km[v], _mm512_sub_ps(cn_vldm_##T(km[v], xr + 16 * v), mu), dl); \
+            if (dx != NULL) {  /* dx = w (g rf) + (d kb + kc): four FMA-unit operations, not five */ \
+                __m512 o = _mm512_fmadd_ps(wv[v], q, _mm512_fmadd_ps(d, kb, kc));         \
+                if (km[v] == (__mmask16)0xffff) cn_vst_##T(dx + n * C + 16 * v, o, nt);   \
+                else cn_vstm_##T(dx + n * C + 16 * v, km[v], o);                          \
+            }                                                                             \
+            ab[v] = _mm512_add_ps(ab[v], gv);                                             \
+            aw[v] = _mm512_fmadd_ps(q, d, aw[v]);                                         \
+        }                                                                                 \
+    }                                                                                     \
+    for (v = 0; v < nv; v++) {                                                            \
+        _mm512_mask_storeu_ps(cb + 16 * v, km[v], ab[v]);                                 \
+        _mm512_mask_storeu_ps(cw + 16 * v, km[v], aw[v]);                                 \
+    }                                                                                     \
+}
+/* Rows n0..n1-1 of a per-element-affine problem (S == 1) in chunks of
+   CN_LNK rows: pass A (from memory) sums w g, w g (x - mu), x - mu per row in
+   32 float lanes (the saved float mean mu is the centre: exact subtraction
+   near the data); pass B (the chunk is in L1/L2) writes dx and sums g and
+   g xhat per column, tile by tile (cn_lnb_tile), into float partials flushed
+   into the double pb/pw per chunk (chunks count from n0: shape-determined,
+   bit-identical for any thread count). A row whose float sums are not
+   finite, or a chunk whose float column partials are not, is redone in
+   double (overflow never reaches the result). */
+#define CN_LNBWD(T)                                                                       \
+CN_LNB_TILE(T)                                                                            \
+static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,                \
+                                 ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,   \
+                                 ptrdiff_t n1, const float* mean, const float* rstd,      \
+                                 const float* w, double* pw, double* pb, float* fb) {     \
+    const ptrdiff_t c0 = gi * cg; const double m = (double)cg;                            \
+    float* restrict cb = fb; float* restrict cw = fb + cg;                                \
+    double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK]; float k5[5 * CN_LNK];                      \
+    ptrdiff_t r0, n, i, k, c;                                                             \
+    w += c0; pw += c0; pb += c0;                                                          \
+    for (r0 = n0; r0 < n1; r0 += CN_LNK) {                                                \
+        ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK;                               \
+        const ptrdiff_t off0 = r0 * C + c0;                                               \
+        /* Streaming stores where every row's tiles can fill whole lines: rows a     \
+           multiple of 64 bytes apart, tiles shifted by a head of h columns so that  \
+           they start on a line (the head and a partial tail use ordinary stores). */  \
+        const int nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0  \
+                       && (uintptr_t)(dx + off0) % sizeof(T) == 0;                        \
+        ptrdiff_t h = nt ? (ptrdiff_t)((64 - (uintptr_t)(dx + off0) % 64) % 64 / sizeof(T)) : 0; \
+        if (h > cg) h = cg;                                                               \
+        for (n = r0; n < r1; n++) {                                                       \
+            const float mu = mean[n * G + gi]; const double r = (double)rstd[n * G + gi]; \
+            const T* gr = g + n * C + c0; const T* xr = x + n * C + c0;                   \
+            double swg, swgx, sx, dl;                                                     \
+            cn_lnb_sums_##T(gr, xr, w, cg, mu, &swg, &swgx, &sx);                         \
+            if (!cn_dfinite3(swg, swgx, sx)) {                                            \
+                double a[CN_LANES], b[CN_LANES], cc[CN_LANES]; int j;                     \
+                for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; cc[j] = 0.0; }   \
+                cn_wsums_##T(gr, xr, w, cg, (double)mu, a, b, cc);                        \
+                swg = cn_dtotal16(a); swgx = cn_dtotal16(b); sx = cn_dtotal16(cc);        \
+            }                                                                             \
+            dl = sx / m;                                                                  \
+            swgx = swgx - dl * swg;                                                       \
+            mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;                     \
+            k5[5 * (n - r0)] = mu; k5[5 * (n - r0) + 1] = (float)dl;                      \
+            k5[5 * (n - r0) + 2] = (float)r;                                              \
+            k5[5 * (n - r0) + 3] = (float)(-r * r * r * swgx / m);                        \
+            k5[5 * (n - r0) + 4] = (float)(-r * swg / m);                                 \
+        }                                                                                 \
+        for (c = 0; c < h; c += 16)  /* head, to the first line boundary of dx */         \
+            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx + off0 + c, C, r1 - r0, w + c, k5, \
+                            1, cn_mask16(h - c), 0, cb + c, cw + c, CN_LNK * C);          \
+        for (c = h; c + 64 <= cg; c += 64)  /* nv a constant: the tile stays in registers */ \
+            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
+                            r1 - r0, w + c, k5, 4, (__mmask16)0xffff, nt, cb + c, cw + c, CN_LNK * C); \
+        for (; c < cg; c += 16)  /* tail: whole lines only for float32 vectors */          \
+            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
+                            r1 - r0, w + c, k5, 1, cn_mask16(cg - c), sizeof(T) == 4 ? nt : 0, \
+                            cb + c, cw + c, CN_LNK * C);                                  \
+        if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {                                 \
+            for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }  \
+        } else {                                                                          \
+            for (n = r0; n < r1; n += 4) {                                                \
+                k = r1 - n < 4 ? r1 - n : 4;                                              \
+                cn_colsums_##T(g + n * C + c0, x + n * C + c0, C, (int)k, cg,             \
+                                 mk + (n - r0), dk + (n - r0), rk + (n - r0), pb, pw);    \
+            }                                                                             \
+        }                                                                                 \
+    }                                                                                     \
+}
+#else
 #define CN_LNBWD(T)                                                                       \
 static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,                \
                                  ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,   \
@@ -1177,6 +1309,7 @@ static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,      
         }                                                                                 \
     }                                                                                     \
 }
+#endif
 CN_LNBWD(float)
 CN_LNBWD(cn_bf16)
 CN_LNBWD(cn_f16)
