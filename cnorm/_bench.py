@@ -379,7 +379,10 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
     One warm-up each, then rounds in which every call is timed once (tiny
     calls as a batch), until each has its ``repeats`` samples or the budget
     is spent (at least 3 samples each). Interleaving makes every backend see
-    the same drift of a shared machine's load, so their ratios hold.
+    the same drift of a shared machine's load, so their ratios hold. Each
+    sample follows one untimed call of the same backend: the OpenMP threads
+    of the backend timed before it (PyTorch bundles its own runtime) spin for
+    a while after its last call and would otherwise be timed too.
     """
     inner = {}
     for name, call in calls.items():
@@ -396,6 +399,7 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
             return times
         for name in pending:
             call, k = calls[name], inner[name]
+            call()  # absorbs the previous backend's spinning threads (see above)
             t0 = time.perf_counter()
             for _ in range(k):
                 call()
