@@ -374,6 +374,17 @@ static inline void cn_prefetch(const void* p, ptrdiff_t bytes) {
     (void)p; (void)bytes;
 #endif
 }
+/* the same toward L2 only (prefetcht1): for data needed after the current
+   working set, which an L1 prefetch would evict */
+static inline void cn_prefetch_l2(const void* p, ptrdiff_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* c = (const char*)p;
+    ptrdiff_t i;
+    for (i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+#else
+    (void)p; (void)bytes;
+#endif
+}
 
 
 static inline void cn_sfence(void) {

@@ -102,6 +102,7 @@ cdef extern from "_kernels.h" nogil:
     int cn_nt_store
     void cn_sfence()
     void cn_prefetch(const void* p, Py_ssize_t nbytes)
+    void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)
     int cn_ln_row_stats_float(const float* x, Py_ssize_t n, double* mu, double* m2)
     int CN_SHORT_MAX
     int cn_short_rows_stats_float(const float* x, Py_ssize_t n, int nb, double* mu, double* m2)
@@ -1306,6 +1307,11 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
                 st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
         return
     for ci in range(cg):
+        # a channel's share of the next group toward L2 (this group is in cache):
+        # memory keeps streaming while this core normalizes (a hint, past the end
+        # too); groups of few channels would issue it in one burst that stalls
+        if cg >= 4:
+            cn_prefetch_l2(x + off + L + ci * S, S * sizeof(dat))
         a = <double>w[c0 + ci] * r
         norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
                  <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
