@@ -1011,12 +1011,22 @@ cdef inline void cl_row_dx(const dat* g, const dat* x, dat* dx, Py_ssize_t C,
 
 
 cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
-                       const floating* kk, const floating* kx) noexcept nogil:
+                       const floating* kk, const floating* kx,
+                       const dat* pf=NULL, Py_ssize_t npf=0) noexcept nogil:
     """Normalize rows [r0, r1), newest first (the stats pass left them in cache):
-    float32 and half by spans of 16384 values (one stream each), float64 row by row."""
+    float32 and half by spans of 16384 values (one stream each), float64 row by row.
+
+    With ``pf``, the npf values from pf (the data of the next work) are
+    prefetched toward L2 in equal shares before each span: memory keeps
+    streaming while this core normalizes.
+    """
     cdef Py_ssize_t rs, ch = 16384 // C if 16384 // C > 1 else 1, e = C + 16
+    cdef Py_ssize_t share = npf // ((r1 - r0 + ch - 1) // ch) + 1 if pf != NULL and r1 > r0 else 0
     if dat is not double:
         while r1 > r0:
+            if share:
+                cn_prefetch_l2(pf, share * sizeof(dat))
+                pf += share
             rs = r1 - ch if r1 - ch > r0 else r0
             if dat is float:
                 cn_cl_norm_span_float(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
@@ -1581,7 +1591,8 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
             kx[c] = kk[c % C]
             kx[e + c] = kk[C + c % C]
             kx[2 * e + c] = kk[2 * C + c % C]
-    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx)
+    # prefetch the next sample's first statistics block while normalizing this one
+    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx, xs + S * C, (rbs if rbs < S else S) * C)
 
 
 cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
