@@ -82,7 +82,6 @@ from .functional import (
     _backward,
     _channel_setup,
     _check_backward,
-    _frozen_constants,
     _problem,
     _update_running,
     batch_norm_forward,
@@ -564,7 +563,7 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     total, mean, m2 = _merge(ex.xp, table, head, c)
     mean, var = _to_module(xp, mean), _to_module(xp, m2) / total
     w, b = _affine(be, weight, bias, c, sd)
-    mean_sd, rstd, scale, shift = _frozen_constants(xp, mean, var, w, b, local.eps, sd)
+    mean_sd, rstd, scale, shift = be.fold_frozen(mean, var, w, b, local.eps, sd)
     y = view.from3(be.forward_eval(local.x3, p, scale, shift)) if local.count else xp.empty_like(x)
     saved = SyncSaved(p, view, mean_sd, rstd, True, bias is not None, be.name, (c,), x.dtype, int(total), ex)
     return y, saved, mean, var

@@ -103,13 +103,6 @@ def _update_running(xp, running_mean, running_var, batch_mean, batch_var_unbiase
     running_var[...] = new_var
 
 
-def _frozen_constants(xp, running_mean, running_var, weight, bias, eps, sdtype):
-    """Eval-mode statistics and the folded per-channel multiply-add."""
-    mean = running_mean.astype(xp.float64)
-    rstd = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
-    scale = weight.astype(xp.float64) * rstd
-    shift = bias.astype(xp.float64) - mean * scale
-    return [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
 
 
 def _empty_forward(be, x, p: Problem, sdtype):
@@ -139,7 +132,7 @@ def _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, e
     """Eval-mode forward with per-channel running statistics; returns (y, mean, rstd)."""
     sd = stats_dtype(x.dtype)
     w, b = _affine(be, weight, bias, p.c, sd)
-    mean, rstd, scale, shift = _frozen_constants(be.xp, running_mean, running_var, w, b, eps, sd)
+    mean, rstd, scale, shift = be.fold_frozen(running_mean, running_var, w, b, eps, sd)
     if x.size == 0:
         return be.xp.empty_like(x), mean, rstd
     y3 = be.forward_eval(view.to3(x, be.xp), p, scale, shift)

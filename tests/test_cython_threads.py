@@ -405,3 +405,29 @@ def test_layer_norm_backward_any_output_alignment(width, dt, monkeypatch):
             dw, db = _kernels.group_backward(dy, x, dx, False, p.n, p.c, p.s, 1, mean, rstd, w, 2)
             results.append((dx.tobytes(), dw.tobytes(), db.tobytes()))
     assert all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize("pdt", [np.float32, np.float64])
+@pytest.mark.parametrize("sdt", [np.float32, np.float64])
+@pytest.mark.parametrize("strided", [False, True])
+def test_fold_frozen_matches_the_array_version(pdt, sdt, strided):
+    """Eval constants folded in one C loop equal the float64 array computation of the
+    base Backend (rounded once to the parameter dtype), strided statistics included."""
+    from cnorm.backends.base import Backend
+
+    rng = np.random.default_rng(3)
+    c = 37
+    mean = (rng.standard_normal(2 * c) * 10).astype(sdt)
+    var = rng.uniform(0.0, 4.0, 2 * c).astype(sdt)
+    mean, var = (mean[::2], var[::2]) if strided else (mean[:c], var[:c])
+    w, b = rng.standard_normal(c).astype(pdt), rng.standard_normal(c).astype(pdt)
+    got = K.fold_frozen(mean, var, w, b, 1e-3, pdt)
+    want = Backend.fold_frozen(K, mean, var, w, b, 1e-3, pdt)
+    for g, e in zip(got[:3], want[:3]):
+        assert g.dtype == np.dtype(pdt) and g.shape == (c,)
+        np.testing.assert_array_max_ulp(g, e, maxulp=1)
+    # shift = b - mean·scale may cancel (and the C loop may fuse it into one FMA):
+    # within a few ulps of the terms' magnitude
+    terms = np.abs(b.astype(np.float64)) + np.abs(mean.astype(np.float64) * want[2].astype(np.float64))
+    assert got[3].dtype == np.dtype(pdt)
+    assert np.all(np.abs(got[3].astype(np.float64) - want[3].astype(np.float64)) <= 4 * np.finfo(pdt).eps * terms)

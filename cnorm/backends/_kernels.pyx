@@ -2318,6 +2318,63 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     return dw, db
 
 
+cdef inline bint _vector_of(object a, int t1, int t2, Py_ssize_t c):
+    """a is a C-contiguous 1-D ndarray of c values of dtype number t1 or t2."""
+    if not isinstance(a, cnp.ndarray):
+        return False
+    cdef cnp.ndarray arr = a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_DIMS(arr)[0] == c and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and (t == t1 or t == t2))
+
+
+cdef inline double _ld64(const void* p, int dt, Py_ssize_t i) noexcept nogil:
+    return (<const double*>p)[i] if dt == F64 else <double>(<const float*>p)[i]
+
+
+def fold_frozen(mean, var, weight, bias, double eps):
+    """Eval-mode constants ``[mean, rstd, scale, shift]`` in weight's dtype, computed
+    in double: ``rstd = 1/sqrt(var + eps)``, ``scale = weight·rstd``, ``shift =
+    bias - mean·scale``; None unless weight and bias are C-contiguous float32 or
+    float64 vectors of one dtype and mean and var C-contiguous float32 or float64
+    vectors of their length (the caller then computes them otherwise)."""
+    if not isinstance(weight, cnp.ndarray):
+        return None
+    cdef int pt = cnp.PyArray_TYPE(<cnp.ndarray>weight)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weight)
+    if not (_vector_of(weight, F32, F64, n) and _vector_of(bias, pt, pt, n)
+            and _vector_of(mean, F32, F64, n) and _vector_of(var, F32, F64, n)):
+        return None
+    cdef int mt = cnp.PyArray_TYPE(<cnp.ndarray>mean), vt = cnp.PyArray_TYPE(<cnp.ndarray>var)
+    cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>weight), i
+    cdef cnp.ndarray om = _empty1(c, pt), orr = _empty1(c, pt), osc = _empty1(c, pt), osh = _empty1(c, pt)
+    cdef const void* pm = ptr(mean)
+    cdef const void* pv = ptr(var)
+    cdef const void* pw = ptr(weight)
+    cdef const void* pb = ptr(bias)
+    cdef void* qm = ptr(om)
+    cdef void* qr = ptr(orr)
+    cdef void* qs = ptr(osc)
+    cdef void* qh = ptr(osh)
+    cdef double m, r, sc, t
+    for i in range(c):
+        m = _ld64(pm, mt, i)
+        r = 1.0 / sqrt(_ld64(pv, vt, i) + eps)
+        sc = _ld64(pw, pt, i) * r
+        t = m * sc
+        if pt == F64:
+            (<double*>qm)[i] = m
+            (<double*>qr)[i] = r
+            (<double*>qs)[i] = sc
+            (<double*>qh)[i] = _ld64(pb, pt, i) - t
+        else:
+            (<float*>qm)[i] = <float>m
+            (<float*>qr)[i] = <float>r
+            (<float*>qs)[i] = <float>sc
+            (<float*>qh)[i] = <float>(_ld64(pb, pt, i) - t)
+    return [om, orr, osc, osh]
+
+
 def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt):
     """Eval-mode forward ``y = x·scale[c] + shift[c]``: one multiply-add per element."""
     cdef int dt = _dtype_num(x)

@@ -135,6 +135,22 @@ class Backend:
         """
         raise NotImplementedError
 
+    def fold_frozen(self, running_mean, running_var, weight, bias, eps: float, sdtype):
+        """Eval-mode per-channel constants, computed in float64.
+
+        Returns ``(mean, rstd, scale, shift)`` in ``sdtype``: ``rstd = 1 /
+        sqrt(var + eps)``, ``scale = weight·rstd``, ``shift = bias - mean·scale``
+        (so that eval forward is one multiply-add per element). Backends may
+        override it with one small kernel: on small inputs these dozen array
+        operations cost more than the normalization.
+        """
+        xp = self.xp
+        mean = running_mean.astype(xp.float64)
+        rstd = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
+        scale = weight.astype(xp.float64) * rstd
+        shift = bias.astype(xp.float64) - mean * scale
+        return [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
+
     def backward_eval(self, dy3, x3, p: Problem, mean, rstd, weight):
         """Backward with constant per-channel statistics (eval mode, FrozenBN).
 

@@ -70,6 +70,12 @@ class CythonBackend(Backend):
         _k.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
         return y
 
+    def fold_frozen(self, running_mean, running_var, weight, bias, eps, sdtype):
+        folded = _k.fold_frozen(running_mean, running_var, weight, bias, eps)  # one C loop
+        if folded is None:  # e.g. strided running statistics
+            return super().fold_frozen(running_mean, running_var, weight, bias, eps, sdtype)
+        return folded
+
     def backward_train(self, dy3, x3, p, mean, rstd, weight):
         nt = _get_num_threads()
         dx = np.empty_like(x3)
