@@ -1185,17 +1185,87 @@ static inline __attribute__((always_inline)) void cn_lnb_tile_##T(              
         _mm512_mask_storeu_ps(cw + 16 * v, km[v], aw[v]);                                 \
     }                                                                                     \
 }
-/* Rows n0..n1-1 of a per-element-affine problem (S == 1) in chunks of
-   CN_LNK rows: pass A (from memory) sums w g, w g (x - mu), x - mu per row in
-   32 float lanes (the saved float mean mu is the centre: exact subtraction
-   near the data); pass B (the chunk is in L1/L2) writes dx and sums g and
-   g xhat per column, tile by tile (cn_lnb_tile), into float partials flushed
-   into the double pb/pw per chunk (chunks count from n0: shape-determined,
-   bit-identical for any thread count). A row whose float sums are not
-   finite, or a chunk whose float column partials are not, is redone in
-   double (overflow never reaches the result). */
+CN_LNB_TILE(float)
+CN_LNB_TILE(cn_bf16)
+CN_LNB_TILE(cn_f16)
+#endif
+
+/* Pass A of one row: dl (the re-centring of the saved mean), swg and the
+   re-centred swgx, from float lanes (cn_lnb_sums), redone in double when a
+   float sum is not finite. */
+#define CN_LNB_ROW(T)                                                                     \
+static inline void cn_lnb_row_##T(const T* gr, const T* xr, const float* w, ptrdiff_t cg, \
+                                  float mu, double* dl, double* swg, double* swgx) {      \
+    double sx;                                                                            \
+    cn_lnb_sums_##T(gr, xr, w, cg, mu, swg, swgx, &sx);                                   \
+    if (!cn_dfinite3(*swg, *swgx, sx)) {                                                  \
+        double a[CN_LANES], b[CN_LANES], c[CN_LANES]; int j;                              \
+        for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; c[j] = 0.0; }            \
+        cn_wsums_##T(gr, xr, w, cg, (double)mu, a, b, c);                                 \
+        *swg = cn_dtotal16(a); *swgx = cn_dtotal16(b); sx = cn_dtotal16(c);               \
+    }                                                                                     \
+    *dl = sx / (double)cg;                                                                \
+    *swgx -= *dl * *swg;                                                                  \
+}                                                                                         \
+/* A chunk's float column partials into the double pb/pw, or, when one is not   \
+   finite, the chunk's column sums redone in double (rows of g and x C apart). */ \
+static inline void cn_lnb_flush_##T(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows,  \
+                                    ptrdiff_t cg, const float* cb, const float* cw,       \
+                                    const double* mk, const double* dk, const double* rk, \
+                                    double* pb, double* pw) {                             \
+    ptrdiff_t i, n, k;                                                                    \
+    if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {                                     \
+        for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }      \
+        return;                                                                           \
+    }                                                                                     \
+    for (n = 0; n < rows; n += 4) {                                                       \
+        k = rows - n < 4 ? rows - n : 4;                                                  \
+        cn_colsums_##T(g + n * C, x + n * C, C, (int)k, cg, mk + n, dk + n, rk + n, pb, pw); \
+    }                                                                                     \
+}
+CN_LNB_ROW(float)
+CN_LNB_ROW(cn_bf16)
+CN_LNB_ROW(cn_f16)
+
+/* Rows n0..n1-1 of a per-element-affine problem (S == 1) in chunks of CN_LNK
+   rows: pass A (from memory) per row (cn_lnb_row; the saved float mean mu is
+   the centre: exact subtraction near the data); pass B (the chunk is in
+   L1/L2) writes dx and sums g and g xhat per column into float partials,
+   flushed into the double pb/pw per chunk (chunks count from n0: shape-
+   determined, bit-identical for any thread count). AVX-512 builds sweep
+   pass B tile by tile (cn_lnb_tile) with streaming stores after a head that
+   reaches a line boundary; others a row at a time. fb: 2 cg floats. */
+#if defined(CN_AVX512)
+#define CN_LNB_PASS_B(T)                                                                  \
+        {                                                                                 \
+            const int nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0 \
+                           && (uintptr_t)(dx + off0) % sizeof(T) == 0;                    \
+            ptrdiff_t c, h = nt ? (ptrdiff_t)((64 - (uintptr_t)(dx + off0) % 64) % 64 / sizeof(T)) : 0; \
+            if (h > cg) h = cg;                                                           \
+            for (c = 0; c < h; c += 16)  /* head, to the first line boundary of dx */     \
+                cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx + off0 + c, C, r1 - r0, w + c, k5, \
+                                1, cn_mask16(h - c), 0, cb + c, cw + c, CN_LNK * C);      \
+            for (c = h; c + 64 <= cg; c += 64)  /* nv a constant: the tile stays in registers */ \
+                cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
+                                r1 - r0, w + c, k5, 4, (__mmask16)0xffff, nt, cb + c, cw + c, CN_LNK * C); \
+            for (; c < cg; c += 16)  /* tail: whole lines only for float32 vectors */      \
+                cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
+                                r1 - r0, w + c, k5, 1, cn_mask16(cg - c), sizeof(T) == 4 ? nt : 0, \
+                                cb + c, cw + c, CN_LNK * C);                              \
+        }
+#else
+#define CN_LNB_PASS_B(T)                                                                  \
+        for (n = r0; n < r1; n++) {                                                       \
+            const float* k = k5 + 5 * (n - r0); const ptrdiff_t o = off0 + (n - r0) * C;  \
+            for (i = 0; i < cg; i++) {                                                    \
+                float gv = CN_LDF_##T(g + o + i), d = (CN_LDF_##T(x + o + i) - k[0]) - k[1]; \
+                if (dx != NULL) cn_st1_##T(dx + o + i, CN_FMA(w[i], gv * k[2], CN_FMA(d, k[3], k[4]))); \
+                if (n == r0) { cb[i] = 0.0f; cw[i] = 0.0f; }                              \
+                cb[i] += gv; cw[i] = CN_FMA(gv * k[2], d, cw[i]);                         \
+            }                                                                             \
+        }
+#endif
 #define CN_LNBWD(T)                                                                       \
-CN_LNB_TILE(T)                                                                            \
 static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,                \
                                  ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,   \
                                  ptrdiff_t n1, const float* mean, const float* rstd,      \
@@ -1203,124 +1273,24 @@ static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,      
     const ptrdiff_t c0 = gi * cg; const double m = (double)cg;                            \
     float* restrict cb = fb; float* restrict cw = fb + cg;                                \
     double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK]; float k5[5 * CN_LNK];                      \
-    ptrdiff_t r0, n, i, k, c;                                                             \
+    ptrdiff_t r0, n, i;                                                                   \
     w += c0; pw += c0; pb += c0;                                                          \
     for (r0 = n0; r0 < n1; r0 += CN_LNK) {                                                \
-        ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK;                               \
-        const ptrdiff_t off0 = r0 * C + c0;                                               \
-        /* Streaming stores where every row's tiles can fill whole lines: rows a     \
-           multiple of 64 bytes apart, tiles shifted by a head of h columns so that  \
-           they start on a line (the head and a partial tail use ordinary stores). */  \
-        const int nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0  \
-                       && (uintptr_t)(dx + off0) % sizeof(T) == 0;                        \
-        ptrdiff_t h = nt ? (ptrdiff_t)((64 - (uintptr_t)(dx + off0) % 64) % 64 / sizeof(T)) : 0; \
-        if (h > cg) h = cg;                                                               \
+        const ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK, off0 = r0 * C + c0;     \
         for (n = r0; n < r1; n++) {                                                       \
             const float mu = mean[n * G + gi]; const double r = (double)rstd[n * G + gi]; \
-            const T* gr = g + n * C + c0; const T* xr = x + n * C + c0;                   \
-            double swg, swgx, sx, dl;                                                     \
-            cn_lnb_sums_##T(gr, xr, w, cg, mu, &swg, &swgx, &sx);                         \
-            if (!cn_dfinite3(swg, swgx, sx)) {                                            \
-                double a[CN_LANES], b[CN_LANES], cc[CN_LANES]; int j;                     \
-                for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; cc[j] = 0.0; }   \
-                cn_wsums_##T(gr, xr, w, cg, (double)mu, a, b, cc);                        \
-                swg = cn_dtotal16(a); swgx = cn_dtotal16(b); sx = cn_dtotal16(cc);        \
-            }                                                                             \
-            dl = sx / m;                                                                  \
-            swgx = swgx - dl * swg;                                                       \
+            double dl, swg, swgx;                                                         \
+            cn_lnb_row_##T(g + n * C + c0, x + n * C + c0, w, cg, mu, &dl, &swg, &swgx);  \
             mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;                     \
             k5[5 * (n - r0)] = mu; k5[5 * (n - r0) + 1] = (float)dl;                      \
             k5[5 * (n - r0) + 2] = (float)r;                                              \
             k5[5 * (n - r0) + 3] = (float)(-r * r * r * swgx / m);                        \
             k5[5 * (n - r0) + 4] = (float)(-r * swg / m);                                 \
         }                                                                                 \
-        for (c = 0; c < h; c += 16)  /* head, to the first line boundary of dx */         \
-            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx + off0 + c, C, r1 - r0, w + c, k5, \
-                            1, cn_mask16(h - c), 0, cb + c, cw + c, CN_LNK * C);          \
-        for (c = h; c + 64 <= cg; c += 64)  /* nv a constant: the tile stays in registers */ \
-            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
-                            r1 - r0, w + c, k5, 4, (__mmask16)0xffff, nt, cb + c, cw + c, CN_LNK * C); \
-        for (; c < cg; c += 16)  /* tail: whole lines only for float32 vectors */          \
-            cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx == NULL ? NULL : dx + off0 + c, C, \
-                            r1 - r0, w + c, k5, 1, cn_mask16(cg - c), sizeof(T) == 4 ? nt : 0, \
-                            cb + c, cw + c, CN_LNK * C);                                  \
-        if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {                                 \
-            for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }  \
-        } else {                                                                          \
-            for (n = r0; n < r1; n += 4) {                                                \
-                k = r1 - n < 4 ? r1 - n : 4;                                              \
-                cn_colsums_##T(g + n * C + c0, x + n * C + c0, C, (int)k, cg,             \
-                                 mk + (n - r0), dk + (n - r0), rk + (n - r0), pb, pw);    \
-            }                                                                             \
-        }                                                                                 \
+        CN_LNB_PASS_B(T)                                                                  \
+        cn_lnb_flush_##T(g + off0, x + off0, C, r1 - r0, cg, cb, cw, mk, dk, rk, pb, pw); \
     }                                                                                     \
 }
-#else
-#define CN_LNBWD(T)                                                                       \
-static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,                \
-                                 ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi, ptrdiff_t n0,   \
-                                 ptrdiff_t n1, const float* mean, const float* rstd,      \
-                                 const float* w, double* pw, double* pb, float* fb) {     \
-    const ptrdiff_t c0 = gi * cg; const double m = (double)cg;                            \
-    float* restrict cb = fb; float* restrict cw = fb + cg;                                \
-    double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK];                                            \
-    ptrdiff_t r0, n, i, k;                                                                \
-    w += c0; pw += c0; pb += c0;                                                          \
-    for (r0 = n0; r0 < n1; r0 += CN_LNK) {                                                \
-        ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK;                               \
-        for (i = 0; i < cg; i++) { cb[i] = 0.0f; cw[i] = 0.0f; }                          \
-        for (n = r0; n < r1; n++) {                                                       \
-            const float mu = mean[n * G + gi]; const double r = (double)rstd[n * G + gi]; \
-            const ptrdiff_t off = n * C + c0;                                             \
-            const T* gr = g + off; const T* xr = x + off;                                 \
-            double swg, swgx, sx, dl;                                                     \
-            cn_lnb_sums_##T(gr, xr, w, cg, mu, &swg, &swgx, &sx);                         \
-            if (!cn_dfinite3(swg, swgx, sx)) {                                            \
-                double a[CN_LANES], b[CN_LANES], c[CN_LANES]; int j;                      \
-                for (j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; c[j] = 0.0; }    \
-                cn_wsums_##T(gr, xr, w, cg, (double)mu, a, b, c);                         \
-                swg = cn_dtotal16(a); swgx = cn_dtotal16(b); sx = cn_dtotal16(c);         \
-            }                                                                             \
-            dl = sx / m;                                                                  \
-            swgx = swgx - dl * swg;                                                       \
-            mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;                     \
-            {                                                                             \
-                const float dlf = (float)dl, rf = (float)r;                               \
-                const float kb = (float)(-r * r * r * swgx / m), kc = (float)(-r * swg / m);\
-                if (dx != NULL) {                                                         \
-                    T* dr = dx + off;                                                     \
-                    CN_BODY(T, dr, cg,                                                    \
-                        float gv = CN_LDF_##T(gr + i); float d = (CN_LDF_##T(xr + i) - mu) - dlf;\
-                        cn_st1_##T(dr + i, CN_FMA(w[i] * gv, rf, CN_FMA(d, kb, kc)));     \
-                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]),                   \
-                        __m512 gv = cn_vld_##T(gr + i);                                   \
-                        __m512 d = _mm512_sub_ps(_mm512_sub_ps(cn_vld_##T(xr + i), CN_S(mu)), CN_S(dlf));\
-                        _mm_prefetch((const char*)(gr + C + i), _MM_HINT_T1);             \
-                        _mm_prefetch((const char*)(xr + C + i), _MM_HINT_T1);             \
-                        cn_vst_##T(dr + i, _mm512_fmadd_ps(_mm512_mul_ps(CN_P(w, i), gv), CN_S(rf),\
-                                     _mm512_fmadd_ps(d, CN_S(kb), CN_S(kc))), nt_);       \
-                        _mm512_storeu_ps(cb + i, _mm512_add_ps(CN_P(cb, i), gv));         \
-                        _mm512_storeu_ps(cw + i, _mm512_fmadd_ps(gv, _mm512_mul_ps(d, CN_S(rf)), CN_P(cw, i))));\
-                } else {                                                                  \
-                    for (i = 0; i < cg; i++) {                                            \
-                        float gv = CN_LDF_##T(gr + i); float d = (CN_LDF_##T(xr + i) - mu) - dlf;\
-                        cb[i] += gv; cw[i] = CN_FMA(gv, d * rf, cw[i]);                   \
-                    }                                                                     \
-                }                                                                         \
-            }                                                                             \
-        }                                                                                 \
-        if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {                                 \
-            for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }  \
-        } else {                                                                          \
-            for (n = r0; n < r1; n += 4) {                                                \
-                k = r1 - n < 4 ? r1 - n : 4;                                              \
-                cn_colsums_##T(g + n * C + c0, x + n * C + c0, C, (int)k, cg,             \
-                                 mk + (n - r0), dk + (n - r0), rk + (n - r0), pb, pw);    \
-            }                                                                             \
-        }                                                                                 \
-    }                                                                                     \
-}
-#endif
 CN_LNBWD(float)
 CN_LNBWD(cn_bf16)
 CN_LNBWD(cn_f16)
