@@ -365,26 +365,18 @@ static int cn_nt_store = 0;
    that a sweep that is busy elsewhere (normalizing the previous channel from
    L2) keeps memory reads in flight. No effect on results; a no-op where the
    compiler has no prefetch builtin. */
-static inline void cn_prefetch(const void* p, ptrdiff_t bytes) {
 #if defined(__GNUC__) || defined(__clang__)
-    const char* c = (const char*)p;
-    ptrdiff_t i;
-    for (i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+#define CN_PREFETCH_RANGE(p, bytes, locality) do {                                        \
+    const char* c_ = (const char*)(p); ptrdiff_t i_;                                      \
+    for (i_ = 0; i_ < (bytes); i_ += 64) __builtin_prefetch(c_ + i_, 0, locality);        \
+} while (0)
 #else
-    (void)p; (void)bytes;
+#define CN_PREFETCH_RANGE(p, bytes, locality) do { (void)(p); (void)(bytes); } while (0)
 #endif
-}
+static inline void cn_prefetch(const void* p, ptrdiff_t bytes) { CN_PREFETCH_RANGE(p, bytes, 3); }
 /* the same toward L2 only (prefetcht1): for data needed after the current
    working set, which an L1 prefetch would evict */
-static inline void cn_prefetch_l2(const void* p, ptrdiff_t bytes) {
-#if defined(__GNUC__) || defined(__clang__)
-    const char* c = (const char*)p;
-    ptrdiff_t i;
-    for (i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
-#else
-    (void)p; (void)bytes;
-#endif
-}
+static inline void cn_prefetch_l2(const void* p, ptrdiff_t bytes) { CN_PREFETCH_RANGE(p, bytes, 2); }
 
 
 static inline void cn_sfence(void) {
