@@ -18,9 +18,10 @@ combine, so any thread count gives bit-identical output. Lane accumulators
 are indexed by position in a run, not by address, so alignment does not
 matter either.
 
-Numerics. Sums run in double lanes (float lanes over short chunks for the
-half types and for channels-last column statistics, centred so that nothing
-cancels, redone in double if a float sum overflows); a block's variance is
+Numerics. Sums run in float lanes over bounded pieces (at most 64 rows or 512
+elements) added into double (double lanes throughout for float64 data and the
+float32 channels-first runs), centred so that nothing cancels, redone in double
+if a float sum overflows; a block's variance is
 two-pass (mean, then Σ(x-mean)², the second pass from cache), blocks merge by
 Chan's formula or its two-level form, so no E[x²]-E[x]² appears.
 Normalization is ``y = (x - mean_hi)·a + b'`` with ``mean_hi`` the mean
@@ -34,8 +35,10 @@ held as 16-bit patterns and converted on load and store (never copied to
 float32). Parameters, statistics and per-channel constants are ``floating``:
 float64 for float64 data, float32 otherwise.
 
-C helpers (``_kernels.h``): the half conversions, the lane reductions (kept
-as loops the compiler vectorizes), and the elementwise sweeps, which write
+C helpers (``_kernels.h``): the half conversions (16 values per instruction
+where the build has AVX-512: F16C, AVX512-BF16 with an exact path for
+subnormals), the lane reductions, the channels-last and LayerNorm sweeps (AVX-512
+with portable fallbacks), and the elementwise sweeps, which write
 outputs of ``NT_BYTES`` or more with streaming stores (no read-for-ownership
 of output lines) and are bit-identical to their scalar form wherever an
 element falls. Calls on one thread never enter an OpenMP region.
