@@ -217,7 +217,8 @@ cdef enum:
     PF_DIV = 4
 
 # Below this many elements a call stays on the calling thread: an OpenMP
-# fork/join costs more than the work. (C constants: read on every call.)
+# fork/join costs more than the work. (This and FUSE_BYTES are C variables: a
+# module global would be a dictionary lookup on every call.)
 cdef Py_ssize_t SERIAL_ELEMS = 32768
 # Outputs of at least this many bytes are written with streaming (non-temporal)
 # stores: far larger than the per-core caches, they would be evicted unread,
