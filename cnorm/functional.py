@@ -452,10 +452,23 @@ def _array_key(a):
     return None if a is None else (type(a), a.shape, a.dtype)
 
 
+def _shape_key(normalized_shape):
+    """``normalized_shape`` as a memo key when it is an int or a tuple of ints.
+
+    Anything else raises TypeError (no memo: validated on every call): as dict
+    keys True, 1.0 and numpy integers equal 1, but as arguments they must not
+    reuse the setup that 1 validated.
+    """
+    ns = normalized_shape
+    if type(ns) is int or (type(ns) is tuple and all(type(d) is int for d in ns)):
+        return ns
+    raise TypeError("not memoized")
+
+
 def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     """Validate a LayerNorm call; return (backend, normalized_shape, view, problem)."""
     try:
-        key = (registry_generation(), backend, get_backend(), _array_key(x), normalized_shape,
+        key = (registry_generation(), backend, get_backend(), _array_key(x), _shape_key(normalized_shape),
                _array_key(weight), _array_key(bias))
         hit = _LAYER_NORM_SETUPS.get(key)
     except (TypeError, AttributeError):  # unhashable or array-less arguments: validate below

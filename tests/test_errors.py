@@ -71,6 +71,21 @@ def test_bad_input_is_rejected(backend, what, call, exc, match):
         call(backend.name)
 
 
+@pytest.mark.parametrize("bad", [True, 5.0, np.int64(5), (5.0,)], ids=repr)
+def test_layer_norm_shape_of_another_type_is_checked_after_a_valid_call(backend, bad):
+    """LayerNorm memoizes validated set-ups; values equal to a valid one as dict keys
+    (True == 1, 5.0 == 5) must still be validated as arguments."""
+    if backend.name == "cupy":
+        pytest.skip("host arrays")
+    x = X[:, :, :1] if bad is True else X  # True == 1: a trailing dim of 1
+    cnorm.layer_norm(np.ascontiguousarray(x), 1 if x.shape[-1] == 1 else 5, backend=backend.name)
+    if isinstance(bad, np.integer):  # a NumPy integer is a valid size, checked on every call
+        assert cnorm.layer_norm(x, bad, backend=backend.name).shape == x.shape
+        return
+    with pytest.raises(TypeError, match=r"normalized_shape: expected an int or a tuple"):
+        cnorm.layer_norm(np.ascontiguousarray(x), bad, backend=backend.name)
+
+
 @pytest.mark.parametrize("bad", [
     dict(weight=np.ones(5, np.float32)),
     dict(momentum=2.0),
