@@ -468,8 +468,9 @@ def _shape_key(normalized_shape):
 def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     """Validate a LayerNorm call; return (backend, normalized_shape, view, problem)."""
     try:
-        key = (registry_generation(), backend, get_backend(), _array_key(x), _shape_key(normalized_shape),
-               _array_key(weight), _array_key(bias))
+        ns = normalized_shape if type(normalized_shape) is int else _shape_key(normalized_shape)
+        key = (registry_generation(), backend, get_backend(), _array_key(x), ns, _array_key(weight),
+               _array_key(bias))
         hit = _LAYER_NORM_SETUPS.get(key)
     except (TypeError, AttributeError):  # unhashable or array-less arguments: validate below
         key = hit = None
