@@ -1039,43 +1039,19 @@ static inline double cn_reduce16(__m512 a) {
     return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
         _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))));
 }
-#define CN_SHORT_ROW(T)                                                                   \
-static inline int cn_short_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) { \
-    __m512 v[8], a = _mm512_setzero_ps(), q = a, e = a, vp, vm; __mmask16 k[8];           \
-    double s, m, dm, sq, se; float p = CN_LDF_##T(x), mf; int j, nv = (int)((n + 15) / 16); \
-    for (j = 0; j < nv; j++) {                                                            \
-        ptrdiff_t r = n - 16 * j;                                                         \
-        k[j] = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);                 \
-        v[j] = cn_vldm_##T(k[j], x + 16 * j);                                             \
-    }                                                                                     \
-    vp = _mm512_set1_ps(p);                                                               \
-    for (j = 0; j < nv; j++) a = _mm512_add_ps(a, _mm512_maskz_sub_ps(k[j], v[j], vp));   \
-    s = cn_reduce16(a);                                                                   \
-    m = (double)p + s / (double)n; mf = (float)m; vm = _mm512_set1_ps(mf);                \
-    for (j = 0; j < nv; j++) {                                                            \
-        __m512 d = _mm512_maskz_sub_ps(k[j], v[j], vm);                                   \
-        q = _mm512_fmadd_ps(d, d, q); e = _mm512_add_ps(e, d);                            \
-    }                                                                                     \
-    sq = cn_reduce16(q); se = cn_reduce16(e);                                             \
-    if ((sq * 0.0 + se * 0.0 + m * 0.0) != 0.0) return 0;                                 \
-    dm = m - (double)mf;                                                                  \
-    sq = sq + dm * ((double)n * dm - 2.0 * se);                                           \
-    *mu = m; *m2 = sq > 0.0 ? sq : 0.0;                                                   \
-    return 1;                                                                             \
-}
 /* nb <= 8 consecutive short rows (row j at x + j n, n <= CN_SHORT_MAX) at
    once, each step for all rows before the next: the rows' latency chains
    (two reductions and a division each) overlap instead of running one after
-   another. Same arithmetic as cn_short_row_stats, so the same values. Returns
-   a bit mask of the rows whose float sums overflowed (to redo in double). */
+   another; one row (nb = 1) is cn_ln_row_stats' short-row case, with the same
+   arithmetic, so a row's values never depend on its batch. Returns a bit mask
+   of the rows whose float sums overflowed (to redo in double). */
 #define CN_SHORT_ROWS(T)                                                                  \
 static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, double* mu,    \
                                           double* m2) {                                   \
     __m512 a[8], q[8], e[8]; __mmask16 k[8]; float p[8], mf[8]; double s[8], m[8];        \
     int j, v, bad = 0, nv = (int)((n + 15) / 16);                                         \
     for (v = 0; v < nv; v++) {                                                            \
-        ptrdiff_t r = n - 16 * v;                                                         \
-        k[v] = r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);                 \
+        k[v] = cn_mask16(n - 16 * v);                                                     \
     }                                                                                     \
     for (j = 0; j < nb; j++) {                                                            \
         const T* xr = x + j * n; __m512 vp;                                               \
@@ -1102,10 +1078,9 @@ static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, doubl
     return bad;                                                                           \
 }
 #define CN_SHORT_ROW_CALL(T, x, n, mu, m2) \
-    if ((n) <= CN_SHORT_MAX) return cn_short_row_stats_##T((x), (n), (mu), (m2));
+    if ((n) <= CN_SHORT_MAX) return !cn_short_rows_stats_##T((x), (n), 1, (mu), (m2));
 #else
 #define CN_SHORT_MAX 0
-#define CN_SHORT_ROW(T)
 #define CN_SHORT_ROWS(T)                                                                  \
 static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, double* mu,    \
                                           double* m2) { return (1 << nb) - 1; }
@@ -1113,7 +1088,6 @@ static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, doubl
 #endif
 #define CN_ROWSTATS(T)                                                                    \
 CN_ROW_LANES(T)                                                                           \
-CN_SHORT_ROW(T)                                                                           \
 CN_SHORT_ROWS(T)                                                                          \
 static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) {  \
     double s, q, se, m, dm; float mf, p = CN_LDF_##T(x);                                  \
