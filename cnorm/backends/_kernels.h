@@ -1221,12 +1221,12 @@ CN_LNB_ROW(cn_f16)
         }
 #else
 #define CN_LNB_PASS_B(T)                                                                  \
+        for (i = 0; i < cg; i++) { cb[i] = 0.0f; cw[i] = 0.0f; }                          \
         for (n = r0; n < r1; n++) {                                                       \
             const float* k = k5 + 5 * (n - r0); const ptrdiff_t o = off0 + (n - r0) * C;  \
             for (i = 0; i < cg; i++) {                                                    \
                 float gv = CN_LDF_##T(g + o + i), d = (CN_LDF_##T(x + o + i) - k[0]) - k[1]; \
                 if (dx != NULL) cn_st1_##T(dx + o + i, CN_FMA(w[i], gv * k[2], CN_FMA(d, k[3], k[4]))); \
-                if (n == r0) { cb[i] = 0.0f; cw[i] = 0.0f; }                              \
                 cb[i] += gv; cw[i] = CN_FMA(gv * k[2], d, cw[i]);                         \
             }                                                                             \
         }

@@ -1979,12 +1979,6 @@ cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexce
     return max(1, min(N, max(sbs, least)))
 
 
-def sample_blocks(Py_ssize_t N, Py_ssize_t per_sample=1):
-    """Return (sbs, nsb): samples per block and blocks, for per-sample dweight/dbias partials."""
-    sbs = _sample_block(N, per_sample)
-    return sbs, (N + sbs - 1) // sbs
-
-
 def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                   weight, bias, double eps, int nt):
     """Training forward into new arrays: ``(y, mean, var, rstd)``.
