@@ -1204,10 +1204,8 @@ CN_LNB_ROW(cn_f16)
 #if defined(CN_AVX512)
 #define CN_LNB_PASS_B(T)                                                                  \
         {                                                                                 \
-            const int nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0 \
-                           && (uintptr_t)(dx + off0) % sizeof(T) == 0;                    \
-            ptrdiff_t c, h = nt ? (ptrdiff_t)((64 - (uintptr_t)(dx + off0) % 64) % 64 / sizeof(T)) : 0; \
-            if (h > cg) h = cg;                                                           \
+            const int nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0; \
+            ptrdiff_t c, h = nt ? CN_HEAD(T, dx + off0, cg) : 0;                          \
             for (c = 0; c < h; c += 16)  /* head, to the first line boundary of dx */     \
                 cn_lnb_tile_##T(g + off0 + c, x + off0 + c, dx + off0 + c, C, r1 - r0, w + c, k5, \
                                 1, cn_mask16(h - c), 0, cb + c, cw + c, CN_LNK * C);      \
