@@ -407,6 +407,47 @@ def test_layer_norm_backward_any_output_alignment(width, dt, monkeypatch):
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.parametrize("dt", [np.float32, *HALVES])
+@pytest.mark.parametrize("c", [48, 64, 80, 96, 1024])
+def test_channels_last_spans_any_output_alignment(c, dt, monkeypatch):
+    """Channels-last y and dx are written as one stream per span of rows (vector body
+    with the constants of any 16 channels in one load, scalar head and tail), streaming
+    whole lines after a head: every alignment of the output, streamed or not, gives
+    the same bits, for C a multiple of 16 (or of 32: whole lines per row) or not."""
+    n = 40
+    x, dy, w, b = _data(Problem("cl", n, c, 1), dt, offset=0.0)
+    mean, var, rstd = (np.empty(c, np.float32) for _ in range(3))
+    results = []
+    for nt_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_kernels, "NT_BYTES", nt_bytes)
+        for shift in range(0, 40):  # y and dx start `shift` elements into fresh buffers
+            y = np.empty(x.size + 64, dt)[shift:shift + x.size].reshape(x.shape)
+            _kernels.cross_forward(x, y, True, n, c, 1, w, b, mean, var, rstd, 1e-5, 2)
+            dx = np.empty(x.size + 64, dt)[shift:shift + x.size].reshape(x.shape)
+            da, db = np.empty(c, np.float32), np.empty(c, np.float32)
+            _kernels.cross_backward(dy, x, dx, True, n, c, 1, mean, rstd, w, da, db, _kernels.TRAIN, 2)
+            results.append((y.tobytes(), dx.tobytes(), da.tobytes(), db.tobytes()))
+    assert all(r == results[0] for r in results)
+
+
+@pytest.mark.parametrize("dt", [np.float32, BFLOAT16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("n, c, shift", [(4096, 16, 30.0), (4096, 16, 300.0), (4096, 64, 100.0)])
+def test_channels_last_statistics_far_from_the_first_rows(n, c, shift, dt):
+    """Channels-last column statistics take one pass around a pivot (the mean of a
+    block's first rows); when the block's first rows sit far from its mean the
+    variance would lose ~S2/M2 times float accuracy, so that block is redone in two
+    passes: the variance stays within 2e-6 of float64's (one pass gives ~2e-5 here)."""
+    p = Problem("cl", n, c, 1)
+    x32, _, w, b = _data(p, np.float32, offset=0.0)
+    x32[:8] += np.float32(shift)
+    x = x32.astype(dt)
+    _, mean, var, _ = K.forward_train(x, p, w, b, 1e-5)
+    _, rmean, rvar, _ = R.forward_train(x.astype(np.float64), p, w.astype(np.float64), b.astype(np.float64),
+                                        1e-5)
+    assert float(np.max(np.abs(var / rvar - 1))) <= 2e-6
+    assert float(np.max(np.abs(mean - rmean) / np.sqrt(rvar))) <= 2e-6
+
+
 @pytest.mark.parametrize("pdt", [np.float32, np.float64])
 @pytest.mark.parametrize("sdt", [np.float32, np.float64])
 @pytest.mark.parametrize("strided", [False, True])

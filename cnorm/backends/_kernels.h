@@ -684,10 +684,10 @@ CN_CLSTATS(cn_bf16)
 CN_CLSTATS(cn_f16)
 
 #if defined(CN_AVX512)
-/* cn_cl_stats for rows whose C is a multiple of 16 (AVX-512): the same
-   two-pass algorithm (float partials over CN_FROWS rows, exact centring on
-   the float mean), swept CN_RC rows at a time (an L1-sized slab); in a slab
-   each tile of nv <= 4 vectors (64 channels) keeps its accumulators in
+/* cn_cl_stats for rows whose C is a multiple of 16 (AVX-512), and the
+   fallback of the one-pass sweep below: the same two-pass algorithm (float
+   partials over CN_FROWS rows, exact centring on the float mean), swept
+   CN_RC rows at a time (an L1-sized slab); in a slab each tile of nv <= 4 vectors (64 channels) keeps its accumulators in
    registers, two rows per add, and loads/stores the float column partials
    once. Half data are widened in registers (F16C / a shift), 16 at a time.
    Same contract and result layout as cn_cl_stats. */
@@ -739,7 +739,7 @@ static inline __attribute__((always_inline)) void cn_cls_slab_sq_##T(           
    thread computes; prefetches past the data are harmless. Pass 2 sums only    \
    squares: the sum of deviations from mf that the exact correction needs is  \
    pass 1's, re-centred in double: S(x - mf) = S(x - p) + nr (p - mf). */      \
-static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,       \
+static inline int cn_cl_stats_2p_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,      \
                                     double* restrict m, double* restrict q, double* ws) { \
     float* restrict mf = (float*)ws; float* restrict a = mf + C;                          \
     double* restrict se = ws + 2 * C; ptrdiff_t c, c0, r1, rs;                            \
@@ -782,6 +782,90 @@ static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t
 CN_CLSTATS_V(float)
 CN_CLSTATS_V(cn_bf16)
 CN_CLSTATS_V(cn_f16)
+/* One pass instead of two (the block sweep is compute-bound on half data:
+   each pass widens every value again). Sums S1 = S (x - p), S2 = S (x - p)^2
+   around a pivot p per column, the pairwise float mean of the first CN_RC
+   rows: close to the mean (its error is std/sqrt(8)), and exactly the value
+   of a constant column. Then M2 = S2 - S1^2/nr in double, whose rounding
+   error is that of S2 times S2/M2 = 1 + (p - mean)^2/var: about 1.1 here.
+   When S2 > 16 M2 for some column (rows drifting within the block, an
+   outlier among the first rows) the block is redone by the two-pass sweep,
+   so the error never grows past 16x that of a float sum of squares. Float
+   partials over CN_FROWS rows, as there; same contract. */
+#define CN_CLSTATS_1P(T)                                                                  \
+static inline __attribute__((always_inline)) void cn_cls_slab_1p_##T(                     \
+        const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
+        const float* restrict pv, float* restrict a, float* restrict b, const T* pf) {     \
+    __m512 p[4], s[4], q0[4], q1[4]; ptrdiff_t r; int v;                                  \
+    for (v = 0; v < nv; v++) {                                                            \
+        p[v] = _mm512_loadu_ps(pv + 16 * v); s[v] = _mm512_loadu_ps(a + 16 * v);           \
+        q0[v] = _mm512_loadu_ps(b + 16 * v); q1[v] = _mm512_setzero_ps();                  \
+    }                                                                                     \
+    for (r = 0; r + 2 <= nr; r += 2) {                                                    \
+        const T* xr = x + r * C;                                                          \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 d0 = _mm512_sub_ps(cn_vld_##T(xr + 16 * v), p[v]);                     \
+            __m512 d1 = _mm512_sub_ps(cn_vld_##T(xr + C + 16 * v), p[v]);                 \
+            _mm_prefetch((const char*)(pf + r * C + 16 * v), _MM_HINT_T1);                \
+            _mm_prefetch((const char*)(pf + (r + 1) * C + 16 * v), _MM_HINT_T1);          \
+            s[v] = _mm512_add_ps(s[v], _mm512_add_ps(d0, d1));                            \
+            q0[v] = _mm512_fmadd_ps(d0, d0, q0[v]);                                       \
+            q1[v] = _mm512_fmadd_ps(d1, d1, q1[v]);                                       \
+        }                                                                                 \
+    }                                                                                     \
+    for (; r < nr; r++)                                                                   \
+        for (v = 0; v < nv; v++) {                                                        \
+            __m512 d0 = _mm512_sub_ps(cn_vld_##T(x + r * C + 16 * v), p[v]);              \
+            s[v] = _mm512_add_ps(s[v], d0);                                               \
+            q0[v] = _mm512_fmadd_ps(d0, d0, q0[v]);                                       \
+        }                                                                                 \
+    for (v = 0; v < nv; v++) {                                                            \
+        _mm512_storeu_ps(a + 16 * v, s[v]);                                               \
+        _mm512_storeu_ps(b + 16 * v, _mm512_add_ps(q0[v], q1[v]));                        \
+    }                                                                                     \
+}                                                                                         \
+static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,       \
+                                    double* restrict m, double* restrict q, double* ws) { \
+    float* restrict pv = (float*)ws; float* restrict a = pv + C; float* restrict b = a + C; \
+    ptrdiff_t c, c0, r1, rs; int ok = 1;                                                  \
+    if (nr < CN_RC) return cn_cl_stats_2p_##T(x, nr, C, m, q, ws);                        \
+    for (c = 0; c < C; c += 16) {                                                         \
+        const T* p = x + c;                                                               \
+        __m512 s01 = _mm512_add_ps(cn_vld_##T(p), cn_vld_##T(p + C));                     \
+        __m512 s23 = _mm512_add_ps(cn_vld_##T(p + 2 * C), cn_vld_##T(p + 3 * C));         \
+        __m512 s45 = _mm512_add_ps(cn_vld_##T(p + 4 * C), cn_vld_##T(p + 5 * C));         \
+        __m512 s67 = _mm512_add_ps(cn_vld_##T(p + 6 * C), cn_vld_##T(p + 7 * C));         \
+        _mm512_storeu_ps(pv + c, _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(s01, s23),     \
+                                               _mm512_add_ps(s45, s67)), CN_S(0.125f)));  \
+    }                                                                                     \
+    if (!cn_finite_f(pv, C)) return 0;                                                    \
+    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; }                                   \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) { a[c] = 0.0f; b[c] = 0.0f; }                             \
+        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
+            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
+            const T* pf = x + (nr + rs) * C;                                              \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64)                                          \
+                cn_cls_slab_1p_##T(x + rs * C + c0, k, C, 4, pv + c0, a + c0, b + c0, pf + c0); \
+            for (; c0 < C; c0 += 16)                                                      \
+                cn_cls_slab_1p_##T(x + rs * C + c0, k, C, 1, pv + c0, a + c0, b + c0, pf + c0); \
+        }                                                                                 \
+        if (!cn_finite_f(a, C) || !cn_finite_f(b, C)) return 0;                           \
+        for (c = 0; c < C; c++) { m[c] += (double)a[c]; q[c] += (double)b[c]; }           \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        double s1 = m[c], s2 = q[c], d = s1 / (double)nr, m2 = s2 - s1 * d;               \
+        ok &= s2 <= 16.0 * m2;                                                            \
+        m[c] = (double)pv[c] + d;                                                         \
+        q[c] = m2 > 0.0 ? m2 : 0.0;                                                       \
+    }                                                                                     \
+    return ok ? 1 : cn_cl_stats_2p_##T(x, nr, C, m, q, ws);                               \
+}
+CN_CLSTATS_1P(float)
+CN_CLSTATS_1P(cn_bf16)
+CN_CLSTATS_1P(cn_f16)
 #define CN_CL_STATS(T, x, nr, C, m, q, ws) \
     (((C) % 16 == 0) ? cn_cl_stats_v_##T((x), (nr), (C), (m), (q), (ws)) : cn_cl_stats_##T((x), (nr), (C), (m), (q), (ws)))
 #else
