@@ -9,10 +9,11 @@ import sys
 
 def table(report: dict) -> str:
     m = report["machine"]
-    bw = report["copy_bandwidth_Bps"] / 1e9
+    per_case = [c["copy_bandwidth_Bps"] / 1e9 for c in report["cases"] if c.get("copy_bandwidth_Bps")]
+    bw = (f"copy bandwidth measured in each case's timing rounds {min(per_case):.1f}–{max(per_case):.1f} GB/s"
+          if per_case else f"copy bandwidth measured in the run {report['copy_bandwidth_Bps'] / 1e9:.1f} GB/s")
     lines = [
-        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, torch {report['torch']}, "
-        f"copy bandwidth measured in the run {bw:.1f} GB/s.",
+        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, torch {report['torch']}, {bw}.",
         "",
         "| case | dtype | cython ms | torch ms | numpy ms | cython × torch | cython % of floor | torch % of floor |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -472,3 +472,15 @@ def test_fold_frozen_matches_the_array_version(pdt, sdt, strided):
     terms = np.abs(b.astype(np.float64)) + np.abs(mean.astype(np.float64) * want[2].astype(np.float64))
     assert got[3].dtype == np.dtype(pdt)
     assert np.all(np.abs(got[3].astype(np.float64) - want[3].astype(np.float64)) <= 4 * np.finfo(pdt).eps * terms)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 4099, 1 << 18])
+@pytest.mark.parametrize("offset", [0, 1, 17])
+def test_parallel_copy_any_size_and_alignment(n, offset):
+    """The benchmark's floor copies by streaming whole lines after a head to the
+    first line of dst: every size and alignment copies every byte."""
+    rng = np.random.default_rng(n)
+    src = rng.integers(0, 256, n + offset, dtype=np.uint8)[offset:]
+    dst = np.zeros(n + 64, np.uint8)[offset:offset + n]
+    _kernels.parallel_copy(src, dst, 2)
+    assert np.array_equal(src, dst)

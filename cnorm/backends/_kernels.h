@@ -385,6 +385,22 @@ static inline void cn_sfence(void) {
 #endif
 }
 
+/* dst = src, n bytes, whole lines by streaming stores (what the kernels'
+   outputs cost): the benchmark's memory floor, so that library memcpy's
+   choice of stores at a given size does not decide it. */
+static inline void cn_stream_copy(const char* src, char* dst, ptrdiff_t n) {
+#if defined(CN_AVX512)
+    ptrdiff_t h = (ptrdiff_t)((64 - (uintptr_t)dst % 64) % 64), i;
+    if (h > n) h = n;
+    memcpy(dst, src, (size_t)h);
+    for (i = h; i + 64 <= n; i += 64)
+        _mm512_stream_si512((__m512i*)(dst + i), _mm512_loadu_si512((const void*)(src + i)));
+    memcpy(dst + i, src + i, (size_t)(n - i));
+#else
+    memcpy(dst, src, (size_t)n);
+#endif
+}
+
 static inline void cn_st1_float(float* p, float v) { *p = v; }
 static inline void cn_st1_cn_bf16(cn_bf16* p, float v) { *p = cn_f32_to_bf16(v); }
 static inline void cn_st1_cn_f16(cn_f16* p, float v) { *p = cn_f32_to_f16(v); }
@@ -782,16 +798,20 @@ static inline int cn_cl_stats_2p_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_
 CN_CLSTATS_V(float)
 CN_CLSTATS_V(cn_bf16)
 CN_CLSTATS_V(cn_f16)
-/* One pass instead of two (the block sweep is compute-bound on half data:
-   each pass widens every value again). Sums S1 = S (x - p), S2 = S (x - p)^2
-   around a pivot p per column, the pairwise float mean of the first CN_RC
-   rows: close to the mean (its error is std/sqrt(8)), and exactly the value
-   of a constant column. Then M2 = S2 - S1^2/nr in double, whose rounding
-   error is that of S2 times S2/M2 = 1 + (p - mean)^2/var: about 1.1 here.
-   When S2 > 16 M2 for some column (rows drifting within the block, an
-   outlier among the first rows) the block is redone by the two-pass sweep,
-   so the error never grows past 16x that of a float sum of squares. Float
-   partials over CN_FROWS rows, as there; same contract. */
+/* One pass where it is as exact: the row statistics of cn_ln_row_stats (and
+   the channels-last column statistics) sum x - p and (x - p)^2 around a pivot
+   p close to the mean and form M2 = S2 - S1^2/n in double. M2's rounding error
+   is the float S2's times S2/M2 = 1 + (p - mean)^2/var; above CN_ONEPASS_MAX
+   (p far from the mean: drifting data, outliers where p was taken) the
+   two-pass sweep redoes it. The pivot is a pairwise float mean of 16 (rows)
+   or 8 (columns) values: exactly the value of a constant run, within about
+   std/3 of the mean of most data. */
+#define CN_ONEPASS_MAX 16.0
+/* The channels-last block sweep in one pass (compute-bound on half data, each
+   pass widening every value again): the pivot is the pairwise mean of the
+   block's first CN_RC rows, a column above CN_ONEPASS_MAX sends the whole
+   block to the two-pass sweep. Float partials over CN_FROWS rows, as there;
+   same contract. */
 #define CN_CLSTATS_1P(T)                                                                  \
 static inline __attribute__((always_inline)) void cn_cls_slab_1p_##T(                     \
         const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
@@ -857,7 +877,7 @@ static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t
     }                                                                                     \
     for (c = 0; c < C; c++) {                                                             \
         double s1 = m[c], s2 = q[c], d = s1 / (double)nr, m2 = s2 - s1 * d;               \
-        ok &= s2 <= 16.0 * m2;                                                            \
+        ok &= s2 <= CN_ONEPASS_MAX * m2;                                                  \
         m[c] = (double)pv[c] + d;                                                         \
         q[c] = m2 > 0.0 ? m2 : 0.0;                                                       \
     }                                                                                     \
@@ -1170,12 +1190,27 @@ static inline int cn_short_rows_stats_##T(const T* x, ptrdiff_t n, int nb, doubl
                                           double* m2) { return (1 << nb) - 1; }
 #define CN_SHORT_ROW_CALL(T, x, n, mu, m2)
 #endif
+#define CN_PIVOT16(T)                                                                     \
+static inline float cn_pivot16_##T(const T* x) {                                          \
+    float a[8]; int j;                                                                    \
+    for (j = 0; j < 8; j++) a[j] = CN_LDF_##T(x + 2 * j) + CN_LDF_##T(x + 2 * j + 1);     \
+    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) * 0.0625f; \
+}
 #define CN_ROWSTATS(T)                                                                    \
+CN_PIVOT16(T)                                                                             \
 CN_ROW_LANES(T)                                                                           \
 CN_SHORT_ROWS(T)                                                                          \
 static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, double* m2) {  \
     double s, q, se, m, dm; float mf, p = CN_LDF_##T(x);                                  \
     CN_SHORT_ROW_CALL(T, x, n, mu, m2)                                                    \
+    if (n >= 16) {  /* one pass around the mean of the first 16 values */                 \
+        const float pv = cn_pivot16_##T(x);                                               \
+        cn_row_lanes_##T(x, n, pv, 1, &q, &se);                                           \
+        if ((q * 0.0 + se * 0.0) != 0.0) return 0;                                        \
+        s = se / (double)n;                                                               \
+        dm = q - se * s;                                                                  \
+        if (q <= CN_ONEPASS_MAX * dm) { *mu = (double)pv + s; *m2 = dm; return 1; }       \
+    }                                                                                     \
     cn_row_lanes_##T(x, n, p, 0, &s, &se);                                                \
     m = (double)p + s / (double)n;                                                        \
     mf = (float)m;                                                                        \
