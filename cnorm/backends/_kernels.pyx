@@ -113,6 +113,13 @@ cdef extern from "_kernels.h" nogil:
     int cn_short_rows_stats_cn_bf16(const cn_bf16* x, Py_ssize_t n, int nb, double* mu, double* m2)
     int cn_short_rows_stats_cn_f16(const cn_f16* x, Py_ssize_t n, int nb, double* mu, double* m2)
     int cn_ln_row_stats_cn_bf16(const cn_bf16* x, Py_ssize_t n, double* mu, double* m2)
+    float cn_pivot16_float(const float* x)
+    float cn_pivot16_cn_bf16(const cn_bf16* x)
+    float cn_pivot16_cn_f16(const cn_f16* x)
+    void cn_run_sums_float(const float* x, Py_ssize_t n, float p, double* sq, double* s)
+    void cn_run_sums_cn_bf16(const cn_bf16* x, Py_ssize_t n, float p, double* sq, double* s)
+    void cn_run_sums_cn_f16(const cn_f16* x, Py_ssize_t n, float p, double* sq, double* s)
+    double CN_ONEPASS_MAX
     int cn_ln_row_stats_cn_f16(const cn_f16* x, Py_ssize_t n, double* mu, double* m2)
     void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
                                const float* a, const float* b)
@@ -506,14 +513,71 @@ cdef inline void sq_run_pf(const dat* x, Py_ssize_t n, double mu, double* acc, P
         i += m
 
 
+cdef inline void run_sums(const dat* x, Py_ssize_t n, float p, double* sq, double* s) noexcept nogil:
+    """*sq = Σ(x - p)², *s = Σ(x - p) of one run in float lanes (float32 and half data)."""
+    if dat is float:
+        cn_run_sums_float(x, n, p, sq, s)
+    elif dat is cn_bf16:
+        cn_run_sums_cn_bf16(x, n, p, sq, s)
+    elif dat is cn_f16:
+        cn_run_sums_cn_f16(x, n, p, sq, s)
+
+
+cdef inline float pivot16(const dat* x) noexcept nogil:
+    if dat is float:
+        return cn_pivot16_float(x)
+    elif dat is cn_bf16:
+        return cn_pivot16_cn_bf16(x)
+    elif dat is cn_f16:
+        return cn_pivot16_cn_f16(x)
+    return 0.0
+
+
+cdef bint cf_block_stats_1p(const dat* x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
+                            Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t s0, Py_ssize_t s1,
+                            double* out, PfCur* pf) noexcept nogil:
+    """cf_block_stats in one pass around the mean of the block's first 16 values
+    (see CN_ONEPASS_MAX in _kernels.h); False where that is less exact than two
+    passes (or a float sum overflowed, or the data are float64): out unspecified."""
+    cdef Py_ssize_t r, i, m, n = s1 - s0
+    cdef double q = 0.0, s = 0.0, qr, sr, cnt, d, m2
+    cdef float p
+    if dat is double or n < 16:
+        return False
+    p = pivot16(x + ((r0 * C + c) * S + s0))
+    for r in range(r0, r1):
+        i = 0
+        while i < n:  # pieces of PF_CH with a prefetch step between, prefetching or not:
+            m = PF_CH if n - i >= 2 * PF_CH else n - i  # the pieces fix the sums
+            run_sums(x + ((r * C + c) * S + s0 + i), m, p, &qr, &sr)
+            q += qr
+            s += sr
+            if pf != NULL:
+                pf_step(pf, m * sizeof(dat) // PF_DIV)
+            i += m
+    if q * 0.0 + s * 0.0 != 0.0:
+        return False
+    cnt = <double>((r1 - r0) * n)
+    d = s / cnt
+    m2 = q - s * d
+    if not q <= CN_ONEPASS_MAX * m2:
+        return False
+    out[0] = cnt
+    out[1] = <double>p + d
+    out[2] = m2
+    return True
+
+
 cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                          double* out, PfCur* pf=NULL) noexcept nogil:
-    """out = (count, mean, M2) of block k of channel c, two-pass."""
+    """out = (count, mean, M2) of block k of channel c: one pass where as exact, else two."""
     cdef double acc[LANES]
     cdef Py_ssize_t r0, r1, s0, s1, r
     cdef double cnt, mu, piv
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    if cf_block_stats_1p(x, C, S, c, r0, r1, s0, s1, out, pf):
+        return
     piv = ld(x + ((r0 * C + c) * S + s0))
     lanes_zero(acc)
     for r in range(r0, r1):
