@@ -212,10 +212,11 @@ CN_RUNS(float)
 CN_RUNS(double)
 CN_RUNS(cn_bf16)
 CN_RUNS(cn_f16)
-/* Half-precision data: the same runs with float arithmetic in CN_FL float lanes
-   over chunks of CN_CHUNK elements (16 terms per lane), each chunk then added
-   into double lanes - the widening of 16-bit data straight to double
-   vectorizes poorly. A run whose float partials are not finite (bfloat16
+/* Half-precision data (and float32 gradient runs): the same runs with float
+   arithmetic in CN_FL float lanes over chunks of CN_CHUNK elements (16 terms
+   per lane), each chunk then added into double lanes - the widening of 16-bit
+   data straight to double vectorizes poorly, and double lanes take four times
+   the vector operations of float ones. A run whose float partials are not finite (bfloat16
    |x| ~ 1e30 squares overflow float) is redone by the double version above:
    overflow never reaches the statistics and NaN/Inf inputs still propagate.
    Positions alone decide lanes and chunks: deterministic. */
@@ -246,6 +247,7 @@ static inline void cn_cvt32_cn_f16(const cn_f16* p, float* o) {
     int j; for (j = 0; j < 32; j++) o[j] = cn_f16_to_f32(p[j]);
 #endif
 }
+static inline void cn_cvt32_float(const float* p, float* o) { memcpy(o, p, 32 * sizeof(float)); }
 #define CN_HRUNS(T)                                                                       \
 static inline void cn_hsum_run_s_##T(const T* x, ptrdiff_t n, double piv, double* acc) {    \
     const float pf = (float)piv; ptrdiff_t i0, i, j; double da[CN_LANES];                 \
@@ -327,6 +329,7 @@ static inline void cn_hgrad_run_s_##T(const T* g, const T* x, ptrdiff_t n, doubl
     }                                                                                     \
     for (j = 0; j < CN_LANES; j++) { ag[j] += da[j]; agx[j] += db[j]; ax[j] += dc[j]; }   \
 }
+CN_HRUNS(float)
 CN_HRUNS(cn_bf16)
 CN_HRUNS(cn_f16)
 
@@ -1497,6 +1500,7 @@ static inline void cn_hgrad_run_v_##T(const T* g, const T* x, ptrdiff_t n, doubl
     _mm512_storeu_pd(ax, _mm512_add_pd(_mm512_loadu_pd(ax), r0));                         \
     _mm512_storeu_pd(ax + 8, _mm512_add_pd(_mm512_loadu_pd(ax + 8), r1));                 \
 }
+CN_VHRUNS(float)
 CN_VHRUNS(cn_bf16)
 CN_VHRUNS(cn_f16)
 #define CN_HRUN_IMPL(T) v_##T
@@ -1517,6 +1521,7 @@ static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double 
                                     double* ag, double* agx, double* ax) {                \
     CN_HRUN_PICK(cn_hgrad_run_, CN_HRUN_IMPL(T))(g, x, n, m, ag, agx, ax);                \
 }
+CN_HRUN_API(float)
 CN_HRUN_API(cn_bf16)
 CN_HRUN_API(cn_f16)
 
