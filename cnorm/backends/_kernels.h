@@ -443,6 +443,40 @@ static inline __m512 cn_vldm_cn_bf16(__mmask16 k, const cn_bf16* p) {
 static inline __m512 cn_vldm_cn_f16(__mmask16 k, const cn_f16* p) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
 }
+/* 32 values as two float vectors, for sums (where a value lands among the
+   lanes only has to depend on its position): positions 0-15 and 16-31, but
+   for bfloat16 the even and the odd positions - one load, a shift and a
+   mask, no widening shuffle (on Zen 4 the shuffle costs twice the rest). */
+static inline void cn_vld2_float(const float* p, __m512* a, __m512* b) {
+    *a = _mm512_loadu_ps(p); *b = _mm512_loadu_ps(p + 16);
+}
+static inline void cn_vld2_cn_f16(const cn_f16* p, __m512* a, __m512* b) {
+    *a = cn_vld_cn_f16(p); *b = cn_vld_cn_f16(p + 16);
+}
+static inline void cn_vld2_cn_bf16(const cn_bf16* p, __m512* a, __m512* b) {
+    __m512i u = _mm512_loadu_si512((const void*)p);
+    *a = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    *b = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+/* the same for the first r (0 < r < 32) values: absent lanes are 0.0f and
+   left out of *ka, *kb */
+static inline void cn_vld2m_float(ptrdiff_t r, const float* p, __m512* a, __m512* b,
+                                  __mmask16* ka, __mmask16* kb) {
+    *ka = cn_mask16(r); *kb = cn_mask16(r - 16);
+    *a = cn_vldm_float(*ka, p); *b = cn_vldm_float(*kb, p + 16);
+}
+static inline void cn_vld2m_cn_f16(ptrdiff_t r, const cn_f16* p, __m512* a, __m512* b,
+                                   __mmask16* ka, __mmask16* kb) {
+    *ka = cn_mask16(r); *kb = cn_mask16(r - 16);
+    *a = cn_vldm_cn_f16(*ka, p); *b = cn_vldm_cn_f16(*kb, p + 16);
+}
+static inline void cn_vld2m_cn_bf16(ptrdiff_t r, const cn_bf16* p, __m512* a, __m512* b,
+                                    __mmask16* ka, __mmask16* kb) {
+    __m512i u = _mm512_maskz_loadu_epi16((__mmask32)(r >= 32 ? 0xffffffffu : (1u << r) - 1u), p);
+    *ka = cn_mask16((r + 1) / 2); *kb = cn_mask16(r / 2);
+    *a = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+    *b = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
 static inline void cn_vst_float(float* p, __m512 v, int nt) {
     if (nt) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
 }
@@ -1061,12 +1095,13 @@ static inline int cn_dfinite3(double a, double b, double c) {
     return (a * 0.0 + b * 0.0 + c * 0.0) == 0.0;
 }
 
-/* LayerNorm forward row statistics: two passes in 32 float lanes, each
-   512-element chunk's lanes added into double - pass 1 sums x - x[0] (exact
-   pivot), pass 2 sums (x - mf)^2 and x - mf around the float-rounded mean mf,
-   corrected exactly for that rounding (as cn_cl_stats). Positions alone
-   decide lanes and chunks. Returns 0 when a float sum overflowed: the caller
-   redoes the row in double. Half data are widened in registers. */
+/* LayerNorm forward row statistics in 32 float lanes, each 512-element
+   chunk's lanes added into double: one pass around a pivot (see
+   CN_ONEPASS_MAX), else two - pass 1 sums x - x[0] (exact pivot), pass 2 sums
+   (x - mf)^2 and x - mf around the float-rounded mean mf, corrected exactly
+   for that rounding (as cn_cl_stats). Positions alone decide lanes and
+   chunks. Returns 0 when a float sum overflowed: the caller redoes the row in
+   double. Half data are widened in registers. */
 #define CN_RCH 512
 #if defined(CN_AVX512)
 /* tails by masked loads; lanes kept as vectors: (lanes j and j + 16 in
@@ -1083,10 +1118,10 @@ static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, i
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;                                        \
         for (i = 0; i + 64 <= m; i += 64) {  /* four accumulators: add latency hidden */  \
-            __m512 e0 = _mm512_sub_ps(cn_vld_##T(xc + i), vc);                            \
-            __m512 e1 = _mm512_sub_ps(cn_vld_##T(xc + i + 16), vc);                       \
-            __m512 e2 = _mm512_sub_ps(cn_vld_##T(xc + i + 32), vc);                       \
-            __m512 e3 = _mm512_sub_ps(cn_vld_##T(xc + i + 48), vc);                       \
+            __m512 e0, e1, e2, e3;                                                        \
+            cn_vld2_##T(xc + i, &e0, &e1); cn_vld2_##T(xc + i + 32, &e2, &e3);            \
+            e0 = _mm512_sub_ps(e0, vc); e1 = _mm512_sub_ps(e1, vc);                       \
+            e2 = _mm512_sub_ps(e2, vc); e3 = _mm512_sub_ps(e3, vc);                       \
             if (sq) {                                                                     \
                 a0 = _mm512_fmadd_ps(e0, e0, a0); a1 = _mm512_fmadd_ps(e1, e1, a1);       \
                 a2 = _mm512_fmadd_ps(e2, e2, a2); a3 = _mm512_fmadd_ps(e3, e3, a3);       \
@@ -1097,11 +1132,16 @@ static inline void cn_row_lanes_##T(const T* restrict x, ptrdiff_t n, float c, i
                 a2 = _mm512_add_ps(a2, e2); a3 = _mm512_add_ps(a3, e3);                   \
             }                                                                             \
         }                                                                                 \
-        for (; i < m; i += 16) {  /* tail, by masked loads, into a0 */                    \
-            __mmask16 k = cn_mask16(m - i);                                               \
-            __m512 e = _mm512_maskz_sub_ps(k, cn_vldm_##T(k, xc + i), vc);                \
-            if (sq) { a0 = _mm512_fmadd_ps(e, e, a0); b0 = _mm512_add_ps(b0, e); }        \
-            else a0 = _mm512_add_ps(a0, e);                                               \
+        for (; i < m; i += 32) {  /* tail, by masked loads, into a0 and a1 */             \
+            __m512 e0, e1; __mmask16 k0, k1;                                              \
+            cn_vld2m_##T(m - i, xc + i, &e0, &e1, &k0, &k1);                              \
+            e0 = _mm512_maskz_sub_ps(k0, e0, vc); e1 = _mm512_maskz_sub_ps(k1, e1, vc);   \
+            if (sq) {                                                                     \
+                a0 = _mm512_fmadd_ps(e0, e0, a0); a1 = _mm512_fmadd_ps(e1, e1, a1);       \
+                b0 = _mm512_add_ps(b0, e0); b1 = _mm512_add_ps(b1, e1);                   \
+            } else {                                                                      \
+                a0 = _mm512_add_ps(a0, e0); a1 = _mm512_add_ps(a1, e1);                   \
+            }                                                                             \
         }                                                                                 \
         a0 = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));                 \
         p1 = _mm512_add_pd(p1, _mm512_cvtps_pd(_mm512_castps512_ps256(a0)));              \
@@ -1472,18 +1512,18 @@ static inline void cn_hgrad_run_v_##T(const T* g, const T* x, ptrdiff_t n, doubl
         ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK;                              \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;     \
         for (i = 0; i + CN_FL <= k; i += CN_FL) {                                         \
-            __m512 g0 = cn_vld_##T(gc + i), g1 = cn_vld_##T(gc + i + 16);                 \
-            __m512 u0 = _mm512_sub_ps(cn_vld_##T(xc + i), vm);                            \
-            __m512 u1 = _mm512_sub_ps(cn_vld_##T(xc + i + 16), vm);                       \
+            __m512 g0, g1, u0, u1;                                                        \
+            cn_vld2_##T(gc + i, &g0, &g1); cn_vld2_##T(xc + i, &u0, &u1);                 \
+            u0 = _mm512_sub_ps(u0, vm); u1 = _mm512_sub_ps(u1, vm);                       \
             a0 = _mm512_add_ps(a0, g0); a1 = _mm512_add_ps(a1, g1);                       \
             b0 = _mm512_fmadd_ps(g0, u0, b0); b1 = _mm512_fmadd_ps(g1, u1, b1);           \
             c0 = _mm512_add_ps(c0, u0); c1 = _mm512_add_ps(c1, u1);                       \
         }                                                                                 \
         if (i < k) {                                                                      \
-            __mmask16 k0 = cn_mask16(k - i), k1 = cn_mask16(k - i - 16);                  \
-            __m512 g0 = cn_vldm_##T(k0, gc + i), g1 = cn_vldm_##T(k1, gc + i + 16);       \
-            __m512 u0 = _mm512_maskz_sub_ps(k0, cn_vldm_##T(k0, xc + i), vm);             \
-            __m512 u1 = _mm512_maskz_sub_ps(k1, cn_vldm_##T(k1, xc + i + 16), vm);        \
+            __m512 g0, g1, u0, u1; __mmask16 k0, k1;                                      \
+            cn_vld2m_##T(k - i, gc + i, &g0, &g1, &k0, &k1);                              \
+            cn_vld2m_##T(k - i, xc + i, &u0, &u1, &k0, &k1);                              \
+            u0 = _mm512_maskz_sub_ps(k0, u0, vm); u1 = _mm512_maskz_sub_ps(k1, u1, vm);   \
             a0 = _mm512_add_ps(a0, g0); a1 = _mm512_add_ps(a1, g1);                       \
             b0 = _mm512_fmadd_ps(g0, u0, b0); b1 = _mm512_fmadd_ps(g1, u1, b1);           \
             c0 = _mm512_add_ps(c0, u0); c1 = _mm512_add_ps(c1, u1);                       \
