@@ -508,6 +508,31 @@ static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) { cn_vst16(p, cn
 static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
     cn_vst16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nt);
 }
+/* 32 values given as cn_vld2 loads them, stored in order (whole lines when
+   streaming: p is then 64-byte aligned). bfloat16: one conversion of both
+   vectors and one permutation back from even/odd positions; the hardware
+   conversion reads subnormals as zero, so 32 values holding one take the
+   integer rounding (one check per 32 values: a check per vector cost as
+   much as the conversion). */
+static inline void cn_vst2_float(float* p, __m512 a, __m512 b, int nt) {
+    cn_vst_float(p, a, nt); cn_vst_float(p + 16, b, nt);
+}
+static inline void cn_vst2_cn_f16(cn_f16* p, __m512 a, __m512 b, int nt) {
+    cn_vst_cn_f16(p, a, nt); cn_vst_cn_f16(p + 16, b, nt);
+}
+static inline void cn_vst2_cn_bf16(cn_bf16* p, __m512 a, __m512 b, int nt) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
+                                                24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i w;
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)), 1))
+        w = (__m512i)_mm512_cvtne2ps_pbh(b, a);   /* a's 16 values, then b's */
+    else
+#endif
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(cn_bf16_round16(a)), cn_bf16_round16(b), 1);
+    w = _mm512_permutexvar_epi16(interleave, w);
+    if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512((void*)p, w);
+}
 /* masked stores: lanes outside k are not written */
 static inline void cn_vstm_float(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
 static inline void cn_vstm_cn_bf16(cn_bf16* p, __mmask16 k, __m512 v) {
@@ -542,29 +567,49 @@ static inline void cn_vstm_cn_f16(cn_f16* p, __mmask16 k, __m512 v) {
 } while (0)
 #endif
 
+/* CN_BODY by 32 values per step (VECTOR2 handles [i, i + 32) through
+   cn_vld2/cn_vst2), for the sweeps whose constants are scalars */
+#if defined(CN_AVX512)
+#define CN_BODY2(T, y, n, SCALAR, VECTOR2) do {                                           \
+    const int nt_ = cn_nt_store && (n) >= CN_NT_MIN;                                      \
+    ptrdiff_t i0_ = 0, h_ = nt_ ? CN_HEAD(T, y, n) : 0;                                   \
+    for (; i0_ < h_; i0_++) { ptrdiff_t i = i0_; SCALAR; }                                \
+    for (; i0_ + 32 <= (n); i0_ += 32) { ptrdiff_t i = i0_; VECTOR2; }                    \
+    for (; i0_ < (n); i0_++) { ptrdiff_t i = i0_; SCALAR; }                               \
+} while (0)
+#else
+#define CN_BODY2(T, y, n, SCALAR, VECTOR2) CN_BODY(T, y, n, SCALAR, VECTOR2)
+#endif
 #define CN_EW(T)                                                                          \
 /* y = (x - mh) a + b */                                                                  \
 static inline void cn_norm_run_##T(const T* x, T* y, ptrdiff_t n, float mh, float a,      \
                                    float b) {                                             \
-    CN_BODY(T, y, n,                                                                      \
+    CN_BODY2(T, y, n,                                                                     \
         cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i) - mh, a, b)),                          \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_S(mh)),      \
-                                          CN_S(a), CN_S(b)), nt_));                       \
+        __m512 u0; __m512 u1; cn_vld2_##T(x + i, &u0, &u1);                               \
+        cn_vst2_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(u0, CN_S(mh)), CN_S(a), CN_S(b)), \
+                    _mm512_fmadd_ps(_mm512_sub_ps(u1, CN_S(mh)), CN_S(a), CN_S(b)), nt_)); \
 }                                                                                         \
 /* y = x a + b */                                                                         \
 static inline void cn_scale_run_##T(const T* x, T* y, ptrdiff_t n, float a, float b) {    \
-    CN_BODY(T, y, n,                                                                      \
+    CN_BODY2(T, y, n,                                                                     \
         cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i), a, b)),                               \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(cn_vld_##T(x + i), CN_S(a), CN_S(b)), nt_));     \
+        __m512 u0; __m512 u1; cn_vld2_##T(x + i, &u0, &u1);                               \
+        cn_vst2_##T(y + i, _mm512_fmadd_ps(u0, CN_S(a), CN_S(b)),                         \
+                    _mm512_fmadd_ps(u1, CN_S(a), CN_S(b)), nt_));                         \
 }                                                                                         \
 /* dx = g ka + ((x - mh) kb + kc) */                                                      \
 static inline void cn_dx_run_##T(const T* g, const T* x, T* dx, ptrdiff_t n, float ka,    \
                                  float mh, float kb, float kc) {                          \
-    CN_BODY(T, dx, n,                                                                     \
+    CN_BODY2(T, dx, n,                                                                    \
         cn_st1_##T(dx + i, CN_FMA(CN_LDF_##T(g + i), ka,                                  \
                                   CN_FMA(CN_LDF_##T(x + i) - mh, kb, kc))),               \
-        cn_vst_##T(dx + i, _mm512_fmadd_ps(cn_vld_##T(g + i), CN_S(ka),                   \
-            _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_S(mh)), CN_S(kb), CN_S(kc))), nt_)); \
+        __m512 g0; __m512 g1; __m512 u0; __m512 u1;                                       \
+        cn_vld2_##T(g + i, &g0, &g1); cn_vld2_##T(x + i, &u0, &u1);                       \
+        cn_vst2_##T(dx + i, _mm512_fmadd_ps(g0, CN_S(ka), _mm512_fmadd_ps(                \
+                        _mm512_sub_ps(u0, CN_S(mh)), CN_S(kb), CN_S(kc))),                \
+                    _mm512_fmadd_ps(g1, CN_S(ka), _mm512_fmadd_ps(                        \
+                        _mm512_sub_ps(u1, CN_S(mh)), CN_S(kb), CN_S(kc))), nt_));         \
 }                                                                                         \
 /* channels-last row: y[c] = (x[c] - mh[c]) a[c] + b[c] */                                \
 static inline void cn_row_norm_##T(const T* x, T* y, ptrdiff_t n, const float* mh,       \
