@@ -508,6 +508,15 @@ static inline void cn_vst_cn_bf16(cn_bf16* p, __m512 v, int nt) { cn_vst16(p, cn
 static inline void cn_vst_cn_f16(cn_f16* p, __m512 v, int nt) {
     cn_vst16(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nt);
 }
+/* 32 floats to bfloat16 (a's 16, then b's) as cn_bf16_cvt16, one subnormal
+   check for both */
+static inline __m512i cn_bf16_cvt32(__m512 a, __m512 b) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)), 1))
+        return (__m512i)_mm512_cvtne2ps_pbh(b, a);
+#endif
+    return _mm512_inserti64x4(_mm512_castsi256_si512(cn_bf16_round16(a)), cn_bf16_round16(b), 1);
+}
 /* 32 values given as cn_vld2 loads them, stored in order (whole lines when
    streaming: p is then 64-byte aligned). bfloat16: one conversion of both
    vectors and one permutation back from even/odd positions; the hardware
@@ -523,14 +532,15 @@ static inline void cn_vst2_cn_f16(cn_f16* p, __m512 a, __m512 b, int nt) {
 static inline void cn_vst2_cn_bf16(cn_bf16* p, __m512 a, __m512 b, int nt) {
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                                 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512i w;
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-    if (__builtin_expect(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)), 1))
-        w = (__m512i)_mm512_cvtne2ps_pbh(b, a);   /* a's 16 values, then b's */
-    else
-#endif
-        w = _mm512_inserti64x4(_mm512_castsi256_si512(cn_bf16_round16(a)), cn_bf16_round16(b), 1);
-    w = _mm512_permutexvar_epi16(interleave, w);
+    __m512i w = _mm512_permutexvar_epi16(interleave, cn_bf16_cvt32(a, b));
+    if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512((void*)p, w);
+}
+/* 32 consecutive values given as two vectors in order (a: the first 16):
+   cn_vst2 without the permutation */
+static inline void cn_vstp_float(float* p, __m512 a, __m512 b, int nt) { cn_vst2_float(p, a, b, nt); }
+static inline void cn_vstp_cn_f16(cn_f16* p, __m512 a, __m512 b, int nt) { cn_vst2_cn_f16(p, a, b, nt); }
+static inline void cn_vstp_cn_bf16(cn_bf16* p, __m512 a, __m512 b, int nt) {
+    __m512i w = cn_bf16_cvt32(a, b);
     if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512((void*)p, w);
 }
 /* masked stores: lanes outside k are not written */
@@ -622,9 +632,11 @@ static inline void cn_row_norm_##T(const T* x, T* y, ptrdiff_t n, const float* m
 /* channels-last row: y[c] = x[c] a[c] + b[c] */                                          \
 static inline void cn_row_affine_##T(const T* x, T* y, ptrdiff_t n, const float* a,      \
                                      const float* b) {                                    \
-    CN_BODY(T, y, n,                                                                      \
+    CN_BODY2(T, y, n,                                                                     \
         cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i), a[i], b[i])),                         \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(cn_vld_##T(x + i), CN_P(a, i), CN_P(b, i)), nt_)); \
+        cn_vstp_##T(y + i, _mm512_fmadd_ps(cn_vld_##T(x + i), CN_P(a, i), CN_P(b, i)),    \
+                    _mm512_fmadd_ps(cn_vld_##T(x + i + 16), CN_P(a, i + 16),              \
+                                    CN_P(b, i + 16)), nt_));                              \
 }                                                                                         \
 /* channels-last row: dx[c] = g[c] ka[c] + ((x[c] - mh[c]) kb[c] + kc[c]) */              \
 static inline void cn_row_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,             \
@@ -641,10 +653,12 @@ static inline void cn_row_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,    
 static inline void cn_ln_fwd_##T(const T* x, T* y, ptrdiff_t n, float mh, float ml,       \
                                  float rf, const float* w, const float* b) {              \
     const float mlr = -ml * rf;                                                           \
-    CN_BODY(T, y, n,                                                                      \
+    CN_BODY2(T, y, n,                                                                     \
         cn_st1_##T(y + i, CN_FMA(CN_FMA(CN_LDF_##T(x + i) - mh, rf, mlr), w[i], b[i])),   \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_sub_ps(                  \
-            cn_vld_##T(x + i), CN_S(mh)), CN_S(rf), CN_S(mlr)), CN_P(w, i), CN_P(b, i)), nt_)); \
+        cn_vstp_##T(y + i, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_sub_ps(                 \
+            cn_vld_##T(x + i), CN_S(mh)), CN_S(rf), CN_S(mlr)), CN_P(w, i), CN_P(b, i)),  \
+            _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i + 16), CN_S(mh)), \
+            CN_S(rf), CN_S(mlr)), CN_P(w, i + 16), CN_P(b, i + 16)), nt_));               \
 }                                                                                         \
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */                \
 static inline void cn_ln_dx_##T(const T* g, const T* x, T* dx, ptrdiff_t n,              \
@@ -671,25 +685,34 @@ CN_EW(cn_f16)
 static inline void cn_cl_norm_span_##T(const T* x, T* y, ptrdiff_t n, ptrdiff_t C,       \
                                        const float* mh, const float* a, const float* b) { \
     ptrdiff_t c = 0;                                                                      \
-    CN_BODY(T, y, n,                                                                      \
+    CN_BODY2(T, y, n,                                                                      \
         cn_st1_##T(y + i, CN_FMA(CN_LDF_##T(x + i) - mh[c], a[c], b[c]));                 \
         if (++c == C) c = 0,                                                              \
-        cn_vst_##T(y + i, _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, c)),  \
-                                          CN_P(a, c), CN_P(b, c)), nt_);                  \
-        c += 16; while (c >= C) c -= C);                                                  \
+        __m512 v0 = _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, c)),       \
+                                    CN_P(a, c), CN_P(b, c));                              \
+        c += 16; while (c >= C) c -= C;                                                   \
+        __m512 v1 = _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i + 16), CN_P(mh, c)),  \
+                                    CN_P(a, c), CN_P(b, c));                              \
+        c += 16; while (c >= C) c -= C;                                                   \
+        cn_vstp_##T(y + i, v0, v1, nt_));                                                 \
 }                                                                                         \
 static inline void cn_cl_dx_span_##T(const T* g, const T* x, T* dx, ptrdiff_t n,         \
                                      ptrdiff_t C, const float* ka, const float* mh,       \
                                      const float* kb, const float* kc) {                  \
     ptrdiff_t c = 0;                                                                      \
-    CN_BODY(T, dx, n,                                                                     \
+    CN_BODY2(T, dx, n,                                                                     \
         cn_st1_##T(dx + i, CN_FMA(CN_LDF_##T(g + i), ka[c],                               \
                                   CN_FMA(CN_LDF_##T(x + i) - mh[c], kb[c], kc[c])));      \
         if (++c == C) c = 0,                                                              \
-        cn_vst_##T(dx + i, _mm512_fmadd_ps(cn_vld_##T(g + i), CN_P(ka, c),                \
+        __m512 v0 = _mm512_fmadd_ps(cn_vld_##T(g + i), CN_P(ka, c),                       \
             _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i), CN_P(mh, c)), CN_P(kb, c),   \
-                            CN_P(kc, c))), nt_);                                          \
-        c += 16; while (c >= C) c -= C);                                                  \
+                            CN_P(kc, c)));                                                \
+        c += 16; while (c >= C) c -= C;                                                   \
+        __m512 v1 = _mm512_fmadd_ps(cn_vld_##T(g + i + 16), CN_P(ka, c),                  \
+            _mm512_fmadd_ps(_mm512_sub_ps(cn_vld_##T(x + i + 16), CN_P(mh, c)), CN_P(kb, c), \
+                            CN_P(kc, c)));                                                \
+        c += 16; while (c >= C) c -= C;                                                   \
+        cn_vstp_##T(dx + i, v0, v1, nt_));                                                \
 }
 CN_CLSPANS(float)
 CN_CLSPANS(cn_bf16)
