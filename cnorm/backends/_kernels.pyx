@@ -468,7 +468,11 @@ cdef inline void cf_block(Py_ssize_t N, Py_ssize_t S, Py_ssize_t rb, Py_ssize_t 
 # from L2 with streaming stores) each advance it by a third of what they
 # process, so memory keeps reading x while this core computes or writes: the
 # reads of channel c + 1 overlap all of channel c's work (both channels fit
-# in the per-core L2 together). A hint only: no value depends on it.
+# in the per-core L2 together). The fused backward's dx sweep advances two
+# cursors (dy and x of the next channel) by what fits beside the current
+# channel. Toward L2 (prefetcht1): toward L1 the next channel evicted the
+# lines the current sweep was about to read (backward 3-10% slower, not
+# faster). A hint only: no value depends on it.
 ctypedef struct PfCur:
     const char* base    # first run of the next channel
     Py_ssize_t run      # bytes of a run
@@ -478,11 +482,22 @@ ctypedef struct PfCur:
     Py_ssize_t off      # next byte within it
 
 
+cdef inline void pf_init(PfCur* p, const char* base, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
+                         Py_ssize_t item) noexcept nogil:
+    """A cursor at the start of the channel whose first run is at ``base``."""
+    p.base = base
+    p.run = S * item
+    p.stride = C * S * item
+    p.nrun = N
+    p.r = 0
+    p.off = 0
+
+
 cdef inline void pf_step(PfCur* p, Py_ssize_t nb) noexcept nogil:
     cdef Py_ssize_t m
     while nb > 0 and p.r < p.nrun:
         m = p.run - p.off if nb > p.run - p.off else nb
-        cn_prefetch(p.base + p.r * p.stride + p.off, m)
+        cn_prefetch_l2(p.base + p.r * p.stride + p.off, m)
         p.off += m
         nb -= m
         if p.off >= p.run:
@@ -622,12 +637,7 @@ cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ss
     cdef PfCur pf
     cdef PfCur* pfp = NULL
     if cn >= 0 and y != NULL and not have_part:
-        pf.base = <const char*>(x + cn * S)
-        pf.run = S * sizeof(dat)
-        pf.stride = C * S * sizeof(dat)
-        pf.nrun = N
-        pf.r = 0
-        pf.off = 0
+        pf_init(&pf, <const char*>(x + cn * S), N, S, C, sizeof(dat))
         pfp = &pf
     for k in range(nblk):
         if have_part:
@@ -759,14 +769,21 @@ cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
 cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
-                      const floating* kk) noexcept nogil:
-    cdef Py_ssize_t r0, r1, s0, s1, r, off
+                      const floating* kk, PfCur* pfg=NULL, PfCur* pfx=NULL,
+                      double pf_frac=0.0) noexcept nogil:
+    """dx of block k of channel c, newest rows first; with cursors, each row is
+    followed by a prefetch step of pf_frac times its bytes in g and in x."""
+    cdef Py_ssize_t r0, r1, s0, s1, r, off, nb
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
+    nb = <Py_ssize_t>(pf_frac * <double>((s1 - s0) * sizeof(dat)))
     r = r1
     while r > r0:
         r -= 1
         off = (r * C + c) * S + s0
         dx_run(g + off, x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
+        if pfg != NULL:
+            pf_step(pfg, nb)
+            pf_step(pfx, nb)
 
 
 cdef inline void cross_bwd_consts(int mode, double cnt, double sg, double sgx, double mu, double dl,
@@ -790,8 +807,15 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
                          Py_ssize_t c, const double* part, bint have_part, int mode,
                          const floating* mean, const floating* rstd, const floating* w,
                          const floating* mdy, const floating* mdyx,
-                         floating* oa, floating* ob, floating* kk, bint apply_dx) noexcept nogil:
-    cdef double sg = 0.0, sgx = 0.0, sx = 0.0, dl = 0.0
+                         floating* oa, floating* ob, floating* kk, bint apply_dx,
+                         Py_ssize_t cn=-1) noexcept nogil:
+    """Gradient sums of channel c (or its block partials from ``part``), then its dx
+    while the channel is in L2. With cn >= 0 (the thread's next channel), the dx
+    sweep also prefetches the start of channel cn's dy and x toward L2 - as much
+    as fits beside this channel - so memory reads it while this core computes."""
+    cdef double sg = 0.0, sgx = 0.0, sx = 0.0, dl = 0.0, frac = 0.0
+    cdef PfCur pfg, pfx
+    cdef Py_ssize_t chan = N * S * sizeof(dat)
     cdef double blk[3]
     cdef double mu = mean[c], r = rstd[c]
     cdef floating dscale = <floating>(<double>w[c] * r)
@@ -810,10 +834,18 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
             dl = recentre(<double>(N * S), sx, sg, &sgx)
     cross_bwd_consts(mode, <double>(N * S), sg, sgx, mu, dl, r, w[c], mdy, mdyx, c, oa, ob, kk + 4 * c)
     if apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY):
+        if cn >= 0 and FUSE_BYTES > 2 * chan:
+            frac = <double>(FUSE_BYTES - 2 * chan) / <double>(2 * chan)
+            frac = frac if frac < 1.0 else 1.0
+            pf_init(&pfg, <const char*>(g + cn * S), N, S, C, sizeof(dat))
+            pf_init(&pfx, <const char*>(x + cn * S), N, S, C, sizeof(dat))
         k = nblk
         while k > 0:
             k -= 1
-            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c)
+            if frac > 0.0:
+                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c, &pfg, &pfx, frac)
+            else:
+                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c)
 
 
 cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
@@ -831,14 +863,16 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                 hi = split_lo(C, nt, t + 1)
                 for c in range(lo, hi):
                     cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
-                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True,
+                                   c + 1 if c + 1 < hi else -1)
         else:
             for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
                 lo = split_lo(C, nt, t)
                 hi = split_lo(C, nt, t + 1)
                 for c in range(lo, hi):
                     cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
-                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True)
+                                   mean, rstd, w, mdy, mdyx, oa, ob, kk, True,
+                                   c + 1 if c + 1 < hi else -1)
                 cn_sfence()  # order this thread's streaming stores before the join
         return
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
