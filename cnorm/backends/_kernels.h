@@ -746,6 +746,15 @@ static inline void cn_m2_recentre(ptrdiff_t C, ptrdiff_t nr, const double* m, co
         q[c] = v > 0.0 ? v : 0.0;
     }
 }
+/* One pass where it is as exact: the row statistics of cn_ln_row_stats (and
+   the channels-last column statistics) sum x - p and (x - p)^2 around a pivot
+   p close to the mean and form M2 = S2 - S1^2/n in double. M2's rounding error
+   is the float S2's times S2/M2 = 1 + (p - mean)^2/var; above CN_ONEPASS_MAX
+   (p far from the mean: drifting data, outliers where p was taken) the
+   two-pass sweep redoes it. The pivot is a pairwise float mean of 16 (rows)
+   or 8 (columns) values: exactly the value of a constant run, within about
+   std/3 of the mean of most data. */
+#define CN_ONEPASS_MAX 16.0
 #define CN_CLSTATS(T)                                                                     \
 static inline int cn_cl_stats_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,         \
                                   double* restrict m, double* restrict q, double* ws) {   \
@@ -903,15 +912,6 @@ static inline int cn_cl_stats_2p_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_
 CN_CLSTATS_V(float)
 CN_CLSTATS_V(cn_bf16)
 CN_CLSTATS_V(cn_f16)
-/* One pass where it is as exact: the row statistics of cn_ln_row_stats (and
-   the channels-last column statistics) sum x - p and (x - p)^2 around a pivot
-   p close to the mean and form M2 = S2 - S1^2/n in double. M2's rounding error
-   is the float S2's times S2/M2 = 1 + (p - mean)^2/var; above CN_ONEPASS_MAX
-   (p far from the mean: drifting data, outliers where p was taken) the
-   two-pass sweep redoes it. The pivot is a pairwise float mean of 16 (rows)
-   or 8 (columns) values: exactly the value of a constant run, within about
-   std/3 of the mean of most data. */
-#define CN_ONEPASS_MAX 16.0
 /* The channels-last block sweep in one pass (compute-bound on half data, each
    pass widening every value again): the pivot is the pairwise mean of the
    block's first CN_RC rows, a column above CN_ONEPASS_MAX sends the whole
