@@ -1378,16 +1378,25 @@ static inline __attribute__((always_inline)) void cn_lnb_tile_##T(              
             _mm_prefetch((const char*)(gr + pf + 16 * v), _MM_HINT_T1);                   \
             _mm_prefetch((const char*)(xr + pf + 16 * v), _MM_HINT_T1);                   \
         }                                                                                 \
+        __m512 o[4];                                                                      \
         for (v = 0; v < nv; v++) {                                                        \
             __m512 gv = cn_vldm_##T(km[v], gr + 16 * v), q = _mm512_mul_ps(gv, rf);       \
             __m512 d = _mm512_maskz_sub_ps(km[v], _mm512_sub_ps(cn_vldm_##T(km[v], xr + 16 * v), mu), dl); \
-            if (dx != NULL) {  /* dx = w (g rf) + (d kb + kc): four FMA-unit operations, not five */ \
-                __m512 o = _mm512_fmadd_ps(wv[v], q, _mm512_fmadd_ps(d, kb, kc));         \
-                if (km[v] == (__mmask16)0xffff) cn_vst_##T(dx + n * C + 16 * v, o, nt);   \
-                else cn_vstm_##T(dx + n * C + 16 * v, km[v], o);                          \
-            }                                                                             \
+            /* dx = w (g rf) + (d kb + kc): four FMA-unit operations, not five */         \
+            o[v] = _mm512_fmadd_ps(wv[v], q, _mm512_fmadd_ps(d, kb, kc));                 \
             ab[v] = _mm512_add_ps(ab[v], gv);                                             \
             aw[v] = _mm512_fmadd_ps(q, d, aw[v]);                                         \
+        }                                                                                 \
+        if (dx != NULL) {  /* full tiles by pairs: one conversion for two vectors */      \
+            if (nv == 4 && km[3] == (__mmask16)0xffff) {                                  \
+                cn_vstp_##T(dx + n * C, o[0], o[1], nt);                                  \
+                cn_vstp_##T(dx + n * C + 32, o[2], o[3], nt);                             \
+            } else {                                                                      \
+                for (v = 0; v < nv; v++) {                                                \
+                    if (km[v] == (__mmask16)0xffff) cn_vst_##T(dx + n * C + 16 * v, o[v], nt); \
+                    else cn_vstm_##T(dx + n * C + 16 * v, km[v], o[v]);                   \
+                }                                                                         \
+            }                                                                             \
         }                                                                                 \
     }                                                                                     \
     for (v = 0; v < nv; v++) {                                                            \
