@@ -137,6 +137,16 @@ class Inputs:
     running_mean: np.ndarray | None = None
     running_var: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    cursor: int = 0
+
+    def next(self) -> int:
+        """The copy for the next call of any runner: one rotation shared by all of
+        them, so a copy is used again only after every other copy (over twice
+        the last-level cache) went through - cold for every backend alike. (Per-
+        runner rotations let one backend's call find the copy another backend
+        had just read still in cache.)"""
+        self.cursor = (self.cursor + 1) % len(self.xs)
+        return self.cursor
 
 
 def n_copies(case: Case, llc_bytes: int) -> int:
@@ -192,11 +202,9 @@ def _cnorm_backward(case: Case, dy, x, saved, weight):
 
 def cnorm_runner(case: Case, inp: Inputs, backend: str):
     """A zero-argument call that runs one cnorm call on the next copy, and its first result."""
-    k = len(inp.xs)
-    state = {"i": 0}
     if case.direction == "fwd":
         def call():  # forward only, like PyTorch's timed call: no state kept for a backward
-            i = state["i"] = (state["i"] + 1) % k
+            i = inp.next()
             return _cnorm_forward(case, inp, inp.xs[i], backend, saved=False)[0]
 
         first = lambda: _cnorm_forward(case, inp, inp.xs[0], backend, saved=False)[0]  # noqa: E731
@@ -204,7 +212,7 @@ def cnorm_runner(case: Case, inp: Inputs, backend: str):
     saved = [_cnorm_forward(case, inp, x, backend)[1] for x in inp.xs]
 
     def call():
-        i = state["i"] = (state["i"] + 1) % k
+        i = inp.next()
         return _cnorm_backward(case, inp.dys[i], inp.xs[i], saved[i], inp.weight)[0]
 
     first = lambda: _cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight)[0]  # noqa: E731
@@ -253,10 +261,9 @@ def torch_runner(case: Case, inp: Inputs):
         return t.contiguous().float().numpy()
 
     xs = [tensor(x) for x in inp.xs]
-    k, state = len(xs), {"i": 0}
     if case.direction == "fwd":
         def call():
-            i = state["i"] = (state["i"] + 1) % k
+            i = inp.next()
             return fwd(xs[i])
 
         return call, lambda: to_numpy(fwd(xs[0]))
@@ -267,7 +274,7 @@ def torch_runner(case: Case, inp: Inputs):
     grads = [tensor(dy) for dy in inp.dys]
 
     def call():
-        i = state["i"] = (state["i"] + 1) % k
+        i = inp.next()
         return torch.autograd.grad(outs[i], (leaves[i], w, b), grads[i], retain_graph=True)
 
     def first():
@@ -349,10 +356,9 @@ def copy_runner(inp: "Inputs", threads: int):
     from .backends._kernels import parallel_copy
 
     dst = np.empty_like(inp.xs[0])
-    state = {"i": 0}
 
     def call():
-        i = state["i"] = (state["i"] + 1) % len(inp.xs)
+        i = inp.next()
         parallel_copy(inp.xs[i], dst, threads)
 
     return call
