@@ -845,85 +845,7 @@ static inline __attribute__((always_inline)) void cn_cls_slab_sum_##T(          
             acc[v] = _mm512_add_ps(acc[v], _mm512_sub_ps(cn_vld_##T(x + r * C + 16 * v), piv[v])); \
     for (v = 0; v < nv; v++) _mm512_storeu_ps(a + 16 * v, acc[v]);                        \
 }                                                                                         \
-static inline __attribute__((always_inline)) void cn_cls_slab_sq_##T(                     \
-        const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
-        const float* restrict mf, float* restrict b, const T* pf) {                        \
-    __m512 mv[4], b0[4], b1[4]; ptrdiff_t r; int v;                                       \
-    for (v = 0; v < nv; v++) {                                                            \
-        mv[v] = _mm512_loadu_ps(mf + 16 * v); b0[v] = _mm512_loadu_ps(b + 16 * v); b1[v] = _mm512_setzero_ps(); \
-    }                                                                                     \
-    for (r = 0; r + 2 <= nr; r += 2) {                                                    \
-        const T* p = x + r * C;                                                           \
-        for (v = 0; v < nv; v++) {                                                        \
-            __m512 d0 = _mm512_sub_ps(cn_vld_##T(p + 16 * v), mv[v]);                     \
-            __m512 d1 = _mm512_sub_ps(cn_vld_##T(p + C + 16 * v), mv[v]);                 \
-            _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1);          \
-            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);                                       \
-            b1[v] = _mm512_fmadd_ps(d1, d1, b1[v]);                                       \
-        }                                                                                 \
-    }                                                                                     \
-    for (; r < nr; r++)                                                                   \
-        for (v = 0; v < nv; v++) {                                                        \
-            __m512 d0 = _mm512_sub_ps(cn_vld_##T(x + r * C + 16 * v), mv[v]);             \
-            b0[v] = _mm512_fmadd_ps(d0, d0, b0[v]);                                       \
-        }                                                                                 \
-    for (v = 0; v < nv; v++) _mm512_storeu_ps(b + 16 * v, _mm512_add_ps(b0[v], b1[v]));   \
-}                                                                                         \
-/* Both passes prefetch the next nr rows into L2 (pass 1 the first half, pass  \
-   2 the second: a row per row pair), so memory keeps streaming while this     \
-   thread computes; prefetches past the data are harmless. Pass 2 sums only    \
-   squares: the sum of deviations from mf that the exact correction needs is  \
-   pass 1's, re-centred in double: S(x - mf) = S(x - p) + nr (p - mf). */      \
-static inline int cn_cl_stats_2p_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,      \
-                                    double* restrict m, double* restrict q, double* ws) { \
-    float* restrict mf = (float*)ws; float* restrict a = mf + C;                          \
-    double* restrict se = ws + 2 * C; ptrdiff_t c, c0, r1, rs;                            \
-    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; mf[c] = CN_LDF_##T(x + c); }        \
-    for (r1 = 0; r1 < nr; ) {                                                             \
-        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
-        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
-        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
-            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
-            const T* pf = x + (nr + rs / 2) * C;                                          \
-            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 4, mf + c0, a + c0, pf + c0); \
-            for (; c0 < C; c0 += 16) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 1, mf + c0, a + c0, pf + c0); \
-        }                                                                                 \
-        for (c = 0; c < C; c++) m[c] += (double)a[c];                                     \
-        r1 = rend;                                                                        \
-    }                                                                                     \
-    if (!cn_finite_f(a, C)) return 0;                                                     \
-    for (c = 0; c < C; c++) {                                                             \
-        double p = (double)CN_LDF_##T(x + c), s1 = m[c];                                  \
-        m[c] = p + s1 / (double)nr;                                                       \
-        mf[c] = (float)m[c];                                                              \
-        se[c] = s1 + (double)nr * (p - (double)mf[c]);                                    \
-    }                                                                                     \
-    for (r1 = 0; r1 < nr; ) {                                                             \
-        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
-        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
-        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
-            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
-            const T* pf = x + (nr + (nr + 1) / 2 + rs / 2) * C;                           \
-            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sq_##T(x + rs * C + c0, k, C, 4, mf + c0, a + c0, pf + c0); \
-            for (; c0 < C; c0 += 16) cn_cls_slab_sq_##T(x + rs * C + c0, k, C, 1, mf + c0, a + c0, pf + c0); \
-        }                                                                                 \
-        if (!cn_finite_f(a, C)) return 0;                                                 \
-        for (c = 0; c < C; c++) q[c] += (double)a[c];                                     \
-        r1 = rend;                                                                        \
-    }                                                                                     \
-    cn_m2_recentre(C, nr, m, mf, se, q);                                                  \
-    return 1;                                                                             \
-}
-CN_CLSTATS_V(float)
-CN_CLSTATS_V(cn_bf16)
-CN_CLSTATS_V(cn_f16)
-/* The channels-last block sweep in one pass (compute-bound on half data, each
-   pass widening every value again): the pivot is the pairwise mean of the
-   block's first CN_RC rows, a column above CN_ONEPASS_MAX sends the whole
-   block to the two-pass sweep. Float partials over CN_FROWS rows, as there;
-   same contract. */
-#define CN_CLSTATS_1P(T)                                                                  \
-static inline __attribute__((always_inline)) void cn_cls_slab_1p_##T(                     \
+static inline __attribute__((always_inline)) void cn_cls_slab_sums_##T(                     \
         const T* restrict x, ptrdiff_t nr, ptrdiff_t C, const int nv,                      \
         const float* restrict pv, float* restrict a, float* restrict b, const T* pf) {     \
     __m512 p[4], s[4], q0[4], q1[4]; ptrdiff_t r; int v;                                  \
@@ -954,10 +876,80 @@ static inline __attribute__((always_inline)) void cn_cls_slab_1p_##T(           
         _mm512_storeu_ps(b + 16 * v, _mm512_add_ps(q0[v], q1[v]));                        \
     }                                                                                     \
 }                                                                                         \
+/* Per-column sums of x - ctr (into s1, unless NULL) and (x - ctr)^2 (into s2)  \
+   over nr rows, set: float partials (fa, fb: C floats each) over CN_FROWS     \
+   rows, slabs of `slab` rows, each prefetching its rows of the next nr rows.  \
+   0 when a float partial is not finite. */                                    \
+static inline int cn_cls_sweep_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,        \
+                                   ptrdiff_t slab, const float* restrict ctr,             \
+                                   float* restrict fa, float* restrict fb, double* s1,    \
+                                   double* restrict s2) {                                 \
+    ptrdiff_t c, c0, r1, rs;                                                              \
+    for (c = 0; c < C; c++) { if (s1) s1[c] = 0.0; s2[c] = 0.0; }                         \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) { fa[c] = 0.0f; fb[c] = 0.0f; }                           \
+        for (rs = r1; rs < rend; rs += slab) {                                            \
+            ptrdiff_t k = rend - rs < slab ? rend - rs : slab;                            \
+            const T* pf = x + (nr + rs) * C;                                              \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64)                                          \
+                cn_cls_slab_sums_##T(x + rs * C + c0, k, C, 4, ctr + c0, fa + c0, fb + c0, pf + c0); \
+            for (; c0 < C; c0 += 16)                                                      \
+                cn_cls_slab_sums_##T(x + rs * C + c0, k, C, 1, ctr + c0, fa + c0, fb + c0, pf + c0); \
+        }                                                                                 \
+        if (!cn_finite_f(fa, C) || !cn_finite_f(fb, C)) return 0;                         \
+        for (c = 0; c < C; c++) { if (s1) s1[c] += (double)fa[c]; s2[c] += (double)fb[c]; } \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    return 1;                                                                             \
+}                                                                                         \
+/* Both passes prefetch the next nr rows into L2 (pass 1 the first half, pass  \
+   2 all of them), so memory keeps streaming while this thread computes;      \
+   prefetches past the data are harmless. Pass 2 (the one-pass sweep's slab,  \
+   e: its unused sums) keeps only the squares: the sum of deviations from mf  \
+   that the exact correction needs is pass 1's, re-centred in double:         \
+   S(x - mf) = S(x - p) + nr (p - mf). */                                      \
+static inline int cn_cl_stats_2p_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,      \
+                                    double* restrict m, double* restrict q, double* ws) { \
+    float* restrict mf = (float*)ws; float* restrict a = mf + C, * restrict e = a + C;    \
+    double* restrict se = ws + 2 * C; ptrdiff_t c, c0, r1, rs;                            \
+    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; mf[c] = CN_LDF_##T(x + c); }        \
+    for (r1 = 0; r1 < nr; ) {                                                             \
+        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
+        for (c = 0; c < C; c++) a[c] = 0.0f;                                              \
+        for (rs = r1; rs < rend; rs += CN_RC) {                                           \
+            ptrdiff_t k = rend - rs < CN_RC ? rend - rs : CN_RC;                          \
+            const T* pf = x + (nr + rs / 2) * C;                                          \
+            for (c0 = 0; c0 + 64 <= C; c0 += 64) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 4, mf + c0, a + c0, pf + c0); \
+            for (; c0 < C; c0 += 16) cn_cls_slab_sum_##T(x + rs * C + c0, k, C, 1, mf + c0, a + c0, pf + c0); \
+        }                                                                                 \
+        for (c = 0; c < C; c++) m[c] += (double)a[c];                                     \
+        r1 = rend;                                                                        \
+    }                                                                                     \
+    if (!cn_finite_f(a, C)) return 0;                                                     \
+    for (c = 0; c < C; c++) {                                                             \
+        double p = (double)CN_LDF_##T(x + c), s1 = m[c];                                  \
+        m[c] = p + s1 / (double)nr;                                                       \
+        mf[c] = (float)m[c];                                                              \
+        se[c] = s1 + (double)nr * (p - (double)mf[c]);                                    \
+    }                                                                                     \
+    if (!cn_cls_sweep_##T(x, nr, C, CN_SLAB(T, C), mf, e, a, NULL, q)) return 0;         \
+    cn_m2_recentre(C, nr, m, mf, se, q);                                                  \
+    return 1;                                                                             \
+}
+CN_CLSTATS_V(float)
+CN_CLSTATS_V(cn_bf16)
+CN_CLSTATS_V(cn_f16)
+/* The channels-last block sweep in one pass (compute-bound on half data, each
+   pass widening every value again): the pivot is the pairwise mean of the
+   block's first CN_RC rows, a column above CN_ONEPASS_MAX sends the whole
+   block to the two-pass sweep. Float partials over CN_FROWS rows, as there;
+   same contract. */
+#define CN_CLSTATS_1P(T)                                                                  \
 static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t C,       \
                                     double* restrict m, double* restrict q, double* ws) { \
     float* restrict pv = (float*)ws; float* restrict a = pv + C; float* restrict b = a + C; \
-    ptrdiff_t c, c0, r1, rs, slab = CN_SLAB(T, C); int ok = 1;                            \
+    ptrdiff_t c, slab = CN_SLAB(T, C); int ok = 1;                                        \
     if (nr < CN_RC) return cn_cl_stats_2p_##T(x, nr, C, m, q, ws);                        \
     for (c = 0; c < C; c += 16) {                                                         \
         const T* p = x + c;                                                               \
@@ -969,22 +961,7 @@ static inline int cn_cl_stats_v_##T(const T* restrict x, ptrdiff_t nr, ptrdiff_t
                                                _mm512_add_ps(s45, s67)), CN_S(0.125f)));  \
     }                                                                                     \
     if (!cn_finite_f(pv, C)) return 0;                                                    \
-    for (c = 0; c < C; c++) { m[c] = 0.0; q[c] = 0.0; }                                   \
-    for (r1 = 0; r1 < nr; ) {                                                             \
-        ptrdiff_t rend = nr - r1 < CN_FROWS ? nr : r1 + CN_FROWS;                         \
-        for (c = 0; c < C; c++) { a[c] = 0.0f; b[c] = 0.0f; }                             \
-        for (rs = r1; rs < rend; rs += slab) {                                            \
-            ptrdiff_t k = rend - rs < slab ? rend - rs : slab;                            \
-            const T* pf = x + (nr + rs) * C;                                              \
-            for (c0 = 0; c0 + 64 <= C; c0 += 64)                                          \
-                cn_cls_slab_1p_##T(x + rs * C + c0, k, C, 4, pv + c0, a + c0, b + c0, pf + c0); \
-            for (; c0 < C; c0 += 16)                                                      \
-                cn_cls_slab_1p_##T(x + rs * C + c0, k, C, 1, pv + c0, a + c0, b + c0, pf + c0); \
-        }                                                                                 \
-        if (!cn_finite_f(a, C) || !cn_finite_f(b, C)) return 0;                           \
-        for (c = 0; c < C; c++) { m[c] += (double)a[c]; q[c] += (double)b[c]; }           \
-        r1 = rend;                                                                        \
-    }                                                                                     \
+    if (!cn_cls_sweep_##T(x, nr, C, slab, pv, a, b, m, q)) return 0;                     \
     for (c = 0; c < C; c++) {                                                             \
         double s1 = m[c], s2 = q[c], d = s1 / (double)nr, m2 = s2 - s1 * d;               \
         ok &= s2 <= CN_ONEPASS_MAX * m2;                                                  \
