@@ -1468,6 +1468,7 @@ static void cn_ln_bwd_rows_##T(const T* g, const T* x, T* dx, ptrdiff_t C,      
     float* restrict cb = fb; float* restrict cw = fb + cg;                                \
     double mk[CN_LNK], dk[CN_LNK], rk[CN_LNK]; float k5[5 * CN_LNK];                      \
     ptrdiff_t r0, n, i;                                                                   \
+    (void)i;  /* the portable pass B's column index */                                    \
     w += c0; pw += c0; pb += c0;                                                          \
     for (r0 = n0; r0 < n1; r0 += CN_LNK) {                                                \
         const ptrdiff_t r1 = n1 - r0 < CN_LNK ? n1 : r0 + CN_LNK, off0 = r0 * C + c0;     \
