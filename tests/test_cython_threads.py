@@ -224,6 +224,24 @@ def test_bit_identical_for_any_thread_count(p, dt, restore_threads):
             assert a.tobytes() == b.tobytes(), f"output {i} differs between 1 and {nt} threads"
 
 
+@pytest.mark.parametrize("dt", [np.float32, np.float64, *HALVES])
+def test_two_pass_fallback_bit_identical_for_any_thread_count(dt, restore_threads):
+    """The statistics' two-pass fallback (first values far from the mean) of a fused
+    channels-first BatchNorm whose runs split into prefetch pieces: a thread's last
+    channel has no next channel to prefetch, and its sums must not change for it."""
+    p = Problem("cf", 2, 12, 1600)
+    x32, w, b = _first_values_shifted(p, 100.0)
+    x = x32.astype(dt)
+    pt = np.float64 if dt == np.float64 else np.float32
+    w, b = w.astype(pt), b.astype(pt)
+    results = {}
+    for nt in (1, 2, 3):
+        with threadpool_limits(limits=nt, user_api="openmp"):
+            cnorm.set_num_threads(nt)
+            results[nt] = [a.tobytes() for a in K.forward_train(x, p, w, b, 1e-5)]
+    assert results[1] == results[2] == results[3]
+
+
 def test_thread_limits_are_honoured(restore_threads):
     p = Problem("cf", 8, 16, 4096)
     x, _, w, b = _data(p, np.float32)

@@ -505,31 +505,6 @@ cdef inline void pf_step(PfCur* p, Py_ssize_t nb) noexcept nogil:
             p.r += 1
 
 
-cdef inline void sum_run_pf(const dat* x, Py_ssize_t n, double piv, double* acc, PfCur* pf) noexcept nogil:
-    """sum_run in pieces of PF_CH (a multiple of LANES: same lanes, same result), prefetching between."""
-    cdef Py_ssize_t i = 0, m
-    if pf == NULL:
-        sum_run(x, n, piv, acc)
-        return
-    while i < n:
-        m = PF_CH if n - i >= 2 * PF_CH else n - i
-        sum_run(x + i, m, piv, acc)
-        pf_step(pf, m * sizeof(dat) // PF_DIV)
-        i += m
-
-
-cdef inline void sq_run_pf(const dat* x, Py_ssize_t n, double mu, double* acc, PfCur* pf) noexcept nogil:
-    cdef Py_ssize_t i = 0, m
-    if pf == NULL:
-        sq_run(x, n, mu, acc)
-        return
-    while i < n:
-        m = PF_CH if n - i >= 2 * PF_CH else n - i
-        sq_run(x + i, m, mu, acc)
-        pf_step(pf, m * sizeof(dat) // PF_DIV)
-        i += m
-
-
 cdef inline void run_sums(const dat* x, Py_ssize_t n, float p, double* sq, double* s) noexcept nogil:
     """*sq = Σ(x - p)², *s = Σ(x - p) of one run in float lanes (float32 and half data)."""
     if dat is float:
@@ -550,28 +525,54 @@ cdef inline float pivot16(const dat* x) noexcept nogil:
     return 0.0
 
 
+cdef enum:
+    RUN_SUM = 0   # acc lanes += x - c
+    RUN_SQ = 1    # acc lanes += (x - c)²
+    RUN_BOTH = 2  # acc[0] += Σ(x - c)², acc[1] += Σ(x - c) (float lanes, run_sums)
+
+
+cdef inline void run_pf(const dat* x, Py_ssize_t n, int what, double c, double* acc,
+                        PfCur* pf) noexcept nogil:
+    """One run of a channels-first block statistic in pieces of PF_CH, with a prefetch
+    step of the next channel between pieces. The pieces depend on n alone, prefetching
+    or not: half data's float chunks restart at each piece, and whether a thread has a
+    next channel to prefetch depends on the thread count."""
+    cdef Py_ssize_t i = 0, m
+    cdef double qr, sr
+    while i < n:
+        m = PF_CH if n - i >= 2 * PF_CH else n - i
+        if what == RUN_SUM:
+            sum_run(x + i, m, c, acc)
+        elif what == RUN_SQ:
+            sq_run(x + i, m, c, acc)
+        else:
+            run_sums(x + i, m, <float>c, &qr, &sr)
+            acc[0] += qr
+            acc[1] += sr
+        if pf != NULL:
+            pf_step(pf, m * sizeof(dat) // PF_DIV)
+        i += m
+
+
 cdef bint cf_block_stats_1p(const dat* x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t c,
                             Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t s0, Py_ssize_t s1,
                             double* out, PfCur* pf) noexcept nogil:
     """cf_block_stats in one pass around the mean of the block's first 16 values
     (see CN_ONEPASS_MAX in _kernels.h); False where that is less exact than two
     passes (or a float sum overflowed, or the data are float64): out unspecified."""
-    cdef Py_ssize_t r, i, m, n = s1 - s0
-    cdef double q = 0.0, s = 0.0, qr, sr, cnt, d, m2
+    cdef Py_ssize_t r, n = s1 - s0
+    cdef double qs[2]
+    cdef double q, s, cnt, d, m2
     cdef float p
     if dat is double or n < 16:
         return False
     p = pivot16(x + ((r0 * C + c) * S + s0))
+    qs[0] = 0.0
+    qs[1] = 0.0
     for r in range(r0, r1):
-        i = 0
-        while i < n:  # pieces of PF_CH with a prefetch step between, prefetching or not:
-            m = PF_CH if n - i >= 2 * PF_CH else n - i  # the pieces fix the sums
-            run_sums(x + ((r * C + c) * S + s0 + i), m, p, &qr, &sr)
-            q += qr
-            s += sr
-            if pf != NULL:
-                pf_step(pf, m * sizeof(dat) // PF_DIV)
-            i += m
+        run_pf(x + ((r * C + c) * S + s0), n, RUN_BOTH, p, qs, pf)
+    q = qs[0]
+    s = qs[1]
     if q * 0.0 + s * 0.0 != 0.0:
         return False
     cnt = <double>((r1 - r0) * n)
@@ -598,12 +599,12 @@ cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     piv = ld(x + ((r0 * C + c) * S + s0))
     lanes_zero(acc)
     for r in range(r0, r1):
-        sum_run_pf(x + (r * C + c) * S + s0, s1 - s0, piv, acc, pf)
+        run_pf(x + (r * C + c) * S + s0, s1 - s0, RUN_SUM, piv, acc, pf)
     cnt = <double>((r1 - r0) * (s1 - s0))
     mu = piv + lanes_total(acc) / cnt
     lanes_zero(acc)
     for r in range(r0, r1):
-        sq_run_pf(x + (r * C + c) * S + s0, s1 - s0, mu, acc, pf)
+        run_pf(x + (r * C + c) * S + s0, s1 - s0, RUN_SQ, mu, acc, pf)
     out[0] = cnt
     out[1] = mu
     out[2] = lanes_total(acc)
