@@ -493,6 +493,12 @@ cdef inline void pf_init(PfCur* p, const char* base, Py_ssize_t N, Py_ssize_t S,
     p.off = 0
 
 
+cdef inline void pf_step2(PfCur* p, Py_ssize_t nb) noexcept nogil:
+    """pf_step on two cursors (dy and x of the next channel)."""
+    pf_step(p, nb)
+    pf_step(p + 1, nb)
+
+
 cdef inline void pf_step(PfCur* p, Py_ssize_t nb) noexcept nogil:
     cdef Py_ssize_t m
     while nb > 0 and p.r < p.nrun:
@@ -747,10 +753,10 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
 cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
-                        double mu, floating dscale, double* out, PfCur* pfg=NULL,
-                        PfCur* pfx=NULL) noexcept nogil:
+                        double mu, floating dscale, double* out, PfCur* pf=NULL) noexcept nogil:
     """out = (Σg, Σg·(x-mu), Σ(x-mu)) over block k of channel c; with dx, also dx = g·dscale.
-    With cursors, each row is followed by a prefetch step of its bytes in g and x."""
+    With cursors (pf[0] in g, pf[1] in x), each row is followed by a prefetch step of
+    its bytes in both."""
     cdef double ag[LANES]
     cdef double agx[LANES]
     cdef double ax[LANES]
@@ -764,9 +770,8 @@ cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
         grad_run(g + off, x + off, s1 - s0, mu, ag, agx, ax)
         if dx != NULL:
             scale_run(g + off, dx + off, s1 - s0, dscale, 0)
-        if pfg != NULL:
-            pf_step(pfg, (s1 - s0) * sizeof(dat))
-            pf_step(pfx, (s1 - s0) * sizeof(dat))
+        if pf != NULL:
+            pf_step2(pf, (s1 - s0) * sizeof(dat))
     out[0] = lanes_total(ag)
     out[1] = lanes_total(agx)
     out[2] = lanes_total(ax)
@@ -775,10 +780,9 @@ cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
 cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
-                      const floating* kk, PfCur* pfg=NULL, PfCur* pfx=NULL,
-                      double pf_frac=0.0) noexcept nogil:
-    """dx of block k of channel c, newest rows first; with cursors, each row is
-    followed by a prefetch step of pf_frac times its bytes in g and in x."""
+                      const floating* kk, PfCur* pf=NULL, double pf_frac=0.0) noexcept nogil:
+    """dx of block k of channel c, newest rows first; with cursors (as cf_block_grad),
+    each row is followed by a prefetch step of pf_frac times its bytes."""
     cdef Py_ssize_t r0, r1, s0, s1, r, off, nb
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
     nb = <Py_ssize_t>(pf_frac * <double>((s1 - s0) * sizeof(dat)))
@@ -787,9 +791,8 @@ cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
         r -= 1
         off = (r * C + c) * S + s0
         dx_run(g + off, x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
-        if pfg != NULL:
-            pf_step(pfg, nb)
-            pf_step(pfx, nb)
+        if pf != NULL:
+            pf_step2(pf, nb)
 
 
 cdef inline void cross_bwd_consts(int mode, double cnt, double sg, double sgx, double mu, double dl,
@@ -816,51 +819,48 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
                          floating* oa, floating* ob, floating* kk, bint apply_dx,
                          Py_ssize_t cn=-1) noexcept nogil:
     """Gradient sums of channel c (or its block partials from ``part``), then its dx
-    while the channel is in L2. With cn >= 0 (the thread's next channel), the dx
-    sweep also prefetches the start of channel cn's dy and x toward L2 - as much
-    as fits beside this channel - so memory reads it while this core computes."""
+    while the channel is in L2. With cn >= 0 (the thread's next channel), the last
+    sweep over this channel also prefetches channel cn's dy and x toward L2, so
+    memory reads them while this core computes: the dx sweep as much as fits
+    beside this channel; eval mode's single sweep (sums and dx) all of it, for
+    half data only (float32's sweep keeps memory busy by itself: the hint cost
+    it 4%)."""
     cdef double sg = 0.0, sgx = 0.0, sx = 0.0, dl = 0.0, frac = 0.0
-    cdef PfCur pfg, pfx
+    cdef PfCur pf[2]
     cdef Py_ssize_t chan = N * S * sizeof(dat)
     cdef double blk[3]
     cdef double mu = mean[c], r = rstd[c]
     cdef floating dscale = <floating>(<double>w[c] * r)
     cdef Py_ssize_t k
-    cdef bint eval_pf = mode == MODE_EVAL and cn >= 0 and not have_part and sizeof(dat) == 2
-    if eval_pf:
-        # one sweep per channel (sums and dx): the next channel streams in meanwhile.
-        # Half data only: their sweep computes twice as long per byte, while
-        # float32's keeps memory busy by itself (the hint cost it 4%)
-        pf_init(&pfg, <const char*>(g + cn * S), N, S, C, sizeof(dat))
-        pf_init(&pfx, <const char*>(x + cn * S), N, S, C, sizeof(dat))
+    cdef bint dx_sweep = apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY)
+    if cn >= 0 and not have_part:
+        if mode == MODE_EVAL and sizeof(dat) == 2:
+            frac = 1.0
+        elif dx_sweep and FUSE_BYTES > 2 * chan:
+            frac = <double>(FUSE_BYTES - 2 * chan) / <double>(2 * chan)
+            frac = frac if frac < 1.0 else 1.0
+        if frac > 0.0:
+            pf_init(&pf[0], <const char*>(g + cn * S), N, S, C, sizeof(dat))
+            pf_init(&pf[1], <const char*>(x + cn * S), N, S, C, sizeof(dat))
     if mode != MODE_APPLY:
         for k in range(nblk):
             if have_part:
                 memcpy(blk, part + 3 * (c * nblk + k), 3 * sizeof(double))
-            elif eval_pf:
-                cf_block_grad(g, x, dx, N, C, S, rb, sp, nsp, c, k, mu, dscale, blk, &pfg, &pfx)
             else:
                 cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
-                              c, k, mu, dscale, blk)
+                              c, k, mu, dscale, blk, pf if mode == MODE_EVAL and frac > 0.0 else NULL)
             sg += blk[0]
             sgx += blk[1]
             sx += blk[2]
         if mode == MODE_TRAIN:  # batch statistics: re-centre on the exact mean
             dl = recentre(<double>(N * S), sx, sg, &sgx)
     cross_bwd_consts(mode, <double>(N * S), sg, sgx, mu, dl, r, w[c], mdy, mdyx, c, oa, ob, kk + 4 * c)
-    if apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY):
-        if cn >= 0 and FUSE_BYTES > 2 * chan:
-            frac = <double>(FUSE_BYTES - 2 * chan) / <double>(2 * chan)
-            frac = frac if frac < 1.0 else 1.0
-            pf_init(&pfg, <const char*>(g + cn * S), N, S, C, sizeof(dat))
-            pf_init(&pfx, <const char*>(x + cn * S), N, S, C, sizeof(dat))
+    if dx_sweep:
         k = nblk
         while k > 0:
             k -= 1
-            if frac > 0.0:
-                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c, &pfg, &pfx, frac)
-            else:
-                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c)
+            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c,
+                        pf if frac > 0.0 else NULL, frac)
 
 
 cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
