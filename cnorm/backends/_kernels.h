@@ -1317,15 +1317,6 @@ static inline int cn_ln_row_stats_##T(const T* x, ptrdiff_t n, double* mu, doubl
 CN_ROWSTATS(float)
 CN_ROWSTATS(cn_bf16)
 CN_ROWSTATS(cn_f16)
-/* A run's one-pass sums around the pivot p: *sq = S (x - p)^2, *s = S (x - p)
-   (float lanes, 512-value chunks added into double, as the row statistics) */
-#define CN_RUNSUMS(T)                                                                     \
-static inline void cn_run_sums_##T(const T* x, ptrdiff_t n, float p, double* sq, double* s) { \
-    cn_row_lanes_##T(x, n, p, 1, sq, s);                                                  \
-}
-CN_RUNSUMS(float)
-CN_RUNSUMS(cn_bf16)
-CN_RUNSUMS(cn_f16)
 CN_LNB_SUMS(float)
 CN_LNB_SUMS(cn_bf16)
 CN_LNB_SUMS(cn_f16)

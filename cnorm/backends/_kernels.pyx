@@ -118,9 +118,9 @@ cdef extern from "_kernels.h" nogil:
     float cn_pivot16_float(const float* x)
     float cn_pivot16_cn_bf16(const cn_bf16* x)
     float cn_pivot16_cn_f16(const cn_f16* x)
-    void cn_run_sums_float(const float* x, Py_ssize_t n, float p, double* sq, double* s)
-    void cn_run_sums_cn_bf16(const cn_bf16* x, Py_ssize_t n, float p, double* sq, double* s)
-    void cn_run_sums_cn_f16(const cn_f16* x, Py_ssize_t n, float p, double* sq, double* s)
+    void cn_row_lanes_float(const float* x, Py_ssize_t n, float c, int sq, double* s1, double* s2)
+    void cn_row_lanes_cn_bf16(const cn_bf16* x, Py_ssize_t n, float c, int sq, double* s1, double* s2)
+    void cn_row_lanes_cn_f16(const cn_f16* x, Py_ssize_t n, float c, int sq, double* s1, double* s2)
     double CN_ONEPASS_MAX
     int cn_ln_row_stats_cn_f16(const cn_f16* x, Py_ssize_t n, double* mu, double* m2)
     void cn_cl_norm_span_float(const float* x, float* y, Py_ssize_t n, Py_ssize_t C, const float* mh,
@@ -512,13 +512,14 @@ cdef inline void pf_step(PfCur* p, Py_ssize_t nb) noexcept nogil:
 
 
 cdef inline void run_sums(const dat* x, Py_ssize_t n, float p, double* sq, double* s) noexcept nogil:
-    """*sq = Σ(x - p)², *s = Σ(x - p) of one run in float lanes (float32 and half data)."""
+    """*sq = Σ(x - p)², *s = Σ(x - p) of one run in float lanes (float32 and half data:
+    the row statistics' lanes, C helper)."""
     if dat is float:
-        cn_run_sums_float(x, n, p, sq, s)
+        cn_row_lanes_float(x, n, p, 1, sq, s)
     elif dat is cn_bf16:
-        cn_run_sums_cn_bf16(x, n, p, sq, s)
+        cn_row_lanes_cn_bf16(x, n, p, 1, sq, s)
     elif dat is cn_f16:
-        cn_run_sums_cn_f16(x, n, p, sq, s)
+        cn_row_lanes_cn_f16(x, n, p, 1, sq, s)
 
 
 cdef inline float pivot16(const dat* x) noexcept nogil:
