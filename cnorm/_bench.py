@@ -149,12 +149,18 @@ class Inputs:
         return self.cursor
 
 
+# Most bytes of input copies one case may hold (x and dy of every copy).
+COPIES_BYTES = 2 << 30
+
+
 def n_copies(case: Case, llc_bytes: int) -> int:
-    """Copies so that one rotation (x and dy) moves over twice the LLC."""
+    """Copies so that one rotation (x and dy) moves over twice the LLC, whatever its
+    size: a fixed cap (once 16 copies) let a 300 MB LLC hold the whole rotation,
+    so that inputs and the floor's copy came from the cache, not memory."""
     if case.latency:
         return 4
     per = case.nbytes * (2 if case.direction == "bwd" else 1)
-    return max(2, min(16, math.ceil(2 * llc_bytes / per) + 1))
+    return max(2, min(COPIES_BYTES // per, math.ceil(2 * llc_bytes / per) + 1))
 
 
 def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
