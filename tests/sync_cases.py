@@ -29,6 +29,7 @@ class Case:
     running_var: np.ndarray
     channel_axis: int
     tol: float
+    tol_dx: float
 
     def rows(self, rank):
         start = sum(self.sizes[:rank])
@@ -50,9 +51,12 @@ def make_case(sizes, c=3, spatial=(4, 5), layout="cf", dtype=np.float64, affine=
     var = logical.astype(np.float64).swapaxes(0, 1).reshape(c, -1).var(axis=1)
     std = float(np.sqrt(var.min() + EPS))
     tol = max(tolerance(dtype), 8 * abs(offset) * np.finfo(dtype).eps / std)
+    # dx sees that error times rstd once more (dx ~ rstd·(dy - ... - xhat·mean(dy·xhat))):
+    # channels of two values at 1e3 with std 0.03 differ by 0.06 between two exact paths
+    tol_dx = tol * max(1.0, 1.0 / std)
     name = f"{layout}-{np.dtype(dtype).name}-{'affine' if affine else 'plain'}-{'x'.join(map(str, spatial))}"
     name += f"-offset{offset:g}-sizes{'_'.join(map(str, sizes))}"
-    return Case(name, tuple(sizes), x, dy, w, b, rm, rv, -1 if layout == "cl" else 1, tol)
+    return Case(name, tuple(sizes), x, dy, w, b, rm, rv, -1 if layout == "cl" else 1, tol, tol_dx)
 
 
 def grid(sizes):
@@ -101,9 +105,9 @@ def check_rank(case, rank, out, ref, dweight_sum, dbias_sum):
     """
     rows, tol = case.rows(rank), case.tol
     what = f"{case.name} rank {rank}"
-    for key in ("y", "dx"):
+    for key, t in (("y", tol), ("dx", case.tol_dx)):
         assert out[key].shape == ref[key][rows].shape and out[key].dtype == case.x.dtype, f"{what}: {key}"
-        close(out[key], ref[key][rows], tol, f"{what}: {key}")
+        close(out[key], ref[key][rows], t, f"{what}: {key}")
     close(out["running_mean"], ref["running_mean"], tol, f"{what}: running_mean")
     close(out["running_var"], ref["running_var"], tol, f"{what}: running_var")
     if case.weight is None:

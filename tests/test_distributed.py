@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cnorm
@@ -122,6 +122,9 @@ def splits(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=splits())
+# two values per channel at 1e3, std 0.03: dx is cancellation noise of rstd² · the float32 mean's rounding
+@example(spec=dict(sizes=[2], c=5, spatial=(), layout="cf", dtype=np.float32, affine=False, offset=1000.0,
+                   seed=83853))
 def test_random_splits_match_whole_batch(backend, spec):
     check_split(sync_cases.make_case(**spec), backend)
 

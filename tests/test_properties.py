@@ -60,7 +60,7 @@ def test_random_cases_match_reference(backend, case):
     std = float(np.sqrt(np.min(var) + 1e-5))
     tol = max(tolerance(dtype), 8 * offset * np.finfo(dtype).eps / std)
     close(backend.to_numpy(y), y_ref, tol, "y")
-    close(backend.to_numpy(dx), dx_ref, tol, "dx")
+    close(backend.to_numpy(dx), dx_ref, tol * max(1.0, 1.0 / std), "dx")  # times rstd once more
     if affine:
         size = max(1, x.size)
         close(backend.to_numpy(dw), dw_ref, tol * size, "dweight")
