@@ -294,7 +294,9 @@ static inline void cn_hsq_run_s_##T(const T* x, ptrdiff_t n, double m, double* a
     if (!cn_dlanes_finite(da) || sb - sb != 0.0) { cn_sq_run_##T(x, n, m, acc); return; } \
     for (j = 0; j < CN_LANES; j++) acc[j] += da[j];                                       \
     acc[0] += dm * ((double)n * dm - 2.0 * sb);  /* exact for the centre's rounding */    \
-}                                                                                         \
+}
+/* the gradient run (float32 too: its double lanes took four times the operations) */
+#define CN_HGRAD_RUN(T)                                                                   \
 static inline void cn_hgrad_run_s_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
                                     double* ag, double* agx, double* ax) {                \
     const float mf = (float)m; ptrdiff_t i0, i, j;                                        \
@@ -329,9 +331,11 @@ static inline void cn_hgrad_run_s_##T(const T* g, const T* x, ptrdiff_t n, doubl
     }                                                                                     \
     for (j = 0; j < CN_LANES; j++) { ag[j] += da[j]; agx[j] += db[j]; ax[j] += dc[j]; }   \
 }
-CN_HRUNS(float)
 CN_HRUNS(cn_bf16)
 CN_HRUNS(cn_f16)
+CN_HGRAD_RUN(float)
+CN_HGRAD_RUN(cn_bf16)
+CN_HGRAD_RUN(cn_f16)
 
 CN_LNROWS(float, float)
 CN_LNROWS(double, double)
@@ -480,8 +484,12 @@ static inline void cn_vld2m_cn_bf16(ptrdiff_t r, const cn_bf16* p, __m512* a, __
 static inline void cn_vst_float(float* p, __m512 v, int nt) {
     if (nt) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
 }
+/* 16 (32) 16-bit values, streaming or not */
 static inline void cn_vst16(void* p, __m256i h, int nt) {
     if (nt) _mm256_stream_si256((__m256i*)p, h); else _mm256_storeu_si256((__m256i*)p, h);
+}
+static inline void cn_vst32(void* p, __m512i w, int nt) {
+    if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512(p, w);
 }
 static inline __m256i cn_bf16_round16(__m512 v) {   /* as cn_f32_to_bf16, 16 lanes */
     __m512i u = _mm512_castps_si512(v);
@@ -532,16 +540,14 @@ static inline void cn_vst2_cn_f16(cn_f16* p, __m512 a, __m512 b, int nt) {
 static inline void cn_vst2_cn_bf16(cn_bf16* p, __m512 a, __m512 b, int nt) {
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                                 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512i w = _mm512_permutexvar_epi16(interleave, cn_bf16_cvt32(a, b));
-    if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512((void*)p, w);
+    cn_vst32(p, _mm512_permutexvar_epi16(interleave, cn_bf16_cvt32(a, b)), nt);
 }
 /* 32 consecutive values given as two vectors in order (a: the first 16):
    cn_vst2 without the permutation */
 static inline void cn_vstp_float(float* p, __m512 a, __m512 b, int nt) { cn_vst2_float(p, a, b, nt); }
 static inline void cn_vstp_cn_f16(cn_f16* p, __m512 a, __m512 b, int nt) { cn_vst2_cn_f16(p, a, b, nt); }
 static inline void cn_vstp_cn_bf16(cn_bf16* p, __m512 a, __m512 b, int nt) {
-    __m512i w = cn_bf16_cvt32(a, b);
-    if (nt) _mm512_stream_si512((__m512i*)p, w); else _mm512_storeu_si512((void*)p, w);
+    cn_vst32(p, cn_bf16_cvt32(a, b), nt);
 }
 /* masked stores: lanes outside k are not written */
 static inline void cn_vstm_float(float* p, __mmask16 k, __m512 v) { _mm512_mask_storeu_ps(p, k, v); }
@@ -822,6 +828,8 @@ CN_CLSTATS(cn_f16)
    once. Half data are widened in registers (F16C / a shift), 16 at a time.
    Same contract and result layout as cn_cl_stats. */
 #define CN_RC 8
+/* 16-value vectors per 64-byte line: one prefetch per line */
+#define CN_VPL(T) (64 / (int)(16 * sizeof(T)))
 /* Rows per slab: 8, but 4 (2) where rows are 2 KB (4 KB) or more apart - 8
    rows of g and x a multiple of 4 KB apart fall into one L1 set (8 ways):
    float32 BatchNorm1d (C = 1024) gradient sums ran at 0.97 cycles per value
@@ -835,7 +843,7 @@ static inline __attribute__((always_inline)) void cn_cls_slab_sum_##T(          
     for (v = 0; v < nv; v++) { acc[v] = _mm512_loadu_ps(a + 16 * v); piv[v] = _mm512_loadu_ps(pv + 16 * v); } \
     for (r = 0; r + 2 <= nr; r += 2) {                                                    \
         const T* p = x + r * C;                                                           \
-        for (v = 0; v < nv; v++) _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1); \
+        for (v = 0; v < nv; v += CN_VPL(T)) _mm_prefetch((const char*)(pf + (r / 2) * C + 16 * v), _MM_HINT_T1); \
         for (v = 0; v < nv; v++)                                                          \
             acc[v] = _mm512_add_ps(acc[v], _mm512_add_ps(_mm512_sub_ps(cn_vld_##T(p + 16 * v), piv[v]), \
                                                          _mm512_sub_ps(cn_vld_##T(p + C + 16 * v), piv[v]))); \
@@ -855,11 +863,13 @@ static inline __attribute__((always_inline)) void cn_cls_slab_sums_##T(         
     }                                                                                     \
     for (r = 0; r + 2 <= nr; r += 2) {                                                    \
         const T* xr = x + r * C;                                                          \
+        for (v = 0; v < nv; v += CN_VPL(T)) {                                             \
+            _mm_prefetch((const char*)(pf + r * C + 16 * v), _MM_HINT_T1);                \
+            _mm_prefetch((const char*)(pf + (r + 1) * C + 16 * v), _MM_HINT_T1);          \
+        }                                                                                 \
         for (v = 0; v < nv; v++) {                                                        \
             __m512 d0 = _mm512_sub_ps(cn_vld_##T(xr + 16 * v), p[v]);                     \
             __m512 d1 = _mm512_sub_ps(cn_vld_##T(xr + C + 16 * v), p[v]);                 \
-            _mm_prefetch((const char*)(pf + r * C + 16 * v), _MM_HINT_T1);                \
-            _mm_prefetch((const char*)(pf + (r + 1) * C + 16 * v), _MM_HINT_T1);          \
             s[v] = _mm512_add_ps(s[v], _mm512_add_ps(d0, d1));                            \
             q0[v] = _mm512_fmadd_ps(d0, d0, q0[v]);                                       \
             q1[v] = _mm512_fmadd_ps(d1, d1, q1[v]);                                       \
@@ -1000,7 +1010,7 @@ static inline __attribute__((always_inline)) void cn_clg_slab_##T(              
     }                                                                                     \
     for (r = 0; r < nr; r++) {                                                            \
         const T* pg = g + r * C; const T* px = x + r * C;                                 \
-        for (v = 0; v < nv; v++) {                                                        \
+        for (v = 0; v < nv; v += CN_VPL(T)) {                                             \
             _mm_prefetch((const char*)(pg + pd + 16 * v), _MM_HINT_T1);                   \
             _mm_prefetch((const char*)(px + pd + 16 * v), _MM_HINT_T1);                   \
         }                                                                                 \
@@ -1090,13 +1100,23 @@ static inline double cn_dtotal16(const double* a) {
     return ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
 }
 #if defined(CN_AVX512)
+/* d0 (lanes 0-7) += lo(a0) + lo(a1), d1 (lanes 8-15) += hi(a0) + hi(a1): (double)a[j] + (double)a[j + 16] */
+#define CN_FOLD(d0, d1, a0, a1) do {                                                      \
+    d0 = _mm512_add_pd(d0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),     \
+                                         _mm512_cvtps_pd(_mm512_castps512_ps256(a1))));   \
+    d1 = _mm512_add_pd(d1, _mm512_add_pd(                                                 \
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))), \
+        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))))); \
+} while (0)
+/* acc[0..16) += (d0, d1) */
+static inline void cn_vacc16(double* acc, __m512d d0, __m512d d1) {
+    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), d0));
+    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), d1));
+}
 /* lanes j and j + 16 of a0 and of a1 widened to double, summed in a fixed order */
 static inline double cn_vtotal32(__m512 a0, __m512 a1) {
-    __m512d lo = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),
-                               _mm512_cvtps_pd(_mm512_castps512_ps256(a1)));
-    __m512d hi = _mm512_add_pd(
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))),
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))));
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    CN_FOLD(lo, hi, a0, a1);
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 #define CN_LNB_SUMS(T)                                                                    \
@@ -1342,7 +1362,7 @@ static inline __attribute__((always_inline)) void cn_lnb_tile_##T(              
         const T* gr = g + n * C; const T* xr = x + n * C; const float* k = k5 + 5 * n;    \
         const __m512 mu = _mm512_set1_ps(k[0]), dl = _mm512_set1_ps(k[1]);                \
         const __m512 rf = _mm512_set1_ps(k[2]), kb = _mm512_set1_ps(k[3]), kc = _mm512_set1_ps(k[4]); \
-        for (v = 0; v < nv; v += 64 / (int)(16 * sizeof(T))) {                            \
+        for (v = 0; v < nv; v += CN_VPL(T)) {                                             \
             _mm_prefetch((const char*)(gr + pf + 16 * v), _MM_HINT_T1);                   \
             _mm_prefetch((const char*)(xr + pf + 16 * v), _MM_HINT_T1);                   \
         }                                                                                 \
@@ -1490,14 +1510,6 @@ CN_LNBWD(cn_f16)
    spill and reload every lane at each chunk's end, which costs as much as
    the chunk's arithmetic. */
 #if defined(CN_AVX512)
-/* d0 (lanes 0-7) += lo(a0) + lo(a1), d1 (lanes 8-15) += hi(a0) + hi(a1): (double)a[j] + (double)a[j + 16] */
-#define CN_FOLD(d0, d1, a0, a1) do {                                                      \
-    d0 = _mm512_add_pd(d0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a0)),     \
-                                         _mm512_cvtps_pd(_mm512_castps512_ps256(a1))));   \
-    d1 = _mm512_add_pd(d1, _mm512_add_pd(                                                 \
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a0), 1))), \
-        _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))))); \
-} while (0)
 static inline int cn_vfinite(__m512d a, __m512d b) {
     __m512d z = _mm512_setzero_pd();
     return _mm512_reduce_add_pd(_mm512_add_pd(_mm512_mul_pd(a, z), _mm512_mul_pd(b, z))) == 0.0;
@@ -1521,8 +1533,7 @@ static inline void cn_hsum_run_v_##T(const T* x, ptrdiff_t n, double piv, double
         CN_FOLD(d0, d1, a0, a1);                                                          \
     }                                                                                     \
     if (!cn_vfinite(d0, d1)) { cn_sum_run_##T(x, n, piv, acc); return; }                  \
-    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), d0));                       \
-    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), d1));               \
+    cn_vacc16(acc, d0, d1);                                                               \
     acc[0] += (double)n * ((double)pf - piv);  /* exact for any piv */                    \
 }                                                                                         \
 static inline void cn_hsq_run_v_##T(const T* x, ptrdiff_t n, double m, double* acc) {     \
@@ -1549,10 +1560,10 @@ static inline void cn_hsq_run_v_##T(const T* x, ptrdiff_t n, double m, double* a
     }                                                                                     \
     sb = _mm512_reduce_add_pd(_mm512_add_pd(e0, e1));                                     \
     if (!cn_vfinite(d0, d1) || sb - sb != 0.0) { cn_sq_run_##T(x, n, m, acc); return; }   \
-    _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), d0));                       \
-    _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), d1));               \
+    cn_vacc16(acc, d0, d1);                                                               \
     acc[0] += dm * ((double)n * dm - 2.0 * sb);  /* exact for the centre's rounding */    \
-}                                                                                         \
+}
+#define CN_VHGRAD_RUN(T)                                                                  \
 static inline void cn_hgrad_run_v_##T(const T* g, const T* x, ptrdiff_t n, double m,      \
                                       double* ag, double* agx, double* ax) {              \
     const float mf = (float)m; const __m512 vm = _mm512_set1_ps(mf); ptrdiff_t i0, i;     \
@@ -1584,16 +1595,13 @@ static inline void cn_hgrad_run_v_##T(const T* g, const T* x, ptrdiff_t n, doubl
     if (!(cn_vfinite(p0, p1) && cn_vfinite(q0, q1) && cn_vfinite(r0, r1))) {              \
         cn_grad_run_##T(g, x, n, m, ag, agx, ax); return;                                 \
     }                                                                                     \
-    _mm512_storeu_pd(ag, _mm512_add_pd(_mm512_loadu_pd(ag), p0));                         \
-    _mm512_storeu_pd(ag + 8, _mm512_add_pd(_mm512_loadu_pd(ag + 8), p1));                 \
-    _mm512_storeu_pd(agx, _mm512_add_pd(_mm512_loadu_pd(agx), q0));                       \
-    _mm512_storeu_pd(agx + 8, _mm512_add_pd(_mm512_loadu_pd(agx + 8), q1));               \
-    _mm512_storeu_pd(ax, _mm512_add_pd(_mm512_loadu_pd(ax), r0));                         \
-    _mm512_storeu_pd(ax + 8, _mm512_add_pd(_mm512_loadu_pd(ax + 8), r1));                 \
+    cn_vacc16(ag, p0, p1); cn_vacc16(agx, q0, q1); cn_vacc16(ax, r0, r1);                 \
 }
-CN_VHRUNS(float)
 CN_VHRUNS(cn_bf16)
 CN_VHRUNS(cn_f16)
+CN_VHGRAD_RUN(float)
+CN_VHGRAD_RUN(cn_bf16)
+CN_VHGRAD_RUN(cn_f16)
 #define CN_HRUN_IMPL(T) v_##T
 #else
 #define CN_HRUN_IMPL(T) s_##T
@@ -1607,13 +1615,16 @@ static inline void cn_hsum_run_##T(const T* x, ptrdiff_t n, double piv, double* 
 }                                                                                         \
 static inline void cn_hsq_run_##T(const T* x, ptrdiff_t n, double m, double* acc) {       \
     CN_HRUN_PICK(cn_hsq_run_, CN_HRUN_IMPL(T))(x, n, m, acc);                             \
-}                                                                                         \
+}
+#define CN_HGRAD_RUN_API(T)                                                               \
 static inline void cn_hgrad_run_##T(const T* g, const T* x, ptrdiff_t n, double m,        \
                                     double* ag, double* agx, double* ax) {                \
     CN_HRUN_PICK(cn_hgrad_run_, CN_HRUN_IMPL(T))(g, x, n, m, ag, agx, ax);                \
 }
-CN_HRUN_API(float)
 CN_HRUN_API(cn_bf16)
 CN_HRUN_API(cn_f16)
+CN_HGRAD_RUN_API(float)
+CN_HGRAD_RUN_API(cn_bf16)
+CN_HGRAD_RUN_API(cn_f16)
 
 #endif

@@ -19,11 +19,12 @@ are indexed by position in a run, not by address, so alignment does not
 matter either.
 
 Numerics. Sums run in float lanes over bounded pieces (at most 64 rows or 512
-elements) added into double (double lanes throughout for float64 data and the
-float32 channels-first runs), centred so that nothing cancels, redone in double
-if a float sum overflows; a block's variance is
-two-pass (mean, then Σ(x-mean)², the second pass from cache), blocks merge by
-Chan's formula or its two-level form, so no E[x²]-E[x]² appears.
+elements) added into double (double lanes for float64 data), centred so that
+nothing cancels, redone in double if a float sum overflows. A block's variance
+takes one pass around a pivot near its mean (M2 = S2 - S1²/n in double) where
+that is as exact as two (S2/M2 <= CN_ONEPASS_MAX), else two passes (mean, then
+Σ(x-mean)², the second from cache); blocks merge by Chan's formula or its
+two-level form, so no E[x²]-E[x]² of uncentred data appears.
 Normalization is ``y = (x - mean_hi)·a + b'`` with ``mean_hi`` the mean
 rounded to the statistics type and the rounding remainder folded into ``b'``
 in double: float32 data with |mean| ≫ std keeps full relative accuracy at one
@@ -478,9 +479,9 @@ cdef inline void cf_block(Py_ssize_t N, Py_ssize_t S, Py_ssize_t rb, Py_ssize_t 
 # quarters split beat the even one and all-in-one-sweep. The fused backward
 # advances two cursors (dy and x of the next channel) by what fits beside the
 # current channel, half during the gradient sums and half during dx (1.03-1.07
-# over all during dx, half data). Toward L2 (prefetcht1): toward L1 the next channel evicted the
-# lines the current sweep was about to read (backward 3-10% slower, not
-# faster). A hint only: no value depends on it.
+# over all during dx, half data). Toward L2 (prefetcht1): toward L1 the next
+# channel evicted the lines the current sweep was about to read (backward 3-10%
+# slower, not faster). A hint only: no value depends on it.
 ctypedef struct PfCur:
     const char* base    # first run of the next channel
     Py_ssize_t run      # bytes of a run
@@ -2459,6 +2460,14 @@ cdef inline double _ld64(const void* p, int dt, Py_ssize_t i) noexcept nogil:
     return (<const double*>p)[i] if dt == F64 else <double>(<const float*>p)[i]
 
 
+cdef inline void _st64(void* p, int dt, Py_ssize_t i, double v) noexcept nogil:
+    """p[i] = v in dtype number dt (float64, else float32)."""
+    if dt == F64:
+        (<double*>p)[i] = v
+    else:
+        (<float*>p)[i] = <float>v
+
+
 def fold_frozen(mean, var, weight, bias, double eps):
     """Eval-mode constants ``[mean, rstd, scale, shift]`` in weight's dtype, computed
     in double: ``rstd = 1/sqrt(var + eps)``, ``scale = weight·rstd``, ``shift =
@@ -2473,8 +2482,8 @@ def fold_frozen(mean, var, weight, bias, double eps):
             and _vector_of(mean, F32, F64, n) and _vector_of(var, F32, F64, n)):
         return None
     cdef int mt = cnp.PyArray_TYPE(<cnp.ndarray>mean), vt = cnp.PyArray_TYPE(<cnp.ndarray>var)
-    cdef Py_ssize_t c = cnp.PyArray_SIZE(<cnp.ndarray>weight), i
-    cdef cnp.ndarray om = _empty1(c, pt), orr = _empty1(c, pt), osc = _empty1(c, pt), osh = _empty1(c, pt)
+    cdef Py_ssize_t i
+    cdef cnp.ndarray om = _empty1(n, pt), orr = _empty1(n, pt), osc = _empty1(n, pt), osh = _empty1(n, pt)
     cdef const void* pm = ptr(mean)
     cdef const void* pv = ptr(var)
     cdef const void* pw = ptr(weight)
@@ -2483,22 +2492,15 @@ def fold_frozen(mean, var, weight, bias, double eps):
     cdef void* qr = ptr(orr)
     cdef void* qs = ptr(osc)
     cdef void* qh = ptr(osh)
-    cdef double m, r, sc, t
-    for i in range(c):
+    cdef double m, r, sc
+    for i in range(n):
         m = _ld64(pm, mt, i)
         r = 1.0 / sqrt(_ld64(pv, vt, i) + eps)
         sc = _ld64(pw, pt, i) * r
-        t = m * sc
-        if pt == F64:
-            (<double*>qm)[i] = m
-            (<double*>qr)[i] = r
-            (<double*>qs)[i] = sc
-            (<double*>qh)[i] = _ld64(pb, pt, i) - t
-        else:
-            (<float*>qm)[i] = <float>m
-            (<float*>qr)[i] = <float>r
-            (<float*>qs)[i] = <float>sc
-            (<float*>qh)[i] = <float>(_ld64(pb, pt, i) - t)
+        _st64(qm, pt, i, m)
+        _st64(qr, pt, i, r)
+        _st64(qs, pt, i, sc)
+        _st64(qh, pt, i, _ld64(pb, pt, i) - m * sc)
     return [om, orr, osc, osh]
 
 
