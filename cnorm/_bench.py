@@ -167,9 +167,12 @@ def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     rng = np.random.default_rng(seed)
     c = case.shape[-1] if (case.layout == "cl" or case.norm == "layer_norm") else case.shape[1]
     dt = case.np_dtype
-    xs = [(rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt) for _ in range(copies)]
-    dys = ([rng.standard_normal(case.shape, dtype=np.float32).astype(dt) for _ in range(copies)]
-           if case.direction == "bwd" else [])
+    # copies of one draw: a rotation over twice a large LLC takes dozens of them, and
+    # the caches see distinct addresses whatever the values
+    x = (rng.standard_normal(case.shape, dtype=np.float32) * 2 + 1).astype(dt)
+    xs = [x] + [x.copy() for _ in range(copies - 1)]
+    dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dt) if case.direction == "bwd" else None
+    dys = [dy] + [dy.copy() for _ in range(copies - 1)] if dy is not None else []
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
     inp = Inputs(xs, dys, w, b)
@@ -569,7 +572,12 @@ def main(argv: list[str]) -> int:
     # NumPy's BLAS is not used by any case; its idle worker threads would only compete for the cores
     from threadpoolctl import threadpool_limits
 
-    blas_limit = threadpool_limits(1, user_api="blas")
+    with threadpool_limits(1, user_api="blas"):
+        return _run(args, backends, threads, kept)
+
+
+def _run(args, backends, threads: int, kept: bool) -> int:
+    """The cases of ``args`` on ``backends``: progress lines, the table, bench.json and bench.png."""
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
     cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
@@ -595,7 +603,6 @@ def main(argv: list[str]) -> int:
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    blas_limit.restore_original_limits()
     plot(rows, backends, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0

@@ -103,8 +103,6 @@ def _update_running(xp, running_mean, running_var, batch_mean, batch_var_unbiase
     running_var[...] = new_var
 
 
-
-
 def _empty_forward(be, x, p: Problem, sdtype):
     xp = be.xp
     y = xp.empty_like(x)
@@ -468,6 +466,7 @@ def _shape_key(normalized_shape):
 def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     """Validate a LayerNorm call; return (backend, normalized_shape, view, problem)."""
     try:
+        # _shape_key's int case inline: no call on the per-token path
         ns = normalized_shape if type(normalized_shape) is int else _shape_key(normalized_shape)
         key = (registry_generation(), backend, get_backend(), _array_key(x), ns, _array_key(weight),
                _array_key(bias))
