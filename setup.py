@@ -1,18 +1,38 @@
-"""Build cnorm's Cython extensions, with OpenMP when the compiler has it.
+"""Build cnorm's compiled extensions: the kernels once per CPU level, with OpenMP
+when the compiler has it.
 
-OpenMP flags by platform (the probe below tries them in order and builds a
-serial extension when none works):
+CPU levels. The kernels (cnorm/backends/cpu/) are compiled into one module per
+instruction-set level, ``cnorm.backends._kernels_<level>``, each from the same
+sources with that level's flags; at import cnorm picks the best level the CPU
+and the OS support (cnorm/_cpu.py). On x86-64:
 
-* GCC and LLVM clang on Linux: ``-fopenmp`` to compile and link.
-* Apple clang (macOS): ``-Xpreprocessor -fopenmp`` to compile and ``-lomp``
-  to link, with libomp installed (``brew install libomp``) and its include/lib
-  folders on CPPFLAGS/LDFLAGS.
-* MSVC (Windows): ``/openmp`` (or ``/openmp:llvm`` for OpenMP 3+ features).
+* ``baseline``: x86-64-v2 (SSE4.2, POPCNT), what NumPy 2 requires;
+* ``avx2``: x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE);
+* ``avx512``: x86-64-v4 (AVX-512 F/BW/VL/DQ/CD); AVX512-BF16 is used where the
+  CPU has it, found at run time, never required.
 
-Set ``CNORM_NO_OPENMP=1`` to force a serial build.
+Elsewhere only ``baseline`` (portable C++) is built. Nothing else gets level
+flags: ``cnorm._cpuinfo`` (the detection) and ``cnorm._openmp`` run before a
+level is chosen and must run on any CPU of the platform.
+
+Environment variables:
+
+* ``CNORM_NATIVE=1``: also tune the best level this build machine supports
+  for this machine (``-march=native``). A local opt-in: such a build may not
+  run on another CPU, even one of the same level.
+* ``CNORM_CPU_LEVELS=baseline,avx2``: build only these levels (default: all of
+  the platform's; a CPU with none of them runs the NumPy backend only).
+* ``CNORM_NO_OPENMP=1``: a serial build.
+
+OpenMP flags by platform (the probe tries them in order and builds serially
+when none works): GCC and LLVM clang ``-fopenmp``; Apple clang
+``-Xpreprocessor -fopenmp`` with ``-lomp`` (``brew install libomp``, its
+include/lib folders on CPPFLAGS/LDFLAGS); MSVC ``/openmp``.
 """
 
 import os
+import platform
+import subprocess
 import tempfile
 import textwrap
 
@@ -20,6 +40,20 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+# Flags of each level (GCC/clang; MSVC below). Explicit feature flags rather
+# than -march=x86-64-vN, so that older compilers build them too and the
+# detection (cnorm/backends/cpu/cpuid.h) checks exactly what was enabled.
+X86_BASELINE = ["-msse3", "-mssse3", "-msse4.1", "-msse4.2", "-mpopcnt"]
+X86_AVX2 = X86_BASELINE + ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mmovbe"]
+X86_AVX512 = X86_AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"]
+LEVEL_FLAGS = {
+    "unix": {"baseline": X86_BASELINE, "avx2": X86_AVX2, "avx512": X86_AVX512} if X86_64 else {"baseline": []},
+    "msvc": {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]} if X86_64 else {"baseline": []},
+}
+LEVELS = list(LEVEL_FLAGS["unix"])
 
 OPENMP_CANDIDATES = {
     "msvc": [(["/openmp"], [])],
@@ -41,67 +75,125 @@ PROBE_SOURCE = textwrap.dedent(
     """
 )
 
+# Prints the best level this machine runs (for CNORM_NATIVE=1).
+HOST_LEVEL_SOURCE = textwrap.dedent(
+    """
+    #include <stdio.h>
+    #include "cpuid.h"
+    int main(void) {
+        unsigned f = cn_cpu_features();
+        puts((f & CN_LEVEL_AVX512_FEATURES) == CN_LEVEL_AVX512_FEATURES ? "avx512"
+             : (f & CN_LEVEL_AVX2_FEATURES) == CN_LEVEL_AVX2_FEATURES ? "avx2" : "baseline");
+        return 0;
+    }
+    """
+)
+
+
+def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=()):
+    """Build ``source`` as a program; its stdout, or None when it does not build or run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(cflags),
+                                    include_dirs=list(include_dirs))
+            compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=list(lflags))
+            exe = os.path.join(tmp, "probe" + (".exe" if os.name == "nt" else ""))
+            return subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+        except Exception:  # noqa: BLE001 - any failure means "no"
+            return None
+
 
 def probe_openmp(compiler):
     """Return (compile_args, link_args) that build an OpenMP program, or None."""
     if os.environ.get("CNORM_NO_OPENMP"):
         return None
     kind = "msvc" if compiler.compiler_type == "msvc" else "unix"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write(PROBE_SOURCE)
-        for cflags, lflags in OPENMP_CANDIDATES[kind]:
-            try:
-                objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
-                compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=lflags)
-            except Exception:  # noqa: BLE001 - any failure means "not this flag"
-                continue
+    for cflags, lflags in OPENMP_CANDIDATES[kind]:
+        if _compile_and_run(compiler, PROBE_SOURCE, cflags, lflags) is not None:
             return cflags, lflags
     return None
 
 
-def optimization_flags(compiler):
-    """-O3, plus -march=native unless CNORM_NATIVE=0 (portable wheels)."""
-    if compiler.compiler_type == "msvc":
-        return ["/O2"]
-    flags = ["-O3"]
-    if os.environ.get("CNORM_NATIVE", "1") != "0":
-        flags.append("-march=native")
-    return flags
+def host_level(compiler):
+    """The best level this build machine runs, or None if that cannot be told."""
+    out = _compile_and_run(compiler, HOST_LEVEL_SOURCE, include_dirs=["cnorm/backends/cpu"])
+    return out.strip() if out else None
 
 
-class BuildExtWithOpenMP(build_ext):
-    """build_ext that adds OpenMP flags when the compiler supports them."""
+def levels_to_build():
+    wanted = os.environ.get("CNORM_CPU_LEVELS")
+    if not wanted:
+        return LEVELS
+    chosen = [lv.strip() for lv in wanted.split(",") if lv.strip()]
+    unknown = [lv for lv in chosen if lv not in LEVELS]
+    if unknown:
+        raise SystemExit(f"CNORM_CPU_LEVELS: unknown level(s) {unknown}; this platform has {LEVELS}")
+    return chosen
+
+
+class BuildExt(build_ext):
+    """build_ext with OpenMP where the compiler has it and per-level kernel flags."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:  # the level modules are independent: compile them side by side
+            self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
-        flags = probe_openmp(self.compiler)
-        opt = optimization_flags(self.compiler)
+        kind = "msvc" if self.compiler.compiler_type == "msvc" else "unix"
+        omp = probe_openmp(self.compiler)
+        native = os.environ.get("CNORM_NATIVE", "0") == "1" and kind == "unix"
+        tuned = host_level(self.compiler) if native and X86_64 else ("baseline" if native else None)
         for ext in self.extensions:
-            ext.extra_compile_args = list(ext.extra_compile_args) + opt
-            if flags is not None:
-                ext.extra_compile_args += flags[0]
-                ext.extra_link_args = list(ext.extra_link_args) + flags[1]
+            level = ext.name.rpartition("._kernels_")[2] if "._kernels_" in ext.name else None
+            args = ["/O2"] if kind == "msvc" else ["-O3"]
+            if level is not None:
+                # one rounding per operation as written: levels differ only where the vector code says so
+                args += LEVEL_FLAGS[kind][level] + (["/fp:precise"] if kind == "msvc" else
+                                                    ["-ffp-contract=off", "-fvisibility=hidden", "-Wno-maybe-uninitialized"])
+                if level == tuned:
+                    args.append("-march=native")
+                    print(f"cnorm: level {level} tuned for this machine (-march=native)")
+            if omp is not None:
+                args += omp[0]
+                ext.extra_link_args = list(ext.extra_link_args) + omp[1]
+            ext.extra_compile_args = list(ext.extra_compile_args) + args
             ext.define_macros = list(ext.define_macros) + [
-                ("CNORM_OPENMP_FLAGS", '"%s"' % " ".join(flags[0]) if flags else '""')
+                ("CNORM_OPENMP_FLAGS", '"%s"' % " ".join(omp[0]) if omp else '""')
             ]
-        print("cnorm: OpenMP", "enabled with %s" % " ".join(flags[0]) if flags else "not available: serial build")
+        print("cnorm: OpenMP", "enabled with %s" % " ".join(omp[0]) if omp else "not available: serial build")
         super().build_extensions()
 
 
-def extension(name, source, depends=()):
+def extension(name, source, depends=(), level=None):
+    macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
+    if level is not None:
+        macros.append(("CN_LEVEL_" + level.upper(), "1"))
     return Extension(
         name,
         [source],
         depends=list(depends),
         include_dirs=[np.get_include()],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        define_macros=macros,
+        language="c++" if level is not None else "c",
     )
+
+
+def kernel_sources():
+    root = "cnorm/backends/cpu"
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if f.endswith((".hpp", ".h", ".pxi")))
 
 
 EXTENSIONS = [
     extension("cnorm._openmp", "cnorm/_openmp.pyx"),
-    extension("cnorm.backends._kernels", "cnorm/backends/_kernels.pyx", ["cnorm/backends/_kernels.h"]),
+    extension("cnorm._cpuinfo", "cnorm/_cpuinfo.pyx", ["cnorm/backends/cpu/cpuid.h"]),
+] + [
+    extension(f"cnorm.backends._kernels_{lv}", f"cnorm/backends/_kernels_{lv}.pyx", kernel_sources(), level=lv)
+    for lv in levels_to_build()
 ]
 
 setup(
@@ -109,6 +201,7 @@ setup(
         EXTENSIONS,
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        nthreads=os.cpu_count() or 1,
     ),
-    cmdclass={"build_ext": BuildExtWithOpenMP},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from . import nn  # noqa: E402  (layers; cnorm.distributed loads lazily with mpi4py)
 from ._config import get_num_threads, set_num_threads, show_config
+from ._cpu import get_cpu_capability
 from .backends import (
     BackendUnavailableError,
     available_backends,
@@ -44,7 +45,7 @@ __all__ = [
     "__version__", "nn",
     "BackendUnavailableError", "available_backends", "get_backend", "register_backend",
     "set_backend", "unregister_backend", "use_backend",
-    "get_num_threads", "set_num_threads", "show_config",
+    "get_num_threads", "set_num_threads", "show_config", "get_cpu_capability",
     "Saved",
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "layer_norm", "layer_norm_forward", "layer_norm_backward",

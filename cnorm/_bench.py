@@ -362,8 +362,9 @@ def machine() -> dict:
 def copy_runner(inp: "Inputs", threads: int):
     """A zero-argument call that copies the next of the case's input copies into one
     output array (streaming stores, ``threads`` threads): the floor's reference."""
-    from .backends._kernels import parallel_copy
+    from . import _cpu
 
+    parallel_copy = _cpu.K.parallel_copy
     dst = np.empty_like(inp.xs[0])
 
     def call():
@@ -375,8 +376,9 @@ def copy_runner(inp: "Inputs", threads: int):
 
 def copy_bandwidth(threads: int, nbytes: int = 256 << 20, repeat: int = 7) -> float:
     """Bytes per second (read + write) of a large array copy on ``threads`` threads."""
-    from .backends._kernels import parallel_copy
+    from . import _cpu
 
+    parallel_copy = _cpu.K.parallel_copy
     src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
     parallel_copy(src, dst, threads)

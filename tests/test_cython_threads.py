@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 import cnorm
 from cnorm._dtypes import BFLOAT16, FLOAT16
-from cnorm.backends import _kernels
+from cnorm import _cpu
 from cnorm.backends.base import Problem
 from cnorm.backends.cython_backend import CythonBackend
 from cnorm.backends.numpy_backend import NumpyBackend
@@ -187,7 +187,7 @@ def _all_outputs(p, dt, teams=None):
     def run(f, *args):
         res = f(*args)
         if teams is not None:
-            teams.append(_kernels.last_threads())
+            teams.append(_cpu.K.last_threads())
         out.extend(res if isinstance(res, tuple) else (res,))
         return res
 
@@ -248,19 +248,19 @@ def test_thread_limits_are_honoured(restore_threads):
     cnorm.set_num_threads(3)
     with threadpool_limits(limits=3, user_api="openmp"):
         K.forward_train(x, p, w, b, 1e-5)
-        assert _kernels.last_threads() == 3
+        assert _cpu.K.last_threads() == 3
         with threadpool_limits(limits=1, user_api="openmp"):
             assert cnorm.get_num_threads() == 1
             K.forward_train(x, p, w, b, 1e-5)
-            assert _kernels.last_threads() == 1
+            assert _cpu.K.last_threads() == 1
         cnorm.set_num_threads(2)  # the cnorm cap binds below the threadpoolctl limit
         K.forward_train(x, p, w, b, 1e-5)
-        assert _kernels.last_threads() == 2
+        assert _cpu.K.last_threads() == 2
     # tiny inputs stay on the calling thread whatever the limit
     small = Problem("cf", 2, 3, 5)
     xs, _, ws, bs = _data(small, np.float32)
     K.forward_train(xs, small, ws, bs, 1e-5)
-    assert _kernels.last_threads() == 1
+    assert _cpu.K.last_threads() == 1
 
 
 def test_concurrent_calls_from_python_threads(restore_threads):
@@ -279,18 +279,18 @@ def test_rejects_arrays_the_kernels_cannot_read():
     p = Problem("cf", 2, 3, 4)
     x, _, w, b = _data(p, np.float32)
     with pytest.raises(ValueError, match="weight"):
-        _kernels.cross_forward(x, np.empty_like(x), False, 2, 3, 4, w[:2], b, w, w, w, 1e-5, 1)
+        _cpu.K.cross_forward(x, np.empty_like(x), False, 2, 3, 4, w[:2], b, w, w, w, 1e-5, 1)
     with pytest.raises(ValueError, match="x"):
-        _kernels.cross_forward(x[:, :, ::2], np.empty_like(x), False, 2, 3, 4, w, b, w, w, w, 1e-5, 1)
+        _cpu.K.cross_forward(x[:, :, ::2], np.empty_like(x), False, 2, 3, 4, w, b, w, w, w, 1e-5, 1)
     with pytest.raises(TypeError, match="float32 or float64"):
-        _kernels.affine(x.astype(np.int32), x, False, 2, 3, 4, w, b, 1)
+        _cpu.K.affine(x.astype(np.int32), x, False, 2, 3, 4, w, b, 1)
     with pytest.raises(ValueError, match="scale: expected a C-contiguous float32"):
         h = x.astype(FLOAT16)  # half data take float32 parameters
-        _kernels.affine(h, np.empty_like(h), False, 2, 3, 4, w.astype(FLOAT16), b, 1)
+        _cpu.K.affine(h, np.empty_like(h), False, 2, 3, 4, w.astype(FLOAT16), b, 1)
     ro = np.empty_like(x)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
-        _kernels.affine(x, ro, False, 2, 3, 4, w, b, 1)
+        _cpu.K.affine(x, ro, False, 2, 3, 4, w, b, 1)
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64, *HALVES])
@@ -299,9 +299,9 @@ def test_streaming_stores_change_nothing(p, dt, monkeypatch, restore_threads):
     """Large outputs are written with streaming stores (vector body, scalar head
     to alignment and tail): forcing them on small problems must give the same bits."""
     cnorm.set_num_threads(2)
-    monkeypatch.setattr(_kernels, "NT_BYTES", 1 << 62)
+    monkeypatch.setattr(_cpu.K, "NT_BYTES", 1 << 62)
     cached = _all_outputs(p, dt)
-    monkeypatch.setattr(_kernels, "NT_BYTES", 0)
+    monkeypatch.setattr(_cpu.K, "NT_BYTES", 0)
     streamed = _all_outputs(p, dt)
     for i, (a, b) in enumerate(zip(cached, streamed)):
         assert a.tobytes() == b.tobytes(), f"output {i} differs with streaming stores"
@@ -386,7 +386,7 @@ def test_half_stores_round_like_numpy(dt, streaming, monkeypatch):
     """Every half store (vector body, scalar head and tail, hardware or integer
     conversion) rounds the float32 result to nearest even exactly as NumPy's
     cast does: subnormal results, overflow to Inf, signed zeros and NaN included."""
-    monkeypatch.setattr(_kernels, "NT_BYTES", 0 if streaming else 1 << 62)
+    monkeypatch.setattr(_cpu.K, "NT_BYTES", 0 if streaming else 1 << 62)
     rng = np.random.default_rng(5)
     info = ml_dtypes.finfo(dt)
     tiny = float(info.smallest_normal)
@@ -398,7 +398,7 @@ def test_half_stores_round_like_numpy(dt, streaming, monkeypatch):
     scale, shift = np.full(1, 1.0 + 2.0 ** -7, np.float32), np.zeros(1, np.float32)
     for off in (0, 1, 7):  # unaligned starts exercise the scalar heads
         y = np.empty(n - off, dt)
-        _kernels.affine(x[off:].copy(), y, False, 1, 1, n - off, scale, shift, 1)
+        _cpu.K.affine(x[off:].copy(), y, False, 1, 1, n - off, scale, shift, 1)
         want = (x[off:].astype(np.float32) * scale[0] + shift[0]).astype(dt)  # -0·a + 0 is +0, as in an FMA
         nan = np.isnan(want.astype(np.float32))
         assert np.array_equal(np.isnan(y.astype(np.float32)), nan)
@@ -416,11 +416,11 @@ def test_layer_norm_backward_any_output_alignment(width, dt, monkeypatch):
     _, mean, _, rstd = K.forward_train(x, p, w, b, 1e-5)
     results = []
     for nt_bytes in (1 << 62, 0):
-        monkeypatch.setattr(_kernels, "NT_BYTES", nt_bytes)
+        monkeypatch.setattr(_cpu.K, "NT_BYTES", nt_bytes)
         for shift in range(0, 40):  # dx starts `shift` elements into a fresh buffer
             buf = np.empty(x.size + 64, dt)
             dx = buf[shift:shift + x.size].reshape(x.shape)
-            dw, db = _kernels.group_backward(dy, x, dx, False, p.n, p.c, p.s, 1, mean, rstd, w, 2)
+            dw, db = _cpu.K.group_backward(dy, x, dx, False, p.n, p.c, p.s, 1, mean, rstd, w, 2)
             results.append((dx.tobytes(), dw.tobytes(), db.tobytes()))
     assert all(r == results[0] for r in results)
 
@@ -437,13 +437,13 @@ def test_channels_last_spans_any_output_alignment(c, dt, monkeypatch):
     mean, var, rstd = (np.empty(c, np.float32) for _ in range(3))
     results = []
     for nt_bytes in (1 << 62, 0):
-        monkeypatch.setattr(_kernels, "NT_BYTES", nt_bytes)
+        monkeypatch.setattr(_cpu.K, "NT_BYTES", nt_bytes)
         for shift in range(0, 40):  # y and dx start `shift` elements into fresh buffers
             y = np.empty(x.size + 64, dt)[shift:shift + x.size].reshape(x.shape)
-            _kernels.cross_forward(x, y, True, n, c, 1, w, b, mean, var, rstd, 1e-5, 2)
+            _cpu.K.cross_forward(x, y, True, n, c, 1, w, b, mean, var, rstd, 1e-5, 2)
             dx = np.empty(x.size + 64, dt)[shift:shift + x.size].reshape(x.shape)
             da, db = np.empty(c, np.float32), np.empty(c, np.float32)
-            _kernels.cross_backward(dy, x, dx, True, n, c, 1, mean, rstd, w, da, db, _kernels.TRAIN, 2)
+            _cpu.K.cross_backward(dy, x, dx, True, n, c, 1, mean, rstd, w, da, db, _cpu.K.TRAIN, 2)
             results.append((y.tobytes(), dx.tobytes(), da.tobytes(), db.tobytes()))
     assert all(r == results[0] for r in results)
 
@@ -517,5 +517,5 @@ def test_parallel_copy_any_size_and_alignment(n, offset):
     rng = np.random.default_rng(n)
     src = rng.integers(0, 256, n + offset, dtype=np.uint8)[offset:]
     dst = np.zeros(n + 64, np.uint8)[offset:offset + n]
-    _kernels.parallel_copy(src, dst, 2)
+    _cpu.K.parallel_copy(src, dst, 2)
     assert np.array_equal(src, dst)

@@ -1,6 +1,8 @@
 """The "cython" backend: fused OpenMP kernels for NumPy arrays on the CPU.
 
-The kernels live in :mod:`cnorm.backends._kernels`; this module only maps the
+The kernels live in ``cnorm.backends._kernels_<level>``, one module per CPU
+level, of which :mod:`cnorm._cpu` imports the best this CPU runs
+(:func:`cnorm.get_cpu_capability`); this module only maps the
 :class:`~cnorm.backends.base.Backend` methods onto kernels and reads the
 thread count on every call (so ``threadpoolctl`` limits and
 :func:`cnorm.set_num_threads` hold). The kernels allocate their outputs and
@@ -16,14 +18,12 @@ import numpy as np
 from .._dtypes import ALL_FLOATS
 from .base import CHANNELS_LAST, Backend
 
-try:  # the compiled parts may be missing in a source checkout that was never built
-    from . import _kernels as _k
-    from .._openmp import get_num_threads as _get_num_threads
+from .. import _cpu
 
-    _IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _k = None
-    _IMPORT_ERROR = exc
+try:  # the compiled parts may be missing in a source checkout that was never built
+    from .._openmp import get_num_threads as _get_num_threads
+except ImportError:  # pragma: no cover - depends on the build
+    _get_num_threads = None
 
 
 class CythonBackend(Backend):
@@ -52,8 +52,9 @@ class CythonBackend(Backend):
     @staticmethod
     def unavailable_reason():
         """None when the compiled kernels load, else why they do not."""
-        if _k is None:
-            return (f"the compiled kernels cannot be imported ({_IMPORT_ERROR}); "
+        why = _cpu.unavailable_reason()
+        if why is not None:
+            return (f"the compiled kernels cannot be used ({why}); "
                     "build them with `python setup.py build_ext --inplace` or `pip install .`")
         return None
 
@@ -62,16 +63,16 @@ class CythonBackend(Backend):
 
     # -- fused kernel problems -----------------------------------------------
     def forward_train(self, x3, p, weight, bias, eps):
-        return _k.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
+        return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
                                 eps, _get_num_threads())
 
     def forward_eval(self, x3, p, scale, shift):
         y = np.empty_like(x3)
-        _k.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
+        _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
         return y
 
     def fold_frozen(self, running_mean, running_var, weight, bias, eps, sdtype):
-        folded = _k.fold_frozen(running_mean, running_var, weight, bias, eps)  # one C loop
+        folded = _cpu.K.fold_frozen(running_mean, running_var, weight, bias, eps)  # one C loop
         if folded is None:  # e.g. strided running statistics
             return super().fold_frozen(running_mean, running_var, weight, bias, eps, sdtype)
         return folded
@@ -82,10 +83,10 @@ class CythonBackend(Backend):
         cl = p.layout == CHANNELS_LAST
         if p.cross_sample:
             dweight, dbias = np.empty_like(weight), np.empty_like(weight)
-            _k.cross_backward(dy3, x3, dx, cl, p.n, p.c, p.s, mean, rstd, weight, dweight, dbias,
-                              _k.TRAIN, nt)
+            _cpu.K.cross_backward(dy3, x3, dx, cl, p.n, p.c, p.s, mean, rstd, weight, dweight, dbias,
+                              _cpu.K.TRAIN, nt)
         else:
-            dweight, dbias = _k.group_backward(dy3, x3, dx, cl, p.n, p.c, p.s, p.groups, mean, rstd,
+            dweight, dbias = _cpu.K.group_backward(dy3, x3, dx, cl, p.n, p.c, p.s, p.groups, mean, rstd,
                                                weight, nt)
         return dx, dweight, dbias
 
@@ -93,8 +94,8 @@ class CythonBackend(Backend):
         # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate.
         dx = np.empty_like(x3)
         dweight, dbias = np.empty_like(weight), np.empty_like(weight)
-        _k.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
-                          dweight, dbias, _k.EVAL, _get_num_threads())
+        _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
+                          dweight, dbias, _cpu.K.EVAL, _get_num_threads())
         return dx, dweight, dbias
 
     # -- cross-sample primitives ---------------------------------------------
@@ -102,18 +103,18 @@ class CythonBackend(Backend):
         sd = np.float64 if x3.dtype == np.float64 else np.float32
         mean, var, rstd = np.empty(p.c, sd), np.empty(p.c, sd), np.empty(p.c, sd)
         one, zero = np.ones(p.c, sd), np.zeros(p.c, sd)
-        _k.cross_forward(x3, None, p.layout == CHANNELS_LAST, p.n, p.c, p.s, one, zero, mean, var,
+        _cpu.K.cross_forward(x3, None, p.layout == CHANNELS_LAST, p.n, p.c, p.s, one, zero, mean, var,
                          rstd, 0.0, _get_num_threads())
         return mean, var
 
     def channel_grad_sums(self, dy3, x3, p, mean, rstd):
         sum_dy, sum_dy_xhat = np.empty_like(mean), np.empty_like(mean)
-        _k.cross_backward(dy3, x3, None, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd,
-                          np.ones_like(mean), sum_dy_xhat, sum_dy, _k.SUMS, _get_num_threads())
+        _cpu.K.cross_backward(dy3, x3, None, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd,
+                          np.ones_like(mean), sum_dy_xhat, sum_dy, _cpu.K.SUMS, _get_num_threads())
         return sum_dy, sum_dy_xhat
 
     def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat):
         dx = np.empty_like(x3)
-        _k.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
-                          None, None, _k.APPLY, _get_num_threads(), mean_dy, mean_dy_xhat)
+        _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
+                          None, None, _cpu.K.APPLY, _get_num_threads(), mean_dy, mean_dy_xhat)
         return dx

@@ -1,0 +1,225 @@
+"""CPU levels: which compiled copy of the kernels runs on this machine.
+
+The "cython" backend's kernels are compiled once per instruction-set level
+(``cnorm.backends._kernels_<level>``; see setup.py). At import, cnorm picks
+the best level that is compiled and that this CPU and operating system
+support, as PyTorch does with ``ATEN_CPU_CAPABILITY`` and NumPy with its
+dispatch targets:
+
+========== =================================================================
+``avx512`` x86-64-v4: AVX-512 F/BW/VL/DQ/CD (and AVX512-BF16 conversions
+           where the CPU has them, found at run time)
+``avx2``   x86-64-v3: AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE
+``baseline`` x86-64-v2 (SSE4.2, POPCNT), what NumPy 2 itself requires; the
+           portable C++ build on other architectures
+========== =================================================================
+
+``CNORM_CPU_CAPABILITY=baseline|avx2|avx512`` (read at import) forces a
+level: one above what the CPU supports gives a warning and the best
+supported level; an unknown name is a ``ValueError`` listing the valid ones.
+A level module is imported only once the CPU is known to support it, since
+its code may hold instructions other CPUs lack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import warnings
+
+ENV = "CNORM_CPU_CAPABILITY"
+X86_LEVELS = ("baseline", "avx2", "avx512")
+#: PyTorch's ATEN_CPU_CAPABILITY for the same instruction sets (the benchmark compares like with like)
+ATEN_CAPABILITY = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}
+
+try:
+    from . import _cpuinfo
+except ImportError as exc:  # a source tree that was never built: NumPy backend only
+    _cpuinfo = None
+    _CPUINFO_ERROR = str(exc)
+else:
+    _CPUINFO_ERROR = None
+
+
+def platform_levels() -> tuple[str, ...]:
+    """The levels this platform has, lowest first."""
+    return X86_LEVELS if (_cpuinfo is not None and _cpuinfo.X86) else ("baseline",)
+
+
+def _module_name(level: str) -> str:
+    return f"cnorm.backends._kernels_{level}"
+
+
+def compiled_levels() -> list[str]:
+    """Levels whose kernels this installation holds (found without importing them)."""
+    try:
+        return [lv for lv in platform_levels() if importlib.util.find_spec(_module_name(lv)) is not None]
+    except ImportError:  # pragma: no cover - cnorm.backends itself missing
+        return []
+
+
+def cpu_features() -> list[str]:
+    """Names of the instruction sets (and OS register state) found on this CPU."""
+    if _cpuinfo is None or not _cpuinfo.X86:
+        return []
+    bits = _cpuinfo.features()
+    return [name for name, bit in _cpuinfo.FEATURE_BITS.items() if bits & bit]
+
+
+def supported_levels() -> list[str]:
+    """Levels this CPU and operating system can run, lowest first."""
+    if _cpuinfo is None:
+        return []
+    if not _cpuinfo.X86:
+        return ["baseline"]
+    bits = _cpuinfo.features()
+    return [lv for lv in X86_LEVELS if bits & _cpuinfo.LEVEL_BITS[lv] == _cpuinfo.LEVEL_BITS[lv]]
+
+
+def _requested() -> str | None:
+    """CNORM_CPU_CAPABILITY, validated (None when unset or empty)."""
+    raw = os.environ.get(ENV, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in platform_levels():
+        raise ValueError(f"{ENV}: expected one of {', '.join(platform_levels())} on this platform, "
+                         f"got {os.environ[ENV]!r}")
+    return raw
+
+
+def _choose(requested: str | None) -> tuple[list[str], str | None]:
+    """The levels to try, best first, and the warning the choice deserves (or None)."""
+    compiled, supported = compiled_levels(), supported_levels()
+    usable = [lv for lv in compiled if lv in supported]
+    if requested is None:
+        return usable[::-1], None
+    if requested not in supported:
+        best = usable[-1] if usable else "none"
+        return usable[::-1], (f"{ENV}={requested}: this CPU does not support it (it supports "
+                              f"{', '.join(supported) or 'no kernel level'}); using {best}")
+    order = [lv for lv in usable[::-1] if platform_levels().index(lv) <= platform_levels().index(requested)]
+    if requested in compiled:
+        return order, None
+    fallback = order[0] if order else (usable[-1] if usable else "none")
+    return order or usable[::-1], (f"{ENV}={requested}: this build has no {requested} kernels "
+                                   f"(compiled: {', '.join(compiled) or 'none'}); using {fallback}")
+
+
+class _State:
+    level: str | None = None      # the level in use
+    error: str | None = None      # why no kernels could be loaded
+    forced: str | None = None     # CNORM_CPU_CAPABILITY, validated
+
+
+K = None  # the kernels module in use (cnorm.backends.cython_backend calls through it)
+
+
+def _load(order: list[str]) -> None:
+    global K
+    errors = []
+    for lv in order:
+        try:
+            mod = importlib.import_module(_module_name(lv))
+        except ImportError as exc:
+            errors.append(f"{lv}: {exc}")
+            continue
+        _State.level, _State.error, K = lv, None, mod
+        if errors:
+            warnings.warn(f"cnorm: kernels of a higher level failed to import ({'; '.join(errors)}); using {lv}",
+                          RuntimeWarning, stacklevel=3)
+        return
+    _State.level = K = None
+    if _cpuinfo is None:
+        _State.error = f"the compiled extension is not built ({_CPUINFO_ERROR})"
+    elif not compiled_levels():
+        _State.error = "no kernel level was compiled"
+    elif not supported_levels():
+        _State.error = "this CPU lacks the instructions of every compiled level (x86-64-v2 at least)"
+    else:
+        _State.error = "; ".join(errors) or "no compiled level is supported by this CPU"
+
+
+def _init() -> None:
+    _State.forced = _requested()
+    order, why = _choose(_State.forced)
+    if why:
+        warnings.warn(why, RuntimeWarning, stacklevel=3)
+    _load(order)
+
+
+def get_cpu_capability() -> str | None:
+    """Return the CPU level cnorm's kernels run at: ``"baseline"``, ``"avx2"`` or ``"avx512"``.
+
+    Chosen at import (the best level compiled and supported here, or
+    ``CNORM_CPU_CAPABILITY``); None when the compiled kernels are not
+    available (cnorm then runs its NumPy backend only).
+
+    Examples
+    --------
+    >>> import cnorm
+    >>> cnorm.get_cpu_capability() in ("baseline", "avx2", "avx512")
+    True
+    """
+    return _State.level
+
+
+def kernels():
+    """The kernels module in use, or None (see :func:`unavailable_reason`)."""
+    return K
+
+
+def unavailable_reason() -> str | None:
+    """Why no kernels module is loaded, or None."""
+    return None if K is not None else _State.error
+
+
+def kernel_module(level: str):
+    """The kernels module of ``level`` if it is compiled and this CPU supports it, else None."""
+    if level not in compiled_levels() or level not in supported_levels():
+        return None
+    return importlib.import_module(_module_name(level))
+
+
+@contextlib.contextmanager
+def use_level(level: str):
+    """Run the kernels of ``level`` inside the block (tests and the benchmark).
+
+    ``ValueError`` for a level that is unknown, not compiled or not supported
+    by this CPU: unlike CNORM_CPU_CAPABILITY, an explicit request never falls
+    back.
+    """
+    global K
+    mod = kernel_module(level) if level in platform_levels() else None
+    if mod is None:
+        raise ValueError(f"level: expected one of the levels compiled and supported here "
+                         f"({', '.join(usable_levels()) or 'none'}), got {level!r}")
+    saved = (_State.level, K)
+    _State.level, K = level, mod
+    try:
+        yield mod
+    finally:
+        _State.level, K = saved
+
+
+def usable_levels() -> list[str]:
+    """Levels both compiled and supported here, lowest first."""
+    supported = supported_levels()
+    return [lv for lv in compiled_levels() if lv in supported]
+
+
+def info() -> dict:
+    """The level facts show_config prints."""
+    return {
+        "cpu_levels_compiled": compiled_levels(),
+        "cpu_levels_supported": supported_levels(),
+        "cpu_level": _State.level,
+        "cpu_level_forced": _State.forced,
+        "cpu_features": cpu_features(),
+        "cpu_avx512_bf16_used": bool(K is not None and K.HW_BF16),
+        "cpu_level_error": unavailable_reason(),
+    }
+
+
+_init()

@@ -1,0 +1,108 @@
+/* CPU feature detection for choosing a kernel level at run time.
+
+   Included by cnorm/_cpuinfo.pyx, which is compiled without any instruction-set
+   flags: it runs before any level is chosen, so it may contain only baseline
+   x86-64 instructions (cpuid and xgetbv themselves are always there, xgetbv
+   behind the OSXSAVE bit). The AVX-512 kernel module also includes it, after
+   its level was checked, to ask whether the CPU has the AVX512-BF16
+   conversions (used at run time, never required).
+
+   A level needs both the instructions (cpuid) and the operating system's
+   promise to save their registers on a context switch (XCR0 via xgetbv):
+   a CPU with AVX-512 under an OS that does not enable the opmask/ZMM state
+   must not run AVX-512 code. */
+#ifndef CN_CPUID_H
+#define CN_CPUID_H
+#include <stdint.h>
+
+enum {
+    CN_F_SSE3 = 1 << 0, CN_F_SSSE3 = 1 << 1, CN_F_SSE41 = 1 << 2, CN_F_SSE42 = 1 << 3,
+    CN_F_POPCNT = 1 << 4, CN_F_AVX = 1 << 5, CN_F_AVX2 = 1 << 6, CN_F_FMA = 1 << 7,
+    CN_F_F16C = 1 << 8, CN_F_BMI1 = 1 << 9, CN_F_BMI2 = 1 << 10, CN_F_LZCNT = 1 << 11,
+    CN_F_MOVBE = 1 << 12, CN_F_AVX512F = 1 << 13, CN_F_AVX512BW = 1 << 14,
+    CN_F_AVX512VL = 1 << 15, CN_F_AVX512DQ = 1 << 16, CN_F_AVX512CD = 1 << 17,
+    CN_F_AVX512BF16 = 1 << 18,
+    CN_F_OS_YMM = 1 << 19,   /* XCR0: SSE and AVX state saved by the OS */
+    CN_F_OS_ZMM = 1 << 20    /* XCR0: opmask, ZMM0-15 upper halves and ZMM16-31 saved */
+};
+
+/* What each level was compiled for (setup.py's flags): the x86-64-v2, -v3
+   and -v4 feature sets, plus the OS state the wider registers need. */
+#define CN_LEVEL_BASELINE_FEATURES (CN_F_SSE3 | CN_F_SSSE3 | CN_F_SSE41 | CN_F_SSE42 | CN_F_POPCNT)
+#define CN_LEVEL_AVX2_FEATURES (CN_LEVEL_BASELINE_FEATURES | CN_F_AVX | CN_F_AVX2 | CN_F_FMA | CN_F_F16C | \
+                                CN_F_BMI1 | CN_F_BMI2 | CN_F_LZCNT | CN_F_MOVBE | CN_F_OS_YMM)
+#define CN_LEVEL_AVX512_FEATURES (CN_LEVEL_AVX2_FEATURES | CN_F_AVX512F | CN_F_AVX512BW | CN_F_AVX512VL | \
+                                  CN_F_AVX512DQ | CN_F_AVX512CD | CN_F_OS_ZMM)
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#define CN_X86 1
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+static inline void cn_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    int v[4]; __cpuidex(v, (int)leaf, (int)sub);
+    r[0] = (uint32_t)v[0]; r[1] = (uint32_t)v[1]; r[2] = (uint32_t)v[2]; r[3] = (uint32_t)v[3];
+}
+static inline uint64_t cn_xgetbv0(void) { return (uint64_t)_xgetbv(0); }
+#else
+#include <cpuid.h>
+static inline void cn_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    __cpuid_count(leaf, sub, r[0], r[1], r[2], r[3]);
+}
+/* xgetbv by its encoding: no -mxsave needed (this file has no level flags) */
+static inline uint64_t cn_xgetbv0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile(".byte 0x0f, 0x01, 0xd0" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+#endif
+
+/* The CN_F_* bits this CPU and OS support. */
+static inline uint32_t cn_cpu_features(void) {
+    uint32_t r[4], f = 0, max_leaf, max_ext;
+    cn_cpuid(0, 0, r);
+    max_leaf = r[0];
+    if (max_leaf < 1) return 0;
+    cn_cpuid(1, 0, r);
+    if (r[2] & (1u << 0)) f |= CN_F_SSE3;
+    if (r[2] & (1u << 9)) f |= CN_F_SSSE3;
+    if (r[2] & (1u << 19)) f |= CN_F_SSE41;
+    if (r[2] & (1u << 20)) f |= CN_F_SSE42;
+    if (r[2] & (1u << 23)) f |= CN_F_POPCNT;
+    if (r[2] & (1u << 22)) f |= CN_F_MOVBE;
+    if (r[2] & (1u << 12)) f |= CN_F_FMA;
+    if (r[2] & (1u << 29)) f |= CN_F_F16C;
+    if (r[2] & (1u << 28)) f |= CN_F_AVX;
+    if (r[2] & (1u << 27)) {  /* OSXSAVE: xgetbv may be executed */
+        uint64_t xcr0 = cn_xgetbv0();
+        if ((xcr0 & 0x6) == 0x6) f |= CN_F_OS_YMM;             /* XMM, YMM */
+        if ((xcr0 & 0xe6) == 0xe6) f |= CN_F_OS_ZMM;           /* + opmask, ZMM_Hi256, Hi16_ZMM */
+    }
+    if (max_leaf >= 7) {
+        cn_cpuid(7, 0, r);
+        if (r[1] & (1u << 3)) f |= CN_F_BMI1;
+        if (r[1] & (1u << 5)) f |= CN_F_AVX2;
+        if (r[1] & (1u << 8)) f |= CN_F_BMI2;
+        if (r[1] & (1u << 16)) f |= CN_F_AVX512F;
+        if (r[1] & (1u << 17)) f |= CN_F_AVX512DQ;
+        if (r[1] & (1u << 28)) f |= CN_F_AVX512CD;
+        if (r[1] & (1u << 30)) f |= CN_F_AVX512BW;
+        if (r[1] & (1u << 31)) f |= CN_F_AVX512VL;
+        if (r[0] >= 1) {
+            cn_cpuid(7, 1, r);
+            if (r[0] & (1u << 5)) f |= CN_F_AVX512BF16;
+        }
+    }
+    cn_cpuid(0x80000000u, 0, r);
+    max_ext = r[0];
+    if (max_ext >= 0x80000001u) {
+        cn_cpuid(0x80000001u, 0, r);
+        if (r[2] & (1u << 5)) f |= CN_F_LZCNT;   /* ABM */
+    }
+    return f;
+}
+#else
+#define CN_X86 0
+static inline uint32_t cn_cpu_features(void) { return 0; }
+#endif
+
+#endif

@@ -1,0 +1,174 @@
+/* The elementwise sweeps (float32 and half data, float arithmetic): normalize,
+   affine, dx, for channels-first runs (scalar constants), channels-last rows
+   (per-channel constants) and LayerNorm rows (per-element weight).
+
+   Every sweep is cn_sweep over 32-value steps: the head before the output's
+   first line boundary and the tail go through the same vector arithmetic with
+   masked loads and stores, so where a value falls never changes it. When
+   cn_nt_store is set (outputs much larger than the caches) whole lines are
+   written with streaming stores: the output then costs one write to memory
+   instead of a read-for-ownership plus a write; whoever sets it calls
+   cn_sfence() on every thread that stored, before the output is read. */
+#ifndef CN_ELEMENTWISE_HPP
+#define CN_ELEMENTWISE_HPP
+#include "vec/vec.hpp"
+
+namespace {
+
+int cn_nt_store = 0;   /* set per call by the Python wrappers (a hint: any value is correct) */
+
+/* Runs shorter than this keep ordinary stores: a head to the line boundary
+   would cost more than streaming saves. */
+constexpr ptrdiff_t CN_NT_MIN = 256;
+
+/* elements of T before y reaches a 64-byte boundary (all of them if y is not
+   even aligned to T) */
+template <class T>
+CN_INLINE ptrdiff_t cn_head(const T* y, ptrdiff_t n) {
+    uintptr_t a = (uintptr_t)y;
+    ptrdiff_t h = (a % sizeof(T)) ? n : (ptrdiff_t)(((64 - a % 64) % 64) / sizeof(T));
+    return h < n ? h : n;
+}
+
+/* Calls f(i, m, nt) over [0, n) writing y: m == 32 in the body (nt true when
+   streaming: y + i is then line-aligned), 0 < m < 32 for the head and the
+   tail (nt false). */
+template <class T, class F>
+CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f) {
+    const bool nt = cn_nt_store && n >= CN_NT_MIN;
+    ptrdiff_t i = 0, h = nt ? cn_head(y, n) : 0;
+    while (i < h) {
+        ptrdiff_t m = h - i < 32 ? h - i : 32;
+        f(i, m, false);
+        i += m;
+    }
+    if (nt)
+        for (; i + 32 <= n; i += 32) f(i, (ptrdiff_t)32, true);
+    else
+        for (; i + 32 <= n; i += 32) f(i, (ptrdiff_t)32, false);
+    if (i < n) f(i, n - i, false);
+}
+
+/* y = (x - mh) a + b */
+template <class T>
+void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
+    const VF vm = vset(mh), va = vset(a), vb = vset(b);
+    cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF u0, u1;
+        vload2_n(x + i, m, u0, u1);
+        vstore2_n(y + i, vfma(u0 - vm, va, vb), vfma(u1 - vm, va, vb), m, nt);
+    });
+}
+
+/* y = x a + b */
+template <class T>
+void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b) {
+    const VF va = vset(a), vb = vset(b);
+    cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF u0, u1;
+        vload2_n(x + i, m, u0, u1);
+        vstore2_n(y + i, vfma(u0, va, vb), vfma(u1, va, vb), m, nt);
+    });
+}
+
+/* dx = g ka + ((x - mh) kb + kc) */
+template <class T>
+void cn_dx_run(const T* g, const T* x, T* dx, ptrdiff_t n, float ka, float mh, float kb, float kc) {
+    const VF vka = vset(ka), vm = vset(mh), vkb = vset(kb), vkc = vset(kc);
+    cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF g0, g1, u0, u1;
+        vload2_n(g + i, m, g0, g1);
+        vload2_n(x + i, m, u0, u1);
+        vstore2_n(dx + i, vfma(g0, vka, vfma(u0 - vm, vkb, vkc)), vfma(g1, vka, vfma(u1 - vm, vkb, vkc)), m, nt);
+    });
+}
+
+/* channels-last row: y[c] = x[c] a[c] + b[c] (a, b: n floats) */
+template <class T>
+void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b) {
+    cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF v0 = vfma(vload_n(x + i, m), vload_n(a + i, m), vload_n(b + i, m));
+        VF v1 = vfma(vload_n(x + i + 16, m - 16), vload_n(a + i + 16, m - 16), vload_n(b + i + 16, m - 16));
+        vstore_pair_n(y + i, v0, v1, m, nt);
+    });
+}
+
+/* LayerNorm row: y[i] = ((x[i] - mh) rf - ml rf) w[i] + b[i], two FMAs */
+template <class T>
+void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b) {
+    const VF vm = vset(mh), vr = vset(rf), vl = vset(-ml * rf);
+    cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF v0 = vfma(vfma(vload_n(x + i, m) - vm, vr, vl), vload_n(w + i, m), vload_n(b + i, m));
+        VF v1 = vfma(vfma(vload_n(x + i + 16, m - 16) - vm, vr, vl), vload_n(w + i + 16, m - 16),
+                     vload_n(b + i + 16, m - 16));
+        vstore_pair_n(y + i, v0, v1, m, nt);
+    });
+}
+
+/* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */
+template <class T>
+void cn_ln_dx(const T* g, const T* x, T* dx, ptrdiff_t n, const float* w, float rf, float mh, float ml,
+              float kb, float kc) {
+    const VF vr = vset(rf), vm = vset(mh), vl = vset(ml), vkb = vset(kb), vkc = vset(kc);
+    cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF v[2];
+        for (int h = 0; h < 2; h++) {
+            ptrdiff_t o = i + 16 * h, mh2 = m - 16 * h;
+            v[h] = vfma(vload_n(w + o, mh2) * vload_n(g + o, mh2), vr, vfma((vload_n(x + o, mh2) - vm) - vl, vkb, vkc));
+        }
+        vstore_pair_n(dx + i, v[0], v[1], m, nt);
+    });
+}
+
+/* Channels-last spans: n consecutive values starting at channel 0 of rows of
+   C, normalized (or dx) as one stream - no call per row, whole lines for
+   streaming stores whatever C is. The constants are "extended":
+   k[i] = k0[i % C] for i < C + 16, so the 16 channels of any vector are one
+   unaligned load. */
+CN_INLINE ptrdiff_t cn_wrap(ptrdiff_t c, ptrdiff_t C) {
+    while (c >= C) c -= C;
+    return c;
+}
+template <class T>
+void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+                     const float* b) {
+    ptrdiff_t c = 0;
+    cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        ptrdiff_t c1 = cn_wrap(c + 16, C);
+        VF v0 = vfma(vload_n(x + i, m) - vload(mh + c), vload(a + c), vload(b + c));
+        VF v1 = vfma(vload_n(x + i + 16, m - 16) - vload(mh + c1), vload(a + c1), vload(b + c1));
+        vstore_pair_n(y + i, v0, v1, m, nt);
+        c = cn_wrap(c + m, C);
+    });
+}
+template <class T>
+void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
+                   const float* kb, const float* kc) {
+    ptrdiff_t c = 0;
+    cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF v[2];
+        ptrdiff_t ch = c;
+        for (int h = 0; h < 2; h++) {
+            ptrdiff_t o = i + 16 * h, mh2 = m - 16 * h;
+            v[h] = vfma(vload_n(g + o, mh2), vload(ka + ch),
+                        vfma(vload_n(x + o, mh2) - vload(mh + ch), vload(kb + ch), vload(kc + ch)));
+            ch = cn_wrap(ch + 16, C);
+        }
+        vstore_pair_n(dx + i, v[0], v[1], m, nt);
+        c = cn_wrap(c + m, C);
+    });
+}
+
+/* dst = src, n bytes, whole lines by streaming stores (what the kernels'
+   outputs cost): the benchmark's memory floor, so that the library memcpy's
+   choice of stores at a given size does not decide it */
+inline void cn_stream_copy(const char* src, char* dst, ptrdiff_t n) {
+    ptrdiff_t h = (ptrdiff_t)((64 - (uintptr_t)dst % 64) % 64), i;
+    if (h > n) h = n;
+    memcpy(dst, src, (size_t)h);
+    for (i = h; i + 64 <= n; i += 64) cn_copy_line_nt(dst + i, src + i);
+    memcpy(dst + i, src + i, (size_t)(n - i));
+}
+
+}  // namespace
+#endif

@@ -1,0 +1,516 @@
+# ------------------------------------------- per-sample, contiguous groups --
+# Channels-first (and channels-last with S == 1): group (n, g) is one run of
+# cg·S values starting at (n·C + g·cg)·S. Its statistics are BLK-sized pieces,
+# two-pass each, merged in order.
+
+cdef void run_stats(const dat* x, Py_ssize_t L, double* mu_o, double* m2_o) noexcept nogil:
+    cdef double acc[LANES]
+    cdef double cnt = 0.0, mu = 0.0, m2 = 0.0, bm
+    cdef Py_ssize_t s0 = 0, n
+    while s0 < L:
+        n = L - s0 if L - s0 < BLK else BLK
+        lanes_zero(acc)
+        sum_run(x + s0, n, ld(x + s0), acc)
+        bm = ld(x + s0) + lanes_total(acc) / <double>n
+        lanes_zero(acc)
+        sq_run(x + s0, n, bm, acc)
+        chan_merge(&cnt, &mu, &m2, <double>n, bm, lanes_total(acc))
+        s0 += n
+    mu_o[0] = mu
+    m2_o[0] = m2
+
+
+cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
+                       Py_ssize_t u, double eps, const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd) noexcept nogil:
+    """Group u = n·G + g: statistics, then normalize while it is in cache."""
+    cdef Py_ssize_t G = C // cg, g = u % G, n = u // G, c0 = g * cg, ci, i, L = cg * S
+    cdef Py_ssize_t off = (n * C + c0) * S
+    cdef double mu, m2, v, r, a
+    cdef floating mh, ml, rf
+    # float lanes while the group fits the L2 (two passes over it), else double blocks
+    if not (L <= BLK and row_stats_f(x + off, L, &mu, &m2)):
+        run_stats(x + off, L, &mu, &m2)
+    v = m2 / <double>L
+    r = 1.0 / sqrt(v + eps)
+    mean[u] = <floating>mu
+    var[u] = <floating>v
+    rstd[u] = <floating>r
+    mh = <floating>mu
+    if y == NULL:
+        return
+    if S == 1:
+        # per-element affine (LayerNorm): y = ((x - mh) - ml)·r·w + b
+        ml = <floating>(mu - <double>mh)
+        rf = <floating>r
+        if dat is not double:
+            cn_ln_fwd(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0)
+        else:
+            for i in range(cg):
+                st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
+        return
+    for ci in range(cg):
+        # a channel's share of the next group toward L2 (this group is in cache):
+        # memory keeps streaming while this core normalizes (a hint, past the end
+        # too); groups of few channels would issue it in one burst that stalls
+        if cg >= 4:
+            cn_prefetch_l2(x + off + L + ci * S, S * sizeof(dat))
+        a = <double>w[c0 + ci] * r
+        norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
+                 <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
+
+
+cdef inline void wsums(const dat* g, const dat* x, const floating* w, Py_ssize_t n, double m,
+                       double* awg, double* awgx, double* ax) noexcept nogil:
+    """awg += w·g, awgx += w·g·(x - m), ax += x - m, lane-wise (runs.hpp)."""
+    cn_wsums(g, x, w, n, m, awg, awgx, ax)
+
+
+cdef inline void colsums(const dat* g, const dat* x, Py_ssize_t stride, int rows, Py_ssize_t n,
+                         const double* m, const double* dl, const double* r,
+                         double* pb, double* pw) noexcept nogil:
+    cn_colsums(g, x, stride, rows, n, m, dl, r, pb, pw)
+
+
+cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
+                   Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1,
+                   const floating* mean, const floating* rstd, const floating* w,
+                   double* pw, double* pb) noexcept nogil:
+    """Backward of rows n0..n1-1 of a per-element-affine group (S == 1: LayerNorm).
+
+    Per row, one reduction pass (the two weighted sums and the re-centring
+    shift) and the dx pass; then the dweight/dbias column sums of four rows
+    at a time (fixed from n0), all while the rows are in L1/L2.
+    """
+    cdef Py_ssize_t c0 = gi * cg, n, k, off, i
+    cdef int rows
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef double ax[LANES]
+    cdef double m4[4]
+    cdef double dl4[4]
+    cdef double r4[4]
+    cdef double mu, r, dl, swg, swgx, m = <double>cg
+    cdef floating mh, ml, rf, kb, kc
+    n = n0
+    while n < n1:
+        rows = <int>(n1 - n if n1 - n < 4 else 4)
+        for k in range(rows):
+            mu = mean[(n + k) * G + gi]
+            r = rstd[(n + k) * G + gi]
+            off = (n + k) * C + c0
+            lanes_zero(ag)
+            lanes_zero(agx)
+            lanes_zero(ax)
+            wsums(g + off, x + off, w + c0, cg, mu, ag, agx, ax)
+            swg = lanes_total(ag)
+            swgx = lanes_total(agx)
+            dl = recentre(m, lanes_total(ax), swg, &swgx)  # centre: the row's exact mean
+            m4[k] = mu
+            dl4[k] = dl
+            r4[k] = r
+            if dx == NULL:
+                continue
+            # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - dl)
+            mh = <floating>mu
+            ml = <floating>((mu - <double>mh) + dl)
+            rf = <floating>r
+            kb = <floating>(-r * r * r * swgx / m)
+            kc = <floating>(-r * swg / m)
+            if dat is not double:
+                cn_ln_dx(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+            else:
+                for i in range(cg):
+                    st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
+                       + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
+        off = n * C + c0
+        colsums(g + off, x + off, C, rows, cg, m4, dl4, r4, pb + c0, pw + c0)
+        n += rows
+
+
+cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
+                       Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
+                       double* pw, double* pb, double* chs) noexcept nogil:
+    """Unit u = sb·G + g: group g of the samples of sample block sb.
+
+    pw/pb are this sample block's dweight/dbias partials (length C), summed
+    over its samples in order; chs is 2·cg doubles of scratch.
+    """
+    cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, n, n1, off, o2
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef double ax[LANES]
+    cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, d, sx
+    cdef floating mh, kb
+    n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
+    if S == 1:
+        # one sweep per row, float lanes and column partials (rows.hpp); chs: 2·cg floats
+        if dat is not double:
+            cn_ln_bwd_rows(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
+                           <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
+        else:
+            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
+        return
+    for n in range(sb * sbs, n1):
+        mu = mean[n * G + gi]
+        r = rstd[n * G + gi]
+        off = (n * C + c0) * S
+        swg = 0.0
+        swgx = 0.0
+        sx = 0.0
+        for ci in range(cg):
+            lanes_zero(ag)
+            lanes_zero(agx)
+            lanes_zero(ax)
+            o2 = off + ci * S
+            grad_run(g + o2, x + o2, S, mu, ag, agx, ax)
+            chs[2 * ci] = lanes_total(ag)
+            chs[2 * ci + 1] = lanes_total(agx)
+            sx += lanes_total(ax)
+        d = sx / m  # re-centre on the group's exact mean (see recentre)
+        for ci in range(cg):
+            a = chs[2 * ci]
+            bx = chs[2 * ci + 1] - d * a
+            wd = w[c0 + ci]
+            swg += wd * a
+            swgx += wd * bx
+            pb[c0 + ci] += a
+            pw[c0 + ci] += bx * r
+        if dx == NULL:
+            continue
+        # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - d)
+        mh = <floating>mu
+        kb = <floating>(-r * r * r * swgx / m)
+        for ci in range(cg):
+            o2 = off + ci * S
+            dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
+                   <floating>(-r * swg / m + ((mu - <double>mh) + d) * (r * r * r * swgx / m)))
+
+
+# ---------------------------------------------- per-sample, channels-last --
+# Sample n is S rows of C; group g is columns [g·cg, (g+1)·cg) of every row.
+# Statistics per row block of rbs rows, merged in order.
+
+cdef inline bint cl_cols_to_groups(const dat* x, Py_ssize_t nr, Py_ssize_t C, Py_ssize_t cg,
+                                   double* m, double* q, double* ws,
+                                   double* gcnt, double* gmu, double* gm2) noexcept nogil:
+    """float32/half: a row block's column statistics in float (cl_stats.hpp), merged
+    into per-group (count, mean, M2). False (nothing merged) for float64 data or
+    when a float sum overflowed: the caller then uses the double code."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c
+    cdef double gm, d, s
+    if not cl_stats_f(x, nr, C, m, q, ws):
+        return False
+    for gi in range(G):
+        # columns have equal counts: group mean relative to the first column's,
+        # then M2 = Σ q_c + nr·Σ (m_c - mean)²
+        s = 0.0
+        for ci in range(cg):
+            s += m[gi * cg + ci] - m[gi * cg]
+        gm = m[gi * cg] + s / <double>cg
+        s = 0.0
+        for ci in range(cg):
+            c = gi * cg + ci
+            d = m[c] - gm
+            s += q[c] + <double>nr * d * d
+        chan_merge(gcnt + gi, gmu + gi, gm2 + gi, <double>(nr * cg), gm, s)
+    return True
+
+
+cdef void cls_sample_stats(const dat* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+                           Py_ssize_t rbs, double* acc, double* colm,
+                           double* gcnt, double* gmu, double* gm2, double* ws) noexcept nogil:
+    """Per-group (count, mean, M2) of one sample, into gcnt/gmu/gm2 (length G).
+
+    ws: 3·C doubles of scratch for the float path.
+    """
+    cdef Py_ssize_t G = C // cg, r0, nr, r, c, gi, ci
+    cdef const dat* p
+    cdef double s, bm, d
+    for gi in range(G):
+        gcnt[gi] = 0.0
+        gmu[gi] = 0.0
+        gm2[gi] = 0.0
+    r0 = 0
+    while r0 < S:
+        nr = S - r0 if S - r0 < rbs else rbs
+        if cl_cols_to_groups(x + r0 * C, nr, C, cg, acc, colm, ws, gcnt, gmu, gm2):
+            r0 += nr
+            continue
+        for gi in range(G):
+            for ci in range(cg):
+                colm[gi * cg + ci] = ld(x + (r0 * C + gi * cg))  # pivot per group
+        for c in range(C):
+            acc[c] = 0.0
+        for r in range(r0, r0 + nr):
+            p = x + r * C
+            for c in range(C):
+                acc[c] += ld(p + c) - colm[c]
+        for gi in range(G):
+            s = 0.0
+            for ci in range(cg):
+                s += acc[gi * cg + ci]
+            bm = colm[gi * cg] + s / <double>(nr * cg)
+            for ci in range(cg):
+                colm[gi * cg + ci] = bm
+        for c in range(C):
+            acc[c] = 0.0
+        for r in range(r0, r0 + nr):
+            p = x + r * C
+            for c in range(C):
+                d = ld(p + c) - colm[c]
+                acc[c] += d * d
+        for gi in range(G):
+            s = 0.0
+            for ci in range(cg):
+                s += acc[gi * cg + ci]
+            chan_merge(gcnt + gi, gmu + gi, gm2 + gi, <double>(nr * cg), colm[gi * cg], s)
+        r0 += nr
+
+
+cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
+                       Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
+                       floating* mean, floating* var, floating* rstd,
+                       double* scratch, floating* kk) noexcept nogil:
+    """Sample n; scratch: 5·C + 3·G doubles, kk: 3·C constants + 3·(C + 16) of scratch."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c, r
+    cdef double* acc = scratch
+    cdef double* colm = scratch + C
+    cdef double* gcnt = scratch + 2 * C
+    cdef double* gmu = gcnt + G
+    cdef double* gm2 = gmu + G
+    cdef const dat* xs = x + n * S * C
+    cdef floating k3[3]
+    cls_sample_stats(xs, S, C, cg, rbs, acc, colm, gcnt, gmu, gm2, gm2 + G)
+    for gi in range(G):
+        for ci in range(cg):
+            c = gi * cg + ci
+            fwd_consts(gcnt[gi], gmu[gi], gm2[gi], eps, w[c], b[c],
+                       mean + n * G + gi, var + n * G + gi, rstd + n * G + gi, k3)
+            kk[c] = k3[0]
+            kk[C + c] = k3[1]
+            kk[2 * C + c] = k3[2]
+    if y == NULL:
+        return
+    cdef floating* kx = kk + 3 * C  # extended constants for the spans: 3·(C + 16)
+    cdef Py_ssize_t e = C + 16
+    if dat is not double:
+        for c in range(e):
+            kx[c] = kk[c % C]
+            kx[e + c] = kk[C + c % C]
+            kx[2 * e + c] = kk[2 * C + c % C]
+    # prefetch the next sample's first statistics block while normalizing this one
+    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx, xs + S * C, (rbs if rbs < S else S) * C)
+
+
+cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
+                       Py_ssize_t N, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t sbs,
+                       Py_ssize_t sb, const floating* mean, const floating* rstd, const floating* w,
+                       double* pw, double* pb, double* scratch, floating* kk) noexcept nogil:
+    """Samples of sample block sb; scratch: 4·C doubles, kk: 4·C constants + 4·(C + 16) of scratch."""
+    cdef Py_ssize_t G = C // cg, gi, ci, c, r, n, n1
+    cdef double* sg = scratch
+    cdef double* sgx = scratch + C
+    cdef double* colm = scratch + 2 * C
+    cdef double* sx = scratch + 3 * C
+    cdef double mu, rr, m = <double>(S * cg), swg, swgx, dl, d
+    cdef floating k4[4]
+    cdef const dat* pg
+    cdef const dat* px
+    cdef double gv
+    n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
+    for n in range(sb * sbs, n1):
+        for gi in range(G):
+            for ci in range(cg):
+                colm[gi * cg + ci] = mean[n * G + gi]
+        cl_rows_grad(g + n * S * C, x + n * S * C, S, C, colm, sg, sgx, sx)
+        for gi in range(G):
+            mu = mean[n * G + gi]
+            rr = rstd[n * G + gi]
+            swg = 0.0
+            swgx = 0.0
+            dl = 0.0
+            for ci in range(cg):
+                dl += sx[gi * cg + ci]
+            dl = dl / m  # re-centre on the group's exact mean (see recentre)
+            for ci in range(cg):
+                c = gi * cg + ci
+                sgx[c] -= dl * sg[c]
+                swg += <double>w[c] * sg[c]
+                swgx += <double>w[c] * sgx[c]
+                pb[c] += sg[c]
+                pw[c] += sgx[c] * rr
+            for ci in range(cg):
+                c = gi * cg + ci
+                bwd_consts(mu, dl, <double>w[c] * rr, -rr * rr * rr * swgx / m, -rr * swg / m, k4)
+                kk[c] = k4[0]
+                kk[C + c] = k4[1]
+                kk[2 * C + c] = k4[2]
+                kk[3 * C + c] = k4[3]
+        if dx == NULL:
+            continue
+        if dat is not double:
+            for c in range(C + 16):
+                kk[4 * C + c] = kk[c % C]
+                kk[5 * C + 16 + c] = kk[C + c % C]
+                kk[6 * C + 32 + c] = kk[2 * C + c % C]
+                kk[7 * C + 48 + c] = kk[3 * C + c % C]
+        cl_dx_rows(g + n * S * C, x + n * S * C, dx + n * S * C, 0, S, C, kk, kk + 4 * C)
+
+
+cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
+                       Py_ssize_t hi, double eps, const float* w, const float* b,
+                       float* mean, float* var, float* rstd) noexcept nogil:
+    """Units [lo, hi) of a float32/half S == 1 problem (LayerNorm rows), as grp_fwd_unit
+    (same arithmetic), eight rows at a time: the statistics of eight rows, then
+    their eight independent sqrt/div chains, then their normalization — short
+    rows are otherwise bound by one row's latency chain."""
+    cdef double mu8[8]
+    cdef double m28[8]
+    cdef double v8[8]
+    cdef double r8[8]
+    cdef Py_ssize_t G = C // cg, u0 = lo, u, j, nb, c0
+    cdef float mh
+    cdef int bad
+    while u0 < hi:
+        nb = hi - u0 if hi - u0 < 8 else 8
+        if cg <= CN_SHORT_MAX:  # the eight rows' statistics interleaved (rows.hpp)
+            if dat is not double:
+                bad = cn_short_rows_stats(x + u0 * cg, cg, <int>nb, mu8, m28)
+            else:
+                bad = (1 << nb) - 1
+            for j in range(nb):
+                if bad & (1 << j):
+                    run_stats(x + (u0 + j) * cg, cg, &mu8[j], &m28[j])
+        else:
+            for j in range(nb):
+                u = u0 + j
+                if not row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
+                    run_stats(x + u * cg, cg, &mu8[j], &m28[j])
+        for j in range(nb):
+            v8[j] = m28[j] / <double>cg
+            r8[j] = 1.0 / sqrt(v8[j] + eps)
+        for j in range(nb):
+            u = u0 + j
+            mean[u] = <float>mu8[j]
+            var[u] = <float>v8[j]
+            rstd[u] = <float>r8[j]
+            if y != NULL:
+                c0 = (u % G) * cg
+                mh = <float>mu8[j]
+                if dat is not double:
+                    cn_ln_fwd(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                              <float>r8[j], w + c0, b + c0)
+        u0 += nb
+
+
+cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                  Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
+                  floating* mean, floating* var, floating* rstd,
+                  double* scratch, Py_ssize_t sstride, floating* kk, int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, u, cg = C // G
+    cdef Py_ssize_t nu = N if cl else N * G
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            if dat is not double:
+                if S == 1 and not cl:
+                    ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
+                                 <float*>mean, <float*>var, <float*>rstd)
+                    continue
+            for u in range(lo, hi):
+                if cl:
+                    cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
+                                 scratch + t * sstride, kk + t * (6 * C + 48))
+                else:
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+    else:
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            if dat is not double:
+                if S == 1 and not cl:
+                    ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
+                                 <float*>mean, <float*>var, <float*>rstd)
+                    hi = lo  # done: skip the per-unit loop
+            for u in range(lo, hi):
+                if cl:
+                    cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
+                                 scratch + t * sstride, kk + t * (6 * C + 48))
+                else:
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+            cn_sfence()  # order this thread's streaming stores before the join
+
+
+cdef inline void zero_unit_partials(double* pw, double* pb, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
+                                    bint cl, Py_ssize_t u) noexcept nogil:
+    """Zero the dweight/dbias partials unit u alone adds into (so no serial pass
+    over all nsb·C partials precedes the parallel region)."""
+    cdef Py_ssize_t o = u * C if cl else (u // G) * C + (u % G) * cg
+    cdef Py_ssize_t n = C if cl else cg, i
+    for i in range(n):
+        pw[o + i] = 0.0
+        pb[o + i] = 0.0
+
+
+cdef void sum_block_partials(double* pw, double* pb, Py_ssize_t nsb, Py_ssize_t C, void* dw, void* db,
+                             bint f64, int nt) noexcept nogil:
+    """dweight/dbias = the sample-block partials summed in block order, per
+    channel (bit-identical for any thread count); channel ranges in parallel."""
+    cdef Py_ssize_t t, lo, hi, k, c
+    cdef double sw, sb
+    for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+        lo = split_lo(C, nt, t)
+        hi = split_lo(C, nt, t + 1)
+        # blocks outer, channels inner (a channel-outer loop strides by C doubles)
+        for k in range(1, nsb):
+            for c in range(lo, hi):
+                pw[c] += pw[k * C + c]
+                pb[c] += pb[k * C + c]
+        for c in range(lo, hi):
+            sw = pw[c]
+            sb = pb[c]
+            if f64:
+                (<double*>dw)[c] = sw
+                (<double*>db)[c] = sb
+            else:
+                (<float*>dw)[c] = <float>sw
+                (<float*>db)[c] = <float>sb
+
+
+cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
+                  const floating* mean, const floating* rstd, const floating* w,
+                  double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
+                  int nt) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, u, cg = C // G
+    cdef Py_ssize_t nu = nsb if cl else nsb * G
+    if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
+        for t in range(nt):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                zero_unit_partials(pw, pb, C, cg, G, cl, u)
+                if cl:
+                    cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
+                                 scratch + t * sstride, kk + t * (8 * C + 64))
+                else:
+                    grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+    else:
+        for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nu, nt, t)
+            hi = split_lo(nu, nt, t + 1)
+            for u in range(lo, hi):
+                zero_unit_partials(pw, pb, C, cg, G, cl, u)
+                if cl:
+                    cls_bwd_unit(g, x, dx, N, S, C, cg, sbs, u, mean, rstd, w, pw + u * C, pb + u * C,
+                                 scratch + t * sstride, kk + t * (8 * C + 64))
+                else:
+                    grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+            cn_sfence()  # order this thread's streaming stores before the join
+
+

@@ -1,0 +1,216 @@
+/* cnorm's vector layer: one 16-lane float vector type (VF) and a 16-lane
+   double type (VD) that every kernel is written against, built from one
+   level's native register (native_*.hpp: AVX-512 holds a VF in one register,
+   AVX2 in two, SSE and the portable level in four).
+
+   Lanes are logical: lane j of a VF loaded from p holds p[j] whatever the
+   level, sums fold and reduce lanes in one fixed order (vhsum), and the
+   tails (first m values) are loaded and stored without touching memory past
+   them. So a kernel computes the same values at every level that has FMA
+   (avx2, avx512); the baseline level rounds a*b + c twice.
+
+   The level is chosen by the CN_LEVEL_* macro setup.py defines for each
+   compiled copy of the kernels, else by the compiler's own flags. */
+#ifndef CN_VEC_HPP
+#define CN_VEC_HPP
+#include "../half.hpp"
+
+#if defined(CN_LEVEL_AVX512)
+#include "native_avx512.hpp"
+#elif defined(CN_LEVEL_AVX2)
+#include "native_avx2.hpp"
+#elif defined(CN_LEVEL_BASELINE) && (defined(__x86_64__) || defined(_M_X64))
+#include "native_sse.hpp"
+#elif defined(CN_LEVEL_BASELINE) || defined(CN_LEVEL_SCALAR)
+#include "native_scalar.hpp"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include "native_avx512.hpp"
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include "native_avx2.hpp"
+#elif defined(__SSE4_2__)
+#include "native_sse.hpp"
+#else
+#include "native_scalar.hpp"
+#endif
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+#include <xmmintrin.h>
+#endif
+
+namespace {
+
+constexpr int CN_K = 16 / CN_W;   /* native registers per VF */
+
+struct VF { nf v[CN_K]; };
+struct VD { nd v[2 * CN_K]; };   /* 16 doubles: VF lane j widens to VD lane j */
+
+/* ---- arithmetic ---- */
+CN_INLINE VF vzero() { VF r; for (int i = 0; i < CN_K; i++) r.v[i] = nf_zero(); return r; }
+CN_INLINE VF vset(float a) { VF r; for (int i = 0; i < CN_K; i++) r.v[i] = nf_set1(a); return r; }
+CN_INLINE VF operator+(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_add(a.v[i], b.v[i]); return a; }
+CN_INLINE VF operator-(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_sub(a.v[i], b.v[i]); return a; }
+CN_INLINE VF operator*(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_mul(a.v[i], b.v[i]); return a; }
+/* a*b + c: one rounding where the level has FMA (cn_fma1 is its scalar twin) */
+CN_INLINE VF vfma(VF a, VF b, VF c) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_fma(a.v[i], b.v[i], c.v[i]); return a; }
+/* lanes [m, 16) zeroed */
+CN_INLINE VF vkeep(VF a, ptrdiff_t m) {
+    for (int i = 0; i < CN_K; i++) a.v[i] = nf_keep(a.v[i], m - CN_W * i);
+    return a;
+}
+
+CN_INLINE ptrdiff_t cn_clamp(ptrdiff_t m, ptrdiff_t hi) { return m < 0 ? 0 : m > hi ? hi : m; }
+
+/* ---- loads and stores of 16 values (T: float, cn_bf16, cn_f16) ---- */
+template <class T>
+CN_INLINE VF vload(const T* p) { VF r; for (int i = 0; i < CN_K; i++) r.v[i] = nf_load(p + CN_W * i); return r; }
+/* vload_n: the first m values (clamped to [0, 16]); the other lanes are 0,
+   memory past p + m untouched. The _n forms take any m: whole vectors too. */
+template <class T>
+CN_INLINE VF vload_n(const T* p, ptrdiff_t m) {
+    if (m >= 16) return vload(p);
+    VF r;
+    for (int i = 0; i < CN_K; i++) {
+        ptrdiff_t mi = m - CN_W * i;
+        r.v[i] = mi >= CN_W ? nf_load(p + CN_W * i) : mi <= 0 ? nf_zero() : nf_load_n(p + CN_W * i, mi);
+    }
+    return r;
+}
+/* nt: streaming stores, p then 64-byte aligned (a line written by streaming
+   and ordinary stores together costs more than either) */
+CN_INLINE void vstore(float* p, VF v, bool nt) { for (int i = 0; i < CN_K; i++) nf_store(p + CN_W * i, v.v[i], nt); }
+template <class H>
+CN_INLINE void vstore(H* p, VF v, bool nt) {   /* 16-bit data: natives by pairs, a register each */
+    if (CN_K == 1) { nf_store(p, v.v[0], nt); return; }
+    for (int i = 0; i + 1 < CN_K; i += 2) nf_store2(p + CN_W * i, v.v[i], v.v[i + 1], nt);
+}
+/* the first m values (ordinary stores) */
+template <class T>
+CN_INLINE void vstore_n(T* p, VF v, ptrdiff_t m) {
+    if (m >= 16) { vstore(p, v, false); return; }
+    for (int i = 0; i < CN_K; i++) {
+        ptrdiff_t mi = m - CN_W * i;
+        if (mi >= CN_W) nf_store(p + CN_W * i, v.v[i], false);
+        else if (mi > 0) nf_store_n(p + CN_W * i, v.v[i], mi);
+    }
+}
+/* 32 consecutive values: a's, then b's */
+CN_INLINE void vstore_pair(float* p, VF a, VF b, bool nt) { vstore(p, a, nt); vstore(p + 16, b, nt); }
+template <class H>
+CN_INLINE void vstore_pair(H* p, VF a, VF b, bool nt) {
+    if (CN_K == 1) { nf_store2(p, a.v[0], b.v[0], nt); return; }   /* one conversion of both (AVX512-BF16) */
+    vstore(p, a, nt);
+    vstore(p + 16, b, nt);
+}
+template <class T>
+CN_INLINE void vstore_pair_n(T* p, VF a, VF b, ptrdiff_t m, bool nt) {
+    if (m >= 32) { vstore_pair(p, a, b, nt); return; }
+    vstore_n(p, a, m);
+    vstore_n(p + 16, b, m - 16);
+}
+
+/* 32 values as two vectors, for loops where a value's lane only has to
+   depend on its position: positions 0-15 and 16-31, but bfloat16 as even and
+   odd positions (nf_load_eo: no widening shuffle). vstore2 is the inverse. */
+template <class T>
+CN_INLINE void vload2(const T* p, VF& a, VF& b) { a = vload(p); b = vload(p + 16); }
+CN_INLINE void vload2(const cn_bf16* p, VF& a, VF& b) {
+    for (int i = 0; i < CN_K; i++) nf_load_eo(p + 2 * CN_W * i, a.v[i], b.v[i]);
+}
+/* the first m of 32 values (clamped); lanes of absent values are 0: a keeps
+   vcount2_a(m) lanes, b vcount2_b(m) */
+template <class T>
+CN_INLINE void vload2_n(const T* p, ptrdiff_t m, VF& a, VF& b) {
+    if (m >= 32) { vload2(p, a, b); return; }
+    a = vload_n(p, m);
+    b = vload_n(p + 16, m - 16);
+}
+CN_INLINE void vload2_n(const cn_bf16* p, ptrdiff_t m, VF& a, VF& b) {
+    if (m >= 32) { vload2(p, a, b); return; }
+    for (int i = 0; i < CN_K; i++) nf_load_eo_n(p + 2 * CN_W * i, cn_clamp(m - 2 * CN_W * i, 2 * CN_W), a.v[i], b.v[i]);
+}
+template <class T> CN_INLINE ptrdiff_t vcount2_a(const T*, ptrdiff_t m) { return cn_clamp(m, 16); }
+template <class T> CN_INLINE ptrdiff_t vcount2_b(const T*, ptrdiff_t m) { return cn_clamp(m - 16, 16); }
+CN_INLINE ptrdiff_t vcount2_a(const cn_bf16*, ptrdiff_t m) { return cn_clamp((m + 1) / 2, 16); }
+CN_INLINE ptrdiff_t vcount2_b(const cn_bf16*, ptrdiff_t m) { return cn_clamp(m / 2, 16); }
+template <class T>
+CN_INLINE void vstore2(T* p, VF a, VF b, bool nt) { vstore_pair(p, a, b, nt); }
+CN_INLINE void vstore2(cn_bf16* p, VF a, VF b, bool nt) {
+    for (int i = 0; i < CN_K; i++) nf_store_eo(p + 2 * CN_W * i, a.v[i], b.v[i], nt);
+}
+template <class T>
+CN_INLINE void vstore2_n(T* p, VF a, VF b, ptrdiff_t m, bool nt) {
+    if (m >= 32) { vstore2(p, a, b, nt); return; }
+    vstore_pair_n(p, a, b, m, false);
+}
+CN_INLINE void vstore2_n(cn_bf16* p, VF a, VF b, ptrdiff_t m, bool nt) {
+    if (m >= 32) { vstore2(p, a, b, nt); return; }
+    for (int i = 0; i < CN_K; i++) {
+        ptrdiff_t mi = m - 2 * CN_W * i;
+        if (mi > 0) nf_store_eo_n(p + 2 * CN_W * i, a.v[i], b.v[i], cn_clamp(mi, 2 * CN_W));
+    }
+}
+
+/* ---- double lanes ---- */
+CN_INLINE VD vdzero() { VD r; for (int i = 0; i < 2 * CN_K; i++) r.v[i] = nd_zero(); return r; }
+CN_INLINE VD operator+(VD a, VD b) { for (int i = 0; i < 2 * CN_K; i++) a.v[i] = nd_add(a.v[i], b.v[i]); return a; }
+CN_INLINE VD vdload(const double* p) {
+    VD r;
+    for (int i = 0; i < 2 * CN_K; i++) r.v[i] = nd_load(p + CN_W / 2 * i);
+    return r;
+}
+CN_INLINE void vdstore(double* p, VD v) { for (int i = 0; i < 2 * CN_K; i++) nd_store(p + CN_W / 2 * i, v.v[i]); }
+/* lane j: (double)a[j] */
+CN_INLINE VD vwiden(VF a) {
+    VD r;
+    for (int i = 0; i < CN_K; i++) nf_widen(a.v[i], r.v[2 * i], r.v[2 * i + 1]);
+    return r;
+}
+/* lane j: (double)a[j] + (double)b[j] - two float vectors folded into double */
+CN_INLINE VD vfold(VF a, VF b) { return vwiden(a) + vwiden(b); }
+/* the 16 lanes summed in one fixed order at every level: lane j + lane j + 8,
+   then j + 4, j + 2, j + 1 */
+CN_INLINE double vhsum(VD d) {
+    for (int n = CN_K; n >= 1; n /= 2)
+        for (int i = 0; i < n; i++) d.v[i] = nd_add(d.v[i], d.v[i + n]);
+    return nd_hsum(d.v[0]);
+}
+/* every lane finite (0*x is NaN for Inf and NaN) */
+CN_INLINE bool vfinite(VD d) {
+    nd z = nd_zero(), s = nd_zero();
+    for (int i = 0; i < 2 * CN_K; i++) s = nd_add(s, nd_mul(d.v[i], z));
+    return nd_hsum(s) == 0.0;
+}
+/* Σ_j (double)a[j] + (double)b[j] (32 float lanes), and Σ_j (double)a[j] */
+CN_INLINE double vtotal(VF a, VF b) { return vhsum(vfold(a, b)); }
+CN_INLINE double vtotal(VF a) { return vhsum(vwiden(a)); }
+
+/* ---- memory hints ---- */
+/* bring [p, p + bytes) toward this core ahead of its use: cn_prefetch to
+   L1, cn_prefetch_l2 to L2 only (prefetcht1), for data needed after the
+   current working set, which an L1 prefetch would evict. Hints: no value
+   depends on them. */
+CN_INLINE void cn_prefetch_line_l2(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 0, 2);
+#else
+    (void)p;
+#endif
+}
+inline void cn_prefetch(const void* p, ptrdiff_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+inline void cn_prefetch_l2(const void* p, ptrdiff_t bytes) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) cn_prefetch_line_l2((const char*)p + i);
+}
+/* order this thread's streaming stores before others read the output */
+inline void cn_sfence() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+    _mm_sfence();
+#endif
+}
+
+}  // namespace
+#endif

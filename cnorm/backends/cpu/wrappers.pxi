@@ -1,0 +1,565 @@
+# ------------------------------------------------------- Python wrappers --
+# Every wrapper checks what the kernels would otherwise misread (type,
+# contiguity, length, dtype, writability) in C, then dispatches on the data
+# dtype: float32 and the half types use float32 parameters and statistics,
+# float64 uses float64.
+
+cn_native_init()
+
+#: The CPU level these kernels were compiled for ("baseline", "avx2", "avx512").
+LEVEL = cn_level_name().decode()
+#: Whether a*b + c rounds once in the vector code (FMA), and whether bfloat16
+#: stores use the AVX512-BF16 conversion instructions (found on this CPU).
+FMA = bool(cn_level_has_fma())
+HW_BF16 = bool(cn_level_hw_bf16())
+
+try:
+    import ml_dtypes as _ml_dtypes
+
+    _BF16_NUM = np.dtype(_ml_dtypes.bfloat16).num
+except ImportError:  # pragma: no cover - ml_dtypes is a dependency
+    _BF16_NUM = -1
+
+cdef int F32 = cnp.NPY_FLOAT32
+cdef int F64 = cnp.NPY_FLOAT64
+cdef int F16 = cnp.NPY_FLOAT16
+cdef int BF16 = _BF16_NUM
+
+_EMPTY = np.empty(1)  # stands in for scratch a path does not use
+
+
+cdef inline void* ptr(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline void* optr(object a):
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef str _dtname(int dt):
+    return str(np.dtype(_ml_dtypes.bfloat16) if dt == BF16 and BF16 >= 0 else cnp.PyArray_DescrFromType(dt))
+
+
+cdef int _check(x, int dt, Py_ssize_t size, str name) except -1:
+    """Refuse arrays the kernels would read out of bounds or misread."""
+    if not isinstance(x, cnp.ndarray):  # a C type check (np.ndarray would be two lookups)
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef cnp.ndarray a = x
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_TYPE(a) != dt or cnp.PyArray_SIZE(a) != size:
+        raise ValueError(f"{name}: expected a C-contiguous {_dtname(dt)} array of {size} values, "
+                         f"got shape {x.shape}, dtype {x.dtype}")
+    return 0
+
+
+cdef int _writable(x, str name) except -1:
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>x):
+        raise ValueError(f"{name}: output array is read-only")
+    return 0
+
+
+# Team size of the latest call (any thread); lets tests check that limits hold.
+cdef int _last_threads = 0
+
+
+def last_threads():
+    """Return the thread count the most recent kernel call ran with."""
+    return _last_threads
+
+
+cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt) noexcept:
+    global _last_threads
+    cdef int t = 1
+    if work >= SERIAL_ELEMS and units >= 2:
+        t = <int>min(<Py_ssize_t>max(nt, 1), units)
+    _last_threads = t
+    return t
+
+
+cdef int _dtype_num(x) except -1:
+    """The data dtype's number; TypeError for dtypes without kernels."""
+    if not isinstance(x, cnp.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    cdef int dt = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if dt != F32 and dt != F64 and dt != F16 and dt != BF16:
+        raise TypeError(f"x: the cython kernels take float32 or float64 (or float16, bfloat16), got {x.dtype}")
+    return dt
+
+
+cdef inline void _stream(Py_ssize_t out_bytes) noexcept:
+    """Choose streaming stores for this call's output (a hint: any value is correct)."""
+    global cn_nt_store
+    cn_nt_store = 1 if out_bytes >= NT_BYTES else 0
+
+
+cdef inline int _pnum(int dt) noexcept:
+    """Parameter/statistics dtype number for data dtype ``dt``."""
+    return F64 if dt == F64 else F32
+
+
+cdef inline cnp.ndarray _empty1(Py_ssize_t n, int dt):
+    cdef cnp.npy_intp d = n
+    return cnp.PyArray_EMPTY(1, &d, dt, 0)
+
+
+def cf_geometry(Py_ssize_t N, Py_ssize_t S):
+    """Return (rb, sp, nsp, nblk): row-block size, piece length, pieces per row, blocks per channel."""
+    if S <= BLK:
+        rb = max(1, BLK // S)
+        return rb, S, 1, (N + rb - 1) // rb
+    nsp = (S + BLK - 1) // BLK
+    return 1, BLK, nsp, N * nsp
+
+
+def cl_geometry(Py_ssize_t R, Py_ssize_t C):
+    """Return (rb, nblk) of a channels-last cross-sample problem of R rows."""
+    rb = max((R + MAXBLK - 1) // MAXBLK, max(1, BLK // C), 1)
+    return rb, (R + rb - 1) // rb
+
+
+cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexcept:
+    """Samples per block of the per-sample dweight/dbias partials: at most MAXBLK
+    blocks, each of at least SERIAL_ELEMS values (a block of a few short rows
+    would cost its C-long partial rows more than its work). Shape-determined."""
+    cdef Py_ssize_t sbs = (N + MAXBLK - 1) // MAXBLK
+    cdef Py_ssize_t least = (SERIAL_ELEMS + per_sample - 1) // per_sample
+    return max(1, min(N, max(sbs, least)))
+
+
+def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                  weight, bias, double eps, int nt):
+    """Training forward into new arrays: ``(y, mean, var, rstd)``.
+
+    ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
+    G groups (``(N, G)``). Other arguments as in :func:`cross_forward`.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef cnp.npy_intp sd[2]
+    sd[0] = C if G == 0 else N
+    sd[1] = G
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                                           dt, 0)
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    cdef cnp.ndarray rstd = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
+    if G == 0:
+        _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
+    else:
+        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt)
+    return y, mean, var, rstd
+
+
+def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
+                  mean, var, rstd, double eps, int nt):
+    """Cross-sample (BatchNorm) training forward; ``y=None`` computes statistics only.
+
+    Parameters
+    ----------
+    x, y : ndarray
+        Input and output, C-contiguous ``(N, C, S)`` or (``cl``) ``(N, S, C)``;
+        float32, float64, float16 or bfloat16.
+    cl : bool
+        Channels-last layout.
+    N, C, S : int
+        Problem sizes.
+    weight, bias : ndarray
+        Length-C affine parameters in the statistics dtype (float64 for
+        float64 data, else float32).
+    mean, var, rstd : ndarray
+        Length-C outputs in the statistics dtype.
+    eps : float
+        Added to the variance.
+    nt : int
+        Most threads to use.
+    """
+    _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
+
+
+cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
+                        mean, var, rstd, double eps, int nt) except -1:
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    if y is not None:
+        _check(y, dt, size, "y")
+        _writable(y, "y")
+    _check(weight, pt, C, "weight")
+    _check(bias, pt, C, "bias")
+    _check(mean, pt, C, "mean")
+    _check(var, pt, C, "var")
+    _check(rstd, pt, C, "rstd")
+    cdef cnp.ndarray part, kk = _empty1(3 * C + 3 * (C + 16), pt)
+    cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
+    cdef bint fused = False
+    cdef int t
+    cl = cl or S == 1  # (N, C, 1) channels-first is (N, 1, C) channels-last
+    cdef cnp.ndarray fscr = _EMPTY
+    if cl:
+        rb, nblk = cl_geometry(N * S, C)
+        part = _empty1(2 * nblk * C, F64)
+        t = _nthreads(size, nblk, nt)
+        fscr = _empty1(3 * C * t, F64)
+    else:
+        rb, sp, nsp, nblk = cf_geometry(N, S)
+        t = _nthreads(size, C * nblk, nt)
+        # One thread per channel keeps the channel in L2 between its passes
+        # when there are enough channels to share and a channel fits.
+        fused = (t == 1 or C >= 4 * t) and N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
+        part = _empty1(0 if fused else 3 * C * nblk, F64)
+    cdef void* px = ptr(x)
+    cdef void* py = optr(y)
+    cdef void* pw = ptr(weight)
+    cdef void* pb = ptr(bias)
+    cdef void* pm = ptr(mean)
+    cdef void* pv = ptr(var)
+    cdef void* pr = ptr(rstd)
+    cdef void* pk = ptr(kk)
+    cdef double* pp = <double*>ptr(part)
+    cdef double* pfs = <double*>ptr(fscr)
+    _stream(0 if y is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    with nogil:
+        if cl:
+            if dt == F32:
+                cl_cross_fwd(<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+            elif dt == F64:
+                cl_cross_fwd(<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
+                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, pfs, t)
+            elif dt == F16:
+                cl_cross_fwd(<cn_f16*>px, <cn_f16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+            else:
+                cl_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+        else:
+            if dt == F32:
+                cf_cross_fwd(<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            elif dt == F64:
+                cf_cross_fwd(<double*>px, <double*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <double*>pw, <double*>pb, <double*>pm, <double*>pv, <double*>pr,
+                             <double*>pk, t)
+            elif dt == F16:
+                cf_cross_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+            else:
+                cf_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+    return 0
+
+
+def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, mean, rstd, weight,
+                   out_a, out_b, int mode, int nt, mean_dy=None, mean_dy_xhat=None):
+    """Cross-sample backward in one of four modes.
+
+    ``TRAIN``: dx through batch statistics, ``out_a = Σ dy·xhat``,
+    ``out_b = Σ dy``. ``EVAL``: ``dx = dy·weight·rstd`` in the same sweep as
+    the sums. ``SUMS``: the sums only (``dx`` is None). ``APPLY``:
+    ``dx = weight·rstd·(dy - mean_dy - xhat·mean_dy_xhat)`` only (``out_a``,
+    ``out_b`` are None). Other arguments as in :func:`cross_forward`.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    _check(dy, dt, size, "dy")
+    _check(x, dt, size, "x")
+    if mode != MODE_SUMS:
+        _check(dx, dt, size, "dx")
+        _writable(dx, "dx")
+    _check(mean, pt, C, "mean")
+    _check(rstd, pt, C, "rstd")
+    _check(weight, pt, C, "weight")
+    if mode == MODE_APPLY:
+        _check(mean_dy, pt, C, "mean_dy")
+        _check(mean_dy_xhat, pt, C, "mean_dy_xhat")
+        out_a = out_b = _empty1(C, pt)  # not written
+    else:
+        _check(out_a, pt, C, "out_a")
+        _check(out_b, pt, C, "out_b")
+        mean_dy = mean_dy_xhat = mean  # not read
+    cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C + 4 * (C + 16), pt)
+    cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
+    cdef bint fused = False
+    cdef int t
+    cl = cl or S == 1
+    if cl:
+        rb, nblk = cl_geometry(N * S, C)
+        part = _empty1(3 * nblk * C, F64)
+        t = _nthreads(size, nblk, nt)
+    else:
+        rb, sp, nsp, nblk = cf_geometry(N, S)
+        t = _nthreads(size, C * nblk, nt)
+        fused = (t == 1 or C >= 4 * t) and 2 * N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
+        part = _empty1(0 if fused else 3 * C * nblk, F64)
+    cdef void* pg = ptr(dy)
+    cdef void* px = ptr(x)
+    cdef void* pdx = optr(dx)
+    cdef void* pm = ptr(mean)
+    cdef void* pr = ptr(rstd)
+    cdef void* pw = ptr(weight)
+    cdef void* pmd = ptr(mean_dy)
+    cdef void* pmdx = ptr(mean_dy_xhat)
+    cdef void* pa = ptr(out_a)
+    cdef void* pb = ptr(out_b)
+    cdef void* pk = ptr(kk)
+    cdef double* pp = <double*>ptr(part)
+    cdef double* pmu = <double*>ptr(mud)
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    with nogil:
+        if cl:
+            if dt == F32:
+                cl_cross_bwd(<float*>pg, <float*>px, <float*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
+            elif dt == F64:
+                cl_cross_bwd(<double*>pg, <double*>px, <double*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <double*>pm, <double*>pr, <double*>pw, <double*>pmd, <double*>pmdx,
+                             <double*>pa, <double*>pb, <double*>pk, pmu, t)
+            elif dt == F16:
+                cl_cross_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
+            else:
+                cl_cross_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N * S, C, rb, nblk, pp, mode,
+                             <float*>pm, <float*>pr, <float*>pw, <float*>pmd, <float*>pmdx,
+                             <float*>pa, <float*>pb, <float*>pk, pmu, t)
+        else:
+            if dt == F32:
+                cf_cross_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
+                             pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+            elif dt == F64:
+                cf_cross_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, rb, sp, nsp, nblk,
+                             fused, pp, mode, <double*>pm, <double*>pr, <double*>pw, <double*>pmd,
+                             <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t)
+            elif dt == F16:
+                cf_cross_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
+                             pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+            else:
+                cf_cross_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, rb, sp, nsp, nblk,
+                             fused, pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+
+
+def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                  weight, bias, mean, var, rstd, double eps, int nt):
+    """Per-sample training forward: statistics per (n, g) over C/G channels and S.
+
+    ``mean``, ``var``, ``rstd`` are ``(N, G)`` outputs in the statistics
+    dtype; other arguments as in :func:`cross_forward`.
+    """
+    _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt)
+
+
+cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                        weight, bias, mean, var, rstd, double eps, int nt) except -1:
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    _check(y, dt, size, "y")
+    _writable(y, "y")
+    _check(weight, pt, C, "weight")
+    _check(bias, pt, C, "bias")
+    _check(mean, pt, N * G, "mean")
+    _check(var, pt, N * G, "var")
+    _check(rstd, pt, N * G, "rstd")
+    if G < 1 or C % G:
+        raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
+    cdef int t = _nthreads(size, N if cl else N * G, nt)
+    cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 5 * C + 3 * G
+    # scratch only for channels-last; small calls skip the allocations
+    cdef cnp.ndarray scratch = _empty1(t * sstride, F64) if cl else _EMPTY
+    cdef cnp.ndarray kk = _empty1(t * (6 * C + 48), pt) if cl else _EMPTY
+    cdef void* px = ptr(x)
+    cdef void* py = ptr(y)
+    cdef void* pw = ptr(weight)
+    cdef void* pb = ptr(bias)
+    cdef void* pm = ptr(mean)
+    cdef void* pv = ptr(var)
+    cdef void* pr = ptr(rstd)
+    cdef void* pk = ptr(kk)
+    cdef double* ps = <double*>ptr(scratch)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    with nogil:
+        if dt == F32:
+            grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+        elif dt == F64:
+            grp_fwd(<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
+                    <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
+                    <double*>pk, t)
+        elif dt == F16:
+            grp_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+        else:
+            grp_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+    return 0
+
+
+def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                   mean, rstd, weight, int nt):
+    """Per-sample training backward; returns ``(dweight, dbias)`` in the statistics dtype.
+
+    ``dx`` (written in place) may be None to compute the parameter gradients only.
+    """
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    _check(dy, dt, size, "dy")
+    _check(x, dt, size, "x")
+    if dx is not None:
+        _check(dx, dt, size, "dx")
+        _writable(dx, "dx")
+    _check(weight, pt, C, "weight")
+    _check(mean, pt, N * G, "mean")
+    _check(rstd, pt, N * G, "rstd")
+    if G < 1 or C % G:
+        raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    cl = cl and S > 1
+    cdef Py_ssize_t sbs = _sample_block(N, C * S)
+    cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
+    cdef int t = _nthreads(size, nsb if cl else nsb * G, nt)
+    cdef Py_ssize_t sstride = 4 * C if cl else 2 * (C // G)
+    # dweight/dbias partials per sample block, reduced below in block order
+    cdef cnp.ndarray pwa = _empty1(nsb * C, F64), pba = _empty1(nsb * C, F64)
+    cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
+    cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
+    cdef cnp.ndarray dw = _empty1(C, pt), db = _empty1(C, pt)
+    cdef void* pg = ptr(dy)
+    cdef void* px = ptr(x)
+    cdef void* pdx = optr(dx)
+    cdef void* pm = ptr(mean)
+    cdef void* pr = ptr(rstd)
+    cdef void* pw = ptr(weight)
+    cdef void* pk = ptr(kk)
+    cdef double* ppw = <double*>ptr(pwa)
+    cdef double* ppb = <double*>ptr(pba)
+    cdef double* ps = <double*>ptr(scratch)
+    cdef void* pdw = ptr(dw)
+    cdef void* pdb = ptr(db)
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    with nogil:
+        if dt == F32:
+            grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        elif dt == F64:
+            grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
+                    <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
+                    <double*>pk, t)
+        elif dt == F16:
+            grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        else:
+            grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
+                           t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
+    return dw, db
+
+
+cdef inline bint _vector_of(object a, int t1, int t2, Py_ssize_t c):
+    """a is a C-contiguous 1-D ndarray of c values of dtype number t1 or t2."""
+    if not isinstance(a, cnp.ndarray):
+        return False
+    cdef cnp.ndarray arr = a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    return (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_DIMS(arr)[0] == c and cnp.PyArray_IS_C_CONTIGUOUS(arr)
+            and (t == t1 or t == t2))
+
+
+cdef inline double _ld64(const void* p, int dt, Py_ssize_t i) noexcept nogil:
+    return (<const double*>p)[i] if dt == F64 else <double>(<const float*>p)[i]
+
+
+cdef inline void _st64(void* p, int dt, Py_ssize_t i, double v) noexcept nogil:
+    """p[i] = v in dtype number dt (float64, else float32)."""
+    if dt == F64:
+        (<double*>p)[i] = v
+    else:
+        (<float*>p)[i] = <float>v
+
+
+def fold_frozen(mean, var, weight, bias, double eps):
+    """Eval-mode constants ``[mean, rstd, scale, shift]`` in weight's dtype, computed
+    in double: ``rstd = 1/sqrt(var + eps)``, ``scale = weight·rstd``, ``shift =
+    bias - mean·scale``; None unless weight and bias are C-contiguous float32 or
+    float64 vectors of one dtype and mean and var C-contiguous float32 or float64
+    vectors of their length (the caller then computes them otherwise)."""
+    if not isinstance(weight, cnp.ndarray):
+        return None
+    cdef int pt = cnp.PyArray_TYPE(<cnp.ndarray>weight)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>weight)
+    if not (_vector_of(weight, F32, F64, n) and _vector_of(bias, pt, pt, n)
+            and _vector_of(mean, F32, F64, n) and _vector_of(var, F32, F64, n)):
+        return None
+    cdef int mt = cnp.PyArray_TYPE(<cnp.ndarray>mean), vt = cnp.PyArray_TYPE(<cnp.ndarray>var)
+    cdef Py_ssize_t i
+    cdef cnp.ndarray om = _empty1(n, pt), orr = _empty1(n, pt), osc = _empty1(n, pt), osh = _empty1(n, pt)
+    cdef const void* pm = ptr(mean)
+    cdef const void* pv = ptr(var)
+    cdef const void* pw = ptr(weight)
+    cdef const void* pb = ptr(bias)
+    cdef void* qm = ptr(om)
+    cdef void* qr = ptr(orr)
+    cdef void* qs = ptr(osc)
+    cdef void* qh = ptr(osh)
+    cdef double m, r, sc
+    for i in range(n):
+        m = _ld64(pm, mt, i)
+        r = 1.0 / sqrt(_ld64(pv, vt, i) + eps)
+        sc = _ld64(pw, pt, i) * r
+        _st64(qm, pt, i, m)
+        _st64(qr, pt, i, r)
+        _st64(qs, pt, i, sc)
+        _st64(qh, pt, i, _ld64(pb, pt, i) - m * sc)
+    return [om, orr, osc, osh]
+
+
+def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt):
+    """Eval-mode forward ``y = x·scale[c] + shift[c]``: one multiply-add per element."""
+    cdef int dt = _dtype_num(x)
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    _check(x, dt, size, "x")
+    _check(y, dt, size, "y")
+    _writable(y, "y")
+    _check(scale, pt, C, "scale")
+    _check(shift, pt, C, "shift")
+    cl = cl or S == 1
+    cdef int t = _nthreads(size, N * S if cl else N * C, nt)
+    cdef void* px = ptr(x)
+    cdef void* py = ptr(y)
+    cdef void* pa = ptr(scale)
+    cdef void* pb = ptr(shift)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    with nogil:
+        if dt == F32:
+            affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+        elif dt == F64:
+            affine_k(<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t)
+        elif dt == F16:
+            affine_k(<cn_f16*>px, <cn_f16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+        else:
+            affine_k(<cn_bf16*>px, <cn_bf16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+
+
+def parallel_copy(src, dst, int nt):
+    """Copy ``src`` into ``dst`` (same nbytes, C-contiguous) with ``nt`` threads,
+    whole lines by streaming stores.
+
+    The benchmark's memory-bandwidth reference.
+    """
+    cdef cnp.ndarray s = src, d = dst
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(s) and cnp.PyArray_IS_C_CONTIGUOUS(d)) or s.nbytes != d.nbytes:
+        raise ValueError("src, dst: expected C-contiguous arrays of equal size")
+    cdef Py_ssize_t n = s.nbytes
+    cdef char* ps = <char*>ptr(s)
+    cdef char* pd = <char*>ptr(d)
+    with nogil:
+        copy_k(ps, pd, n, nt)
+
