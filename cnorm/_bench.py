@@ -21,6 +21,7 @@ The same cases drive the pytest-benchmark suite in ``bench/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -551,21 +552,26 @@ def main(argv: list[str]) -> int:
                         help="comma-separated data dtypes; half rows reuse the float32 cases (default: %(default)s)")
     parser.add_argument("--system-malloc", action="store_true",
                         help="leave glibc's default policy: large outputs are fresh, zero-filled pages each call")
+    parser.add_argument("--cpu-capability", default=None, metavar="LEVEL",
+                        help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
+                             "the matching ATEN_CPU_CAPABILITY (default, avx2, avx512); default: the level "
+                             "cnorm chose for this CPU")
     args = parser.parse_args(argv)
 
     import cnorm
 
+    from . import _cpu
+
+    level = args.cpu_capability or _cpu.get_cpu_capability()
+    if args.cpu_capability is not None and level not in _cpu.usable_levels():
+        print(f"--cpu-capability: expected one of the levels compiled and supported here "
+              f"({', '.join(_cpu.usable_levels()) or 'none'}), got {level!r}", file=sys.stderr)
+        return 2
     threads = args.threads or cnorm.get_num_threads()
     cnorm.set_num_threads(threads)
     backends = [b for b in args.backends.split(",") if b]
-    if "torch" in backends:
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:
-            print("torch is not installed: no PyTorch rows", file=sys.stderr)
-            backends.remove("torch")
+    if "torch" in backends and not _torch_at_level(level, threads):
+        backends.remove("torch")
     missing = [b for b in backends if b != "torch" and b not in cnorm.available_backends()]
     if missing:
         print(f"backends not available here: {missing}", file=sys.stderr)
@@ -574,8 +580,34 @@ def main(argv: list[str]) -> int:
     # NumPy's BLAS is not used by any case; its idle worker threads would only compete for the cores
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(1, user_api="blas"), \
+            (_cpu.use_level(level) if level is not None else contextlib.nullcontext()):
         return _run(args, backends, threads, kept)
+
+
+def _torch_at_level(level, threads: int) -> bool:
+    """Import PyTorch with ATEN_CPU_CAPABILITY matching cnorm's level (read by PyTorch
+    at its first CPU kernel, so set before the import); False if it is not installed.
+    A PyTorch that chose another level (it runs no higher than this CPU supports)
+    is reported, not hidden."""
+    from ._cpu import ATEN_CAPABILITY
+
+    want = ATEN_CAPABILITY.get(level)
+    if want is not None:
+        if "torch" in sys.modules and os.environ.get("ATEN_CPU_CAPABILITY", "").lower() != want:
+            print(f"PyTorch was imported before the benchmark set ATEN_CPU_CAPABILITY={want}: "
+                  "its rows may run at another level", file=sys.stderr)
+        os.environ["ATEN_CPU_CAPABILITY"] = want
+    try:
+        import torch
+    except ImportError:
+        print("torch is not installed: no PyTorch rows", file=sys.stderr)
+        return False
+    torch.set_num_threads(threads)
+    got = torch.backends.cpu.get_cpu_capability().lower()
+    if want is not None and got != want:
+        print(f"PyTorch runs at {got}, not {want}", file=sys.stderr)
+    return True
 
 
 def _run(args, backends, threads: int, kept: bool) -> int:
@@ -589,9 +621,11 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0
     bandwidth = copy_bandwidth(threads)
+    levels = cpu_levels(backends)
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own), "
           f"freed memory kept: {kept}")
+    print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
     rows = []
     for case in cases:
         rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"]))
@@ -600,7 +634,7 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     print()
     print(format_table(rows, backends))
     os.makedirs(args.out, exist_ok=True)
-    result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth,
+    result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth, "cpu_capability": levels,
               "freed_memory_kept": kept, "backends": backends, "quick": args.quick,
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
@@ -608,6 +642,19 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     plot(rows, backends, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
+
+
+def cpu_levels(backends) -> dict:
+    """The CPU level each library runs at in this process: cnorm's kernels and
+    PyTorch's (its ATEN_CPU_CAPABILITY names)."""
+    from . import _cpu
+
+    torch_level = None
+    if "torch" in backends:
+        import torch
+
+        torch_level = torch.backends.cpu.get_cpu_capability().lower()
+    return {"cnorm": _cpu.get_cpu_capability(), "torch": torch_level}
 
 
 def _torch_version():

@@ -55,7 +55,7 @@ def openmp_runtime() -> str:
 
 def config() -> dict:
     """The facts :func:`show_config` prints, as a dict."""
-    from . import __version__
+    from . import __version__, _cpu
     from .backends import available_backends
 
     return {
@@ -70,12 +70,13 @@ def config() -> dict:
         "openmp_flags": _openmp.openmp_flags() if _openmp else "",
         "openmp_runtime": openmp_runtime(),
         "num_threads": get_num_threads(),
+        **_cpu.info(),
         "backends": available_backends(with_reasons=True),
     }
 
 
 def show_config() -> None:
-    """Print version, build (extension, OpenMP), threads and each backend's availability."""
+    """Print version, build (extension, OpenMP), threads, CPU levels and each backend's availability."""
     info = config()
     print(f"cnorm {info['cnorm']} (Python {info['python']}, {info['platform']})")
     built = "yes" if info["extension_built"] else f"no ({info['extension_error']})"
@@ -86,6 +87,15 @@ def show_config() -> None:
         print("  OpenMP             : no (serial build)")
     print(f"  OpenMP runtime     : {info['openmp_runtime']}")
     print(f"  threads            : {info['num_threads']} (of {info['cpu_count']} CPUs)")
+    print(f"  CPU levels         : compiled {', '.join(info['cpu_levels_compiled']) or 'none'}; "
+          f"this CPU supports {', '.join(info['cpu_levels_supported']) or 'none'}")
+    if info["cpu_level"] is None:
+        print(f"  CPU level          : none in use ({info['cpu_level_error']})")
+    else:
+        how = (f"forced by CNORM_CPU_CAPABILITY={info['cpu_level_forced']}" if info["cpu_level_forced"]
+               else "the best compiled level this CPU supports")
+        bf16 = "; AVX512-BF16 conversions used" if info["cpu_avx512_bf16_used"] else ""
+        print(f"  CPU level          : in use {info['cpu_level']} ({how}){bf16}")
     print("  backends:")
     for name, why in info["backends"].items():
         print(f"    {name:<7} {'available' if why is None else 'unavailable: ' + why}")

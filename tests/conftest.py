@@ -1,16 +1,19 @@
-"""Fixtures shared by the suite: every test that takes ``backend`` runs on every backend.
+"""Fixtures shared by the suite: every test that takes ``backend`` runs on every backend,
+and on the "cython" backend at every CPU level this machine supports.
 
 A backend that cannot run here (CuPy without a GPU) is skipped with the reason
 the registry gives; .ci/run separately fails if the compiled "cython" backend
 did not build, so its absence can never pass silently in CI.
 """
 
+import contextlib
 import os
 
 import numpy as np
 import pytest
 
 import cnorm
+from cnorm import _cpu
 
 
 class BackendCase:
@@ -41,19 +44,27 @@ class BackendCase:
 
 
 def _backend_params():
+    """(backend name, CPU level) pairs: the "cython" backend once per CPU level this
+    machine runs (the kernels are compiled per level), best first."""
     params = []
     for name, why in cnorm.available_backends(with_reasons=True).items():
+        if name == "cython" and why is None:
+            params += [pytest.param((name, lv), id=f"cython-{lv}") for lv in reversed(_cpu.usable_levels())]
+            continue
         marks = [pytest.mark.skip(reason=f"backend {name!r} unavailable: {why}")] if why else []
         if name == "cupy":
             marks.append(pytest.mark.gpu)
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param((name, None), marks=marks, id=name))
     return params
 
 
 @pytest.fixture(params=_backend_params())
 def backend(request):
-    """Each registered backend in turn (unavailable ones skipped with their reason)."""
-    return BackendCase(request.param)
+    """Each registered backend in turn (unavailable ones skipped with their reason),
+    the "cython" backend at every CPU level this machine supports."""
+    name, level = request.param
+    with _cpu.use_level(level) if level else contextlib.nullcontext():
+        yield BackendCase(name)
 
 
 def tolerance(dtype):
@@ -71,5 +82,6 @@ def _reset_backend_choice():
 def pytest_report_header(config):
     why = cnorm.available_backends(with_reasons=True)
     return "cnorm backends: " + ", ".join(f"{k}={'ok' if v is None else 'unavailable'}" for k, v in why.items()) + (
-        f"; CI={os.environ.get('CI', '')}"
+        f"; CPU levels tested: {', '.join(_cpu.usable_levels()) or 'none'}"
+        f" (default {cnorm.get_cpu_capability()}); CI={os.environ.get('CI', '')}"
     )

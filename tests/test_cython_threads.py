@@ -1,6 +1,7 @@
-"""The "cython" backend's own promises: reference agreement on a grid of kernel
-problems, bit-identical results for any thread count, thread limits honoured,
-and correct results under concurrent calls from Python threads.
+"""The "cython" backend's own promises, at every CPU level this machine runs:
+reference agreement on a grid of kernel problems, bit-identical results for
+any thread count, thread limits honoured, and correct results under
+concurrent calls from Python threads.
 
 The parametrized suite (conftest's ``backend`` fixture) checks every backend
 through the public API; this file works at the Backend level, where the
@@ -17,14 +18,21 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import cnorm
-from cnorm._dtypes import BFLOAT16, FLOAT16
 from cnorm import _cpu
+from cnorm._dtypes import BFLOAT16, FLOAT16
 from cnorm.backends.base import Problem
 from cnorm.backends.cython_backend import CythonBackend
 from cnorm.backends.numpy_backend import NumpyBackend
 
 K = CythonBackend()
 R = NumpyBackend()
+
+
+@pytest.fixture(autouse=True, params=list(reversed(_cpu.usable_levels())))
+def cpu_level(request):
+    """Every test here at every CPU level this machine runs (the kernels differ per level)."""
+    with _cpu.use_level(request.param):
+        yield request.param
 
 # (n, c, s): odd sizes, S = 1, one group per channel, channels that split into
 # several statistics blocks (S > 65536, N·S > 65536 rows), C below any thread count,
