@@ -72,7 +72,7 @@ inline void cn_m2_recentre(ptrdiff_t C, ptrdiff_t nr, const double* m, const flo
    that rounding. Four rows per update of the column accumulators. m[C] = mean,
    q[C] = M2; ws: 3 C doubles of scratch. */
 template <class T>
-int cn_cl_stats_scalar(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
+inline int cn_cl_stats_scalar(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
                        double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT a = (float*)ws;
     float* CN_RESTRICT b = a + C;
@@ -203,7 +203,7 @@ CN_INLINE void cn_tiles(ptrdiff_t C, F f) {
    rows, slabs of `slab` rows, each prefetching its rows of the next nr rows.
    0 when a float partial is not finite. */
 template <class T>
-int cn_cls_sweep(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, ptrdiff_t slab, const float* CN_RESTRICT ctr,
+inline int cn_cls_sweep(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, ptrdiff_t slab, const float* CN_RESTRICT ctr,
                  float* CN_RESTRICT fa, float* CN_RESTRICT fb, double* s1, double* CN_RESTRICT s2) {
     ptrdiff_t c, r1, rs;
     for (c = 0; c < C; c++) { if (s1) s1[c] = 0.0; s2[c] = 0.0; }
@@ -232,7 +232,7 @@ int cn_cls_sweep(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, ptrdiff_t sl
    deviations from mf that the exact correction needs is pass 1's, re-centred
    in double: S(x - mf) = S(x - p) + nr (p - mf). */
 template <class T>
-int cn_cl_stats_2p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
+inline int cn_cl_stats_2p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
                    double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT mf = (float*)ws;
     float* CN_RESTRICT a = mf + C;
@@ -270,7 +270,7 @@ int cn_cl_stats_2p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN
    of the block's first CN_RC rows; a column above CN_ONEPASS_MAX sends the
    whole block to the two-pass sweep. */
 template <class T>
-int cn_cl_stats_1p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
+inline int cn_cl_stats_1p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
                    double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT pv = (float*)ws;
     float* CN_RESTRICT a = pv + C;
@@ -298,7 +298,7 @@ int cn_cl_stats_1p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN
 /* Column statistics of a channels-last block: m[C] = mean, q[C] = M2 of nr
    rows; 1, or 0 when a float sum overflowed (redo in double). ws: 3 C doubles. */
 template <class T>
-int cn_cl_block_stats(const T* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
+inline int cn_cl_block_stats(const T* x, ptrdiff_t nr, ptrdiff_t C, double* m, double* q, double* ws) {
     return C % 16 == 0 ? cn_cl_stats_1p(x, nr, C, m, q, ws) : cn_cl_stats_scalar(x, nr, C, m, q, ws);
 }
 
@@ -345,7 +345,7 @@ CN_INLINE void cn_clg_slab(const T* CN_RESTRICT g, const T* CN_RESTRICT x, ptrdi
    sums unspecified, when C does not qualify, a mean is not a float value (the
    float centre would round it) or a float partial overflowed. */
 template <class T>
-int cn_cl_grad(const T* CN_RESTRICT g, const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, const double* mu,
+inline int cn_cl_grad(const T* CN_RESTRICT g, const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, const double* mu,
                double* CN_RESTRICT sg, double* CN_RESTRICT sgx, double* CN_RESTRICT sx) {
     float mf[CN_CLG_MAXC], f[3 * CN_CLG_MAXC];
     ptrdiff_t c, r1, rs, slab = cn_slab<T>(C);

@@ -51,7 +51,7 @@ CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f) {
 
 /* y = (x - mh) a + b */
 template <class T>
-void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
+inline void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
     const VF vm = vset(mh), va = vset(a), vb = vset(b);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF u0, u1;
@@ -62,7 +62,7 @@ void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
 
 /* y = x a + b */
 template <class T>
-void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b) {
+inline void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b) {
     const VF va = vset(a), vb = vset(b);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF u0, u1;
@@ -73,7 +73,7 @@ void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b) {
 
 /* dx = g ka + ((x - mh) kb + kc) */
 template <class T>
-void cn_dx_run(const T* g, const T* x, T* dx, ptrdiff_t n, float ka, float mh, float kb, float kc) {
+inline void cn_dx_run(const T* g, const T* x, T* dx, ptrdiff_t n, float ka, float mh, float kb, float kc) {
     const VF vka = vset(ka), vm = vset(mh), vkb = vset(kb), vkc = vset(kc);
     cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF g0, g1, u0, u1;
@@ -85,7 +85,7 @@ void cn_dx_run(const T* g, const T* x, T* dx, ptrdiff_t n, float ka, float mh, f
 
 /* channels-last row: y[c] = x[c] a[c] + b[c] (a, b: n floats) */
 template <class T>
-void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b) {
+inline void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b) {
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v0 = vfma(vload_n(x + i, m), vload_n(a + i, m), vload_n(b + i, m));
         VF v1 = vfma(vload_n(x + i + 16, m - 16), vload_n(a + i + 16, m - 16), vload_n(b + i + 16, m - 16));
@@ -95,7 +95,7 @@ void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b
 
 /* LayerNorm row: y[i] = ((x[i] - mh) rf - ml rf) w[i] + b[i], two FMAs */
 template <class T>
-void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b) {
+inline void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b) {
     const VF vm = vset(mh), vr = vset(rf), vl = vset(-ml * rf);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v0 = vfma(vfma(vload_n(x + i, m) - vm, vr, vl), vload_n(w + i, m), vload_n(b + i, m));
@@ -107,7 +107,7 @@ void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, cons
 
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */
 template <class T>
-void cn_ln_dx(const T* g, const T* x, T* dx, ptrdiff_t n, const float* w, float rf, float mh, float ml,
+inline void cn_ln_dx(const T* g, const T* x, T* dx, ptrdiff_t n, const float* w, float rf, float mh, float ml,
               float kb, float kc) {
     const VF vr = vset(rf), vm = vset(mh), vl = vset(ml), vkb = vset(kb), vkc = vset(kc);
     cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
@@ -130,7 +130,7 @@ CN_INLINE ptrdiff_t cn_wrap(ptrdiff_t c, ptrdiff_t C) {
     return c;
 }
 template <class T>
-void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
                      const float* b) {
     ptrdiff_t c = 0;
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
@@ -142,7 +142,7 @@ void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh
     });
 }
 template <class T>
-void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
+inline void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
                    const float* kb, const float* kc) {
     ptrdiff_t c = 0;
     cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {

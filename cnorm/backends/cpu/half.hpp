@@ -11,6 +11,17 @@
 #include <string.h>
 #include <type_traits>
 
+/* Unroll the next loop n times (the chunk loops of the sums: the full unroll
+   GCC used to choose keeps memory reads flowing; measured 8-14% from memory) */
+#if defined(__clang__)
+#define CN_UNROLL(n) _Pragma(CN_STR(unroll n))
+#elif defined(__GNUC__)
+#define CN_UNROLL(n) _Pragma(CN_STR(GCC unroll n))
+#else
+#define CN_UNROLL(n)
+#endif
+#define CN_STR(x) #x
+
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_INLINE inline __attribute__((always_inline))
 #define CN_LAMBDA __attribute__((always_inline))   /* after a lambda's parameter list */

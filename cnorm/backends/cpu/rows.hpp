@@ -25,7 +25,7 @@ constexpr int CN_ROW_U = 2;
 
 /* *s1 = Σ(x - c), or with sq: *s1 = Σ(x - c)^2 and *s2 = Σ(x - c) */
 template <class T>
-void cn_row_lanes(const T* CN_RESTRICT x, ptrdiff_t n, float c, int sq, double* s1, double* s2) {
+inline void cn_row_lanes(const T* CN_RESTRICT x, ptrdiff_t n, float c, int sq, double* s1, double* s2) {
     const VF vc = vset(c);
     VD p1 = vdzero(), p2 = vdzero();
     for (ptrdiff_t i0 = 0; i0 < n; i0 += CN_RCH) {
@@ -33,6 +33,7 @@ void cn_row_lanes(const T* CN_RESTRICT x, ptrdiff_t n, float c, int sq, double* 
         const T* xc = x + i0;
         VF a[2 * CN_ROW_U], b[2 * CN_ROW_U];
         for (int u = 0; u < 2 * CN_ROW_U; u++) { a[u] = vzero(); b[u] = vzero(); }
+        CN_UNROLL(8)
         for (i = 0; i + 32 * CN_ROW_U <= m; i += 32 * CN_ROW_U) {
             VF e[2 * CN_ROW_U];
             for (int u = 0; u < CN_ROW_U; u++) vload2(xc + i + 32 * u, e[2 * u], e[2 * u + 1]);
@@ -65,7 +66,7 @@ void cn_row_lanes(const T* CN_RESTRICT x, ptrdiff_t n, float c, int sq, double* 
 
 /* the pairwise float mean of x[0..16) */
 template <class T>
-float cn_pivot16(const T* x) {
+inline float cn_pivot16(const T* x) {
     float a[8];
     for (int j = 0; j < 8; j++) a[j] = cn_ldf(x + 2 * j) + cn_ldf(x + 2 * j + 1);
     return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) * 0.0625f;
@@ -81,17 +82,20 @@ float cn_pivot16(const T* x) {
    overflowed (to redo in double). */
 constexpr ptrdiff_t CN_SHORT_MAX = 128;
 template <class T>
-int cn_short_rows_stats(const T* x, ptrdiff_t n, int nb, double* mu, double* m2) {
+inline int cn_short_rows_stats(const T* x, ptrdiff_t n, int nb, double* mu, double* m2) {
     VF a[8], q[8], e[8];
     float p[8], mf[8];
     double s[8], m[8];
-    int j, v, bad = 0, nv = (int)((n + 15) / 16);
+    const int nf = (int)(n / 16);          /* whole vectors, then a tail of rem values */
+    const ptrdiff_t rem = n % 16;
+    int j, v, bad = 0;
     for (j = 0; j < nb; j++) {
         const T* xr = x + j * n;
         p[j] = cn_ldf(xr);
         const VF vp = vset(p[j]);
         a[j] = vzero();
-        for (v = 0; v < nv; v++) a[j] = a[j] + vkeep(vload_n(xr + 16 * v, n - 16 * v) - vp, n - 16 * v);
+        for (v = 0; v < nf; v++) a[j] = a[j] + (vload(xr + 16 * v) - vp);
+        if (rem) a[j] = a[j] + vkeep(vload_n(xr + 16 * nf, rem) - vp, rem);
     }
     for (j = 0; j < nb; j++) s[j] = vtotal(a[j]);
     for (j = 0; j < nb; j++) { m[j] = (double)p[j] + s[j] / (double)n; mf[j] = (float)m[j]; }
@@ -100,8 +104,13 @@ int cn_short_rows_stats(const T* x, ptrdiff_t n, int nb, double* mu, double* m2)
         const VF vm = vset(mf[j]);
         q[j] = vzero();
         e[j] = vzero();
-        for (v = 0; v < nv; v++) {
-            VF d = vkeep(vload_n(xr + 16 * v, n - 16 * v) - vm, n - 16 * v);
+        for (v = 0; v < nf; v++) {
+            VF d = vload(xr + 16 * v) - vm;
+            q[j] = vfma(d, d, q[j]);
+            e[j] = e[j] + d;
+        }
+        if (rem) {
+            VF d = vkeep(vload_n(xr + 16 * nf, rem) - vm, rem);
             q[j] = vfma(d, d, q[j]);
             e[j] = e[j] + d;
         }
@@ -118,7 +127,7 @@ int cn_short_rows_stats(const T* x, ptrdiff_t n, int nb, double* mu, double* m2)
 
 /* mean and M2 of one row of n values; 0 when a float sum overflowed */
 template <class T>
-int cn_ln_row_stats(const T* x, ptrdiff_t n, double* mu, double* m2) {
+inline int cn_ln_row_stats(const T* x, ptrdiff_t n, double* mu, double* m2) {
     double s, q, se, m, dm;
     float mf, p = cn_ldf(x);
     if (n <= CN_SHORT_MAX) return !cn_short_rows_stats(x, n, 1, mu, m2);
@@ -154,7 +163,7 @@ int cn_ln_row_stats(const T* x, ptrdiff_t n, double* mu, double* m2) {
 constexpr ptrdiff_t CN_LNK = 16;
 
 template <class T>
-void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN_RESTRICT w, ptrdiff_t n, float mu,
+inline void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN_RESTRICT w, ptrdiff_t n, float mu,
                  double* swg, double* swgx, double* sx) {
     ptrdiff_t i = 0;
     VF a0 = vzero(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
@@ -180,7 +189,7 @@ void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN
 /* Pass A of one row: dl (the re-centring of the saved mean), swg and the
    re-centred swgx, redone in double when a float sum is not finite */
 template <class T>
-void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, float mu, double* dl, double* swg,
+inline void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, float mu, double* dl, double* swg,
                 double* swgx) {
     double sx;
     cn_lnb_sums(gr, xr, w, cg, mu, swg, swgx, &sx);
@@ -253,7 +262,7 @@ CN_INLINE void cn_lnb_tile(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
 /* A chunk's float column partials into the double pb/pw, or, when one is not
    finite, the chunk's column sums redone in double */
 template <class T>
-void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t cg, const float* cb,
+inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t cg, const float* cb,
                   const float* cw, const double* mk, const double* dk, const double* rk, double* pb, double* pw) {
     ptrdiff_t i, n, k;
     if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {
@@ -270,7 +279,7 @@ void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t
    dx (unless NULL) and the dweight/dbias partials pw/pb (C doubles, added
    to). fb: 2 cg floats of scratch. */
 template <class T>
-void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi,
+inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi,
                     ptrdiff_t n0, ptrdiff_t n1, const float* mean, const float* rstd, const float* w, double* pw,
                     double* pb, float* fb) {
     const ptrdiff_t c0 = gi * cg;

@@ -33,7 +33,7 @@ constexpr ptrdiff_t CN_CHUNK = 512;
 
 /* acc[i % 16] += x[i] - piv */
 template <class T>
-void cn_sum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
+inline void cn_sum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
     double a[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
@@ -48,7 +48,7 @@ void cn_sum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
 
 /* acc[i % 16] += (x[i] - m)^2 */
 template <class T>
-void cn_sq_run(const T* x, ptrdiff_t n, double m, double* acc) {
+inline void cn_sq_run(const T* x, ptrdiff_t n, double m, double* acc) {
     double a[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
@@ -69,7 +69,7 @@ void cn_sq_run(const T* x, ptrdiff_t n, double m, double* acc) {
 
 /* ag += g, agx += g (x - m), ax += x - m, lane-wise */
 template <class T>
-void cn_grad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
+inline void cn_grad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
     double a[CN_LANES], b[CN_LANES], c[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
@@ -93,7 +93,7 @@ CN_INLINE void cn_acc16(double* acc, VD d) { vdstore(acc, vdload(acc) + d); }
 
 /* cn_sum_run in float lanes (half data) */
 template <class T>
-void cn_hsum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
+inline void cn_hsum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
     const float pf = (float)piv;
     const VF vp = vset(pf);
     VD d = vdzero();
@@ -101,6 +101,7 @@ void cn_hsum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
         const T* xc = x + i0;
         ptrdiff_t m = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK, i;
         VF a0 = vzero(), a1 = vzero();
+        CN_UNROLL(16)
         for (i = 0; i + 32 <= m; i += 32) {
             a0 = a0 + (vload(xc + i) - vp);
             a1 = a1 + (vload(xc + i + 16) - vp);
@@ -119,7 +120,7 @@ void cn_hsum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
 /* cn_sq_run in float lanes around the float-rounded centre, corrected
    exactly for its rounding: S(x-m)^2 = S(x-mf)^2 - 2 dm S(x-mf) + n dm^2 */
 template <class T>
-void cn_hsq_run(const T* x, ptrdiff_t n, double m, double* acc) {
+inline void cn_hsq_run(const T* x, ptrdiff_t n, double m, double* acc) {
     const float mf = (float)m;
     const double dm = m - (double)mf;
     const VF vm = vset(mf);
@@ -128,6 +129,7 @@ void cn_hsq_run(const T* x, ptrdiff_t n, double m, double* acc) {
         const T* xc = x + i0;
         ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK, i;
         VF a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero();
+        CN_UNROLL(16)
         for (i = 0; i + 32 <= k; i += 32) {
             VF u0 = vload(xc + i) - vm, u1 = vload(xc + i + 16) - vm;
             a0 = vfma(u0, u0, a0); a1 = vfma(u1, u1, a1);
@@ -151,7 +153,7 @@ void cn_hsq_run(const T* x, ptrdiff_t n, double m, double* acc) {
 /* cn_grad_run in float lanes (float32 and half data); the centre must be a
    float value (else the double version) */
 template <class T>
-void cn_hgrad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
+inline void cn_hgrad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
     const float mf = (float)m;
     if ((double)mf != m) { cn_grad_run(g, x, n, m, ag, agx, ax); return; }
     const VF vm = vset(mf);
@@ -161,6 +163,7 @@ void cn_hgrad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, dou
         const T* xc = x + i0;
         ptrdiff_t k = n - i0 < CN_CHUNK ? n - i0 : CN_CHUNK, i;
         VF a0 = vzero(), a1 = vzero(), b0 = vzero(), b1 = vzero(), c0 = vzero(), c1 = vzero();
+        CN_UNROLL(16)
         for (i = 0; i + 32 <= k; i += 32) {
             VF g0, g1, u0, u1;
             vload2(gc + i, g0, g1);
@@ -200,7 +203,7 @@ void cn_hgrad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, dou
 
 /* awg += w g, awgx += w g (x - m), ax += x - m, lane-wise */
 template <class T, class P>
-void cn_wsums(const T* g, const T* x, const P* w, ptrdiff_t n, double m, double* awg, double* awgx, double* ax) {
+inline void cn_wsums(const T* g, const T* x, const P* w, ptrdiff_t n, double m, double* awg, double* awgx, double* ax) {
     double a[CN_LANES], b[CN_LANES], c[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
@@ -222,7 +225,7 @@ void cn_wsums(const T* g, const T* x, const P* w, ptrdiff_t n, double m, double*
 /* pb[i] += Σ_k g_k[i], pw[i] += Σ_k g_k[i] (x_k[i] - m[k] - dl[k]) r[k] over
    rows k < rows <= 4 (row k at g + k stride, x + k stride) */
 template <class T>
-void cn_colsums(const T* g, const T* x, ptrdiff_t stride, int rows, ptrdiff_t n, const double* m,
+inline void cn_colsums(const T* g, const T* x, ptrdiff_t stride, int rows, ptrdiff_t n, const double* m,
                 const double* dl, const double* r, double* pb, double* pw) {
     ptrdiff_t i;
     if (rows == 4) {
