@@ -4,6 +4,7 @@ and tools/check_wheel.sh, so that an instruction that leaked into the wrong
 level fails as it would on a user's machine.
 
     python tests/cpu_check.py EXPECTED_LEVEL
+    python tests/cpu_check.py --all-levels     (each level this CPU runs, in turn)
 
 Every kernel family runs (cross-sample and per-sample statistics, both
 layouts, forward and backward, eval mode, float32 and the half types) and is
@@ -44,10 +45,9 @@ def calls(x, cl):
     return out
 
 
-def main(expected: str) -> int:
-    level = cnorm.get_cpu_capability()
-    print("level", level)
-    bad = [] if level == expected else [f"level {level}, expected {expected}"]
+def check_results() -> list:
+    """Every kernel family at the level in use against the NumPy reference: the failures."""
+    bad = []
     rng = np.random.default_rng(0)
     for dt, tol in ((np.float32, 1e-4), (BFLOAT16, 2.0 ** -6), (np.float16, 2.0 ** -9)):
         for cl in (False, True):
@@ -64,6 +64,22 @@ def main(expected: str) -> int:
                     err = float(np.max(np.abs(a - r))) / max(1.0, float(np.max(np.abs(r))))
                     if not err <= tol:
                         bad.append(f"{name} {np.dtype(dt).name} {'cl' if cl else 'cf'} {what}: error {err:.2e}")
+    return bad
+
+
+def main(expected: str) -> int:
+    if expected == "--all-levels":
+        from cnorm import _cpu
+
+        bad = []
+        for lv in _cpu.usable_levels():
+            with _cpu.use_level(lv):
+                print("level", lv)
+                bad += [f"{lv}: {b}" for b in check_results()]
+    else:
+        level = cnorm.get_cpu_capability()
+        print("level", level)
+        bad = ([] if level == expected else [f"level {level}, expected {expected}"]) + check_results()
     for line in bad:
         print("FAIL", line)
     print("ok" if not bad else f"{len(bad)} failures")

@@ -178,3 +178,43 @@ def test_runs_on_an_emulated_cpu(model, level, forced):
     assert f"level {level}" in out and out.strip().endswith("ok"), out
     if forced:
         assert f"{_cpu.ENV}={forced}" in err and "does not support" in err
+
+
+# -- conversions ----------------------------------------------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("level", USABLE)
+@pytest.mark.parametrize("dt, quiet", [(BFLOAT16, 0x0040), (FLOAT16, 0x0200)], ids=["bfloat16", "float16"])
+def test_every_half_value_survives_load_and_store(dt, quiet, level):
+    """All 65536 bit patterns through y = x·1 + (-0): widened on load, rounded on
+    store by each level's vector code (the head, body and tail of the sweep alike),
+    every value comes back as it was - NaN with its payload, the quiet bit set (as
+    the scalar conversions define)."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    x = bits.view(dt).reshape(1, 1, -1)
+    y = np.empty_like(x)
+    one, minus_zero = np.ones(1, np.float32), np.full(1, -0.0, np.float32)
+    nan = np.isnan(x.astype(np.float32)).ravel()
+    want = np.where(nan, bits | quiet, bits)
+    with _cpu.use_level(level):
+        for shift in (0, 3):  # output alignments: the sweep's head differs
+            _cpu.K.affine(x[..., shift:], y[..., shift:], False, 1, 1, x.shape[-1] - shift, one, minus_zero, 1)
+            got = y.view(np.uint16).ravel()[shift:]
+            bad = np.flatnonzero(got != want[shift:])
+            assert bad.size == 0, f"{bad.size} values differ, e.g. {want[shift:][bad[:3]]} -> {got[bad[:3]]}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", USABLE)
+@pytest.mark.parametrize("dt", [BFLOAT16, FLOAT16], ids=["bfloat16", "float16"])
+def test_nan_parameters_give_nan_not_a_number(dt, level):
+    """A NaN whose low payload bits are all set (from a NaN weight) must round to
+    NaN: rounding by adding to the bits would carry it into -0 or Inf."""
+    x = np.ones((1, 1, 100), dt)
+    y = np.empty_like(x)
+    zero = np.zeros(1, np.float32)
+    for payload in (0x7FFFFFFF, 0xFFFFFFFF, 0x7FC08001):
+        scale = np.array([payload], np.uint32).view(np.float32)
+        with _cpu.use_level(level):
+            _cpu.K.affine(x, y, False, 1, 1, 100, scale, zero, 1)
+        assert np.isnan(y.astype(np.float32)).all(), f"NaN weight {payload:#x} gave {y.view(np.uint16)[0, 0, :3]}"

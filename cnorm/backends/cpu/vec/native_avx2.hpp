@@ -75,16 +75,30 @@ CN_INLINE void cn_st256(void* p, __m256i h, bool nt) {
 CN_INLINE void nf_store(float* p, nf v, bool nt) {
     if (nt) _mm256_stream_ps(p, v); else _mm256_storeu_ps(p, v);
 }
-/* float -> bfloat16 bits in the low half of each 32-bit lane, as cn_f32_to_bf16 */
-CN_INLINE __m256i cn_bf16_round(nf v) {
+/* float -> bfloat16 as cn_f32_to_bf16, the result in the high half of each
+   32-bit lane (the low half is garbage): round to nearest even by adding
+   0x7fff plus the kept lowest bit - right for every value but NaN, which
+   cn_bf16_nan_fix gives its top payload bits with the quiet bit set. The
+   fix-up runs only for vectors holding a NaN (one test per pair of
+   vectors): 20% fewer operations in the AVX2 bfloat16 stores. */
+CN_INLINE __m256i cn_bf16_rne_hi(nf v) {
     __m256i u = _mm256_castps_si256(v);
-    __m256i hi = _mm256_srli_epi32(u, 16);
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                                   _mm256_and_si256(hi, _mm256_set1_epi32(1))), 16);
-    __m256i q = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    return _mm256_blendv_epi8(r, q, nan);
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+}
+CN_INLINE __m256i cn_bf16_nan_fix(nf v, __m256i r) {
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x400000)), nan);
+}
+CN_INLINE bool cn_any_nan(nf a, nf b) {
+    __m256 n = _mm256_or_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q), _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+    return !_mm256_testz_ps(n, n);
+}
+/* a and b rounded, results in the high halves */
+CN_INLINE void cn_bf16_round2_hi(nf a, nf b, __m256i& ra, __m256i& rb) {
+    ra = cn_bf16_rne_hi(a);
+    rb = cn_bf16_rne_hi(b);
+    if (!CN_LIKELY(!cn_any_nan(a, b))) { ra = cn_bf16_nan_fix(a, ra); rb = cn_bf16_nan_fix(b, rb); }
 }
 /* 32-bit lanes holding 16-bit values: a's 8, then b's 8, as 16 packed values */
 CN_INLINE __m256i cn_pack2(__m256i a, __m256i b) {
@@ -92,17 +106,25 @@ CN_INLINE __m256i cn_pack2(__m256i a, __m256i b) {
 }
 CN_INLINE __m128i cn_pack1(__m256i a) { return _mm256_castsi256_si128(cn_pack2(a, a)); }
 CN_INLINE __m128i cn_f16_pack(nf v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-CN_INLINE void nf_store(cn_bf16* p, nf v, bool nt) { cn_st128(p, cn_pack1(cn_bf16_round(v)), nt); }
+CN_INLINE void nf_store(cn_bf16* p, nf v, bool nt) {
+    __m256i r, unused;
+    cn_bf16_round2_hi(v, v, r, unused);
+    cn_st128(p, cn_pack1(_mm256_srli_epi32(r, 16)), nt);
+}
 CN_INLINE void nf_store(cn_f16* p, nf v, bool nt) { cn_st128(p, cn_f16_pack(v), nt); }
 CN_INLINE void nf_store2(cn_bf16* p, nf a, nf b, bool nt) {
-    cn_st256(p, cn_pack2(cn_bf16_round(a), cn_bf16_round(b)), nt);
+    __m256i ra, rb;
+    cn_bf16_round2_hi(a, b, ra, rb);
+    cn_st256(p, cn_pack2(_mm256_srli_epi32(ra, 16), _mm256_srli_epi32(rb, 16)), nt);
 }
 CN_INLINE void nf_store2(cn_f16* p, nf a, nf b, bool nt) {
     cn_st256(p, _mm256_set_m128i(cn_f16_pack(b), cn_f16_pack(a)), nt);
 }
 /* even and odd positions back in place: odd values in the high halves of the lanes */
 CN_INLINE __m256i cn_merge_eo(nf e, nf o) {
-    return _mm256_or_si256(cn_bf16_round(e), _mm256_slli_epi32(cn_bf16_round(o), 16));
+    __m256i re, ro;
+    cn_bf16_round2_hi(e, o, re, ro);
+    return _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xaa);
 }
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool nt) { cn_st256(p, cn_merge_eo(e, o), nt); }
 CN_INLINE void nf_store_n(float* p, nf v, ptrdiff_t m) { _mm256_maskstore_ps(p, cn_k8(m), v); }

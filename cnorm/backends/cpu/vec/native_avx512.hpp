@@ -87,16 +87,14 @@ CN_INLINE void cn_st512(void* p, __m512i w, bool nt) {
 CN_INLINE void nf_store(float* p, nf v, bool nt) {
     if (nt) _mm512_stream_ps(p, v); else _mm512_storeu_ps(p, v);
 }
-/* float -> bfloat16 in integer code, as cn_f32_to_bf16 */
+/* float -> bfloat16 in integer code, as cn_f32_to_bf16 (see native_avx2.hpp) */
 CN_INLINE __m256i cn_bf16_round(nf v) {
     __m512i u = _mm512_castps_si512(v);
-    __m512i hi = _mm512_srli_epi32(u, 16);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
-                                                   _mm512_and_si512(hi, _mm512_set1_epi32(1))), 16);
-    __m512i q = _mm512_or_si512(hi, _mm512_set1_epi32(0x40));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, q));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 /* AVX512-BF16 rounds to nearest even and quiets NaN as the integer code does,
    but reads subnormal inputs as zero: vectors holding one (vfpclassps 0x20)

@@ -90,13 +90,23 @@ CN_INLINE void cn_st64(void* p, __m128i h, bool nt) {
 CN_INLINE void nf_store(float* p, nf v, bool nt) {
     if (nt) _mm_stream_ps(p, v); else _mm_storeu_ps(p, v);
 }
-/* float -> bfloat16 bits in the low half of each lane, as cn_f32_to_bf16 */
-CN_INLINE __m128i cn_bf16_round(nf v) {
-    __m128i u = _mm_castps_si128(v), hi = _mm_srli_epi32(u, 16);
-    __m128i r = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(u, cn_i(0x7fff)), _mm_and_si128(hi, cn_i(1))), 16);
-    __m128i q = _mm_or_si128(hi, cn_i(0x40));
-    __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, cn_i(0x7fffffff)), cn_i(0x7f800000));
-    return _mm_blendv_epi8(r, q, nan);
+/* float -> bfloat16 as cn_f32_to_bf16, in the high half of each lane, the
+   NaN fix-up only for vectors holding a NaN (see native_avx2.hpp) */
+CN_INLINE __m128i cn_bf16_rne_hi(nf v) {
+    __m128i u = _mm_castps_si128(v);
+    return _mm_add_epi32(_mm_add_epi32(u, cn_i(0x7fff)), _mm_and_si128(_mm_srli_epi32(u, 16), cn_i(1)));
+}
+CN_INLINE __m128i cn_bf16_nan_fix(nf v, __m128i r) {
+    __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+    return _mm_blendv_epi8(r, _mm_or_si128(_mm_castps_si128(v), cn_i(0x400000)), nan);
+}
+CN_INLINE void cn_bf16_round2_hi(nf a, nf b, __m128i& ra, __m128i& rb) {
+    ra = cn_bf16_rne_hi(a);
+    rb = cn_bf16_rne_hi(b);
+    if (!CN_LIKELY(_mm_movemask_ps(_mm_or_ps(_mm_cmpunord_ps(a, a), _mm_cmpunord_ps(b, b))) == 0)) {
+        ra = cn_bf16_nan_fix(a, ra);
+        rb = cn_bf16_nan_fix(b, rb);
+    }
 }
 /* float -> float16 bits in the low half of each lane, as cn_f32_to_f16 */
 CN_INLINE __m128i cn_f16_round(nf v) {
@@ -115,19 +125,32 @@ CN_INLINE __m128i cn_f16_round(nf v) {
     __m128i o = _mm_blendv_epi8(_mm_blendv_epi8(nrm, sub, msub), big, mbig);
     return _mm_or_si128(o, sign);
 }
-CN_INLINE __m128i cn_round16(const cn_bf16*, nf v) { return cn_bf16_round(v); }
-CN_INLINE __m128i cn_round16(const cn_f16*, nf v) { return cn_f16_round(v); }
+/* a and b rounded to 16-bit values in the low halves of the lanes */
+CN_INLINE void cn_round16(const cn_bf16*, nf a, nf b, __m128i& ra, __m128i& rb) {
+    cn_bf16_round2_hi(a, b, ra, rb);
+    ra = _mm_srli_epi32(ra, 16);
+    rb = _mm_srli_epi32(rb, 16);
+}
+CN_INLINE void cn_round16(const cn_f16*, nf a, nf b, __m128i& ra, __m128i& rb) {
+    ra = cn_f16_round(a);
+    rb = cn_f16_round(b);
+}
 template <class H>
 CN_INLINE void nf_store(H* p, nf v, bool nt) {
-    __m128i r = cn_round16(p, v);
+    __m128i r, unused;
+    cn_round16(p, v, v, r, unused);
     cn_st64(p, _mm_packus_epi32(r, r), nt);
 }
 template <class H>
 CN_INLINE void nf_store2(H* p, nf a, nf b, bool nt) {
-    cn_st128(p, _mm_packus_epi32(cn_round16(p, a), cn_round16(p, b)), nt);
+    __m128i ra, rb;
+    cn_round16(p, a, b, ra, rb);
+    cn_st128(p, _mm_packus_epi32(ra, rb), nt);
 }
 CN_INLINE __m128i cn_merge_eo(nf e, nf o) {
-    return _mm_or_si128(cn_bf16_round(e), _mm_slli_epi32(cn_bf16_round(o), 16));
+    __m128i re, ro;
+    cn_bf16_round2_hi(e, o, re, ro);
+    return _mm_blend_epi16(_mm_srli_epi32(re, 16), ro, 0xaa);
 }
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool nt) { cn_st128(p, cn_merge_eo(e, o), nt); }
 template <class T>
