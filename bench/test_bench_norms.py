@@ -23,7 +23,7 @@ def _case_inputs(case, llc):
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-def test_norm(benchmark, case, backend_name, threads, machine):
+def test_norm(benchmark, case, backend_name, threads, machine, cpu_level):
     if backend_name == "torch":
         pytest.importorskip("torch")
     else:
@@ -37,6 +37,6 @@ def test_norm(benchmark, case, backend_name, threads, machine):
     _bench.check(first(), want, f"{case.name} [{backend_name}]")
     benchmark.group = case.name
     benchmark.extra_info.update(threads=threads, machine=machine["cpu"], cores=machine["cores"],
-                                bytes=case.nbytes, floor_factor=case.floor_factor)
+                                bytes=case.nbytes, floor_factor=case.floor_factor, cpu_level=cpu_level)
     rounds = 3 if backend_name == "numpy" else (200 if case.latency else 10)
     benchmark.pedantic(call, rounds=rounds, iterations=50 if case.latency else 1, warmup_rounds=1)

