@@ -1,13 +1,18 @@
-"""Render ``python -m cnorm bench``'s JSON as the Markdown table the README shows.
+"""Render ``python -m cnorm bench``'s JSON as the Markdown tables the README shows.
 
     python bench/to_markdown.py bench_results/bench.json
+    python bench/to_markdown.py --levels avx512.json avx2.json baseline.json
+
+With ``--levels``, one report per CPU level (``bench --cpu-capability``): a
+summary line per level, then each level's table in a collapsible block.
 """
 
 import json
+import statistics
 import sys
 
 
-def table(report: dict) -> str:
+def header(report: dict) -> str:
     m = report["machine"]
     per_case = [c["copy_bandwidth_Bps"] / 1e9 for c in report["cases"] if c.get("copy_bandwidth_Bps")]
     bw = (f"copy bandwidth measured in each case's timing rounds {min(per_case):.1f}–{max(per_case):.1f} GB/s"
@@ -15,22 +20,32 @@ def table(report: dict) -> str:
     lv = report.get("cpu_capability") or {}
     level = (f"cnorm at CPU level {lv.get('cnorm')}, PyTorch at {str(lv.get('torch')).upper()}, "
              if lv else "")
+    return f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}."
+
+
+def split_name(case: dict):
+    """(case name without the dtype suffix, dtype)."""
+    name = case["case"]
+    for half in ("bfloat16", "float16"):
+        if name.endswith("-" + half):
+            return name[: -len(half) - 1], half
+    return name, "float32"
+
+
+def table(report: dict) -> str:
     lines = [
-        f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}.",
+        header(report),
         "",
         "| case | dtype | cython ms | torch ms | numpy ms | cython × torch | cython % of floor | torch % of floor |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for case in report["cases"]:
         r = case["results"]
-        name, dtype = case["case"], "float32"
-        for half in ("bfloat16", "float16"):
-            if name.endswith("-" + half):
-                name, dtype = name[: -len(half) - 1], half
+        name, dtype = split_name(case)
         latency = case.get("latency")
 
         def t(b):  # milliseconds; the per-call latency case in microseconds
-            if b not in r:
+            if b not in r or not r[b].get("n"):
                 return "–"
             return f"{r[b]['median_s'] * 1e6:.3g} µs" if latency else f"{r[b]['median_s'] * 1e3:.3g}"
 
@@ -44,6 +59,39 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(report: dict) -> str:
+    """One line: the level, cython against PyTorch over the rows, floor fractions."""
+    ratios = [c["results"]["cython"]["speedup_vs_torch"] for c in report["cases"]
+              if c["results"].get("cython", {}).get("speedup_vs_torch")]
+    floors = [c["results"]["cython"]["floor_fraction"] for c in report["cases"]
+              if c["results"].get("cython", {}).get("floor_fraction")]
+    slowest = min(report["cases"], key=lambda c: c["results"].get("cython", {}).get("speedup_vs_torch") or 1e9)
+    name, dtype = split_name(slowest)
+    lv = report.get("cpu_capability") or {}
+    return (f"| {lv.get('cnorm')} | {str(lv.get('torch')).upper()} | {sum(r >= 1 for r in ratios)} of {len(ratios)} "
+            f"| {min(ratios):.2f} ({name} {dtype}) | {statistics.median(ratios):.2f} | {max(ratios):.2f} "
+            f"| {100 * statistics.median(floors):.0f}% |")
+
+
+def levels(reports: list) -> str:
+    lines = ["| cnorm level | PyTorch level | rows cnorm ≥ PyTorch | slowest × PyTorch | median × | fastest × "
+             "| cnorm median % of floor |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    lines += [summary(r) for r in reports]
+    for r in reports:
+        lv = (r.get("cpu_capability") or {}).get("cnorm")
+        lines += ["", f"<details><summary>CPU level {lv}: every case</summary>", "", table(r), "", "</details>"]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1] if len(sys.argv) > 1 else "bench_results/bench.json") as f:
-        print(table(json.load(f)))
+    args = sys.argv[1:]
+    if args and args[0] == "--levels":
+        reports = []
+        for path in args[1:]:
+            with open(path) as f:
+                reports.append(json.load(f))
+        print(levels(reports))
+    else:
+        with open(args[0] if args else "bench_results/bench.json") as f:
+            print(table(json.load(f)))

@@ -446,10 +446,6 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=No
 _LAYER_NORM_SETUPS: dict = {}
 
 
-def _array_key(a):
-    return None if a is None else (type(a), a.shape, a.dtype)
-
-
 def _shape_key(normalized_shape):
     """``normalized_shape`` as a memo key when it is an int or a tuple of ints.
 
@@ -468,8 +464,10 @@ def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     try:
         # _shape_key's int case inline: no call on the per-token path
         ns = normalized_shape if type(normalized_shape) is int else _shape_key(normalized_shape)
-        key = (registry_generation(), backend, get_backend(), _array_key(x), ns, _array_key(weight),
-               _array_key(bias))
+        # (the array keys inline: a call each was a tenth of a per-token call)
+        key = (registry_generation(), backend, get_backend(), type(x), x.shape, x.dtype, ns,
+               None if weight is None else (type(weight), weight.shape, weight.dtype),
+               None if bias is None else (type(bias), bias.shape, bias.dtype))
         hit = _LAYER_NORM_SETUPS.get(key)
     except (TypeError, AttributeError):  # unhashable or array-less arguments: validate below
         key = hit = None

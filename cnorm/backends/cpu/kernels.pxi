@@ -101,7 +101,6 @@ cdef extern from "cpu/kernels.hpp" nogil:
     int cn_nt_store
     void cn_sfence()
     void cn_stream_copy(const char* src, char* dst, Py_ssize_t n)
-    void cn_prefetch(const void* p, Py_ssize_t nbytes)
     void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)
     void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b)
     void cn_scale_run[T](const T* x, T* y, Py_ssize_t n, float a, float b)

@@ -184,22 +184,14 @@ CN_INLINE double vtotal(VF a, VF b) { return vhsum(vfold(a, b)); }
 CN_INLINE double vtotal(VF a) { return vhsum(vwiden(a)); }
 
 /* ---- memory hints ---- */
-/* bring [p, p + bytes) toward this core ahead of its use: cn_prefetch to
-   L1, cn_prefetch_l2 to L2 only (prefetcht1), for data needed after the
-   current working set, which an L1 prefetch would evict. Hints: no value
-   depends on them. */
+/* bring a line, or [p, p + bytes), toward this core's L2 (prefetcht1) ahead
+   of its use: for data needed after the current working set, which an L1
+   prefetch would evict. Hints: no value depends on them. */
 CN_INLINE void cn_prefetch_line_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, 2);
 #else
     (void)p;
-#endif
-}
-inline void cn_prefetch(const void* p, ptrdiff_t bytes) {
-#if defined(__GNUC__) || defined(__clang__)
-    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
-#else
-    (void)p; (void)bytes;
 #endif
 }
 inline void cn_prefetch_l2(const void* p, ptrdiff_t bytes) {
