@@ -155,7 +155,7 @@ class BuildExt(build_ext):
                 # the vector code says so. -fno-wrapv: Python's CFLAGS carry -fwrapv, under which GCC
                 # no longer unrolls the kernels' counted loops (row sums 10-20% slower from memory).
                 args += LEVEL_FLAGS[kind][level] + (["/fp:precise"] if kind == "msvc" else [
-                    "-ffp-contract=off", "-fno-wrapv", "-fvisibility=hidden", "-Wno-maybe-uninitialized"])
+                    "-ffp-contract=off", "-fno-wrapv", "-fvisibility=hidden"])
                 if level == tuned:
                     args.append("-march=native")
                     print(f"cnorm: level {level} tuned for this machine (-march=native)")

@@ -73,7 +73,7 @@ inline void cn_m2_recentre(ptrdiff_t C, ptrdiff_t nr, const double* m, const flo
    q[C] = M2; ws: 3 C doubles of scratch. */
 template <class T>
 inline int cn_cl_stats_scalar(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
-                       double* CN_RESTRICT q, double* ws) {
+                              double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT a = (float*)ws;
     float* CN_RESTRICT b = a + C;
     float* CN_RESTRICT e = a + 2 * C;
@@ -204,7 +204,7 @@ CN_INLINE void cn_tiles(ptrdiff_t C, F f) {
    0 when a float partial is not finite. */
 template <class T>
 inline int cn_cls_sweep(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, ptrdiff_t slab, const float* CN_RESTRICT ctr,
-                 float* CN_RESTRICT fa, float* CN_RESTRICT fb, double* s1, double* CN_RESTRICT s2) {
+                        float* CN_RESTRICT fa, float* CN_RESTRICT fb, double* s1, double* CN_RESTRICT s2) {
     ptrdiff_t c, r1, rs;
     for (c = 0; c < C; c++) { if (s1) s1[c] = 0.0; s2[c] = 0.0; }
     for (r1 = 0; r1 < nr;) {
@@ -233,7 +233,7 @@ inline int cn_cls_sweep(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, ptrdi
    in double: S(x - mf) = S(x - p) + nr (p - mf). */
 template <class T>
 inline int cn_cl_stats_2p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
-                   double* CN_RESTRICT q, double* ws) {
+                          double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT mf = (float*)ws;
     float* CN_RESTRICT a = mf + C;
     float* CN_RESTRICT e = a + C;
@@ -271,7 +271,7 @@ inline int cn_cl_stats_2p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, dou
    whole block to the two-pass sweep. */
 template <class T>
 inline int cn_cl_stats_1p(const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, double* CN_RESTRICT m,
-                   double* CN_RESTRICT q, double* ws) {
+                          double* CN_RESTRICT q, double* ws) {
     float* CN_RESTRICT pv = (float*)ws;
     float* CN_RESTRICT a = pv + C;
     float* CN_RESTRICT b = a + C;
@@ -346,7 +346,7 @@ CN_INLINE void cn_clg_slab(const T* CN_RESTRICT g, const T* CN_RESTRICT x, ptrdi
    float centre would round it) or a float partial overflowed. */
 template <class T>
 inline int cn_cl_grad(const T* CN_RESTRICT g, const T* CN_RESTRICT x, ptrdiff_t nr, ptrdiff_t C, const double* mu,
-               double* CN_RESTRICT sg, double* CN_RESTRICT sgx, double* CN_RESTRICT sx) {
+                      double* CN_RESTRICT sg, double* CN_RESTRICT sgx, double* CN_RESTRICT sx) {
     float mf[CN_CLG_MAXC], f[3 * CN_CLG_MAXC];
     ptrdiff_t c, r1, rs, slab = cn_slab<T>(C);
     if (C % 16 != 0 || C > CN_CLG_MAXC) return 0;

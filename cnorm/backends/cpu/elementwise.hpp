@@ -108,7 +108,7 @@ inline void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float r
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */
 template <class T>
 inline void cn_ln_dx(const T* g, const T* x, T* dx, ptrdiff_t n, const float* w, float rf, float mh, float ml,
-              float kb, float kc) {
+                     float kb, float kc) {
     const VF vr = vset(rf), vm = vset(mh), vl = vset(ml), vkb = vset(kb), vkc = vset(kc);
     cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v[2];
@@ -131,7 +131,7 @@ CN_INLINE ptrdiff_t cn_wrap(ptrdiff_t c, ptrdiff_t C) {
 }
 template <class T>
 inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
-                     const float* b) {
+                            const float* b) {
     ptrdiff_t c = 0;
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         ptrdiff_t c1 = cn_wrap(c + 16, C);
@@ -143,7 +143,7 @@ inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const fl
 }
 template <class T>
 inline void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
-                   const float* kb, const float* kc) {
+                          const float* kb, const float* kc) {
     ptrdiff_t c = 0;
     cn_sweep(dx, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v[2];

@@ -163,8 +163,8 @@ inline int cn_ln_row_stats(const T* x, ptrdiff_t n, double* mu, double* m2) {
 constexpr ptrdiff_t CN_LNK = 16;
 
 template <class T>
-inline void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN_RESTRICT w, ptrdiff_t n, float mu,
-                 double* swg, double* swgx, double* sx) {
+inline void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN_RESTRICT w, ptrdiff_t n,
+                        float mu, double* swg, double* swgx, double* sx) {
     ptrdiff_t i = 0;
     VF a0 = vzero(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
     const VF vm = vset(mu);
@@ -190,7 +190,7 @@ inline void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const fl
    re-centred swgx, redone in double when a float sum is not finite */
 template <class T>
 inline void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, float mu, double* dl, double* swg,
-                double* swgx) {
+                       double* swgx) {
     double sx;
     cn_lnb_sums(gr, xr, w, cg, mu, swg, swgx, &sx);
     if ((*swg * 0.0 + *swgx * 0.0 + sx * 0.0) != 0.0) {
@@ -263,7 +263,8 @@ CN_INLINE void cn_lnb_tile(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
    finite, the chunk's column sums redone in double */
 template <class T>
 inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t cg, const float* cb,
-                  const float* cw, const double* mk, const double* dk, const double* rk, double* pb, double* pw) {
+                         const float* cw, const double* mk, const double* dk, const double* rk, double* pb,
+                         double* pw) {
     ptrdiff_t i, n, k;
     if (cn_finite_f(cb, cg) && cn_finite_f(cw, cg)) {
         for (i = 0; i < cg; i++) { pb[i] += (double)cb[i]; pw[i] += (double)cw[i]; }
@@ -280,8 +281,8 @@ inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, pt
    to). fb: 2 cg floats of scratch. */
 template <class T>
 inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi,
-                    ptrdiff_t n0, ptrdiff_t n1, const float* mean, const float* rstd, const float* w, double* pw,
-                    double* pb, float* fb) {
+                           ptrdiff_t n0, ptrdiff_t n1, const float* mean, const float* rstd, const float* w, double* pw,
+                           double* pb, float* fb) {
     const ptrdiff_t c0 = gi * cg;
     const double m = (double)cg;
     float* CN_RESTRICT cb = fb;

@@ -31,40 +31,31 @@ namespace {
 constexpr int CN_LANES = 16;
 constexpr ptrdiff_t CN_CHUNK = 512;
 
-/* acc[i % 16] += x[i] - piv */
-template <class T>
-inline void cn_sum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
+/* acc[i % 16] += f(x[i]) over the run */
+template <class T, class F>
+CN_INLINE void cn_lane_run(const T* x, ptrdiff_t n, double* acc, F f) {
     double a[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
     for (j = 0; j < CN_LANES; j++) a[j] = acc[j];
     for (i = 0; i < nv; i += CN_LANES) {
         CN_KEEP_LOOP
-        for (j = 0; j < CN_LANES; j++) a[j] += cn_ldd(x + i + j) - piv;
+        for (j = 0; j < CN_LANES; j++) a[j] += f(cn_ldd(x + i + j));
     }
-    for (j = 0; j < n - nv; j++) a[j] += cn_ldd(x + nv + j) - piv;
+    for (j = 0; j < n - nv; j++) a[j] += f(cn_ldd(x + nv + j));
     for (j = 0; j < CN_LANES; j++) acc[j] = a[j];
+}
+
+/* acc[i % 16] += x[i] - piv */
+template <class T>
+inline void cn_sum_run(const T* x, ptrdiff_t n, double piv, double* acc) {
+    cn_lane_run(x, n, acc, [piv](double v) CN_LAMBDA { return v - piv; });
 }
 
 /* acc[i % 16] += (x[i] - m)^2 */
 template <class T>
 inline void cn_sq_run(const T* x, ptrdiff_t n, double m, double* acc) {
-    double a[CN_LANES];
-    ptrdiff_t i, nv = n - n % CN_LANES;
-    int j;
-    for (j = 0; j < CN_LANES; j++) a[j] = acc[j];
-    for (i = 0; i < nv; i += CN_LANES) {
-        CN_KEEP_LOOP
-        for (j = 0; j < CN_LANES; j++) {
-            double d = cn_ldd(x + i + j) - m;
-            a[j] += d * d;
-        }
-    }
-    for (j = 0; j < n - nv; j++) {
-        double d = cn_ldd(x + nv + j) - m;
-        a[j] += d * d;
-    }
-    for (j = 0; j < CN_LANES; j++) acc[j] = a[j];
+    cn_lane_run(x, n, acc, [m](double v) CN_LAMBDA { double d = v - m; return d * d; });
 }
 
 /* ag += g, agx += g (x - m), ax += x - m, lane-wise */
@@ -226,7 +217,7 @@ inline void cn_wsums(const T* g, const T* x, const P* w, ptrdiff_t n, double m, 
    rows k < rows <= 4 (row k at g + k stride, x + k stride) */
 template <class T>
 inline void cn_colsums(const T* g, const T* x, ptrdiff_t stride, int rows, ptrdiff_t n, const double* m,
-                const double* dl, const double* r, double* pb, double* pw) {
+                       const double* dl, const double* r, double* pb, double* pw) {
     ptrdiff_t i;
     if (rows == 4) {
         const T *g1 = g + stride, *g2 = g + 2 * stride, *g3 = g + 3 * stride;

@@ -13,6 +13,12 @@
                            defined(__AVX512DQ__) && defined(__FMA__) && defined(__F16C__))
 #error "the avx512 level is compiled with the x86-64-v4 feature flags (setup.py)"
 #endif
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC 12 reports the _mm*_undefined_*() operands inside its own AVX-512
+   headers as uninitialized (a false positive of the headers, not of cnorm) */
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #include <math.h>
 #include "../cpuid.h"

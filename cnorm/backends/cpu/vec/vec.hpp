@@ -50,7 +50,10 @@ CN_INLINE VF operator+(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_
 CN_INLINE VF operator-(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_sub(a.v[i], b.v[i]); return a; }
 CN_INLINE VF operator*(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_mul(a.v[i], b.v[i]); return a; }
 /* a*b + c: one rounding where the level has FMA (cn_fma1 is its scalar twin) */
-CN_INLINE VF vfma(VF a, VF b, VF c) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_fma(a.v[i], b.v[i], c.v[i]); return a; }
+CN_INLINE VF vfma(VF a, VF b, VF c) {
+    for (int i = 0; i < CN_K; i++) a.v[i] = nf_fma(a.v[i], b.v[i], c.v[i]);
+    return a;
+}
 /* lanes [m, 16) zeroed */
 CN_INLINE VF vkeep(VF a, ptrdiff_t m) {
     for (int i = 0; i < CN_K; i++) a.v[i] = nf_keep(a.v[i], m - CN_W * i);
