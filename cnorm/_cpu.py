@@ -107,17 +107,13 @@ def _choose(requested: str | None) -> tuple[list[str], str | None]:
                                    f"(compiled: {', '.join(compiled) or 'none'}); using {fallback}")
 
 
-class _State:
-    level: str | None = None      # the level in use
-    error: str | None = None      # why no kernels could be loaded
-    forced: str | None = None     # CNORM_CPU_CAPABILITY, validated
-
-
-K = None  # the kernels module in use (cnorm.backends.cython_backend calls through it)
+K = None  # the kernels module in use (cnorm.backends.cython_backend calls through it); K.LEVEL is its level
+_ERROR = None  # why no kernels module could be loaded
+_FORCED = None  # CNORM_CPU_CAPABILITY, validated
 
 
 def _load(order: list[str]) -> None:
-    global K
+    global K, _ERROR
     errors = []
     for lv in order:
         try:
@@ -125,25 +121,26 @@ def _load(order: list[str]) -> None:
         except ImportError as exc:
             errors.append(f"{lv}: {exc}")
             continue
-        _State.level, _State.error, K = lv, None, mod
+        K, _ERROR = mod, None
         if errors:
             warnings.warn(f"cnorm: kernels of a higher level failed to import ({'; '.join(errors)}); using {lv}",
                           RuntimeWarning, stacklevel=3)
         return
-    _State.level = K = None
+    K = None
     if _cpuinfo is None:
-        _State.error = f"the compiled extension is not built ({_CPUINFO_ERROR})"
+        _ERROR = f"the compiled extension is not built ({_CPUINFO_ERROR})"
     elif not compiled_levels():
-        _State.error = "no kernel level was compiled"
+        _ERROR = "no kernel level was compiled"
     elif not supported_levels():
-        _State.error = "this CPU lacks the instructions of every compiled level (x86-64-v2 at least)"
+        _ERROR = "this CPU lacks the instructions of every compiled level (x86-64-v2 at least)"
     else:
-        _State.error = "; ".join(errors) or "no compiled level is supported by this CPU"
+        _ERROR = "; ".join(errors) or "no compiled level is supported by this CPU"
 
 
 def _init() -> None:
-    _State.forced = _requested()
-    order, why = _choose(_State.forced)
+    global _FORCED
+    _FORCED = _requested()
+    order, why = _choose(_FORCED)
     if why:
         warnings.warn(why, RuntimeWarning, stacklevel=3)
     _load(order)
@@ -162,17 +159,12 @@ def get_cpu_capability() -> str | None:
     >>> cnorm.get_cpu_capability() in ("baseline", "avx2", "avx512")
     True
     """
-    return _State.level
-
-
-def kernels():
-    """The kernels module in use, or None (see :func:`unavailable_reason`)."""
-    return K
+    return None if K is None else K.LEVEL
 
 
 def unavailable_reason() -> str | None:
     """Why no kernels module is loaded, or None."""
-    return None if K is not None else _State.error
+    return None if K is not None else _ERROR
 
 
 def kernel_module(level: str):
@@ -195,12 +187,11 @@ def use_level(level: str):
     if mod is None:
         raise ValueError(f"level: expected one of the levels compiled and supported here "
                          f"({', '.join(usable_levels()) or 'none'}), got {level!r}")
-    saved = (_State.level, K)
-    _State.level, K = level, mod
+    saved, K = K, mod
     try:
         yield mod
     finally:
-        _State.level, K = saved
+        K = saved
 
 
 def usable_levels() -> list[str]:
@@ -214,8 +205,8 @@ def info() -> dict:
     return {
         "cpu_levels_compiled": compiled_levels(),
         "cpu_levels_supported": supported_levels(),
-        "cpu_level": _State.level,
-        "cpu_level_forced": _State.forced,
+        "cpu_level": get_cpu_capability(),
+        "cpu_level_forced": _FORCED,
         "cpu_features": cpu_features(),
         "cpu_avx512_bf16_used": bool(K is not None and K.HW_BF16),
         "cpu_level_error": unavailable_reason(),
