@@ -45,7 +45,7 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
 
 # Flags of each level (GCC/clang; MSVC below). Explicit feature flags rather
 # than -march=x86-64-vN, so that older compilers build them too and the
-# detection (cnorm/backends/cpu/cpuid.h) checks exactly what was enabled.
+# detection (cnorm/backends/cpu/cpu_features.h) checks exactly what was enabled.
 X86_BASELINE = ["-msse3", "-mssse3", "-msse4.1", "-msse4.2", "-mpopcnt"]
 X86_AVX2 = X86_BASELINE + ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mmovbe"]
 X86_AVX512 = X86_AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"]
@@ -79,7 +79,7 @@ PROBE_SOURCE = textwrap.dedent(
 HOST_LEVEL_SOURCE = textwrap.dedent(
     """
     #include <stdio.h>
-    #include "cpuid.h"
+    #include "cpu_features.h"
     int main(void) {
         unsigned f = cn_cpu_features();
         puts((f & CN_LEVEL_AVX512_FEATURES) == CN_LEVEL_AVX512_FEATURES ? "avx512"
@@ -192,7 +192,7 @@ def kernel_sources():
 
 EXTENSIONS = [
     extension("cnorm._openmp", "cnorm/_openmp.pyx"),
-    extension("cnorm._cpuinfo", "cnorm/_cpuinfo.pyx", ["cnorm/backends/cpu/cpuid.h"]),
+    extension("cnorm._cpuinfo", "cnorm/_cpuinfo.pyx", ["cnorm/backends/cpu/cpu_features.h"]),
 ] + [
     extension(f"cnorm.backends._kernels_{lv}", f"cnorm/backends/_kernels_{lv}.pyx", kernel_sources(), level=lv)
     for lv in levels_to_build()

@@ -1,11 +1,11 @@
 # cython: language_level=3
 """What this CPU and operating system support, for choosing a kernel level.
 
-Compiled without instruction-set flags (see cnorm/backends/cpu/cpuid.h): it
+Compiled without instruction-set flags (see cnorm/backends/cpu/cpu_features.h): it
 runs before a level is chosen, on any x86-64 CPU.
 """
 
-cdef extern from "backends/cpu/cpuid.h":
+cdef extern from "backends/cpu/cpu_features.h":
     unsigned int cn_cpu_features()
     int CN_X86
     unsigned int CN_LEVEL_BASELINE_FEATURES

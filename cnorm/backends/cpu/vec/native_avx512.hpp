@@ -21,7 +21,7 @@
 #endif
 #include <immintrin.h>
 #include <math.h>
-#include "../cpuid.h"
+#include "../cpu_features.h"
 
 #define CN_VEC_LEVEL "avx512"
 #define CN_VEC_FMA 1   /* nf_fma is one rounding */

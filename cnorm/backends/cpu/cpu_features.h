@@ -11,8 +11,8 @@
    promise to save their registers on a context switch (XCR0 via xgetbv):
    a CPU with AVX-512 under an OS that does not enable the opmask/ZMM state
    must not run AVX-512 code. */
-#ifndef CN_CPUID_H
-#define CN_CPUID_H
+#ifndef CN_CPU_FEATURES_H
+#define CN_CPU_FEATURES_H
 #include <stdint.h>
 
 enum {
