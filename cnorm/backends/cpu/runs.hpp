@@ -58,9 +58,10 @@ inline void cn_sq_run(const T* x, ptrdiff_t n, double m, double* acc) {
     cn_lane_run(x, n, acc, [m](double v) CN_LAMBDA { double d = v - m; return d * d; });
 }
 
-/* ag += g, agx += g (x - m), ax += x - m, lane-wise */
-template <class T>
-inline void cn_grad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
+/* ag += w(i) g, agx += w(i) g (x - m), ax += x - m, lane-wise */
+template <class T, class W>
+CN_INLINE void cn_lane_grad_run(const T* g, const T* x, ptrdiff_t n, double m, W w, double* ag, double* agx,
+                                double* ax) {
     double a[CN_LANES], b[CN_LANES], c[CN_LANES];
     ptrdiff_t i, nv = n - n % CN_LANES;
     int j;
@@ -68,15 +69,21 @@ inline void cn_grad_run(const T* g, const T* x, ptrdiff_t n, double m, double* a
     for (i = 0; i < nv; i += CN_LANES) {
         CN_KEEP_LOOP
         for (j = 0; j < CN_LANES; j++) {
-            double gv = cn_ldd(g + i + j), d = cn_ldd(x + i + j) - m;
-            a[j] += gv; b[j] += gv * d; c[j] += d;
+            double wg = w(i + j) * cn_ldd(g + i + j), d = cn_ldd(x + i + j) - m;
+            a[j] += wg; b[j] += wg * d; c[j] += d;
         }
     }
     for (j = 0; j < n - nv; j++) {
-        double gv = cn_ldd(g + nv + j), d = cn_ldd(x + nv + j) - m;
-        a[j] += gv; b[j] += gv * d; c[j] += d;
+        double wg = w(nv + j) * cn_ldd(g + nv + j), d = cn_ldd(x + nv + j) - m;
+        a[j] += wg; b[j] += wg * d; c[j] += d;
     }
     for (j = 0; j < CN_LANES; j++) { ag[j] = a[j]; agx[j] = b[j]; ax[j] = c[j]; }
+}
+
+/* ag += g, agx += g (x - m), ax += x - m, lane-wise */
+template <class T>
+inline void cn_grad_run(const T* g, const T* x, ptrdiff_t n, double m, double* ag, double* agx, double* ax) {
+    cn_lane_grad_run(g, x, n, m, [](ptrdiff_t) CN_LAMBDA { return 1.0; }, ag, agx, ax);
 }
 
 /* acc[0..16) += d */
@@ -195,22 +202,7 @@ inline void cn_hgrad_run(const T* g, const T* x, ptrdiff_t n, double m, double* 
 /* awg += w g, awgx += w g (x - m), ax += x - m, lane-wise */
 template <class T, class P>
 inline void cn_wsums(const T* g, const T* x, const P* w, ptrdiff_t n, double m, double* awg, double* awgx, double* ax) {
-    double a[CN_LANES], b[CN_LANES], c[CN_LANES];
-    ptrdiff_t i, nv = n - n % CN_LANES;
-    int j;
-    for (j = 0; j < CN_LANES; j++) { a[j] = awg[j]; b[j] = awgx[j]; c[j] = ax[j]; }
-    for (i = 0; i < nv; i += CN_LANES) {
-        CN_KEEP_LOOP
-        for (j = 0; j < CN_LANES; j++) {
-            double wg = (double)w[i + j] * cn_ldd(g + i + j), d = cn_ldd(x + i + j) - m;
-            a[j] += wg; b[j] += wg * d; c[j] += d;
-        }
-    }
-    for (j = 0; j < n - nv; j++) {
-        double wg = (double)w[nv + j] * cn_ldd(g + nv + j), d = cn_ldd(x + nv + j) - m;
-        a[j] += wg; b[j] += wg * d; c[j] += d;
-    }
-    for (j = 0; j < CN_LANES; j++) { awg[j] = a[j]; awgx[j] = b[j]; ax[j] = c[j]; }
+    cn_lane_grad_run(g, x, n, m, [w](ptrdiff_t i) CN_LAMBDA { return (double)w[i]; }, awg, awgx, ax);
 }
 
 /* pb[i] += Σ_k g_k[i], pw[i] += Σ_k g_k[i] (x_k[i] - m[k] - dl[k]) r[k] over
