@@ -11,11 +11,21 @@
    cn_sfence() on every thread that stored, before the output is read. */
 #ifndef CN_ELEMENTWISE_HPP
 #define CN_ELEMENTWISE_HPP
+#include <atomic>
 #include "vec/vec.hpp"
 
 namespace {
 
-int cn_nt_store = 0;   /* set per call by the Python wrappers (a hint: any value is correct) */
+/* Set per call by the Python wrappers. Concurrent calls from several Python
+   threads may overwrite each other's value: that is harmless because it is
+   only a hint (both store paths write the same values) and every parallel
+   region fences its own thread's streaming stores unconditionally before the
+   join. It is atomic (relaxed: a plain load and store on x86) so that the
+   sharing is not a data race, which C++ would leave undefined. */
+std::atomic<int> cn_nt_store{0};
+
+CN_INLINE void cn_set_nt_store(int on) { cn_nt_store.store(on, std::memory_order_relaxed); }
+CN_INLINE bool cn_nt_hint() { return cn_nt_store.load(std::memory_order_relaxed) != 0; }
 
 /* Runs shorter than this keep ordinary stores: a head to the line boundary
    would cost more than streaming saves. */
@@ -35,7 +45,7 @@ CN_INLINE ptrdiff_t cn_head(const T* y, ptrdiff_t n) {
    tail (nt false). */
 template <class T, class F>
 CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f) {
-    const bool nt = cn_nt_store && n >= CN_NT_MIN;
+    const bool nt = cn_nt_hint() && n >= CN_NT_MIN;
     ptrdiff_t i = 0, h = nt ? cn_head(y, n) : 0;
     while (i < h) {
         ptrdiff_t m = h - i < 32 ? h - i : 32;

@@ -98,7 +98,7 @@ cdef extern from "cpu/kernels.hpp" nogil:
                       double* sgx, double* sx)
 
     # elementwise.hpp: the sweeps, streaming stores, memory hints
-    int cn_nt_store
+    void cn_set_nt_store(int on)
     void cn_sfence()
     void cn_stream_copy(const char* src, char* dst, Py_ssize_t n)
     void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)

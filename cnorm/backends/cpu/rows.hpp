@@ -308,7 +308,7 @@ inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
         /* pass B: a head to dx's first line boundary (streaming stores fill
            whole lines), whole tiles, then single vectors (whole lines only for
            float32) */
-        const bool nt = cn_nt_store && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
+        const bool nt = cn_nt_hint() && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
         T* dxo = dx == NULL ? (T*)NULL : dx + off0;
         ptrdiff_t c = 0, h = nt ? cn_head(dxo, cg) : 0;
         const ptrdiff_t pf = CN_LNK * C;

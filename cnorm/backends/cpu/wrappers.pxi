@@ -87,8 +87,7 @@ cdef int _dtype_num(x) except -1:
 
 cdef inline void _stream(Py_ssize_t out_bytes) noexcept:
     """Choose streaming stores for this call's output (a hint: any value is correct)."""
-    global cn_nt_store
-    cn_nt_store = 1 if out_bytes >= NT_BYTES else 0
+    cn_set_nt_store(1 if out_bytes >= NT_BYTES else 0)
 
 
 cdef inline int _pnum(int dt) noexcept:
