@@ -18,10 +18,19 @@ def type_name(a) -> str:
 
 
 def check_array(name: str, a, backend, ndim_min: int = 1):
-    """Check that ``a`` is an array of ``backend``'s type with a supported floating dtype."""
+    """Check that ``a`` is an array of ``backend``'s type with a supported floating dtype.
+
+    Returns ``a``, or its copy in native byte order when it has a supported
+    dtype in the other order (``>f4`` on a little-endian machine): like a
+    NumPy ufunc, a norm computes on such data and returns native-order results.
+    Callers use the returned array.
+    """
     if not backend.accepts(a):
         hint = ""
-        if type(a).__module__.split(".")[0] == "cupy":
+        if isinstance(a, np.ma.MaskedArray):
+            hint = ("; a masked array's mask would be ignored (masked values would enter the statistics): "
+                    "pass x.filled(value), or the unmasked values, as a numpy.ndarray")
+        elif type(a).__module__.split(".")[0] == "cupy":
             hint = "; pass backend='cupy' (or 'auto') for device arrays, or move it with .get()"
         elif type(a).__module__.split(".")[0] == "torch":
             hint = "; convert it with .numpy() (CPU) or use cupy.asarray (CUDA)"
@@ -33,8 +42,11 @@ def check_array(name: str, a, backend, ndim_min: int = 1):
         )
     dtypes = backend.supported_dtypes()
     if a.dtype not in dtypes:
-        names = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name}: expected a floating array of dtype {names}, got dtype {a.dtype}")
+        if not a.dtype.isnative and a.dtype.newbyteorder("=") in dtypes:
+            a = a.astype(a.dtype.newbyteorder("="))  # one copy; the kernels read native values
+        else:
+            names = ", ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name}: expected a floating array of dtype {names}, got dtype {a.dtype}")
     if a.ndim < ndim_min:
         raise ValueError(f"{name}: expected at least {ndim_min} dimensions, got shape {tuple(a.shape)}")
     return a
@@ -56,8 +68,12 @@ def check_param(name: str, a, shape: tuple, backend):
     return a
 
 
-def check_running(running_mean, running_var, shape: tuple, backend, required: bool, why: str):
-    """Check the running buffers: both or neither, right shape, writable."""
+def check_running(running_mean, running_var, shape: tuple, backend, required: bool, why: str,
+                  updated: bool = True):
+    """Check the running buffers: both or neither, right shape, writable when ``updated``.
+
+    In eval mode they are only read, so read-only buffers are fine there.
+    """
     check_param("running_mean", running_mean, shape, backend)
     check_param("running_var", running_var, shape, backend)
     if (running_mean is None) != (running_var is None):
@@ -67,7 +83,7 @@ def check_running(running_mean, running_var, shape: tuple, backend, required: bo
         raise ValueError(f"running_mean, running_var: required {why}, got None")
     for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
         # CuPy arrays have no writeable flag: device memory is always writable.
-        if buf is not None and not getattr(buf.flags, "writeable", True):
+        if updated and buf is not None and not getattr(buf.flags, "writeable", True):
             raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
 
 
@@ -76,9 +92,26 @@ def check_eps(eps) -> float:
         return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a real number, got {type_name(eps)}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
-    return float(eps)
+    try:
+        value = float(eps)
+    except OverflowError:  # an int (or Fraction...) beyond the float range
+        value = math.inf
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"eps: expected a finite number >= 0, got {short_repr(eps)}")
+    return value
+
+
+def short_repr(value) -> str:
+    """``str(value)`` for a message, shortened for huge numbers (str() of an int over
+    4300 digits even raises)."""
+    try:
+        text = str(value)
+    except ValueError:
+        text = ""
+    if text and len(text) <= 40:
+        return text
+    return f"{text[:12]}... ({type_name(value)}, beyond the float range)" if text else \
+        f"a number beyond the float range ({type_name(value)})"
 
 
 def check_momentum(momentum) -> float:
@@ -90,7 +123,7 @@ def check_momentum(momentum) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum: expected a real number in [0, 1], got {type_name(momentum)}")
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a number in [0, 1], got {momentum}")
+        raise ValueError(f"momentum: expected a number in [0, 1], got {short_repr(momentum)}")
     return float(momentum)
 
 
@@ -108,7 +141,7 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     except TypeError:
         raise TypeError(f"{name}: expected an int, got {type_name(value)}") from None
     if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {short_repr(value)}")
     return value
 
 
@@ -147,8 +180,8 @@ def check_normalized_shape(normalized_shape, x_shape: tuple) -> tuple:
 
 
 def check_like(name: str, a, x, backend):
-    """Check that ``a`` (dy) matches x's type, shape and dtype."""
-    check_array(name, a, backend)
+    """Check that ``a`` (dy) matches x's type, shape and dtype; returns it as check_array does."""
+    a = check_array(name, a, backend)
     if tuple(a.shape) != tuple(x.shape):
         raise ValueError(f"{name}: expected shape {tuple(x.shape)} (that of x), got {tuple(a.shape)}")
     if a.dtype != x.dtype:

@@ -407,7 +407,7 @@ class _Local:
     def __init__(self, x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend,
                  declared):
         be = resolve(backend, (x, weight, bias, running_mean, running_var))
-        v.check_array("x", x, be, ndim_min=2)
+        x = v.check_array("x", x, be, ndim_min=2)
         axis = v.check_channel_axis(channel_axis, x.ndim)
         self.c_x = x.shape[axis]
         if declared is not None and self.c_x != declared:
@@ -415,7 +415,7 @@ class _Local:
                 f"x: expected {declared} channels on channel_axis={channel_axis} (the channel count every "
                 f"rank uses), got shape {tuple(x.shape)}"
             )
-        be, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
+        be, x, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
         v.check_running(running_mean, running_var, (c,), be, required=False, why="")
         self.eps, self.momentum = v.check_eps(eps), v.check_momentum(momentum)
         self.be, self.c = be, c
@@ -619,7 +619,7 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
     p, c = saved.problem, saved.problem.c
     sd = stats_dtype(saved.dtype)
     if saved.count == 0:  # known on every rank: nothing to exchange
-        be = _check_backward("sync_batch_norm", dy, x, saved, weight)
+        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight)
         zeros = be.xp.zeros(c, dtype=sd)
         return (be.xp.zeros_like(x), None if weight is None else zeros,
                 zeros.copy() if saved.has_bias else None)
@@ -627,7 +627,7 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
 
     error = None
     try:
-        be = _check_backward("sync_batch_norm", dy, x, saved, weight)
+        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight)
         xp = be.xp
         x3 = dy3 = None
         if p.n * p.s:

@@ -144,20 +144,20 @@ def _check_backward(norm: str, dy, x, saved: Saved, weight):
     if saved.norm != norm:
         raise ValueError(f"saved: expected the result of {norm}_forward, got one of {saved.norm}_forward")
     be = get_backend_instance(saved.backend)
-    v.check_array("x", x, be)
+    x = v.check_array("x", x, be)
     if tuple(x.shape) != saved.view.shape or x.dtype != saved.dtype:
         raise ValueError(
             f"x: expected the forward input's shape {saved.view.shape} and dtype {saved.dtype}, "
             f"got shape {tuple(x.shape)} and dtype {x.dtype}"
         )
-    v.check_like("dy", dy, x, be)
+    dy = v.check_like("dy", dy, x, be)
     v.check_param("weight", weight, saved.param_shape, be)
-    return be
+    return be, dy, x
 
 
 def _backward(norm: str, dy, x, saved: Saved, weight):
     """Shared backward: validation, view, backend call, parameter gradients."""
-    be = _check_backward(norm, dy, x, saved, weight)
+    be, dy, x = _check_backward(norm, dy, x, saved, weight)
     p, xp = saved.problem, be.xp
     sd = stats_dtype(x.dtype)
     if x.size == 0 or p.group_size == 0:
@@ -178,12 +178,12 @@ def _backward(norm: str, dy, x, saved: Saved, weight):
 def _channel_setup(x, weight, bias, channel_axis, backend, extra=()):
     """Resolve the backend and validate x and the per-channel parameters."""
     be = resolve(backend, (x, weight, bias, *extra))
-    v.check_array("x", x, be, ndim_min=2)
+    x = v.check_array("x", x, be, ndim_min=2)
     axis = v.check_channel_axis(channel_axis, x.ndim)
     c = x.shape[axis]
     v.check_param("weight", weight, (c,), be)
     v.check_param("bias", bias, (c,), be)
-    return be, axis, c
+    return be, x, axis, c
 
 
 # -- BatchNorm ---------------------------------------------------------------------
@@ -229,9 +229,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y, saved = cnorm.batch_norm_forward(x)
     >>> dx, dw, db = cnorm.batch_norm_backward(np.ones_like(y), x, saved)
     """
-    be, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
+    be, x, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
     training = v.check_bool("training", training)
-    v.check_running(running_mean, running_var, (c,), be, required=not training, why="when training=False")
+    v.check_running(running_mean, running_var, (c,), be, required=not training, why="when training=False",
+                    updated=training)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
     p = _problem(view, 0)
@@ -319,10 +320,10 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     >>> bool(np.allclose(y.mean(axis=(2, 3)), 0))
     True
     """
-    be, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
+    be, x, axis, c = _channel_setup(x, weight, bias, channel_axis, backend, (running_mean, running_var))
     use_input_stats = v.check_bool("use_input_stats", use_input_stats)
     v.check_running(running_mean, running_var, (c,), be, required=not use_input_stats,
-                    why="when use_input_stats=False")
+                    why="when use_input_stats=False", updated=use_input_stats)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
     p = _problem(view, c)
@@ -380,7 +381,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
     >>> saved.mean.shape
     (2, 2)
     """
-    be, axis, c = _channel_setup(x, weight, bias, channel_axis, backend)
+    be, x, axis, c = _channel_setup(x, weight, bias, channel_axis, backend)
     groups = v.check_int("num_groups", num_groups)
     if c % groups:
         raise ValueError(f"num_groups: expected a divisor of the {c} channels, got {groups}")
@@ -430,14 +431,18 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     >>> bool(np.allclose(y.std(axis=1), 1, atol=1e-4))
     True
     """
-    be, shape, view, p = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    be, shape, view, p, xn = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    if xn is not None:
+        x = xn
     y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))
     return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
     """Layer normalization; :func:`layer_norm_forward` without the saved state."""
-    be, _, view, p = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    be, _, view, p, xn = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
+    if xn is not None:
+        x = xn
     return _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))[0]
 
 
@@ -460,7 +465,10 @@ def _shape_key(normalized_shape):
 
 
 def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
-    """Validate a LayerNorm call; return (backend, normalized_shape, view, problem)."""
+    """Validate a LayerNorm call; return (backend, normalized_shape, view, problem, xn).
+
+    ``xn`` is None, or the native-byte-order copy of x to compute on.
+    """
     try:
         # _shape_key's int case inline: no call on the per-token path
         ns = normalized_shape if type(normalized_shape) is int else _shape_key(normalized_shape)
@@ -474,12 +482,14 @@ def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     if hit is not None:
         return hit
     be = resolve(backend, (x, weight, bias))
-    v.check_array("x", x, be)
+    xn = v.check_array("x", x, be)
     shape = v.check_normalized_shape(normalized_shape, tuple(x.shape))
     v.check_param("weight", weight, shape, be)
     v.check_param("bias", bias, shape, be)
     view = row_view(tuple(x.shape), len(shape))
-    setup = (be, shape, view, _problem(view, 1))
+    if xn is not x:  # converted to native byte order: the caller computes on the copy (never memoized)
+        return be, shape, view, _problem(view, 1), xn
+    setup = (be, shape, view, _problem(view, 1), None)
     if key is not None and len(_LAYER_NORM_SETUPS) < 4096:
         _LAYER_NORM_SETUPS[key] = setup
     return setup

@@ -100,8 +100,10 @@ class Backend:
 
     # -- array-type contract -------------------------------------------------
     def accepts(self, a) -> bool:
-        """True when ``a`` is an array this backend computes on."""
-        return isinstance(a, np.ndarray)
+        """True when ``a`` is an array this backend computes on.
+
+        Masked arrays are not: the kernels would ignore the mask."""
+        return type(a) is np.ndarray or (isinstance(a, np.ndarray) and not isinstance(a, np.ma.MaskedArray))
 
     def describe_expected(self) -> str:
         """Human words for the array type this backend takes."""

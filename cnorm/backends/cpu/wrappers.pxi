@@ -51,9 +51,28 @@ cdef int _check(x, int dt, Py_ssize_t size, str name) except -1:
     return 0
 
 
-cdef int _writable(x, str name) except -1:
-    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>x):
+cdef object _in(x, int dt, Py_ssize_t size, str name):
+    """Check an input; return it, or an aligned copy in native byte order.
+
+    The kernels load values with aligned, native-order loads: a byte-swapped
+    array (``>f4`` on x86) would be misread, and an unaligned one is undefined
+    behaviour in C. Both are rare, so they cost one copy rather than a slower
+    kernel."""
+    _check(x, dt, size, name)
+    if cnp.PyArray_ISBEHAVED_RO(<cnp.ndarray>x):
+        return x
+    return np.array(x, dtype=x.dtype.newbyteorder("="), order="C", copy=True)
+
+
+cdef int _out(x, int dt, Py_ssize_t size, str name) except -1:
+    """Check an output the kernels write: as _check, writable, aligned, native byte order."""
+    _check(x, dt, size, name)
+    cdef cnp.ndarray a = x
+    if not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError(f"{name}: output array is read-only")
+    if not cnp.PyArray_ISBEHAVED(a):
+        raise ValueError(f"{name}: expected an aligned output array in native byte order, "
+                         f"got dtype {x.dtype} (aligned: {bool(cnp.PyArray_ISALIGNED(a))})")
     return 0
 
 
@@ -179,15 +198,14 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
-    _check(x, dt, size, "x")
+    x = _in(x, dt, size, "x")
     if y is not None:
-        _check(y, dt, size, "y")
-        _writable(y, "y")
-    _check(weight, pt, C, "weight")
-    _check(bias, pt, C, "bias")
-    _check(mean, pt, C, "mean")
-    _check(var, pt, C, "var")
-    _check(rstd, pt, C, "rstd")
+        _out(y, dt, size, "y")
+    weight = _in(weight, pt, C, "weight")
+    bias = _in(bias, pt, C, "bias")
+    _out(mean, pt, C, "mean")
+    _out(var, pt, C, "var")
+    _out(rstd, pt, C, "rstd")
     cdef cnp.ndarray part, kk = _empty1(3 * C + 3 * (C + 16), pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
@@ -261,21 +279,20 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
-    _check(dy, dt, size, "dy")
-    _check(x, dt, size, "x")
+    dy = _in(dy, dt, size, "dy")
+    x = _in(x, dt, size, "x")
     if mode != MODE_SUMS:
-        _check(dx, dt, size, "dx")
-        _writable(dx, "dx")
-    _check(mean, pt, C, "mean")
-    _check(rstd, pt, C, "rstd")
-    _check(weight, pt, C, "weight")
+        _out(dx, dt, size, "dx")
+    mean = _in(mean, pt, C, "mean")
+    rstd = _in(rstd, pt, C, "rstd")
+    weight = _in(weight, pt, C, "weight")
     if mode == MODE_APPLY:
-        _check(mean_dy, pt, C, "mean_dy")
-        _check(mean_dy_xhat, pt, C, "mean_dy_xhat")
+        mean_dy = _in(mean_dy, pt, C, "mean_dy")
+        mean_dy_xhat = _in(mean_dy_xhat, pt, C, "mean_dy_xhat")
         out_a = out_b = _empty1(C, pt)  # not written
     else:
-        _check(out_a, pt, C, "out_a")
-        _check(out_b, pt, C, "out_b")
+        _out(out_a, pt, C, "out_a")
+        _out(out_b, pt, C, "out_b")
         mean_dy = mean_dy_xhat = mean  # not read
     cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C + 4 * (C + 16), pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
@@ -357,14 +374,13 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
-    _check(x, dt, size, "x")
-    _check(y, dt, size, "y")
-    _writable(y, "y")
-    _check(weight, pt, C, "weight")
-    _check(bias, pt, C, "bias")
-    _check(mean, pt, N * G, "mean")
-    _check(var, pt, N * G, "var")
-    _check(rstd, pt, N * G, "rstd")
+    x = _in(x, dt, size, "x")
+    _out(y, dt, size, "y")
+    weight = _in(weight, pt, C, "weight")
+    bias = _in(bias, pt, C, "bias")
+    _out(mean, pt, N * G, "mean")
+    _out(var, pt, N * G, "var")
+    _out(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
@@ -409,14 +425,13 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
-    _check(dy, dt, size, "dy")
-    _check(x, dt, size, "x")
+    dy = _in(dy, dt, size, "dy")
+    x = _in(x, dt, size, "x")
     if dx is not None:
-        _check(dx, dt, size, "dx")
-        _writable(dx, "dx")
-    _check(weight, pt, C, "weight")
-    _check(mean, pt, N * G, "mean")
-    _check(rstd, pt, N * G, "rstd")
+        _out(dx, dt, size, "dx")
+    weight = _in(weight, pt, C, "weight")
+    mean = _in(mean, pt, N * G, "mean")
+    rstd = _in(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     cl = cl and S > 1
@@ -462,13 +477,13 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
 
 
 cdef inline bint _vector_of(object a, int t1, int t2, Py_ssize_t c):
-    """a is a C-contiguous 1-D ndarray of c values of dtype number t1 or t2."""
+    """a is a C-contiguous, aligned, native-order 1-D ndarray of c values of dtype number t1 or t2."""
     if not isinstance(a, cnp.ndarray):
         return False
     cdef cnp.ndarray arr = a
     cdef int t = cnp.PyArray_TYPE(arr)
     return (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_DIMS(arr)[0] == c and cnp.PyArray_IS_C_CONTIGUOUS(arr)
-            and (t == t1 or t == t2))
+            and cnp.PyArray_ISBEHAVED_RO(arr) and (t == t1 or t == t2))
 
 
 cdef inline double _ld64(const void* p, int dt, Py_ssize_t i) noexcept nogil:
@@ -488,7 +503,8 @@ def fold_frozen(mean, var, weight, bias, double eps):
     in double: ``rstd = 1/sqrt(var + eps)``, ``scale = weight·rstd``, ``shift =
     bias - mean·scale``; None unless weight and bias are C-contiguous float32 or
     float64 vectors of one dtype and mean and var C-contiguous float32 or float64
-    vectors of their length (the caller then computes them otherwise)."""
+    vectors of their length, all aligned and in native byte order (the caller
+    then computes them otherwise)."""
     if not isinstance(weight, cnp.ndarray):
         return None
     cdef int pt = cnp.PyArray_TYPE(<cnp.ndarray>weight)
@@ -524,11 +540,10 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
-    _check(x, dt, size, "x")
-    _check(y, dt, size, "y")
-    _writable(y, "y")
-    _check(scale, pt, C, "scale")
-    _check(shift, pt, C, "shift")
+    x = _in(x, dt, size, "x")
+    _out(y, dt, size, "y")
+    scale = _in(scale, pt, C, "scale")
+    shift = _in(shift, pt, C, "shift")
     cl = cl or S == 1
     cdef int t = _nthreads(size, N * S if cl else N * C, nt)
     cdef void* px = ptr(x)
@@ -556,6 +571,8 @@ def parallel_copy(src, dst, int nt):
     cdef cnp.ndarray s = src, d = dst
     if not (cnp.PyArray_IS_C_CONTIGUOUS(s) and cnp.PyArray_IS_C_CONTIGUOUS(d)) or s.nbytes != d.nbytes:
         raise ValueError("src, dst: expected C-contiguous arrays of equal size")
+    if not cnp.PyArray_ISWRITEABLE(d):
+        raise ValueError("dst: output array is read-only")
     cdef Py_ssize_t n = s.nbytes
     cdef char* ps = <char*>ptr(s)
     cdef char* pd = <char*>ptr(d)
