@@ -15,16 +15,24 @@ except ImportError as exc:  # the package still works, on the NumPy backend
 
 
 def get_num_threads() -> int:
-    """Return how many threads the next CPU kernel call will use.
+    """Return how many threads the next CPU kernel call from this thread will use.
 
-    Reads ``omp_get_max_threads()`` now, so a ``threadpoolctl.threadpool_limits``
-    block applies, capped by :func:`set_num_threads`. 1 without OpenMP.
+    Without :func:`set_num_threads`: ``omp_get_max_threads()`` read now in the
+    calling thread (``OMP_NUM_THREADS``, else the CPU count), so a
+    ``threadpoolctl.threadpool_limits`` block applies. After ``set_num_threads(n)``:
+    n in every Python thread, unless the calling thread has a lower OpenMP limit
+    set in it (a ``threadpool_limits`` block below n that differs from the
+    OpenMP default). 1 without OpenMP.
     """
     return _openmp.get_num_threads() if _openmp is not None else 1
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads cnorm's CPU kernels use.
+    """Set the number of threads cnorm's CPU kernels use, process-wide.
+
+    The count holds in every Python thread, those started later included; a
+    ``threadpoolctl.threadpool_limits`` block that sets a lower limit in a
+    thread still lowers it there (see :func:`get_num_threads`).
 
     Parameters
     ----------
@@ -33,8 +41,10 @@ def set_num_threads(n: int) -> None:
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n: expected an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n: expected a positive thread count, got {n}")
+    if not 1 <= n <= 2**31 - 1:
+        from ._validate import short_repr
+
+        raise ValueError(f"n: expected a positive thread count below 2**31, got {short_repr(n)}")
     if _openmp is not None:
         _openmp.set_num_threads(n)
 

@@ -29,10 +29,15 @@ cdef extern from *:
     void cnorm_omp_set_threads(int n) nogil
     int cnorm_omp_version() nogil
 
-# The process-wide cap set by set_num_threads (0: none). omp_set_num_threads
-# only changes the calling thread's ICV; this cap also reaches kernels called
+# The process-wide count set by set_num_threads (0: none). omp_set_num_threads
+# only changes the calling thread's ICV (a thread started later begins with
+# the default), so this count, not the ICV, is what reaches kernels called
 # from other Python threads.
 cdef int _user_cap = 0
+# The OpenMP default every thread starts with (OMP_NUM_THREADS, else the
+# number of CPUs): a calling thread whose ICV differs has a limit set in it
+# (threadpoolctl's threadpool_limits, or omp_set_num_threads by some library).
+cdef int _initial_icv = cnorm_omp_max_threads()
 
 
 def openmp_enabled():
@@ -51,19 +56,26 @@ def openmp_flags():
 
 
 def get_num_threads():
-    """Return the number of threads the next kernel call will use.
+    """Return the number of threads the next kernel call from this thread will use.
 
-    This is ``omp_get_max_threads()`` read now (so a ``threadpoolctl`` limit
-    applies), capped by :func:`set_num_threads`.
+    Without :func:`set_num_threads`: ``omp_get_max_threads()`` read now in the
+    calling thread (``OMP_NUM_THREADS``, else the CPU count; a ``threadpoolctl``
+    limit in force in this thread applies). After ``set_num_threads(n)``: n,
+    in every thread, except where the calling thread has a lower limit set in
+    it (an ICV that differs from the process default and is below n). A limit
+    equal to the default cannot be told from no limit, so it does not lower n.
     """
-    cdef int n = cnorm_omp_max_threads()
-    if _user_cap > 0 and _user_cap < n:
+    cdef int icv = cnorm_omp_max_threads()
+    cdef int n = icv
+    if _user_cap > 0:
         n = _user_cap
+        if icv != _initial_icv and icv < n:
+            n = icv
     return n if n > 0 else 1
 
 
 def set_num_threads(int n):
-    """Set the number of threads cnorm's kernels use.
+    """Set the number of threads cnorm's kernels use, in every Python thread.
 
     Parameters
     ----------
@@ -74,4 +86,4 @@ def set_num_threads(int n):
     if n < 1:
         raise ValueError(f"n: expected a positive thread count, got {n}")
     _user_cap = n
-    cnorm_omp_set_threads(n)
+    cnorm_omp_set_threads(n)  # this thread's ICV too, for OpenMP code outside cnorm that reads it

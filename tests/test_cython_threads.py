@@ -13,6 +13,8 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
+import threading
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -269,6 +271,32 @@ def test_thread_limits_are_honoured(restore_threads):
     xs, _, ws, bs = _data(small, np.float32)
     K.forward_train(xs, small, ws, bs, 1e-5)
     assert _cpu.K.last_threads() == 1
+
+
+def test_set_num_threads_is_process_wide(restore_threads):
+    """set_num_threads holds in threads other than the caller's, above the OpenMP
+    default as well as below it; a lower threadpoolctl limit in a thread still
+    lowers it there."""
+    p = Problem("cf", 8, 16, 4096)
+    x, _, w, b = _data(p, np.float32)
+    seen = {}
+
+    def call(tag, limit=None):
+        def body():
+            with threadpool_limits(limits=limit, user_api="openmp"):  # None: no limit
+                K.forward_train(x, p, w, b, 1e-5)
+                seen[tag] = (_cpu.K.last_threads(), cnorm.get_num_threads())
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+
+    default = cnorm.get_num_threads()
+    for n in (1, default + 2):
+        cnorm.set_num_threads(n)
+        call(n)
+        assert seen[n] == (n, n), f"set_num_threads({n}) in the main thread; another thread used {seen[n]}"
+    call("limited", limit=1)
+    assert seen["limited"] == (1, 1)
 
 
 def test_concurrent_calls_from_python_threads(restore_threads):
