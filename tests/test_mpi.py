@@ -135,6 +135,38 @@ def test_bad_input_on_one_rank_fails_every_rank(mpiexec, n, tmp_path):
                 assert got["peer"] and f"rank {bad} of {n}" in got["message"], got
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_ranks_disagreeing_with_each_other_all_raise(mpiexec, n, tmp_path):
+    """One rank's arguments are consistent but disagree with the others' (4 channels where they have 3, in
+    a functional forward with running statistics, one without any parameter, a layer, a backward of
+    another forward; a backward where the others run a forward). Collectives of different sizes made
+    MPICH abort the job ("Message truncated") after the 4-channel rank had returned wrong output and
+    running statistics; now the handshake finds it: the odd rank (rank 1 of 2: rank 0 is the reference;
+    rank 0 of 3: the majority is) raises a ValueError, the others a PeerError naming it, no running
+    statistic or gradient changes, and the next call works."""
+    results = launch(mpiexec, n, "mismatch", tmp_path, timeout=60)
+    odd = 1 if n == 2 else 0
+    channels = "x: expected 3 channels on every rank"
+    expected = {"forward": channels, "forward-unpinned": channels, "layer": channels,
+                "backward": f"saved: rank {odd} of {n} differentiates its synchronized forward call",
+                "out-of-step": f"rank {odd} of {n} is out of step with the others"}
+    for r in results:
+        calls = r["calls"]
+        assert calls.pop("odd") == odd
+        assert set(calls) == set(expected)
+        for what, got in calls.items():
+            where = f"rank {r['rank']} of {n}, {what}"
+            assert got["type"] is not None, f"{where}: no error raised"
+            assert got["seconds"] < 5, f"{where}: took {got['seconds']:.1f} s to fail"
+            assert got["untouched"], f"{where}: running statistics changed"
+            assert not any(got["gradients"]), f"{where}: a gradient was set"
+            if r["rank"] == odd:
+                assert got["type"] == "ValueError" and not got["peer"], got
+                assert expected[what] in got["message"], got
+            else:
+                assert got["peer"] and f"rank {odd} of {n}" in got["message"], got
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(CUPY_UNAVAILABLE is not None, reason=f"backend 'cupy' unavailable: {CUPY_UNAVAILABLE}")
 @pytest.mark.parametrize("n", [2, 3])
