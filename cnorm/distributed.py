@@ -77,6 +77,15 @@ on ``training`` (or on which layers are frozen) leave the others waiting, or
 pair calls that do not belong together. Every rank must make the same
 sequence of synchronized calls: that is the contract of any collective.
 
+Launching: an exception that is not caught on one rank — raised anywhere in
+the script, not only by cnorm — ends that process, while the other ranks
+wait in their next collective for a partner that never comes: the job hangs
+until it is killed. Launch scripts with ``mpiexec -n N python -m mpi4py
+script.py`` rather than ``mpiexec -n N python script.py``: mpi4py then runs
+the script, and when it ends with an uncaught exception on any rank, prints
+the traceback and calls ``MPI_Abort`` on ``COMM_WORLD``, which ends every rank
+of the job.
+
 Transports (``comm``): an ``mpi4py`` communicator (default
 ``MPI.COMM_WORLD``; install with ``pip install cnorm[mpi]``); for CuPy arrays
 over MPI, NCCL (``cupy.cuda.nccl``) is used automatically when every rank has
@@ -607,7 +616,9 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
 
     Examples
     --------
-    Run with ``mpiexec -n 2 python script.py``:
+    Run with ``mpiexec -n 2 python -m mpi4py script.py`` (``-m mpi4py`` aborts
+    every rank when one ends with an uncaught exception, instead of leaving
+    the others waiting):
 
     >>> import numpy as np
     >>> from mpi4py import MPI                                   # doctest: +SKIP
@@ -858,7 +869,10 @@ class SyncBatchNorm(_BatchNorm):
 
     Examples
     --------
-    Run with ``mpiexec -n 4 python train.py``:
+    Run with ``mpiexec -n 4 python -m mpi4py train.py``: with ``-m mpi4py``
+    an uncaught exception on one rank aborts the whole job; with plain
+    ``python train.py`` the other ranks would wait forever in their next
+    collective.
 
     >>> import numpy as np, cnorm.nn
     >>> bn = cnorm.nn.SyncBatchNorm(16)

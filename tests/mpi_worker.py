@@ -19,6 +19,10 @@ mismatch
     (4 channels where they have 3; a backward where they run a forward):
     every rank must raise, leave its running statistics alone, and stay in
     step.
+uncaught
+    Run under ``python -m mpi4py``: rank 1 raises an uncaught exception while
+    the other ranks wait in a SyncBatchNorm forward, after writing
+    ``OUTDIR/waiting<r>``; the job must end instead of hanging.
 """
 
 import json
@@ -196,9 +200,23 @@ def mismatch(comm):
     return results
 
 
+def uncaught(comm, outdir):
+    """Rank 1 raises, uncaught; the others enter a collective that it never joins."""
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 5))
+    sync_batch_norm_forward(x, comm=comm)  # every rank is up and in step
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 ends with an uncaught exception")
+    (outdir / f"waiting{comm.rank}").touch()
+    sync_batch_norm_forward(x, comm=comm)  # waits for rank 1 until the job is aborted
+    (outdir / f"left{comm.rank}").touch()  # never: the test fails if it finds this
+
+
 def main():
     mode, expected, outdir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     comm = MPI.COMM_WORLD
+    if mode == "uncaught":
+        uncaught(comm, outdir)  # no try: the exception must reach python -m mpi4py
+        return
     result = {"rank": comm.rank, "size": comm.size}
     if comm.size != expected:
         result["error"] = (f"launched {expected} ranks but this one sees COMM_WORLD of size {comm.size}: the "

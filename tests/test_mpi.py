@@ -2,7 +2,9 @@
 
 Ranks hold uneven batches (5, 0 and 11 samples with three ranks); each must
 match single-process BatchNorm on the concatenated batch, and a bad input on
-one rank must raise on every rank within seconds. mpi4py and the mpich wheel
+one rank, or ranks that disagree with each other, must raise on every rank
+within seconds. An uncaught exception on one rank must end the job when it
+runs under ``python -m mpi4py``, as the README's launch line says. mpi4py and the mpich wheel
 (which provides mpiexec) come with ``pip install cnorm[test]``: in CI
 (CI=true) their absence fails these tests instead of skipping them.
 
@@ -74,16 +76,17 @@ def mpiexec():
     return path
 
 
-def launch(mpiexec, n, mode, tmp_path, timeout):
-    """Run the worker on ``n`` ranks; return each rank's result dict, in rank order."""
-    out = tmp_path / f"{mode}-{n}"
-    out.mkdir()
+def run_job(mpiexec, n, mode, out, timeout, python_args=()):
+    """Run the worker on ``n`` ranks (``python *python_args mpi_worker.py``); return (cmd, returncode, stdout, stderr).
+
+    Fails the test, after killing the whole job, if it has not ended within ``timeout`` seconds.
+    """
     env = dict(os.environ)
     root = str(Path(cnorm.__file__).resolve().parents[1])  # the cnorm under test, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"  # n ranks share the cores; no OpenMP oversubscription
     env.setdefault("HYDRA_LAUNCHER", "fork")  # MPICH: start local ranks directly, never over ssh
-    cmd = [mpiexec, "-n", str(n), sys.executable, str(WORKER), mode, str(n), str(out)]
+    cmd = [mpiexec, "-n", str(n), sys.executable, *python_args, str(WORKER), mode, str(n), str(out)]
     # A session of its own, so that a hung job is killed whole (mpiexec and every rank).
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -94,9 +97,17 @@ def launch(mpiexec, n, mode, tmp_path, timeout):
         stdout, stderr = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (a rank hung?)\n"
                     f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}")
+    return cmd, proc.returncode, stdout, stderr
+
+
+def launch(mpiexec, n, mode, tmp_path, timeout):
+    """Run the worker on ``n`` ranks; return each rank's result dict, in rank order."""
+    out = tmp_path / f"{mode}-{n}"
+    out.mkdir()
+    cmd, returncode, stdout, stderr = run_job(mpiexec, n, mode, out, timeout)
     files = sorted(out.glob("rank*.json"))
-    assert proc.returncode == 0 and len(files) == n, (
-        f"{' '.join(cmd)} exited with {proc.returncode}, {len(files)} of {n} ranks reported\n"
+    assert returncode == 0 and len(files) == n, (
+        f"{' '.join(cmd)} exited with {returncode}, {len(files)} of {n} ranks reported\n"
         f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}"
     )
     results = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
@@ -165,6 +176,21 @@ def test_ranks_disagreeing_with_each_other_all_raise(mpiexec, n, tmp_path):
                 assert expected[what] in got["message"], got
             else:
                 assert got["peer"] and f"rank {odd} of {n}" in got["message"], got
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_uncaught_exception_under_python_m_mpi4py_ends_the_job(mpiexec, n, tmp_path):
+    """What the README's launch line promises: under ``python -m mpi4py``, rank 1's uncaught exception
+    aborts the job while the other ranks wait in a SyncBatchNorm forward (with plain ``python`` they
+    would wait forever)."""
+    out = tmp_path / f"uncaught-{n}"
+    out.mkdir()
+    cmd, returncode, stdout, stderr = run_job(mpiexec, n, "uncaught", out, timeout=60, python_args=("-m", "mpi4py"))
+    waiting = sorted(f.name for f in out.glob("waiting*"))
+    assert returncode != 0, f"{' '.join(cmd)} exited with 0\nstdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}"
+    assert "RuntimeError: rank 1 ends with an uncaught exception" in stderr, stderr[-3000:]
+    assert waiting == [f"waiting{r}" for r in range(n) if r != 1], waiting  # they were in the collective ...
+    assert not list(out.glob("left*")), "a waiting rank got past the collective"  # ... and never left it
 
 
 @pytest.mark.gpu
