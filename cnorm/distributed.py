@@ -5,13 +5,15 @@ BatchNorm then normalizes each rank's slice with that slice's statistics.
 :func:`sync_batch_norm_forward` and :func:`sync_batch_norm_backward` instead
 compute the statistics, and their gradients, of the whole batch, so every rank
 gets exactly the result that BatchNorm gives on the concatenated batch. They
-reuse the backend's cross-sample primitives (DESIGN §2) around one collective
-each: there is no second copy of the BatchNorm maths.
+reuse the backend's cross-sample primitives (DESIGN §2) around one data
+collective each, opened by a small handshake (below): there is no second copy
+of the BatchNorm maths.
 
 Forward: each rank computes per-channel ``(mean, M2)`` of its slice
 (:meth:`~cnorm.backends.base.Backend.channel_stats`), the ranks exchange them
-with their counts in **one Allgather** of a packed float64 buffer, and every
-rank merges the table in rank order with Chan's k-way formula::
+in **one Allgather** of a packed float64 buffer (their counts travelled in the
+handshake), and every rank merges the table in rank order with Chan's k-way
+formula::
 
     N    = Σ_r n_r
     mean = Σ_r n_r·mean_r / N
@@ -26,35 +28,63 @@ An Allgather rather than an Allreduce of shifted sums, because:
   (DESIGN §5); shifted sums need a good common shift, known only after an
   exchange;
 * ranks may hold different batch sizes, including zero: a rank's weight in
-  the merge is its count;
-* the packet's header carries each rank's status and channel count, so an
-  input error on one rank becomes a clear error on **every** rank instead of
-  a hang (see below).
+  the merge is its count.
 
-The table is ``size × (5 + 2C)`` doubles — a few KB for C ≤ 1024 even on
-dozens of ranks, latency-bound like an Allreduce of the same buffer (PyTorch's
+The table is ``size × 2C`` doubles — a few KB for C ≤ 1024 even on dozens of
+ranks, latency-bound like an Allreduce of the same buffer (PyTorch's
 SyncBatchNorm makes the same trade).
 
 Backward: per-channel ``(Σ dy, Σ dy·xhat)`` of the local slice
 (:meth:`~cnorm.backends.base.Backend.channel_grad_sums`) are summed over
-ranks with **one Allreduce** (a status slot rides along), then
+ranks with **one Allreduce**, then
 :meth:`~cnorm.backends.base.Backend.channel_backward_apply` forms dx with the
 global means. ``dweight`` and ``dbias`` are this rank's **local** sums, as in
 PyTorch: summing them over ranks (the all-reduce every data-parallel loop
 already does for every parameter) gives the gradient of the whole batch, so a
 converted model needs no special case in its gradient exchange.
 
-Failure behaviour: every rank runs its argument checks and local statistics
-inside the protocol. A rank whose checks fail still takes part in the
-collective, flagging its failure; afterwards every rank raises — the failing
-rank its own ``TypeError``/``ValueError``, the others a :class:`PeerError`
-naming the failing rank — so no rank waits forever. The packet size must be
-the same on every rank, so it comes from a channel count all ranks agree on:
-``num_features``, else the length of the first of ``weight``, ``bias``,
-``running_mean``, ``running_var`` given; with none of them, a 16-byte
-Allgather of each rank's channel count goes first. What is *not* checked is
-that every rank makes the same sequence of calls (the same layers, the same
-mode): that is the contract of any collective.
+Handshake and failure behaviour: the data collective's size depends on C,
+and MPI does not survive ranks that disagree on a collective's size (MPICH
+aborts the job with "Message truncated" after other ranks went on with
+garbage; NCCL hangs or reads out of bounds). So every collective call opens
+with a **handshake**: one Allgather of 7 doubles per rank, the same size
+whatever the arguments, carrying this rank's status (its own argument checks
+and local statistics passed or not), the operation (training forward or
+backward), the number of the forward call over this transport (the backward
+sends the one it differentiates), the channel count, and the forward's count,
+``eps`` and ``momentum`` (the backward sends the forward's global count
+instead). From the same table every rank takes the same decision, before
+any output or buffer is written:
+
+* a rank whose own checks failed raises its own ``TypeError``/``ValueError``;
+  every other rank raises a :class:`PeerError` naming it;
+* else, slot by slot (operation, call number, channel count, then ``eps`` and
+  ``momentum``, or the global count), the value most ranks hold is the
+  reference — a tie goes to the value first in rank order, so with two ranks
+  rank 0's value is the reference and rank 1 is the one that mismatches. The
+  ranks that differ raise a ``ValueError`` naming the argument (``x: expected
+  3 channels on every rank (rank 0 of 2 has 3), got 4 on rank 1 ...``), the
+  others a :class:`PeerError` naming them.
+
+Only then does the data collective run, with a size every rank agreed on.
+No rank waits forever, no output is returned and no running statistic is
+updated on any rank, and the communicator stays usable. The cost is that
+second, small collective in each direction (a single rank skips it).
+
+What the handshake cannot catch: a rank that makes no collective call at all
+while the others do — eval mode does not communicate, so ranks that disagree
+on ``training`` (or on which layers are frozen) leave the others waiting, or
+pair calls that do not belong together. Every rank must make the same
+sequence of synchronized calls: that is the contract of any collective.
+
+Launching: an exception that is not caught on one rank — raised anywhere in
+the script, not only by cnorm — ends that process, while the other ranks
+wait in their next collective for a partner that never comes: the job hangs
+until it is killed. Launch scripts with ``mpiexec -n N python -m mpi4py
+script.py`` rather than ``mpiexec -n N python script.py``: mpi4py then runs
+the script, and when it ends with an uncaught exception on any rank, prints
+the traceback and calls ``MPI_Abort`` on ``COMM_WORLD``, which ends every rank
+of the job.
 
 Transports (``comm``): an ``mpi4py`` communicator (default
 ``MPI.COMM_WORLD``; install with ``pip install cnorm[mpi]``); for CuPy arrays
@@ -97,10 +127,13 @@ __all__ = [
 
 MPI_HINT = "pip install cnorm[mpi]  (installs mpi4py and the mpich wheel, which provides mpiexec)"
 
-# Forward packet: header slots, then mean (C) and M2 (C).
-_STATUS, _CHANNELS, _COUNT, _EPS, _MOMENTUM = range(5)
-_HEADER = 5
+# The handshake that opens every collective call: one Allgather of _SLOTS float64 values, the same
+# size on every rank whatever its arguments (see "Handshake and failure behaviour" above).
+_STATUS, _OP, _CALL, _CHANNELS, _COUNT, _EPS, _MOMENTUM = range(7)
+_SLOTS = 7
 _FAILED = 1.0
+_FORWARD, _BACKWARD = 1.0, 2.0
+_OP_NAMES = {_FORWARD: "sync_batch_norm_forward", _BACKWARD: "sync_batch_norm_backward"}
 
 
 class PeerError(ValueError):
@@ -321,12 +354,31 @@ def get_exchange(comm=None, device: bool = False) -> Exchange:
     return exchange
 
 
-# -- failure protocol --------------------------------------------------------------
+# -- agreement and failure protocol ------------------------------------------------
+
+def _ranks(ranks) -> str:
+    """"rank 2" or "ranks 0, 2"."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
 
 def _who(failed_ranks) -> str:
     if len(failed_ranks) == 1:
         return f"rank {failed_ranks[0]}"
     return f"{len(failed_ranks)} ranks ({', '.join(map(str, failed_ranks))})"
+
+
+def _majority(values):
+    """``(reference, odd)``: the value most ranks hold and the ranks whose value differs from it.
+
+    A tie goes to the value that comes first in rank order: with two ranks,
+    rank 0's value is the reference and rank 1 is the one that mismatches.
+    """
+    tally: dict = {}
+    for value in values:
+        tally[value] = tally.get(value, 0) + 1
+    most = max(tally.values())
+    reference = next(value for value in values if tally[value] == most)
+    return reference, [r for r, value in enumerate(values) if value != reference]
 
 
 def _raise_everywhere(ex: Exchange, own_error, who: str, where: str, details: str = ""):
@@ -344,6 +396,87 @@ def _raise_everywhere(ex: Exchange, own_error, who: str, where: str, details: st
     )
 
 
+# What each handshake slot is, for the messages: (how a PeerError names it, how to print a value).
+_SLOT_TEXT = {
+    _OP: ("the call", lambda value: _OP_NAMES.get(value, f"operation {value:g}")),
+    _CALL: ("the synchronized forward call number", lambda value: f"#{int(value)}"),
+    _CHANNELS: ("the channel count", lambda value: str(int(value))),
+    _COUNT: ("the forward's values per channel over all ranks", lambda value: str(int(value))),
+    _EPS: ("eps", repr),
+    _MOMENTUM: ("momentum", repr),
+}
+
+
+def _next_forward(ex: Exchange) -> int:
+    """The number the next synchronized forward over ``ex`` gets: 1, 2, ...
+
+    Only forwards whose handshake passed count (:func:`_count_forward`): that
+    outcome is the same on every rank, so ranks in step number their forwards
+    alike even after failed calls, and the backward can check that every rank
+    differentiates the same forward.
+    """
+    return getattr(ex, "_cnorm_forwards", 0) + 1
+
+
+def _count_forward(ex: Exchange, call: int):
+    ex._cnorm_forwards = call
+
+
+def _handshake(ex: Exchange, mine, own_error, checks, mismatch):
+    """Open a collective call: agree on everything the data collective depends on, or raise on every rank.
+
+    ``mine`` is this rank's ``_SLOTS`` values. One Allgather of them (the
+    same size on every rank, whatever its arguments); then, from the same
+    table on every rank: if any rank failed its own checks, that rank raises
+    its ``own_error`` and the others a :class:`PeerError`; else, for each slot
+    of ``(_OP, _CALL, _CHANNELS, *checks)`` in turn, the ranks whose value
+    differs from the majority's (:func:`_majority`) raise a ValueError with
+    the message ``mismatch(slot, reference, holders)``, the others a
+    PeerError. A single rank skips the Allgather.
+
+    Returns
+    -------
+    numpy.ndarray of shape (size, _SLOTS)
+        Every rank's values, in rank order.
+    """
+    where = _OP_NAMES[mine[_OP]]
+    if ex.size == 1:
+        table = np.asarray(mine, dtype=np.float64).reshape(1, _SLOTS)
+    else:
+        table = _to_host(ex.allgather(_to_module(ex.xp, mine)))
+    agreed = (_OP, _CALL, _CHANNELS, *checks)
+    rows = table.tolist()  # plain floats: for a few values per rank, faster than NumPy's comparisons
+    first = rows[0]
+    if all(row[_STATUS] != _FAILED and all(row[s] == first[s] for s in agreed) for row in rows):
+        return table  # the usual case
+    failed = [r for r in range(ex.size) if table[r, _STATUS] == _FAILED]
+    if failed:
+        ok = [r for r in range(ex.size) if r not in failed]
+        details = ""
+        if ok and mine[_OP] == _FORWARD:
+            c, _ = _majority(table[ok, _CHANNELS].tolist())
+            wrong = [f"rank {r} has {int(table[r, _CHANNELS])}" for r in failed if table[r, _CHANNELS] not in (-1, c)]
+            details = f" (x must have {int(c)} channels; {', '.join(wrong)})" if wrong else ""
+        _raise_everywhere(ex, own_error, _who(failed), where, details)
+    for slot in agreed:
+        values = table[:, slot].tolist()
+        reference, odd = _majority(values)
+        if not odd:
+            continue
+        holders = [r for r, value in enumerate(values) if value == reference]
+        if ex.rank in odd:
+            raise ValueError(mismatch(slot, reference, holders))
+        what, show = _SLOT_TEXT[slot]
+        theirs = (f"{show(values[odd[0]])} there" if len(odd) == 1
+                  else ", ".join(f"{show(values[r])} on rank {r}" for r in odd))
+        raise PeerError(
+            f"{where} failed on {_who(odd)} of {ex.size}: {what} is {theirs} but {show(reference)} on "
+            f"{_ranks(holders)}; this rank agrees with {_ranks(holders)}, and raises too so that no rank waits "
+            f"forever (the mismatching rank raised a ValueError)"
+        )
+    return table
+
+
 def _channels_of(x, channel_axis) -> int:
     """x's channel count, or -1 when x or channel_axis is unusable (only to describe a failure)."""
     try:
@@ -353,24 +486,13 @@ def _channels_of(x, channel_axis) -> int:
 
 
 def _declared_channels(num_features, weight, bias, running_mean, running_var):
-    """The channel count every rank agrees on, or None when no argument pins it."""
+    """The channel count this rank's arguments other than x declare, or None when none does."""
     if num_features is not None:
         return v.check_int("num_features", num_features)
     for a in (weight, bias, running_mean, running_var):
         if a is not None:
             return int(math.prod(np.shape(a)))
     return None
-
-
-def _agree_on_channels(ex: Exchange, c_x, error):
-    """The parameterless case: one small Allgather of each rank's channel count."""
-    table = _to_host(ex.allgather(np.array([_FAILED if error is not None else 0.0, c_x], dtype=np.float64)))
-    failed = [r for r in range(ex.size) if table[r, 0] == _FAILED]
-    _raise_everywhere(ex, error, _who(failed) if failed else "", "sync_batch_norm_forward")
-    counts = [int(c) for c in table[:, 1]]
-    if len(set(counts)) > 1:
-        raise ValueError(f"x: expected the same number of channels on every rank, got {counts} (in rank order)")
-    return counts[0]
 
 
 # -- SyncBatchNorm -----------------------------------------------------------------
@@ -384,15 +506,19 @@ class SyncSaved(Saved):
         Values per channel over every rank (training) or this rank (eval).
     exchange : Exchange or None
         The transport forward used; None in eval mode (no communication).
+    call : int
+        Which of this rank's synchronized forward calls over ``exchange`` it
+        was (1, 2, ...; 0 in eval mode): the backward's handshake checks that
+        every rank differentiates the same one.
     """
 
-    __slots__ = ("count", "exchange")
+    __slots__ = ("count", "exchange", "call")
 
     def __init__(self, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype,
-                 count, exchange):
+                 count, exchange, call=0):
         super().__init__("sync_batch_norm", problem, view, mean, rstd, batch_stats, has_bias, backend,
                          param_shape, dtype)
-        self.count, self.exchange = count, exchange
+        self.count, self.exchange, self.call = count, exchange, call
 
 
 def _sync_saved(saved: Saved, count: int, exchange) -> SyncSaved:
@@ -432,12 +558,15 @@ class _Local:
             self.mean = self.m2 = np.zeros(c)
 
 
-def _merge(xp, table, head, c: int):
-    """Chan's k-way merge of the gathered rows, in rank order: (N, mean, M2)."""
-    total = float(head[:, _COUNT].sum())
-    n = table[:, _COUNT : _COUNT + 1]
-    means = table[:, _HEADER : _HEADER + c]
-    m2s = table[:, _HEADER + c : _HEADER + 2 * c]
+def _merge(xp, table, counts, c: int):
+    """Chan's k-way merge of the gathered rows ``(mean, M2)`` with the ranks' ``counts``, in rank order.
+
+    Returns ``(N, mean, M2)``.
+    """
+    total = float(counts.sum())
+    n = xp.asarray(counts.reshape(-1, 1))
+    means = table[:, :c]
+    m2s = table[:, c : 2 * c]
     mean = (n * means).sum(axis=0) / total
     delta = means - mean
     m2 = m2s.sum(axis=0) + (n * delta * delta).sum(axis=0)
@@ -464,9 +593,10 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     comm : mpi4py.MPI.Comm, cupy.cuda.nccl.NcclCommunicator or Exchange, optional
         The ranks that share statistics; default ``MPI.COMM_WORLD``.
     num_features : int, optional
-        The channel count every rank uses; defaults to the length of the first
-        of weight, bias, running_mean, running_var given. Pinning it keeps a
-        call to one collective when none of those is given.
+        The channel count every rank uses, checked against x on this rank
+        before the exchange; defaults to the length of the first of weight,
+        bias, running_mean, running_var given. Every rank's channel count is
+        compared in the handshake in any case.
 
     Returns
     -------
@@ -479,13 +609,21 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     ------
     ImportError
         mpi4py is missing (``pip install cnorm[mpi]``).
+    TypeError, ValueError
+        This rank's arguments failed their checks, or this rank disagrees with
+        the majority of ranks (with two, with rank 0) on the channel count,
+        ``eps`` or ``momentum``, or is out of step with them (see the module
+        documentation). Every other rank raises a PeerError at the same time.
     PeerError
-        Another rank's arguments failed their checks (that rank raises its own
-        TypeError or ValueError); raised on every rank, never a hang.
+        Another rank's arguments failed their checks or disagree (that rank
+        raises its own TypeError or ValueError); raised on every rank, never a
+        hang, before any output or running statistic is written.
 
     Examples
     --------
-    Run with ``mpiexec -n 2 python script.py``:
+    Run with ``mpiexec -n 2 python -m mpi4py script.py`` (``-m mpi4py`` aborts
+    every rank when one ends with an uncaught exception, instead of leaving
+    the others waiting):
 
     >>> import numpy as np
     >>> from mpi4py import MPI                                   # doctest: +SKIP
@@ -517,37 +655,40 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     rank's batch is empty). The running buffers are only validated here.
     """
     ex = get_exchange(comm, device=is_cupy_array(x))
-    declared = _declared_channels(num_features, weight, bias, running_mean, running_var)
     local, error = None, None
     try:
+        declared = _declared_channels(num_features, weight, bias, running_mean, running_var)
         local = _Local(x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend, declared)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, or they hang
         error = exc
-    c_x = local.c_x if error is None else _channels_of(x, channel_axis)
-    if declared is None:
-        declared = _agree_on_channels(ex, c_x, error)
-    c = declared
-
-    header = np.zeros(_HEADER)
-    header[_CHANNELS] = c_x
+    mine = np.zeros(_SLOTS)
+    mine[_OP], mine[_CALL] = _FORWARD, _next_forward(ex)
     if error is None:
-        header[_COUNT], header[_EPS], header[_MOMENTUM] = local.count, local.eps, local.momentum
-        body = (local.mean, local.m2)
+        mine[_CHANNELS], mine[_COUNT], mine[_EPS], mine[_MOMENTUM] = local.c, local.count, local.eps, local.momentum
     else:
-        header[_STATUS] = _FAILED
-        body = (np.zeros(c), np.zeros(c))
-    packet = ex.xp.concatenate([_to_module(ex.xp, header), *(_to_module(ex.xp, b) for b in body)])
-    table = ex.allgather(packet)
-    head = _to_host(table[:, :_HEADER])
+        mine[_STATUS], mine[_CHANNELS] = _FAILED, _channels_of(x, channel_axis)
 
-    failed = [r for r in range(ex.size) if head[r, _STATUS] == _FAILED]
-    wrong = [f"rank {r} has {int(head[r, _CHANNELS])}" for r in failed if head[r, _CHANNELS] not in (-1, c)]
-    details = f" (x must have {c} channels; {', '.join(wrong)})" if wrong else ""
-    _raise_everywhere(ex, error, _who(failed) if failed else "", "sync_batch_norm_forward", details)
-    for slot, name in ((_EPS, "eps"), (_MOMENTUM, "momentum")):
-        values = head[:, slot]
-        if np.any(values != values[0]):
-            raise ValueError(f"{name}: expected the same value on every rank, got {values.tolist()} (in rank order)")
+    def mismatch(slot, reference, holders):
+        has = f"{_ranks(holders)} of {ex.size} {'has' if len(holders) == 1 else 'have'}"
+        if slot == _OP:
+            return (f"sync_batch_norm_forward: rank {ex.rank} of {ex.size} is out of step with the others: "
+                    f"{has} called {_OP_NAMES.get(reference)} at this point; every rank must make the same "
+                    f"synchronized calls (training forwards, backwards) in the same order")
+        if slot == _CALL:
+            return (f"sync_batch_norm_forward: rank {ex.rank} of {ex.size} is out of step with the others: this "
+                    f"is its synchronized forward call #{int(mine[_CALL])} over this communicator, but "
+                    f"#{int(reference)} on {_ranks(holders)}; every rank must make the same synchronized calls "
+                    f"in the same order")
+        if slot == _CHANNELS:
+            return (f"x: expected {int(reference)} channels on every rank ({has} {int(reference)}), got "
+                    f"{int(mine[_CHANNELS])} on rank {ex.rank} (shape {tuple(x.shape)}, channel_axis="
+                    f"{channel_axis})")
+        name = "eps" if slot == _EPS else "momentum"
+        return f"{name}: expected the same value on every rank ({has} {reference!r}), got {float(mine[slot])!r}"
+
+    head = _handshake(ex, mine, error, (_EPS, _MOMENTUM), mismatch)
+    _count_forward(ex, int(mine[_CALL]))
+    c = local.c
 
     be, p, view, xp = local.be, local.p, local.view, local.be.xp
     sd = stats_dtype(x.dtype)
@@ -557,15 +698,19 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
                          f"(values per channel on each rank: {counts.astype(int).tolist()})")
     if counts.sum() == 0:
         nan = xp.full(c, xp.nan, dtype=sd)
-        saved = SyncSaved(p, view, nan, nan, True, bias is not None, be.name, (c,), x.dtype, 0, ex)
+        saved = SyncSaved(p, view, nan, nan, True, bias is not None, be.name, (c,), x.dtype, 0, ex,
+                          int(mine[_CALL]))
         return xp.empty_like(x), saved, None, None
 
-    total, mean, m2 = _merge(ex.xp, table, head, c)
+    # Every rank agreed on c: the data Allgather has the same size everywhere.
+    table = ex.allgather(ex.xp.concatenate([_to_module(ex.xp, local.mean), _to_module(ex.xp, local.m2)]))
+    total, mean, m2 = _merge(ex.xp, table, counts, c)
     mean, var = _to_module(xp, mean), _to_module(xp, m2) / total
     w, b = _affine(be, weight, bias, c, sd)
     mean_sd, rstd, scale, shift = be.fold_frozen(mean, var, w, b, local.eps, sd)
     y = view.from3(be.forward_eval(local.x3, p, scale, shift)) if local.count else xp.empty_like(x)
-    saved = SyncSaved(p, view, mean_sd, rstd, True, bias is not None, be.name, (c,), x.dtype, int(total), ex)
+    saved = SyncSaved(p, view, mean_sd, rstd, True, bias is not None, be.name, (c,), x.dtype, int(total), ex,
+                      int(mine[_CALL]))
     return y, saved, mean, var
 
 
@@ -579,8 +724,9 @@ def sync_batch_norm(x, weight=None, bias=None, running_mean=None, running_var=No
 def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
     """Gradients of :func:`sync_batch_norm_forward`.
 
-    Collective after a training forward (one Allreduce): every rank that ran
-    the forward must call it. After an eval forward it is local.
+    Collective after a training forward (a handshake, then one Allreduce):
+    every rank that ran the forward must call it, for the same forwards in
+    the same order. After an eval forward it is local.
 
     Parameters
     ----------
@@ -608,8 +754,14 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
 
     Raises
     ------
+    TypeError, ValueError
+        This rank's arguments failed their checks, or it differentiates
+        another forward than the majority of ranks (with two, than rank 0),
+        or is out of step with them. Every other rank raises a PeerError at
+        the same time.
     PeerError
-        Another rank's arguments failed their checks; raised on every rank.
+        Another rank's arguments failed their checks or disagree; raised on
+        every rank, before any gradient is returned.
     """
     if not isinstance(saved, SyncSaved):
         raise TypeError(f"saved: expected the SyncSaved object returned by sync_batch_norm_forward, "
@@ -618,11 +770,6 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
         return _backward("sync_batch_norm", dy, x, saved, weight)
     p, c = saved.problem, saved.problem.c
     sd = stats_dtype(saved.dtype)
-    if saved.count == 0:  # known on every rank: nothing to exchange
-        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight)
-        zeros = be.xp.zeros(c, dtype=sd)
-        return (be.xp.zeros_like(x), None if weight is None else zeros,
-                zeros.copy() if saved.has_bias else None)
     ex = saved.exchange if comm is None else get_exchange(comm, device=is_cupy_array(x))
 
     error = None
@@ -630,23 +777,42 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
         be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight)
         xp = be.xp
         x3 = dy3 = None
-        if p.n * p.s:
+        if saved.count and p.n * p.s:
             x3, dy3 = saved.view.to3(x, xp), saved.view.to3(dy, xp)
             sum_dy, sum_dy_xhat = be.channel_grad_sums(dy3, x3, p, saved.mean, saved.rstd)
         else:
             sum_dy, sum_dy_xhat = xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd)
-        parts = (np.zeros(2), sum_dy, sum_dy_xhat)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, or they hang
         error = exc
-        parts = (np.array([1.0, ex.rank]), np.zeros(c), np.zeros(c))
-    # Slots 0-1: how many ranks failed and the sum of their ranks (which names a single one).
-    totals = ex.allreduce_sum(ex.xp.concatenate([_to_module(ex.xp, a) for a in parts]))
-    n_failed, rank_sum = (int(s) for s in _to_host(totals[:2]))
-    who = "" if not n_failed else (f"rank {rank_sum}" if n_failed == 1 else f"{n_failed} ranks")
-    _raise_everywhere(ex, error, who, "sync_batch_norm_backward")
+    mine = np.zeros(_SLOTS)
+    mine[_OP], mine[_CALL], mine[_CHANNELS], mine[_COUNT] = _BACKWARD, saved.call, c, saved.count
+    mine[_STATUS] = _FAILED if error is not None else 0.0
 
-    mean_dy = _to_module(xp, totals[2 : 2 + c]) / saved.count
-    mean_dy_xhat = _to_module(xp, totals[2 + c :]) / saved.count
+    def mismatch(slot, reference, holders):
+        has = f"{_ranks(holders)} of {ex.size} {'has' if len(holders) == 1 else 'have'}"
+        same = "every rank must differentiate the same synchronized forward calls in the same order"
+        if slot == _OP:
+            return (f"sync_batch_norm_backward: rank {ex.rank} of {ex.size} is out of step with the others: "
+                    f"{has} called {_OP_NAMES.get(reference)} at this point; every rank must make the same "
+                    f"synchronized calls (training forwards, backwards) in the same order")
+        if slot == _CALL:
+            return (f"saved: rank {ex.rank} of {ex.size} differentiates its synchronized forward call "
+                    f"#{int(mine[_CALL])} over this communicator, but {_ranks(holders)} their call "
+                    f"#{int(reference)}; {same}")
+        if slot == _CHANNELS:
+            return (f"saved: expected the state of a forward with {int(reference)} channels on every rank "
+                    f"({has} {int(reference)}), got one with {c} on rank {ex.rank}; {same}")
+        return (f"saved: expected the state of a forward over {int(reference)} values per channel on every rank "
+                f"({has} {int(reference)}), got one over {saved.count} on rank {ex.rank}; {same}")
+
+    _handshake(ex, mine, error, (_COUNT,), mismatch)
+    if saved.count == 0:  # no values anywhere: zero gradients, nothing to sum
+        zeros = xp.zeros(c, dtype=sd)
+        return xp.zeros_like(x), None if weight is None else zeros, zeros.copy() if saved.has_bias else None
+    # Every rank agreed on c: the Allreduce has the same size everywhere.
+    totals = ex.allreduce_sum(ex.xp.concatenate([_to_module(ex.xp, sum_dy), _to_module(ex.xp, sum_dy_xhat)]))
+    mean_dy = _to_module(xp, totals[:c]) / saved.count
+    mean_dy_xhat = _to_module(xp, totals[c:]) / saved.count
     if x3 is not None:
         w, _ = _affine(be, weight, None, c, sd)
         dx3 = be.channel_backward_apply(dy3, x3, p, saved.mean, saved.rstd, w,
@@ -678,8 +844,8 @@ class SyncBatchNorm(_BatchNorm):
     rank must run the same number of forward calls in the block (a rank with
     fewer batches passes empty ones).
 
-    ``backward`` differentiates through the global statistics (one
-    Allreduce); ``weight_grad`` and ``bias_grad`` are this rank's
+    ``backward`` differentiates through the global statistics (a handshake
+    and one Allreduce); ``weight_grad`` and ``bias_grad`` are this rank's
     contributions, which the usual all-reduce of gradients sums, exactly as
     for every other parameter.
 
@@ -696,13 +862,22 @@ class SyncBatchNorm(_BatchNorm):
 
     Raises
     ------
+    ValueError
+        From a training forward or backward on the rank(s) whose channel count
+        (``num_features``) or call sequence differs from the majority's (with
+        two ranks, from rank 0's); the others raise PeerError. Nothing is
+        updated on any rank.
     PeerError
         From a training forward or backward, when another rank's input failed
-        its checks (that rank raises its own error): every rank raises.
+        its checks or disagrees (that rank raises its own error): every rank
+        raises.
 
     Examples
     --------
-    Run with ``mpiexec -n 4 python train.py``:
+    Run with ``mpiexec -n 4 python -m mpi4py train.py``: with ``-m mpi4py``
+    an uncaught exception on one rank aborts the whole job; with plain
+    ``python train.py`` the other ranks would wait forever in their next
+    collective.
 
     >>> import numpy as np, cnorm.nn
     >>> bn = cnorm.nn.SyncBatchNorm(16)

@@ -14,6 +14,15 @@ match-cupy
 fail
     The last rank gets a bad input in several calls; every rank must raise,
     quickly, and the communicator must still work afterwards.
+mismatch
+    One rank's arguments are consistent but disagree with the other ranks'
+    (4 channels where they have 3; a backward where they run a forward):
+    every rank must raise, leave its running statistics alone, and stay in
+    step.
+uncaught
+    Run under ``python -m mpi4py``: rank 1 raises an uncaught exception while
+    the other ranks wait in a SyncBatchNorm forward, after writing
+    ``OUTDIR/waiting<r>``; the job must end instead of hanging.
 """
 
 import json
@@ -145,9 +154,69 @@ def fail(comm):
     return results
 
 
+def mismatch(comm):
+    """The odd rank holds 4 channels where the others hold 3, in five kinds of call.
+
+    The odd rank is rank 1 of 2 (with two ranks rank 0's value is the
+    reference) and rank 0 of 3 (the majority's value is). After each call
+    every rank runs a good forward, which must match whole-batch BatchNorm.
+    """
+    rank, size = comm.rank, comm.size
+    odd = 0 if size >= 3 else size - 1
+    c = 4 if rank == odd else 3
+    rng = np.random.default_rng(13 + rank)
+    x = rng.standard_normal((4, c, 5))
+    x_good, w = np.random.default_rng(14).standard_normal((4, 3, 5)), np.ones(3)
+    results = {"odd": odd}
+
+    def record(what, call, buffers, layers=()):
+        before = [np.array(b, copy=True) for b in buffers]
+        got = attempt(call)
+        got["untouched"] = all(np.array_equal(a, b) for a, b in zip(before, buffers))
+        got["gradients"] = [layer.weight_grad is not None for layer in layers]
+        results[what] = got
+        y = sync_batch_norm_forward(x_good, w, comm=comm)[0]  # the communicator is still in step
+        close(y, cnorm.batch_norm(np.concatenate([x_good] * size), w)[:4], 1e-12, f"good call after {what}")
+
+    rm, rv = np.full(c, 0.5), np.full(c, 2.0)
+    record("forward", lambda: sync_batch_norm_forward(x, np.ones(c), np.zeros(c), rm, rv, comm=comm), [rm, rv])
+    record("forward-unpinned", lambda: sync_batch_norm_forward(x, comm=comm), [])
+    bn = cnn.SyncBatchNorm(c, comm=comm, dtype=np.float64)
+    record("layer", lambda: bn(x), [bn.running_mean, bn.running_var, bn.num_batches_tracked])
+    # Two layers (3 and 4 channels) run forward on every rank; the odd rank differentiates them in the other order.
+    layers = [cnn.SyncBatchNorm(k, comm=comm, dtype=np.float64) for k in (3, 4)]
+    ys = [layer(rng.standard_normal((4, k, 5))) for layer, k in zip(layers, (3, 4))]
+    first = 1 if rank == odd else 0
+    record("backward", lambda: layers[first].backward(np.ones_like(ys[first])),
+           [b for layer in layers for b in (layer.running_mean, layer.running_var)], layers)
+    # Out of step: the odd rank differentiates a forward while the others run the next forward.
+    y, saved = sync_batch_norm_forward(x_good, w, comm=comm)
+    rm, rv = np.full(3, 0.5), np.full(3, 2.0)
+    if rank == odd:
+        call = lambda: sync_batch_norm_backward(np.ones_like(y), x_good, saved, w)  # noqa: E731
+    else:
+        call = lambda: sync_batch_norm_forward(x_good, w, None, rm, rv, comm=comm)  # noqa: E731
+    record("out-of-step", call, [rm, rv])
+    return results
+
+
+def uncaught(comm, outdir):
+    """Rank 1 raises, uncaught; the others enter a collective that it never joins."""
+    x = np.random.default_rng(comm.rank).standard_normal((4, 3, 5))
+    sync_batch_norm_forward(x, comm=comm)  # every rank is up and in step
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 ends with an uncaught exception")
+    (outdir / f"waiting{comm.rank}").touch()
+    sync_batch_norm_forward(x, comm=comm)  # waits for rank 1 until the job is aborted
+    (outdir / f"left{comm.rank}").touch()  # never: the test fails if it finds this
+
+
 def main():
     mode, expected, outdir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     comm = MPI.COMM_WORLD
+    if mode == "uncaught":
+        uncaught(comm, outdir)  # no try: the exception must reach python -m mpi4py
+        return
     result = {"rank": comm.rank, "size": comm.size}
     if comm.size != expected:
         result["error"] = (f"launched {expected} ranks but this one sees COMM_WORLD of size {comm.size}: the "
@@ -173,6 +242,8 @@ def main():
             result["cases"] = match_grid(comm, SIZES[comm.size], failures, ["cupy"])
             match_layer(comm, SIZES[comm.size], failures, BackendCase("cupy"))
             result["failures"] = failures
+        elif mode == "mismatch":
+            result["calls"] = mismatch(comm)
         else:
             result["calls"] = fail(comm)
     except Exception:  # noqa: BLE001 - reported to the test

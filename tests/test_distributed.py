@@ -26,8 +26,22 @@ from helpers import close
 import sync_cases
 
 
+class MismatchedCollective(AssertionError):
+    """Ranks entered different collectives, or one collective with different buffer sizes.
+
+    MPI leaves this undefined: MPICH aborts the job on some ranks ("Message
+    truncated") after others went on with garbage, NCCL hangs or reads out of
+    bounds. The protocol must never let it happen, so the fake fails the test.
+    """
+
+
 class ThreadExchange(Exchange):
-    """Rank ``rank`` of ``size`` threads; counts the collectives it takes part in."""
+    """Rank ``rank`` of ``size`` threads; counts the collectives it takes part in.
+
+    Every rank of a collective must make the same one (allgather or
+    allreduce) with the same buffer size, as MPI requires; otherwise every
+    rank raises :class:`MismatchedCollective`.
+    """
 
     xp = np
 
@@ -35,19 +49,23 @@ class ThreadExchange(Exchange):
         self.group, self.rank, self.size = group, rank, group["size"]
         self.calls = []
 
-    def allgather(self, buf):
+    def _collective(self, kind, buf):
         g = self.group
-        self.calls.append("allgather")
-        g["slots"][self.rank] = np.array(buf, dtype=np.float64)
+        self.calls.append(kind)
+        g["slots"][self.rank] = (kind, np.array(buf, dtype=np.float64))
         g["barrier"].wait()
-        out = np.stack(g["slots"])
+        posted = list(g["slots"])
         g["barrier"].wait()
-        return out
+        made = [(kind, b.shape) for kind, b in posted]
+        if len(set(made)) > 1:
+            raise MismatchedCollective(f"ranks made different collectives at once (in rank order): {made}")
+        return np.stack([b for _, b in posted])
+
+    def allgather(self, buf):
+        return self._collective("allgather", buf)
 
     def allreduce_sum(self, buf):
-        out = self.allgather(buf)
-        self.calls[-1] = "allreduce"
-        return out.sum(axis=0)
+        return self._collective("allreduce", buf).sum(axis=0)
 
 
 class NoExchange(Exchange):
@@ -129,8 +147,11 @@ def test_random_splits_match_whole_batch(backend, spec):
     check_split(sync_cases.make_case(**spec), backend)
 
 
-def test_one_collective_each_way():
-    """Forward: one Allgather (two without any parameter to pin C); backward: one Allreduce."""
+def test_collectives_per_call():
+    """A fixed-size handshake, then the data: forward two Allgathers, backward an Allgather and an Allreduce.
+
+    A single rank skips the handshake; with no values on any rank there is no data to exchange.
+    """
     case = sync_cases.make_case((3, 4))
 
     def step(rank, ex, **kw):
@@ -141,12 +162,19 @@ def test_one_collective_each_way():
         return forward_calls, ex.calls[len(forward_calls):]
 
     for fwd, bwd in values(run_ranks(2, step)):
-        assert fwd == ["allgather"] and bwd == ["allreduce"]
+        assert fwd == ["allgather", "allgather"] and bwd == ["allgather", "allreduce"]
     no_params = run_ranks(2, lambda r, ex: sync_batch_norm_forward(case.x[case.rows(r)], comm=ex) and ex.calls)
     assert values(no_params) == [["allgather", "allgather"]] * 2
-    pinned = run_ranks(2, lambda r, ex: sync_batch_norm_forward(case.x[case.rows(r)], comm=ex, num_features=3)
-                       and ex.calls)
-    assert values(pinned) == [["allgather"]] * 2
+    for fwd, bwd in values(run_ranks(1, step)):
+        assert fwd == ["allgather"] and bwd == ["allreduce"]
+
+    def empty(rank, ex):
+        x = case.x[:0]
+        y, saved = sync_batch_norm_forward(x, comm=ex)
+        sync_batch_norm_backward(y, x, saved)
+        return ex.calls
+
+    assert values(run_ranks(2, empty)) == [["allgather", "allgather"]] * 2
 
 
 def test_every_rank_empty():
@@ -187,12 +215,158 @@ def test_wrong_channel_count_fails_every_rank(pinned):
         return sync_batch_norm_forward(x, comm=ex, **kw)
 
     results = run_ranks(3, step)
-    if pinned == "nothing":  # no rank's own check fails: all disagree, all raise the same ValueError
-        for status, exc in results:
-            assert status == "error" and type(exc) is ValueError and "[3, 5, 3]" in str(exc), exc
+    if pinned == "nothing":  # no rank's own check fails: the handshake finds rank 1 out of line
+        expect_everywhere(results, [1], ValueError,
+                          "x: expected 3 channels on every rank (ranks 0, 2 of 3 have 3), got 5 on rank 1")
+        assert "the channel count is 5 there but 3 on ranks 0, 2" in str(results[0][1])
     else:
         expect_everywhere(results, [1], ValueError, "expected 3 channels")
         assert "rank 1 has 5" in str(results[0][1])
+
+
+def attempt(call):
+    """The exception ``call()`` raised, or None."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
+
+
+def as_results(errors):
+    """``run_ranks``-style results from each rank's error (None: it returned)."""
+    return [("ok", None) if exc is None else ("error", exc) for exc in errors]
+
+
+# (ranks, the ranks given 4 channels instead of 3, the ranks that must raise the ValueError, what they are told)
+DISAGREEMENTS = [
+    (2, [1], [1], "x: expected 3 channels on every rank (rank 0 of 2 has 3), got 4 on rank 1"),
+    (2, [0], [1], "x: expected 4 channels on every rank (rank 0 of 2 has 4), got 3 on rank 1"),  # rank 0 decides
+    (3, [0], [0], "x: expected 3 channels on every rank (ranks 1, 2 of 3 have 3), got 4 on rank 0"),  # the majority
+    (3, [2], [2], "x: expected 3 channels on every rank (ranks 0, 1 of 3 have 3), got 4 on rank 2"),
+    (4, [1, 2], [1, 2], "x: expected 3 channels on every rank (ranks 0, 3 of 4 have 3), got 4 on rank"),  # a tie
+]
+
+
+@pytest.mark.parametrize("how", ["functional", "unpinned", "layer"])
+@pytest.mark.parametrize("size, given_4, odd, message", DISAGREEMENTS,
+                         ids=[f"{d[0]}ranks-rank{'_'.join(map(str, d[1]))}has4" for d in DISAGREEMENTS])
+def test_ranks_disagreeing_on_channel_count_all_raise_with_buffers_untouched(how, size, given_4, odd, message):
+    """Each rank's arguments agree among themselves (x, weight, bias, running buffers: all 3 or all 4
+    channels), so no rank's own checks fail; the data exchange, whose size depends on C, must not run
+    (MPI aborts or returns garbage for mismatched sizes). Every rank raises, nothing is updated, and
+    the communicator stays in step."""
+
+    def step(rank, ex):
+        rng = np.random.default_rng(rank)
+        c = 4 if rank in given_4 else 3
+        x = rng.standard_normal((4, c, 2))
+        if how == "layer":
+            bn = SyncBatchNorm(c, comm=ex, dtype=np.float64)
+            bn.running_mean[...], bn.running_var[...] = 0.5, 2.0
+            buffers = [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+
+            def call():
+                return bn(x)
+        elif how == "functional":
+            buffers = [np.full(c, 0.5), np.full(c, 2.0)]
+
+            def call():
+                return sync_batch_norm_forward(x, np.ones(c), np.zeros(c), *buffers, comm=ex)
+        else:
+            buffers = []
+
+            def call():
+                return sync_batch_norm_forward(x, comm=ex)
+        before = [b.copy() for b in buffers]
+        error = attempt(call)
+        untouched = all(np.array_equal(a, b) for a, b in zip(before, buffers))
+        calls = list(ex.calls)
+        x_good = rng.standard_normal((4, 3, 2))
+        y = sync_batch_norm_forward(x_good, np.ones(3), comm=ex)[0]  # still in step
+        return error, untouched, calls, (x_good, y)
+
+    results = values(run_ranks(size, step))
+    expect_everywhere(as_results(r[0] for r in results), odd, ValueError, message)
+    for rank, (_, untouched, calls, _) in enumerate(results):
+        assert untouched, f"rank {rank}: running statistics changed"
+        assert calls == ["allgather"], f"rank {rank}: {calls} (only the handshake may run)"
+    x_all = np.concatenate([r[3][0] for r in results])
+    close(np.concatenate([r[3][1] for r in results]), cnorm.batch_norm(x_all, np.ones(3)), 1e-12, "y after")
+
+
+@pytest.mark.parametrize("how", ["functional", "layer"])
+@pytest.mark.parametrize("size, odd", [(2, [1]), (3, [0])])
+def test_ranks_differentiating_different_forwards_all_raise(how, size, odd):
+    """Two forwards (3, then 4 channels) succeed everywhere; the odd rank then differentiates them in the
+    other order. Its ValueError says so, the others raise PeerError, no gradient is set, no buffer changes."""
+
+    def step(rank, ex):
+        rng = np.random.default_rng(rank)
+        xs = [rng.standard_normal((4, c, 2)) for c in (3, 4)]
+        if how == "layer":
+            layers = [SyncBatchNorm(c, comm=ex, dtype=np.float64) for c in (3, 4)]
+            ys = [layer(x) for layer, x in zip(layers, xs)]
+            backwards = [lambda layer=layer, y=y: layer.backward(np.ones_like(y)) for layer, y in zip(layers, ys)]
+            buffers = [b for layer in layers for b in (layer.running_mean, layer.running_var)]
+        else:
+            outs = [sync_batch_norm_forward(x, np.ones(x.shape[1]), comm=ex) for x in xs]
+            backwards = [lambda x=x, y=y, saved=saved: sync_batch_norm_backward(np.ones_like(y), x, saved)
+                         for x, (y, saved) in zip(xs, outs)]
+            buffers = []
+        before, n_calls = [b.copy() for b in buffers], len(ex.calls)
+        error = attempt(backwards[1] if rank in odd else backwards[0])
+        untouched = all(np.array_equal(a, b) for a, b in zip(before, buffers))
+        grads = [layer.weight_grad for layer in layers] if how == "layer" else []
+        return error, untouched, ex.calls[n_calls:], grads
+
+    results = values(run_ranks(size, step))
+    expect_everywhere(as_results(r[0] for r in results), odd, ValueError,
+                      f"saved: rank {odd[0]} of {size} differentiates its synchronized forward call #2")
+    for rank, (_, untouched, calls, grads) in enumerate(results):
+        assert untouched and calls == ["allgather"] and all(g is None for g in grads), (rank, untouched, calls)
+
+
+def test_backward_of_forwards_with_different_channel_counts_fails_every_rank():
+    """Forward call #1 over two different exchanges (3 and 4 channels); each rank then differentiates
+    one of them over the first exchange: the call numbers agree, the channel counts do not."""
+    second = {"size": 2, "slots": [None] * 2, "barrier": threading.Barrier(2, timeout=20)}
+
+    def step(rank, ex):
+        rng = np.random.default_rng(rank)
+        x3, x4 = rng.standard_normal((4, 3, 2)), rng.standard_normal((4, 4, 2))
+        _, saved3 = sync_batch_norm_forward(x3, comm=ex)
+        _, saved4 = sync_batch_norm_forward(x4, comm=ThreadExchange(second, rank))
+        x, saved = (x4, saved4) if rank == 1 else (x3, saved3)
+        return sync_batch_norm_backward(np.ones_like(x), x, saved, comm=ex)
+
+    expect_everywhere(run_ranks(2, step), [1], ValueError,
+                      "saved: expected the state of a forward with 3 channels on every rank (rank 0 of 2 has 3), "
+                      "got one with 4 on rank 1")
+
+
+def test_forward_on_one_rank_backward_on_another_fails_every_rank():
+    """Ranks out of step (rank 1 differentiates while rank 0 runs the next forward): both raise at the
+    handshake, and once back in step the communicator works."""
+
+    def step(rank, ex):
+        rng = np.random.default_rng(rank)
+        x, w = rng.standard_normal((4, 3, 2)), np.ones(3)
+        y, saved = sync_batch_norm_forward(x, w, comm=ex)
+        if rank == 1:
+            error = attempt(lambda: sync_batch_norm_backward(np.ones_like(y), x, saved, w))
+        else:
+            error = attempt(lambda: sync_batch_norm_forward(x, w, comm=ex))
+        y, saved = sync_batch_norm_forward(x, w, comm=ex)
+        sync_batch_norm_backward(np.ones_like(y), x, saved, w)
+        return error
+
+    results = values(run_ranks(2, step))
+    expect_everywhere(as_results(results), [1], ValueError,
+                      "sync_batch_norm_backward: rank 1 of 2 is out of step with the others: rank 0 of 2 has called "
+                      "sync_batch_norm_forward")
+    assert str(results[0]).startswith("sync_batch_norm_forward failed on rank 1 of 2: the call is "
+                                      "sync_batch_norm_backward there but sync_batch_norm_forward on rank 0")
 
 
 def test_other_bad_inputs_fail_every_rank():
@@ -222,8 +396,11 @@ def test_backward_error_fails_every_rank():
 def test_disagreeing_settings_and_single_value_fail_every_rank():
     x = np.random.default_rng(3).standard_normal((2, 3))
     eps = run_ranks(2, lambda r, ex: sync_batch_norm_forward(x, np.ones(3), eps=1e-5 * (r + 1), comm=ex))
-    for status, exc in eps:
-        assert status == "error" and type(exc) is ValueError and str(exc).startswith("eps: expected the same"), exc
+    expect_everywhere(eps, [1], ValueError, "eps: expected the same value on every rank (rank 0 of 2 has 1e-05), "
+                                            "got 2e-05")
+    momentum = run_ranks(3, lambda r, ex: sync_batch_norm_forward(x, momentum=0.2 if r == 0 else 0.1, comm=ex))
+    expect_everywhere(momentum, [0], ValueError, "momentum: expected the same value on every rank (ranks 1, 2 of 3 "
+                                                 "have 0.1), got 0.2")
     one = run_ranks(3, lambda r, ex: sync_batch_norm_forward(x[: int(r == 1)], np.ones(3), comm=ex))
     for status, exc in one:
         assert status == "error" and "more than 1 value per channel over all ranks" in str(exc), exc

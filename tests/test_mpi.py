@@ -2,7 +2,9 @@
 
 Ranks hold uneven batches (5, 0 and 11 samples with three ranks); each must
 match single-process BatchNorm on the concatenated batch, and a bad input on
-one rank must raise on every rank within seconds. mpi4py and the mpich wheel
+one rank, or ranks that disagree with each other, must raise on every rank
+within seconds. An uncaught exception on one rank must end the job when it
+runs under ``python -m mpi4py``, as the README's launch line says. mpi4py and the mpich wheel
 (which provides mpiexec) come with ``pip install cnorm[test]``: in CI
 (CI=true) their absence fails these tests instead of skipping them.
 
@@ -74,16 +76,17 @@ def mpiexec():
     return path
 
 
-def launch(mpiexec, n, mode, tmp_path, timeout):
-    """Run the worker on ``n`` ranks; return each rank's result dict, in rank order."""
-    out = tmp_path / f"{mode}-{n}"
-    out.mkdir()
+def run_job(mpiexec, n, mode, out, timeout, python_args=()):
+    """Run the worker on ``n`` ranks (``python *python_args mpi_worker.py``); return (cmd, returncode, stdout, stderr).
+
+    Fails the test, after killing the whole job, if it has not ended within ``timeout`` seconds.
+    """
     env = dict(os.environ)
     root = str(Path(cnorm.__file__).resolve().parents[1])  # the cnorm under test, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["OMP_NUM_THREADS"] = "1"  # n ranks share the cores; no OpenMP oversubscription
     env.setdefault("HYDRA_LAUNCHER", "fork")  # MPICH: start local ranks directly, never over ssh
-    cmd = [mpiexec, "-n", str(n), sys.executable, str(WORKER), mode, str(n), str(out)]
+    cmd = [mpiexec, "-n", str(n), sys.executable, *python_args, str(WORKER), mode, str(n), str(out)]
     # A session of its own, so that a hung job is killed whole (mpiexec and every rank).
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -94,9 +97,17 @@ def launch(mpiexec, n, mode, tmp_path, timeout):
         stdout, stderr = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (a rank hung?)\n"
                     f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}")
+    return cmd, proc.returncode, stdout, stderr
+
+
+def launch(mpiexec, n, mode, tmp_path, timeout):
+    """Run the worker on ``n`` ranks; return each rank's result dict, in rank order."""
+    out = tmp_path / f"{mode}-{n}"
+    out.mkdir()
+    cmd, returncode, stdout, stderr = run_job(mpiexec, n, mode, out, timeout)
     files = sorted(out.glob("rank*.json"))
-    assert proc.returncode == 0 and len(files) == n, (
-        f"{' '.join(cmd)} exited with {proc.returncode}, {len(files)} of {n} ranks reported\n"
+    assert returncode == 0 and len(files) == n, (
+        f"{' '.join(cmd)} exited with {returncode}, {len(files)} of {n} ranks reported\n"
         f"stdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}"
     )
     results = sorted((json.loads(f.read_text()) for f in files), key=lambda r: r["rank"])
@@ -119,21 +130,67 @@ def test_bad_input_on_one_rank_fails_every_rank(mpiexec, n, tmp_path):
     """The last rank's bad x (functional and layer) or dy: every rank raises within seconds."""
     results = launch(mpiexec, n, "fail", tmp_path, timeout=30)
     bad = n - 1
-    expected = {"forward": "expected 3 channels", "layer": "expected 3 channels", "backward": "dy: expected shape"}
+    expected = {"forward": "expected 3 channels", "layer": "expected 3 channels", "backward": "dy: expected shape",
+                "forward-unpinned": "x: expected 3 channels on every rank"}  # found by the handshake
     for r in results:
         calls = r["calls"]
-        assert set(calls) == set(expected) | ({"forward-unpinned"} if n > 1 else set())
+        assert set(calls) == set(expected) - ({"forward-unpinned"} if n == 1 else set())
         for what, got in calls.items():
             where = f"rank {r['rank']} of {n}, {what}"
             assert got["type"] is not None, f"{where}: no error raised"
             assert got["seconds"] < 5, f"{where}: took {got['seconds']:.1f} s to fail"
-            if what == "forward-unpinned":  # no rank's own check can fail: all see the disagreement
-                assert got["type"] == "ValueError" and "same number of channels" in got["message"], got
-            elif r["rank"] == bad:
+            if r["rank"] == bad:
                 assert got["type"] in ("ValueError", "TypeError") and not got["peer"], got
                 assert expected[what] in got["message"], got
             else:
                 assert got["peer"] and f"rank {bad} of {n}" in got["message"], got
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_ranks_disagreeing_with_each_other_all_raise(mpiexec, n, tmp_path):
+    """One rank's arguments are consistent but disagree with the others' (4 channels where they have 3, in
+    a functional forward with running statistics, one without any parameter, a layer, a backward of
+    another forward; a backward where the others run a forward). Collectives of different sizes made
+    MPICH abort the job ("Message truncated") after the 4-channel rank had returned wrong output and
+    running statistics; now the handshake finds it: the odd rank (rank 1 of 2: rank 0 is the reference;
+    rank 0 of 3: the majority is) raises a ValueError, the others a PeerError naming it, no running
+    statistic or gradient changes, and the next call works."""
+    results = launch(mpiexec, n, "mismatch", tmp_path, timeout=60)
+    odd = 1 if n == 2 else 0
+    channels = "x: expected 3 channels on every rank"
+    expected = {"forward": channels, "forward-unpinned": channels, "layer": channels,
+                "backward": f"saved: rank {odd} of {n} differentiates its synchronized forward call",
+                "out-of-step": f"rank {odd} of {n} is out of step with the others"}
+    for r in results:
+        calls = r["calls"]
+        assert calls.pop("odd") == odd
+        assert set(calls) == set(expected)
+        for what, got in calls.items():
+            where = f"rank {r['rank']} of {n}, {what}"
+            assert got["type"] is not None, f"{where}: no error raised"
+            assert got["seconds"] < 5, f"{where}: took {got['seconds']:.1f} s to fail"
+            assert got["untouched"], f"{where}: running statistics changed"
+            assert not any(got["gradients"]), f"{where}: a gradient was set"
+            if r["rank"] == odd:
+                assert got["type"] == "ValueError" and not got["peer"], got
+                assert expected[what] in got["message"], got
+            else:
+                assert got["peer"] and f"rank {odd} of {n}" in got["message"], got
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_uncaught_exception_under_python_m_mpi4py_ends_the_job(mpiexec, n, tmp_path):
+    """What the README's launch line promises: under ``python -m mpi4py``, rank 1's uncaught exception
+    aborts the job while the other ranks wait in a SyncBatchNorm forward (with plain ``python`` they
+    would wait forever)."""
+    out = tmp_path / f"uncaught-{n}"
+    out.mkdir()
+    cmd, returncode, stdout, stderr = run_job(mpiexec, n, "uncaught", out, timeout=60, python_args=("-m", "mpi4py"))
+    waiting = sorted(f.name for f in out.glob("waiting*"))
+    assert returncode != 0, f"{' '.join(cmd)} exited with 0\nstdout: {stdout[-3000:]}\nstderr: {stderr[-3000:]}"
+    assert "RuntimeError: rank 1 ends with an uncaught exception" in stderr, stderr[-3000:]
+    assert waiting == [f"waiting{r}" for r in range(n) if r != 1], waiting  # they were in the collective ...
+    assert not list(out.glob("left*")), "a waiting rank got past the collective"  # ... and never left it
 
 
 @pytest.mark.gpu
