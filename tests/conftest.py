@@ -85,3 +85,17 @@ def pytest_report_header(config):
         f"; CPU levels tested: {', '.join(_cpu.usable_levels()) or 'none'}"
         f" (default {cnorm.get_cpu_capability()}); CI={os.environ.get('CI', '')}"
     )
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="run the tests marked slow (arrays past 2**31 elements: about 16 GiB of memory)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: needs --run-slow (python -m pytest --run-slow -m slow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
