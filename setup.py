@@ -27,12 +27,20 @@ Environment variables:
 OpenMP flags by platform (the probe tries them in order and builds serially
 when none works): GCC and LLVM clang ``-fopenmp``; Apple clang
 ``-Xpreprocessor -fopenmp`` with ``-lomp`` (``brew install libomp``, its
-include/lib folders on CPPFLAGS/LDFLAGS); MSVC ``/openmp``.
+include/lib folders on CPPFLAGS/LDFLAGS); MSVC ``/openmp``. The probe builds
+its test programs, in C and in C++, with the compilers and the flags the
+extensions get: ``CC``/``CXX``, ``CFLAGS``/``CXXFLAGS``/``CPPFLAGS`` and
+``LDFLAGS`` (a sanitizer build, tools/sanitize.sh, links with
+``-fsanitize=...``; a probe linked without it would fail and build serially).
+It says why each candidate failed when it falls back to a serial build.
 """
 
+import contextlib
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import tempfile
 import textwrap
 
@@ -90,36 +98,94 @@ HOST_LEVEL_SOURCE = textwrap.dedent(
 )
 
 
-def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=()):
-    """Build ``source`` as a program; its stdout, or None when it does not build or run."""
+def _user_link_flags(compiler, lang):
+    """The flags of the user's environment that the extensions' link gets.
+
+    distutils links an extension with ``LDSHARED`` + ``LDFLAGS`` + ``CFLAGS``
+    (``CXXFLAGS`` for C++) + ``CPPFLAGS``, but a program with the bare ``CC``
+    (``CXX``): without these a probe would miss what they change, such as the
+    runtime of ``-fsanitize=address`` or a ``-L`` folder of libomp.
+    """
+    if compiler.compiler_type == "msvc":  # distutils' MSVC compiler reads none of them
+        return []
+    names = ("LDFLAGS", "CXXFLAGS" if lang == "c++" else "CFLAGS", "CPPFLAGS")
+    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+
+
+@contextlib.contextmanager
+def _output_to(path):
+    """Send this process's stdout and stderr, the compiler's included, to ``path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "wb") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=(), lang="c"):
+    """Build ``source`` as a program in ``lang`` ("c" or "c++") as the extensions are
+    built (same compiler and flags) and run it: ``(stdout, None)``, or ``(None, why)``
+    when it does not build or run."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
+        src = os.path.join(tmp, "probe.cpp" if lang == "c++" else "probe.c")
         with open(src, "w") as f:
             f.write(source)
+        log = os.path.join(tmp, "probe.log")
+        stage = "compile"
         try:
-            objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(cflags),
-                                    include_dirs=list(include_dirs))
-            compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=list(lflags))
+            with _output_to(log):
+                objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(cflags),
+                                        include_dirs=list(include_dirs))
+                stage = "link"
+                compiler.link_executable(objs, "probe", output_dir=tmp, target_lang=lang,
+                                         extra_preargs=_user_link_flags(compiler, lang),
+                                         extra_postargs=list(lflags))
+            stage = "run"
             exe = os.path.join(tmp, "probe" + (".exe" if os.name == "nt" else ""))
-            return subprocess.run([exe], capture_output=True, text=True, check=True).stdout
-        except Exception:  # noqa: BLE001 - any failure means "no"
-            return None
+            run = subprocess.run([exe], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"exit status {run.returncode}; {run.stdout}{run.stderr}")
+            return run.stdout, None
+        except Exception as e:  # noqa: BLE001 - any failure means "no"; say why
+            with open(log, errors="replace") as f:
+                said = [ln.strip() for ln in f if ln.strip()]
+            detail = " | ".join(said[-4:]) if stage != "run" and said else str(e).strip()
+            return None, f"{lang} program failed to {stage}: {detail}"
 
 
-def probe_openmp(compiler):
-    """Return (compile_args, link_args) that build an OpenMP program, or None."""
+def probe_openmp(compiler, report=print):
+    """Return (compile_args, link_args) that build an OpenMP program, or None.
+
+    A candidate must build and run a C and a C++ program (the extensions are
+    both). ``report`` is told why each candidate failed."""
     if os.environ.get("CNORM_NO_OPENMP"):
+        report("cnorm: OpenMP not probed: CNORM_NO_OPENMP is set")
         return None
     kind = "msvc" if compiler.compiler_type == "msvc" else "unix"
     for cflags, lflags in OPENMP_CANDIDATES[kind]:
-        if _compile_and_run(compiler, PROBE_SOURCE, cflags, lflags) is not None:
+        for lang in ("c", "c++"):
+            out, why = _compile_and_run(compiler, PROBE_SOURCE, cflags, lflags, lang=lang)
+            if why is not None:
+                report(f"cnorm: OpenMP probe: {' '.join(cflags + lflags)}: {why}")
+                break
+        else:
             return cflags, lflags
     return None
 
 
 def host_level(compiler):
     """The best level this build machine runs, or None if that cannot be told."""
-    out = _compile_and_run(compiler, HOST_LEVEL_SOURCE, include_dirs=["cnorm/backends/cpu"])
+    out, _ = _compile_and_run(compiler, HOST_LEVEL_SOURCE, include_dirs=["cnorm/backends/cpu"])
     return out.strip() if out else None
 
 
@@ -166,7 +232,11 @@ class BuildExt(build_ext):
             ext.define_macros = list(ext.define_macros) + [
                 ("CNORM_OPENMP_FLAGS", '"%s"' % " ".join(omp[0]) if omp else '""')
             ]
-        print("cnorm: OpenMP", "enabled with %s" % " ".join(omp[0]) if omp else "not available: serial build")
+        if omp:
+            print("cnorm: OpenMP enabled with", " ".join(omp[0] + omp[1]))
+        else:
+            print("cnorm: WARNING: OpenMP not available: a SERIAL build (every kernel on one thread);"
+                  " the reasons are above")
         super().build_extensions()
 
 
@@ -198,12 +268,13 @@ EXTENSIONS = [
     for lv in levels_to_build()
 ]
 
-setup(
-    ext_modules=cythonize(
-        EXTENSIONS,
-        language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
-        nthreads=os.cpu_count() or 1,
-    ),
-    cmdclass={"build_ext": BuildExt},
-)
+if __name__ == "__main__":  # as pip, build and `python setup.py` run it; tests import the probe alone
+    setup(
+        ext_modules=cythonize(
+            EXTENSIONS,
+            language_level=3,
+            compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+            nthreads=os.cpu_count() or 1,
+        ),
+        cmdclass={"build_ext": BuildExt},
+    )

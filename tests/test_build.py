@@ -1,8 +1,11 @@
 """The compiled extension, OpenMP, and the info command."""
 
+import importlib.util
 import os
+import shlex
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -42,3 +45,55 @@ def test_info_command_prints_config():
     for name in ("numpy", "cython", "cupy"):
         assert name in out
     assert "OpenMP" in out and "threads" in out
+
+
+def _setup_module():
+    """setup.py's functions, loaded without building (its setup() call is guarded)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    if not os.path.exists(path):
+        pytest.skip("no setup.py beside the tests (an installed package)")
+    spec = importlib.util.spec_from_file_location("cnorm_setup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unix_compiler():
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    if compiler.compiler_type != "unix":
+        pytest.skip(f"the probe's flag handling is tested with a unix compiler, not {compiler.compiler_type}")
+    customize_compiler(compiler)  # reads CC, CFLAGS, LDFLAGS, ... now
+    return compiler
+
+
+def test_openmp_probe_honours_ldflags(monkeypatch):
+    """The probe links with the user's LDFLAGS, as the extensions are linked, and says why it failed."""
+    setup = _setup_module()
+    monkeypatch.delenv("CNORM_NO_OPENMP", raising=False)
+    monkeypatch.setenv("LDFLAGS", "-lcnorm_no_such_library")
+    said = []
+    assert setup.probe_openmp(_unix_compiler(), report=said.append) is None
+    assert said and all("failed to link" in s and "cnorm_no_such_library" in s for s in said), said
+
+
+def test_openmp_probe_with_sanitizer_flags(monkeypatch):
+    """With -fsanitize=address in CFLAGS/CXXFLAGS/LDFLAGS (tools/sanitize.sh) the probe still
+    finds OpenMP: it once linked its program without them and fell back to a serial build."""
+    if sys.platform != "linux":
+        pytest.skip("AddressSanitizer builds are run on Linux")
+    setup = _setup_module()
+    monkeypatch.delenv("CNORM_NO_OPENMP", raising=False)
+    plain = setup.probe_openmp(_unix_compiler(), report=lambda s: None)
+    if plain is None:
+        pytest.skip("this compiler has no OpenMP")
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    lib = subprocess.run(shlex.split(cc) + ["-print-file-name=libasan.so"], capture_output=True, text=True).stdout
+    if not os.path.isabs(lib.strip()):
+        pytest.skip(f"{cc} has no AddressSanitizer runtime")
+    for name in ("CFLAGS", "CXXFLAGS", "LDFLAGS"):
+        monkeypatch.setenv(name, "-fsanitize=address")
+    said = []
+    assert setup.probe_openmp(_unix_compiler(), report=said.append) == plain, said
