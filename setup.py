@@ -154,13 +154,14 @@ def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=(), la
             exe = os.path.join(tmp, "probe" + (".exe" if os.name == "nt" else ""))
             run = subprocess.run([exe], capture_output=True, text=True)
             if run.returncode != 0:
-                raise RuntimeError(f"exit status {run.returncode}; {run.stdout}{run.stderr}")
+                with open(log, "w") as f:
+                    f.write(f"{run.stdout}\n{run.stderr}\nexit status {run.returncode}\n")
+                raise RuntimeError(f"exit status {run.returncode}")
             return run.stdout, None
         except Exception as e:  # noqa: BLE001 - any failure means "no"; say why
             with open(log, errors="replace") as f:
-                said = [ln.strip() for ln in f if ln.strip()]
-            detail = " | ".join(said[-4:]) if stage != "run" and said else str(e).strip()
-            return None, f"{lang} program failed to {stage}: {detail}"
+                said = [ln.strip() for ln in f if ln.strip()] or [str(e)]
+            return None, f"{lang} program failed to {stage}: {' | '.join(said[-4:])}"
 
 
 def probe_openmp(compiler, report=print):
