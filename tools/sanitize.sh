@@ -51,8 +51,6 @@ tar --null -T "$work/files.new" --ignore-failed-read -cf - 2> /dev/null | tar -x
 mv "$work/files.new" "$work/files"
 
 # -- compilers, flags, runtime
-# setup.py puts its own flags after these: the kernels keep -O3 (the code users run, with
-# the sanitizer checks in it); -g and frame pointers give the reports their stacks.
 cc="${CC:-gcc}" cxx="${CXX:-g++}"
 if [ "$mode" = address ]; then
     san="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
