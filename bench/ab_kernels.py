@@ -38,6 +38,20 @@ def load_other(folder: str):
     return mod
 
 
+def extra_cases(dtypes):
+    """Per-sample backward cases the issue's set lacks, in each of ``dtypes``."""
+    from cnorm._bench import Case
+
+    out = []
+    for dt in dtypes:
+        if dt == "float32":
+            out.append(Case("layer_norm", "bwd", (32, 64), latency=True))
+        out += [Case("layer_norm", "bwd", shape, dtype=dt)
+                for shape in ((256, 16384), (64, 32768), (8, 1 << 20), (1, 1 << 24))]
+        out.append(Case("group_norm", "bwd", (64, 65536), groups=64, dtype=dt))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="avx512,avx2,baseline", help="levels of this build to compare")
@@ -46,6 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra", action="store_true",
+                        help="add per-sample backward cases outside the issue's set: per-token and "
+                             "long LayerNorm rows, GroupNorm on (N, C)")
     args = parser.parse_args(argv)
 
     import cnorm
@@ -64,6 +81,8 @@ def main(argv=None) -> int:
     cases = _bench.issue_cases() if "float32" in dtypes else []
     halves = tuple(d for d in dtypes if d != "float32")
     cases += _bench.half_cases(halves) if halves else []
+    if args.extra:
+        cases += extra_cases(dtypes)
     cases = [c for c in cases if args.filter in c.name]
     _bench.keep_freed_memory()
     llc = _bench.machine()["llc_bytes"]
