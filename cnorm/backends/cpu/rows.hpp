@@ -282,7 +282,7 @@ inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, pt
    head to dx's first line boundary (streaming stores fill whole lines),
    whole tiles, then single vectors (whole lines only for float32). */
 template <class T>
-inline void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t nc, const float* w,
+CN_INLINE void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t nc, const float* w,
                         const float* k5, float* cb, float* cw, ptrdiff_t pf) {
     const bool nt = cn_nt_hint() && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
     ptrdiff_t c = 0, h = nt ? cn_head(dx, nc) : 0;

@@ -436,11 +436,14 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     # S == 1 fused: 2·cg floats of column partials per thread
     cdef Py_ssize_t sstride = 3 * LN_TILE if tiled else (4 * C if cl else cg if S == 1 else 2 * cg)
     # dweight/dbias partials per sample block, reduced below in block order
-    cdef cnp.ndarray pwa = _empty1(0 if tiled else nsb * C, F64), pba = _empty1(0 if tiled else nsb * C, F64)
+    cdef cnp.ndarray pwa = _EMPTY if tiled else _empty1(nsb * C, F64)
+    cdef cnp.ndarray pba = _EMPTY if tiled else _empty1(nsb * C, F64)
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
     cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
-    # tiled: per row-group constants and one batch of piece sums
-    cdef cnp.ndarray rka = _empty1(5 * N * G if tiled else 0, F64), slots = _empty1(3 * LN_BATCH if tiled else 0, F64)
+    # tiled: per row-group constants and one batch of piece sums (per-token calls
+    # skip the allocations)
+    cdef cnp.ndarray rka = _empty1(5 * N * G, F64) if tiled else _EMPTY
+    cdef cnp.ndarray slots = _empty1(3 * LN_BATCH, F64) if tiled else _EMPTY
     cdef cnp.ndarray dw = _empty1(C, pt), db = _empty1(C, pt)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
