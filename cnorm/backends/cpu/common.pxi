@@ -25,7 +25,7 @@ cdef enum:
     # values, LN_BATCH pieces per parallel step, then column tiles of LN_TILE.
     LN_FUSE_C = 16384
     LN_PIECE = 16384
-    LN_BATCH = 1024
+    LN_BATCH = 4096
     LN_TILE = 2048
     # Channels of one cross-sample channels-last fold task.
     CFOLD = 256

@@ -521,11 +521,12 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
 # Rows (groups) of more than LN_FUSE_C values: sample blocks would need C-long
 # dweight/dbias partials each. Phase 1 sums every row-group (n, g) in pieces of
 # LN_PIECE values, LN_BATCH pieces per parallel step, merged in order into the
-# group's 5 doubles (so one long row still runs on every thread); phase 2 runs
+# group's 5 doubles (so one long row still runs on every thread; row-groups of
+# one piece are summed in place, in one step); phase 2 runs
 # over column tiles of LN_TILE in parallel, each walking all rows in order: dx
 # of its columns, and their dweight/dbias written out directly. Pieces, tiles
 # and the chunks of rows are positions: bit-identical for any thread count.
-# Scratch: 5·N·G + 3·LN_BATCH doubles and 3·LN_TILE per thread.
+# Scratch: 5·N·G + 3·LN_BATCH doubles (96 KiB) and 3·LN_TILE per thread (48 KiB).
 
 cdef inline void ln_piece(const dat* g, const dat* x, const floating* w, Py_ssize_t n, floating mu,
                           double* s3) noexcept nogil:
@@ -609,8 +610,17 @@ cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssi
     cdef double m = <double>cg, mu, r, dl, swg, swgx
     for q in range(5 * N * G):
         rk[q] = 0.0
-    # phase 1: piece sums in parallel, merged in piece order
-    b0 = 0
+    if npc == 1:
+        # phase 1, row-groups of one piece: their sums straight into rk, in one
+        # parallel region (every region waits for its slowest thread)
+        tt = nt if total >= nt else <int>total
+        for t in prange(tt, num_threads=tt, use_threads_if=tt > 1, schedule="static", chunksize=1):
+            lo = split_lo(total, tt, t)
+            hi = split_lo(total, tt, t + 1)
+            for u in range(lo, hi):
+                ln_piece(g + u * cg, x + u * cg, w + (u % G) * cg, cg, mean[u], rk + 5 * ((u % G) * N + u // G))
+    # phase 1: piece sums in parallel, LN_BATCH at a time, merged in piece order
+    b0 = total if npc == 1 else 0
     while b0 < total:
         nb = total - b0 if total - b0 < LN_BATCH else LN_BATCH
         tt = nt if nb >= nt else <int>nb
