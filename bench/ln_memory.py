@@ -13,7 +13,9 @@ forward, then measures the backward call alone:
   parameters and drops them);
 * ``traced MiB``: tracemalloc's peak during the call (NumPy allocations:
   cnorm's outputs and kernel scratch; PyTorch's allocator is invisible to it);
-* ``ms``: the call's wall time (one call, first touch of its memory included).
+* ``first ms``: the measured call's wall time (first touch of its memory
+  included; PyTorch's first call at a size also pays lazy initialization);
+* ``warm ms``: the best of three more calls.
 
 ``--other DIR`` runs cnorm with the kernels module found in DIR (a
 ``_kernels*.so`` of another build, as ``bench/ab_kernels.py --other``), to
@@ -82,7 +84,10 @@ def child(impl: str, name: str, threads: int, other: str | None) -> dict:
         gc.collect()
 
         def call():
-            y.backward(dy)
+            for t in (x, w, b):
+                if t is not None:
+                    t.grad = None
+            y.backward(dy, retain_graph=True)
             return [t.grad for t in (x, w, b) if t is not None]
 
         def nbytes(a):
@@ -122,9 +127,15 @@ def child(impl: str, name: str, threads: int, other: str | None) -> dict:
     traced = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     peak = _status("VmHWM") - rss0
-    return {"impl": impl, "case": name, "threads": threads, "peak": peak,
-            "out": sum(nbytes(a) for a in out), "traced": traced if impl == "cnorm" else None,
-            "ms": (t1 - t0) * 1e3}
+    outbytes = sum(nbytes(a) for a in out)
+    del out
+    warm = []
+    for _ in range(3):
+        t2 = time.perf_counter()
+        call()
+        warm.append(time.perf_counter() - t2)
+    return {"impl": impl, "case": name, "threads": threads, "peak": peak, "out": outbytes,
+            "traced": traced if impl == "cnorm" else None, "ms": (t1 - t0) * 1e3, "warm_ms": min(warm) * 1e3}
 
 
 def main(argv=None) -> int:
@@ -140,19 +151,21 @@ def main(argv=None) -> int:
         print(json.dumps(child(impl, name, args.threads, args.other)))
         return 0
     mib = 1 << 20
-    print(f"{'case':22s}{'impl':>8s}{'peak MiB':>10s}{'out MiB':>10s}{'traced MiB':>12s}{'ms':>10s}")
+    print(f"{'case':20s}{'impl':>14s}{'peak MiB':>10s}{'out MiB':>10s}{'traced MiB':>12s}{'first ms':>10s}"
+          f"{'warm ms':>10s}")
     for name in args.cases.split(","):
         for impl in args.impls.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{impl}:{name}",
                    "--threads", str(args.threads)] + (["--other", args.other] if args.other else [])
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode:
-                print(f"{name:22s}{impl:>8s}  failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
+                print(f"{name:20s}{impl:>14s}  failed: {run.stderr.strip().splitlines()[-1:]}", flush=True)
                 continue
             r = json.loads(run.stdout.strip().splitlines()[-1])
             traced = "-" if r["traced"] is None else f"{r['traced'] / mib:.1f}"
-            print(f"{name:22s}{impl + (' (other)' if args.other and impl == 'cnorm' else ''):>8s}"
-                  f"{r['peak'] / mib:10.1f}{r['out'] / mib:10.1f}{traced:>12s}{r['ms']:10.1f}", flush=True)
+            print(f"{name:20s}{impl + (' (other)' if args.other and impl == 'cnorm' else ''):>14s}"
+                  f"{r['peak'] / mib:10.1f}{r['out'] / mib:10.1f}{traced:>12s}{r['ms']:10.1f}{r['warm_ms']:10.1f}",
+                  flush=True)
     return 0
 
 
