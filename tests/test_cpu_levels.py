@@ -109,7 +109,9 @@ def test_info_command_reports_the_levels():
 PROBLEMS = [Problem("cf", 4, 16, 300), Problem("cl", 4, 48, 70), Problem("cf", 3, 8, 1100, 2),
             Problem("cl", 2, 64, 50, 4), Problem("cf", 64, 768, 1, 1), Problem("cf", 32, 64, 1, 1),
             Problem("cf", 5, 100, 1, 1), Problem("cl", 300, 64, 1), Problem("cl", 3, 20, 33),
-            Problem("cf", 2, 3, 70000), Problem("cl", 2, 24, 40, 3), Problem("cf", 9, 5, 37, 5)]
+            Problem("cf", 2, 3, 70000), Problem("cl", 2, 24, 40, 3), Problem("cf", 9, 5, 37, 5),
+            # long rows: the column-tiled LayerNorm backward (pieces, tiles and their tails), G = 1 and 4
+            Problem("cf", 3, 20011, 1, 1), Problem("cf", 2, 40000, 1, 4)]
 
 
 def _run(p, dt):

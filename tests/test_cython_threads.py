@@ -186,6 +186,9 @@ THREAD_PROBLEMS = [
     Problem("cl", 517, 80, 1), Problem("cl", 9, 32, 900, 4),
     # long LayerNorm rows in many sample blocks: dweight/dbias partials summed over channel ranges in parallel
     Problem("cf", 300, 2048, 1, 1),
+    # long rows: the column-tiled backward (row pieces in parallel, then column tiles), G = 1 and 4;
+    # then rows whose sample blocks are fewer and larger than usual (the partials' bound)
+    Problem("cf", 3, 20011, 1, 1), Problem("cf", 5, 40000, 1, 4), Problem("cf", 160, 8192, 1, 1),
 ]
 
 
@@ -374,7 +377,8 @@ def _check_backward_stays_finite(p, x, dy, w, b, scale=0.0):
         _close(a, e, max(float(np.abs(e).max()), scale), np.float32, name)
 
 
-@pytest.mark.parametrize("p", [Problem("cf", 32, 100, 1, 1), Problem("cf", 64, 45, 1, 1)], ids=str)
+@pytest.mark.parametrize("p", [Problem("cf", 32, 100, 1, 1), Problem("cf", 64, 45, 1, 1),
+                               Problem("cf", 32, 16411, 1, 1)], ids=str)
 def test_layer_norm_backward_float_overflow_falls_back_to_double(p):
     """LayerNorm backward sums rows and columns in float; |dy| ~ 2.5e37 overflows those
     float sums (not the double ones) and must be redone in double, not returned as Inf."""

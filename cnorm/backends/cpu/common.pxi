@@ -16,6 +16,17 @@ cdef enum:
     # Most row blocks of a channels-last cross-sample problem (bounds the
     # O(blocks·C) partials) and most sample blocks of per-sample dweight/dbias.
     MAXBLK = 64
+    # Most doubles in the per-sample dweight/dbias partials (nsb sample blocks
+    # of C each, two arrays: 4 MiB): larger problems take fewer, larger blocks.
+    PART_MAX = 1 << 18
+    # Per-element-affine rows (LayerNorm) longer than this (PART_MAX / 16: at
+    # least 16 sample blocks would fit) take the column-tiled backward, whose
+    # scratch does not grow with the row: rows summed in pieces of LN_PIECE
+    # values, LN_BATCH pieces per parallel step, then column tiles of LN_TILE.
+    LN_FUSE_C = 16384
+    LN_PIECE = 16384
+    LN_BATCH = 4096
+    LN_TILE = 2048
     # Channels of one cross-sample channels-last fold task.
     CFOLD = 256
     # Elements processed between two prefetch steps of the fused channels-first

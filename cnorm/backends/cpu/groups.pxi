@@ -135,7 +135,8 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     """Unit u = sb·G + g: group g of the samples of sample block sb.
 
     pw/pb are this sample block's dweight/dbias partials (length C), summed
-    over its samples in order; chs is 2·cg doubles of scratch.
+    over its samples in order; chs is 2·cg doubles of scratch (S == 1: 2·cg
+    floats). Per-element-affine rows longer than LN_FUSE_C take ln_tiled_bwd.
     """
     cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, n, n1, off, o2
     cdef double ag[LANES]
@@ -514,3 +515,156 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             cn_sfence()  # order this thread's streaming stores before the join
 
 
+
+
+# ------------------------------- per-sample, S == 1, long rows: column tiles --
+# Rows (groups) of more than LN_FUSE_C values: sample blocks would need C-long
+# dweight/dbias partials each. Phase 1 sums every row-group (n, g) in pieces of
+# LN_PIECE values, LN_BATCH pieces per parallel step, merged in order into the
+# group's 5 doubles (so one long row still runs on every thread; row-groups of
+# one piece are summed in place, in one step); phase 2 runs
+# over column tiles of LN_TILE in parallel, each walking all rows in order: dx
+# of its columns, and their dweight/dbias written out directly. Pieces, tiles
+# and the chunks of rows are positions: bit-identical for any thread count.
+# Scratch: 5·N·G + 3·LN_BATCH doubles (96 KiB) and 3·LN_TILE per thread (48 KiB).
+
+cdef inline void ln_piece(const dat* g, const dat* x, const floating* w, Py_ssize_t n, floating mu,
+                          double* s3) noexcept nogil:
+    """s3 = Σ w·g, Σ w·g·(x - mu), Σ (x - mu) over one piece."""
+    cdef double ag[LANES]
+    cdef double agx[LANES]
+    cdef double ax[LANES]
+    if dat is not double:
+        cn_lnb_piece(g, x, <const float*>w, n, <float>mu, s3)
+    else:
+        lanes_zero(ag)
+        lanes_zero(agx)
+        lanes_zero(ax)
+        wsums(g, x, w, n, mu, ag, agx, ax)
+        s3[0] = lanes_total(ag)
+        s3[1] = lanes_total(agx)
+        s3[2] = lanes_total(ax)
+
+
+cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t nc,
+                  Py_ssize_t nx, const floating* w, const double* rk, floating* dw, floating* db,
+                  double* scr) noexcept nogil:
+    """Phase 2, one tile: columns [0, nc) from g, x, dx, w, dw, db (pointing at the
+    tile's first column) of all N rows; rk: mu, dl, r, kb, kc per row (5 doubles);
+    scr: 3·LN_TILE doubles."""
+    cdef double* ab = scr
+    cdef double* aw = scr + LN_TILE
+    cdef double m4[4]
+    cdef double dl4[4]
+    cdef double r4[4]
+    cdef const double* q
+    cdef Py_ssize_t n, i, k, o
+    cdef int rows
+    cdef double mu, dl, r, kb, kc
+    if dat is not double:
+        cn_ln_bwd_cols(g, x, dx, C, N, nc, <const float*>w, rk, <float*>dw, <float*>db, ab, aw,
+                       <float*>(scr + 2 * LN_TILE), <float*>(scr + 2 * LN_TILE) + LN_TILE, nx)
+    else:
+        for i in range(nc):
+            ab[i] = 0.0
+            aw[i] = 0.0
+        n = 0
+        while n < N:  # rows_bwd's arithmetic, four rows at a time
+            rows = <int>(N - n if N - n < 4 else 4)
+            for k in range(rows):
+                q = rk + 5 * (n + k)
+                mu = q[0]
+                dl = q[1]
+                r = q[2]
+                kb = q[3]
+                kc = q[4]
+                m4[k] = mu
+                dl4[k] = dl
+                r4[k] = r
+                if dx != NULL:
+                    o = (n + k) * C
+                    for i in range(nc):
+                        st(dx + (o + i), (w[i] * <floating>ld(g + (o + i))) * r
+                           + ((<floating>ld(x + (o + i)) - mu) - dl) * kb + kc)
+            colsums(g + n * C, x + n * C, C, rows, nc, m4, dl4, r4, ab, aw)
+            n += rows
+        for i in range(nc):
+            dw[i] = <floating>aw[i]
+            db[i] = <floating>ab[i]
+
+
+cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
+                       const floating* mean, const floating* rstd, const floating* w,
+                       floating* dw, floating* db, double* rk, double* slots, double* scratch,
+                       int nt) noexcept nogil:
+    """dx (unless NULL), dweight and dbias of a per-element-affine problem (S == 1).
+
+    rk: 5·N·G doubles (per row-group, group-major: (g, n) at 5·(g·N + n)),
+    slots: 3·LN_BATCH doubles, scratch: 3·LN_TILE doubles per thread.
+    """
+    cdef Py_ssize_t cg = C // G, npc = (cg + LN_PIECE - 1) // LN_PIECE
+    cdef Py_ssize_t total = N * G * npc, ntile = (cg + LN_TILE - 1) // LN_TILE, nu = G * ntile
+    cdef Py_ssize_t b0, nb, j, u, p, q, t, lo, hi, gi, k, c0, nc, off
+    cdef int tt
+    cdef double* s
+    cdef double m = <double>cg, mu, r, dl, swg, swgx
+    for q in range(5 * N * G):
+        rk[q] = 0.0
+    if npc == 1:
+        # phase 1, row-groups of one piece: their sums straight into rk, in one
+        # parallel region (every region waits for its slowest thread)
+        tt = nt if total >= nt else <int>total
+        for t in prange(tt, num_threads=tt, use_threads_if=tt > 1, schedule="static", chunksize=1):
+            lo = split_lo(total, tt, t)
+            hi = split_lo(total, tt, t + 1)
+            for u in range(lo, hi):
+                ln_piece(g + u * cg, x + u * cg, w + (u % G) * cg, cg, mean[u], rk + 5 * ((u % G) * N + u // G))
+    # phase 1: piece sums in parallel, LN_BATCH at a time, merged in piece order
+    b0 = total if npc == 1 else 0
+    while b0 < total:
+        nb = total - b0 if total - b0 < LN_BATCH else LN_BATCH
+        tt = nt if nb >= nt else <int>nb
+        for t in prange(tt, num_threads=tt, use_threads_if=tt > 1, schedule="static", chunksize=1):
+            lo = split_lo(nb, tt, t)
+            hi = split_lo(nb, tt, t + 1)
+            for j in range(lo, hi):
+                u = (b0 + j) // npc  # row-group n·G + g: its values start at u·cg
+                p = (b0 + j) % npc * LN_PIECE
+                off = u * cg + p
+                ln_piece(g + off, x + off, w + (u % G) * cg + p, cg - p if cg - p < LN_PIECE else LN_PIECE,
+                         mean[u], slots + 3 * j)
+        for j in range(nb):
+            u = (b0 + j) // npc
+            s = rk + 5 * ((u % G) * N + u // G)
+            s[0] += slots[3 * j]
+            s[1] += slots[3 * j + 1]
+            s[2] += slots[3 * j + 2]
+        b0 += nb
+    # per row-group: the re-centring and the dx constants
+    for q in range(N * G):
+        gi = q // N
+        u = (q % N) * G + gi
+        mu = mean[u]
+        r = rstd[u]
+        s = rk + 5 * q
+        swg = s[0]
+        swgx = s[1]
+        dl = recentre(m, s[2], swg, &swgx)
+        s[0] = mu
+        s[1] = dl
+        s[2] = r
+        s[3] = -r * r * r * swgx / m
+        s[4] = -r * swg / m
+    # phase 2: column tiles in parallel
+    tt = nt if nu >= nt else <int>nu
+    for t in prange(tt, num_threads=tt, use_threads_if=tt > 1, schedule="static", chunksize=1):
+        lo = split_lo(nu, tt, t)
+        hi = split_lo(nu, tt, t + 1)
+        for u in range(lo, hi):
+            gi = u // ntile
+            k = u % ntile * LN_TILE
+            c0 = gi * cg + k
+            nc = cg - k if cg - k < LN_TILE else LN_TILE
+            ln_cols(g + c0, x + c0, dx if dx == NULL else dx + c0, N, C, nc, nc, w + c0,
+                    rk + 5 * gi * N, dw + c0, db + c0, scratch + t * (3 * LN_TILE))
+        cn_sfence()  # order this thread's streaming stores before the join

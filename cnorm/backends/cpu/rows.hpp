@@ -276,6 +276,29 @@ inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, pt
     }
 }
 
+/* Pass B over columns [0, nc) of `rows` rows (row n at offset n C from g, x,
+   dx, which point at the first column): dx (unless NULL) and the float
+   column partials cb/cw; each row prefetches its lines pf values ahead. A
+   head to dx's first line boundary (streaming stores fill whole lines),
+   whole tiles, then single vectors (whole lines only for float32). */
+template <class T>
+CN_INLINE void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t nc, const float* w,
+                        const float* k5, float* cb, float* cw, ptrdiff_t pf) {
+    const bool nt = cn_nt_hint() && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
+    ptrdiff_t c = 0, h = nt ? cn_head(dx, nc) : 0;
+    while (c < h) {
+        const ptrdiff_t m = h - c < 16 ? h - c : 16;
+        cn_lnb_tile<T, 1>(g + c, x + c, dx + c, C, rows, w + c, k5, m, false, cb + c, cw + c, pf);
+        c += m;
+    }
+    for (; c + 16 * CN_TILE <= nc; c += 16 * CN_TILE)
+        cn_lnb_tile<T, CN_TILE>(g + c, x + c, dx == NULL ? dx : dx + c, C, rows, w + c, k5, 16, nt, cb + c, cw + c,
+                                pf);
+    for (; c < nc; c += 16)
+        cn_lnb_tile<T, 1>(g + c, x + c, dx == NULL ? dx : dx + c, C, rows, w + c, k5, nc - c,
+                          sizeof(T) == 4 && nt, cb + c, cw + c, pf);
+}
+
 /* Backward of rows n0..n1-1 of group gi (cg columns from gi cg) of rows of C:
    dx (unless NULL) and the dweight/dbias partials pw/pb (C doubles, added
    to). fb: 2 cg floats of scratch. */
@@ -305,25 +328,123 @@ inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             k[3] = (float)(-r * r * r * swgx / m);
             k[4] = (float)(-r * swg / m);
         }
-        /* pass B: a head to dx's first line boundary (streaming stores fill
-           whole lines), whole tiles, then single vectors (whole lines only for
-           float32) */
-        const bool nt = cn_nt_hint() && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
-        T* dxo = dx == NULL ? (T*)NULL : dx + off0;
-        ptrdiff_t c = 0, h = nt ? cn_head(dxo, cg) : 0;
-        const ptrdiff_t pf = CN_LNK * C;
-        while (c < h) {
-            const ptrdiff_t m = h - c < 16 ? h - c : 16;
-            cn_lnb_tile<T, 1>(g + off0 + c, x + off0 + c, dxo + c, C, rows, w + c, k5, m, false, cb + c, cw + c, pf);
-            c += m;
-        }
-        for (; c + 16 * CN_TILE <= cg; c += 16 * CN_TILE)
-            cn_lnb_tile<T, CN_TILE>(g + off0 + c, x + off0 + c, dxo == NULL ? dxo : dxo + c, C, rows, w + c, k5,
-                                    16, nt, cb + c, cw + c, pf);
-        for (; c < cg; c += 16)
-            cn_lnb_tile<T, 1>(g + off0 + c, x + off0 + c, dxo == NULL ? dxo : dxo + c, C, rows, w + c, k5,
-                              cg - c, sizeof(T) == 4 && nt, cb + c, cw + c, pf);
+        cn_lnb_cols(g + off0, x + off0, dx == NULL ? dx : dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
         cn_lnb_flush(g + off0, x + off0, C, rows, cg, cb, cw, mk, dk, rk, pb, pw);
+    }
+}
+
+/* ---- LayerNorm backward of long rows, float32 and half data ----
+   Rows longer than the fused sample blocks allow (their dweight/dbias
+   partials would be C doubles per block) take two phases whose scratch does
+   not grow with the row (the Cython driver, groups.pxi ln_tiled_bwd):
+   phase 1 sums each row in pieces (cn_lnb_piece), phase 2 runs over column
+   tiles, each walking every row in order (cn_ln_bwd_cols). */
+
+/* Phase 1: the sums of cn_lnb_sums over one piece of a row - w g, w g (x - mu),
+   x - mu into s3[0..3) - its float lanes folded into double every CN_RCH
+   values, the piece redone in double lanes when a float sum is not finite */
+template <class T>
+inline void cn_lnb_piece(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const float* CN_RESTRICT w, ptrdiff_t n,
+                         float mu, double* s3) {
+    VD p = vdzero(), q = p, r = p;
+    const VF vm = vset(mu);
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += CN_RCH) {
+        const ptrdiff_t k = n - i0 < CN_RCH ? n - i0 : CN_RCH;
+        const T* gc = g + i0;
+        const T* xc = x + i0;
+        const float* wc = w + i0;
+        VF a0 = vzero(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
+        auto step = [&](VF wg0, VF wg1, VF d0, VF d1) CN_LAMBDA {
+            a0 = a0 + wg0; a1 = a1 + wg1;
+            b0 = vfma(wg0, d0, b0); b1 = vfma(wg1, d1, b1);
+            c0 = c0 + d0; c1 = c1 + d1;
+        };
+        ptrdiff_t i = 0;
+        CN_UNROLL(4)
+        for (; i + 32 <= k; i += 32)
+            step(vload(wc + i) * vload(gc + i), vload(wc + i + 16) * vload(gc + i + 16), vload(xc + i) - vm,
+                 vload(xc + i + 16) - vm);
+        if (i < k) {
+            ptrdiff_t m = k - i;
+            step(vload_n(wc + i, m) * vload_n(gc + i, m), vload_n(wc + i + 16, m - 16) * vload_n(gc + i + 16, m - 16),
+                 vkeep(vload_n(xc + i, m) - vm, m), vkeep(vload_n(xc + i + 16, m - 16) - vm, m - 16));
+        }
+        p = p + vfold(a0, a1);
+        q = q + vfold(b0, b1);
+        r = r + vfold(c0, c1);
+    }
+    if (!(vfinite(p) && vfinite(q) && vfinite(r))) {
+        double a[CN_LANES], b[CN_LANES], c[CN_LANES];
+        for (int j = 0; j < CN_LANES; j++) { a[j] = 0.0; b[j] = 0.0; c[j] = 0.0; }
+        cn_wsums(g, x, w, n, (double)mu, a, b, c);
+        p = vdload(a); q = vdload(b); r = vdload(c);
+    }
+    s3[0] = vhsum(p);
+    s3[1] = vhsum(q);
+    s3[2] = vhsum(r);
+}
+
+/* A chunk's float column partials into the double ab/aw column by column; a
+   column whose float partials are not finite has its chunk sums redone in
+   double (so no column's value depends on its neighbours, or on the tiles) */
+template <class T>
+inline void cn_lnb_flush_cols(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t nc, const float* cb,
+                              const float* cw, const double* mk, const double* dk, const double* rk, double* ab,
+                              double* aw) {
+    ptrdiff_t i;
+    if (cn_finite_f(cb, nc) && cn_finite_f(cw, nc)) {  /* the common case, one vector loop */
+        for (i = 0; i < nc; i++) { ab[i] += (double)cb[i]; aw[i] += (double)cw[i]; }
+        return;
+    }
+    for (i = 0; i < nc; i++) {
+        if (cn_finite_f(cb + i, 1) && cn_finite_f(cw + i, 1)) {
+            ab[i] += (double)cb[i];
+            aw[i] += (double)cw[i];
+            continue;
+        }
+        for (ptrdiff_t n = 0; n < rows; n += 4) {
+            const ptrdiff_t k = rows - n < 4 ? rows - n : 4;
+            cn_colsums(g + n * C + i, x + n * C + i, C, (int)k, 1, mk + n, dk + n, rk + n, ab + i, aw + i);
+        }
+    }
+}
+
+/* Phase 2, one column tile: columns [0, nc) from g, x, dx, w, dw, db (which
+   point at the tile's first column) of every row n < N (row n at offset n C),
+   rows in chunks of CN_LNK counted from row 0 - pass B of the fused kernel,
+   the chunks' float partials added in order into the double ab/aw, and the
+   tile's dweight/dbias written out at the end. rk: per row mu, dl, r, kb, kc
+   (row n at rk + 5 n). ab/aw: nc doubles, cb/cw: nc floats of scratch. nx:
+   offset from this tile's first column to the next tile's, whose first rows
+   the last chunk prefetches. */
+template <class T>
+inline void cn_ln_bwd_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t N, ptrdiff_t nc, const float* w,
+                           const double* rk, float* dw, float* db, double* ab, double* aw, float* cb, float* cw,
+                           ptrdiff_t nx) {
+    double mk[CN_LNK], dk[CN_LNK], rr[CN_LNK];
+    float k5[5 * CN_LNK];
+    for (ptrdiff_t i = 0; i < nc; i++) { ab[i] = 0.0; aw[i] = 0.0; }
+    for (ptrdiff_t r0 = 0; r0 < N; r0 += CN_LNK) {
+        const ptrdiff_t rows = N - r0 < CN_LNK ? N - r0 : CN_LNK, off = r0 * C;
+        for (ptrdiff_t k = 0; k < rows; k++) {
+            const double* q = rk + 5 * (r0 + k);
+            mk[k] = q[0]; dk[k] = q[1]; rr[k] = q[2];
+            for (int j = 0; j < 5; j++) k5[5 * k + j] = (float)q[j];
+        }
+        const ptrdiff_t pf = r0 + rows < N ? CN_LNK * C : nx - off;
+        cn_lnb_cols(g + off, x + off, dx == NULL ? dx : dx + off, C, rows, nc, w, k5, cb, cw, pf);
+        cn_lnb_flush_cols(g + off, x + off, C, rows, nc, cb, cw, mk, dk, rr, ab, aw);
+    }
+    /* rounded into the float scratch, then out: whole lines by streaming
+       stores when the outputs are large (dweight and dbias of a long row are
+       twice the size of float16 data) */
+    for (ptrdiff_t i = 0; i < nc; i++) { cw[i] = (float)aw[i]; cb[i] = (float)ab[i]; }
+    if (cn_nt_hint()) {
+        cn_stream_copy((const char*)cw, (char*)dw, nc * (ptrdiff_t)sizeof(float));
+        cn_stream_copy((const char*)cb, (char*)db, nc * (ptrdiff_t)sizeof(float));
+    } else {
+        memcpy(dw, cw, (size_t)nc * sizeof(float));
+        memcpy(db, cb, (size_t)nc * sizeof(float));
     }
 }
 

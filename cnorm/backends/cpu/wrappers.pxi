@@ -437,12 +437,28 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cl = cl and S > 1
     cdef Py_ssize_t sbs = _sample_block(N, C * S)
     cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
-    cdef int t = _nthreads(size, nsb if cl else nsb * G, nt)
-    cdef Py_ssize_t sstride = 4 * C if cl else 2 * (C // G)
+    # The partials take nsb·C doubles twice: long per-element-affine rows take the
+    # column-tiled kernel (no partials), other problems fewer, larger sample
+    # blocks (at least 4 where C alone exceeds the bound). Shape-determined.
+    cdef bint tiled = S == 1 and not cl and C > LN_FUSE_C
+    if not tiled and nsb * C > PART_MAX:
+        nsb = min(nsb, max(4, PART_MAX // C))
+        sbs = (N + nsb - 1) // nsb
+        nsb = (N + sbs - 1) // sbs
+    cdef Py_ssize_t cg = C // G
+    cdef Py_ssize_t units = G * ((cg + LN_TILE - 1) // LN_TILE) if tiled else (nsb if cl else nsb * G)
+    cdef int t = _nthreads(size, units, nt)
+    # S == 1 fused: 2·cg floats of column partials per thread
+    cdef Py_ssize_t sstride = 3 * LN_TILE if tiled else (4 * C if cl else cg if S == 1 else 2 * cg)
     # dweight/dbias partials per sample block, reduced below in block order
-    cdef cnp.ndarray pwa = _empty1(nsb * C, F64), pba = _empty1(nsb * C, F64)
+    cdef cnp.ndarray pwa = _EMPTY if tiled else _empty1(nsb * C, F64)
+    cdef cnp.ndarray pba = _EMPTY if tiled else _empty1(nsb * C, F64)
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
     cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
+    # tiled: per row-group constants and one batch of piece sums (per-token calls
+    # skip the allocations)
+    cdef cnp.ndarray rka = _empty1(5 * N * G, F64) if tiled else _EMPTY
+    cdef cnp.ndarray slots = _empty1(3 * LN_BATCH, F64) if tiled else _EMPTY
     cdef cnp.ndarray dw = _empty1(C, pt), db = _empty1(C, pt)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
@@ -454,25 +470,41 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* ppw = <double*>ptr(pwa)
     cdef double* ppb = <double*>ptr(pba)
     cdef double* ps = <double*>ptr(scratch)
+    cdef double* prk = <double*>ptr(rka)
+    cdef double* psl = <double*>ptr(slots)
     cdef void* pdw = ptr(dw)
     cdef void* pdb = ptr(db)
     _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
     with nogil:
-        if dt == F32:
-            grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
-        elif dt == F64:
-            grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
-                    <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
-                    <double*>pk, t)
-        elif dt == F16:
-            grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+        if tiled:
+            if dt == F32:
+                ln_tiled_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, G, <float*>pm, <float*>pr,
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
+            elif dt == F64:
+                ln_tiled_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, G, <double*>pm, <double*>pr,
+                             <double*>pw, <double*>pdw, <double*>pdb, prk, psl, ps, t)
+            elif dt == F16:
+                ln_tiled_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, G, <float*>pm, <float*>pr,
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
+            else:
+                ln_tiled_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, G, <float*>pm, <float*>pr,
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
         else:
-            grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                    <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
-        sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
-                           t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
+            if dt == F32:
+                grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+            elif dt == F64:
+                grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
+                        <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
+                        <double*>pk, t)
+            elif dt == F16:
+                grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+            else:
+                grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+            sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
+                               t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
     return dw, db
 
 
