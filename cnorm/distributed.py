@@ -646,6 +646,13 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     return y, saved
 
 
+
+def _out_of_step(fn: str, ex, has: str, reference) -> str:
+    """The message for a rank whose synchronized call differs from the others' (forward vs backward)."""
+    return (f"{fn}: rank {ex.rank} of {ex.size} is out of step with the others: "
+            f"{has} called {_OP_NAMES.get(reference)} at this point; every rank must make the same "
+            f"synchronized calls (training forwards, backwards) in the same order")
+
 def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis, comm, backend,
                   num_features):
     """The collective training forward: ``(y, saved, mean, var)``.
@@ -671,9 +678,7 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     def mismatch(slot, reference, holders):
         has = f"{_ranks(holders)} of {ex.size} {'has' if len(holders) == 1 else 'have'}"
         if slot == _OP:
-            return (f"sync_batch_norm_forward: rank {ex.rank} of {ex.size} is out of step with the others: "
-                    f"{has} called {_OP_NAMES.get(reference)} at this point; every rank must make the same "
-                    f"synchronized calls (training forwards, backwards) in the same order")
+            return _out_of_step("sync_batch_norm_forward", ex, has, reference)
         if slot == _CALL:
             return (f"sync_batch_norm_forward: rank {ex.rank} of {ex.size} is out of step with the others: this "
                     f"is its synchronized forward call #{int(mine[_CALL])} over this communicator, but "
@@ -792,9 +797,7 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
         has = f"{_ranks(holders)} of {ex.size} {'has' if len(holders) == 1 else 'have'}"
         same = "every rank must differentiate the same synchronized forward calls in the same order"
         if slot == _OP:
-            return (f"sync_batch_norm_backward: rank {ex.rank} of {ex.size} is out of step with the others: "
-                    f"{has} called {_OP_NAMES.get(reference)} at this point; every rank must make the same "
-                    f"synchronized calls (training forwards, backwards) in the same order")
+            return _out_of_step("sync_batch_norm_backward", ex, has, reference)
         if slot == _CALL:
             return (f"saved: rank {ex.rank} of {ex.size} differentiates its synchronized forward call "
                     f"#{int(mine[_CALL])} over this communicator, but {_ranks(holders)} their call "
