@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import cnorm
 from cnorm._dtypes import BFLOAT16, FLOAT16
 from cnorm.backends import get_backend_instance
 from helpers import backward, close, forward
