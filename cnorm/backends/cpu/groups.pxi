@@ -78,9 +78,11 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
                    double* pw, double* pb) noexcept nogil:
     """Backward of rows n0..n1-1 of a per-element-affine group (S == 1: LayerNorm).
 
-    Per row, one reduction pass (the two weighted sums and the re-centring
-    shift) and the dx pass; then the dweight/dbias column sums of four rows
-    at a time (fixed from n0), all while the rows are in L1/L2.
+    Four rows at a time (fixed from n0), all while they are in L1/L2: per
+    row one reduction pass (the two weighted sums and the re-centring
+    shift), then the dweight/dbias column sums of the four rows, then their
+    dx pass. The column sums come before dx is written, so dx may be dy or x
+    itself (out=).
     """
     cdef Py_ssize_t c0 = gi * cg, n, k, off, i
     cdef int rows
@@ -90,6 +92,8 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
     cdef double m4[4]
     cdef double dl4[4]
     cdef double r4[4]
+    cdef double swg4[4]
+    cdef double swgx4[4]
     cdef double mu, r, dl, swg, swgx, m = <double>cg
     cdef floating mh, ml, rf, kb, kc
     n = n0
@@ -97,7 +101,6 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
         rows = <int>(n1 - n if n1 - n < 4 else 4)
         for k in range(rows):
             mu = mean[(n + k) * G + gi]
-            r = rstd[(n + k) * G + gi]
             off = (n + k) * C + c0
             lanes_zero(ag)
             lanes_zero(agx)
@@ -105,26 +108,29 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
             wsums(g + off, x + off, w + c0, cg, mu, ag, agx, ax)
             swg = lanes_total(ag)
             swgx = lanes_total(agx)
-            dl = recentre(m, lanes_total(ax), swg, &swgx)  # centre: the row's exact mean
+            dl4[k] = recentre(m, lanes_total(ax), swg, &swgx)  # centre: the row's exact mean
             m4[k] = mu
-            dl4[k] = dl
-            r4[k] = r
-            if dx == NULL:
-                continue
-            # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - dl)
-            mh = <floating>mu
-            ml = <floating>((mu - <double>mh) + dl)
-            rf = <floating>r
-            kb = <floating>(-r * r * r * swgx / m)
-            kc = <floating>(-r * swg / m)
-            if dat is not double:
-                cn_ln_dx(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
-            else:
-                for i in range(cg):
-                    st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
-                       + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
+            r4[k] = rstd[(n + k) * G + gi]
+            swg4[k] = swg
+            swgx4[k] = swgx
         off = n * C + c0
         colsums(g + off, x + off, C, rows, cg, m4, dl4, r4, pb + c0, pw + c0)
+        if dx != NULL:
+            for k in range(rows):
+                # dx = r·w·g - r·swg/m - r³·swgx/m·(x - mu - dl)
+                mu, dl, r = m4[k], dl4[k], r4[k]
+                off = (n + k) * C + c0
+                mh = <floating>mu
+                ml = <floating>((mu - <double>mh) + dl)
+                rf = <floating>r
+                kb = <floating>(-r * r * r * swgx4[k] / m)
+                kc = <floating>(-r * swg4[k] / m)
+                if dat is not double:
+                    cn_ln_dx(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
+                else:
+                    for i in range(cg):
+                        st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
+                           + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
         n += rows
 
 
@@ -573,20 +579,23 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
             rows = <int>(N - n if N - n < 4 else 4)
             for k in range(rows):
                 q = rk + 5 * (n + k)
-                mu = q[0]
-                dl = q[1]
-                r = q[2]
-                kb = q[3]
-                kc = q[4]
-                m4[k] = mu
-                dl4[k] = dl
-                r4[k] = r
-                if dx != NULL:
+                m4[k] = q[0]
+                dl4[k] = q[1]
+                r4[k] = q[2]
+            # the column sums read g and x before dx is written (dx may be either)
+            colsums(g + n * C, x + n * C, C, rows, nc, m4, dl4, r4, ab, aw)
+            if dx != NULL:
+                for k in range(rows):
+                    q = rk + 5 * (n + k)
+                    mu = q[0]
+                    dl = q[1]
+                    r = q[2]
+                    kb = q[3]
+                    kc = q[4]
                     o = (n + k) * C
                     for i in range(nc):
                         st(dx + (o + i), (w[i] * <floating>ld(g + (o + i))) * r
                            + ((<floating>ld(x + (o + i)) - mu) - dl) * kb + kc)
-            colsums(g + n * C, x + n * C, C, rows, nc, m4, dl4, r4, ab, aw)
             n += rows
         for i in range(nc):
             dw[i] = <floating>aw[i]

@@ -259,6 +259,13 @@ CN_INLINE void cn_lnb_tile(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
     }
 }
 
+/* dx is g or x itself (an out= buffer in place of an input: the front end
+   refuses partial overlaps, so equal pointers are the only aliasing) */
+template <class T>
+inline bool cn_aliases(const T* dx, const T* g, const T* x) {
+    return dx != NULL && (dx == g || dx == x);
+}
+
 /* A chunk's float column partials into the double pb/pw, or, when one is not
    finite, the chunk's column sums redone in double */
 template <class T>
@@ -327,6 +334,14 @@ inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             k[2] = (float)r;
             k[3] = (float)(-r * r * r * swgx / m);
             k[4] = (float)(-r * swg / m);
+        }
+        if (cn_aliases(dx, g, x)) {
+            /* dx over g or x (out=): the flush may redo the column sums from g
+               and x, so they come first, and dx in a second sweep */
+            cn_lnb_cols(g + off0, x + off0, (T*)NULL, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
+            cn_lnb_flush(g + off0, x + off0, C, rows, cg, cb, cw, mk, dk, rk, pb, pw);
+            cn_lnb_cols(g + off0, x + off0, dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
+            continue;
         }
         cn_lnb_cols(g + off0, x + off0, dx == NULL ? dx : dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
         cn_lnb_flush(g + off0, x + off0, C, rows, cg, cb, cw, mk, dk, rk, pb, pw);
@@ -432,6 +447,12 @@ inline void cn_ln_bwd_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             for (int j = 0; j < 5; j++) k5[5 * k + j] = (float)q[j];
         }
         const ptrdiff_t pf = r0 + rows < N ? CN_LNK * C : nx - off;
+        if (cn_aliases(dx, g, x)) {  /* as in cn_ln_bwd_rows: the sums before dx */
+            cn_lnb_cols(g + off, x + off, (T*)NULL, C, rows, nc, w, k5, cb, cw, pf);
+            cn_lnb_flush_cols(g + off, x + off, C, rows, nc, cb, cw, mk, dk, rr, ab, aw);
+            cn_lnb_cols(g + off, x + off, dx + off, C, rows, nc, w, k5, cb, cw, pf);
+            continue;
+        }
         cn_lnb_cols(g + off, x + off, dx == NULL ? dx : dx + off, C, rows, nc, w, k5, cb, cw, pf);
         cn_lnb_flush_cols(g + off, x + off, C, rows, nc, cb, cw, mk, dk, rr, ab, aw);
     }
