@@ -187,3 +187,80 @@ def check_like(name: str, a, x, backend):
     if a.dtype != x.dtype:
         raise TypeError(f"{name}: expected dtype {x.dtype} (that of x), got {a.dtype}")
     return a
+
+
+# -- out= buffers ---------------------------------------------------------------------
+
+def _data_address(a):
+    """The address of a's first element (NumPy or CuPy)."""
+    iface = getattr(a, "__array_interface__", None) or getattr(a, "__cuda_array_interface__", None)
+    return iface["data"][0]
+
+
+def overlap(xp, a, b) -> str:
+    """How the memory of arrays ``a`` and ``b`` meets: "none", "same" (the same
+    elements: one address, shape, strides and dtype) or "partial" (anything else
+    that shares a byte, or may: an overlap too hard to decide counts as one)."""
+    if a is None or b is None or not xp.may_share_memory(a, b):
+        return "none"
+    if (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+            and _data_address(a) == _data_address(b)):
+        return "same"
+    try:
+        return "partial" if xp.shares_memory(a, b, max_work=1 << 20) else "none"
+    except (TypeError, ValueError, NotImplementedError, np.exceptions.TooHardError):
+        return "partial"  # (CuPy decides only by bounds)
+
+
+def layout_words(perm: tuple) -> str:
+    """Words for the memory layout of a kernel view whose axis order is ``perm``."""
+    n = len(perm)
+    if perm == tuple(range(n)):
+        return "a C-contiguous array"
+    if perm[-1] != n - 1 and perm[:1] == (0,) and sorted(perm[1:-1]) == list(perm[1:-1]):
+        return (f"a channels-last array (C-contiguous in axis order {perm}, the layout of x; "
+                "for (N, C, H, W): x.transpose(0, 2, 3, 1) C-contiguous)")
+    return f"an array C-contiguous in axis order {perm} (the layout of x)"
+
+
+def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=()):
+    """Check an ``out=`` buffer for a result shaped like ``x``; return the names of
+    the inputs it is (in place), as a tuple.
+
+    ``out`` must be of the backend's array type, with x's shape and dtype,
+    writable, aligned, in native byte order, and C-contiguous in the axis
+    order ``perm`` of x's kernel view (so the kernel writes it without a
+    copy). ``inplace`` lists ``(name, array)`` inputs that out may be exactly
+    (the kernel reads each of their values before writing it), ``disjoint``
+    ``(name, array)`` inputs it may not touch at all. Any other overlap is a
+    ValueError naming ``out``.
+    """
+    if not backend.accepts(out):
+        raise TypeError(f"out: the {backend.name!r} backend expects {backend.describe_expected()} "
+                        f"(the array type of x), got {type_name(out)}")
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"out: expected shape {tuple(x.shape)} (that of x), got shape {tuple(out.shape)}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out: expected dtype {x.dtype} (that of the result), got dtype {out.dtype}")
+    flags = out.flags
+    if not getattr(flags, "writeable", True):  # (CuPy arrays have no such flag: always writable)
+        raise ValueError("out: expected a writable array, got a read-only one")
+    if not getattr(flags, "aligned", True):
+        raise ValueError("out: expected an aligned array (the kernels store aligned values), got an unaligned one")
+    from ._layout import is_c_contiguous  # (a cycle at import time otherwise)
+    shape = tuple(out.shape)
+    if out.size and not is_c_contiguous(tuple(shape[i] for i in perm), tuple(out.strides[i] for i in perm), out.itemsize):
+        raise ValueError(f"out: expected {layout_words(perm)}, so that the kernel writes it without a copy; "
+                         f"got strides {tuple(out.strides)}")
+    xp = backend.xp
+    same = []
+    for name, a in inplace:
+        how = overlap(xp, out, a)
+        if how == "same":
+            same.append(name)
+        elif how == "partial":
+            raise ValueError(f"out: overlaps {name} partly; expected a separate buffer or {name} itself")
+    for name, a in disjoint:
+        if overlap(xp, out, a) != "none":
+            raise ValueError(f"out: shares memory with {name}; expected a buffer separate from it")
+    return tuple(same)

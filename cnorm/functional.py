@@ -54,16 +54,20 @@ class Saved:
     var : array or None
         The biased batch variance behind ``rstd`` (None in eval mode), for
         callers that keep their own running statistics (``cnorm.nn``).
+    overwritten : array or None
+        The forward's ``out`` when it was x itself (in place): that memory no
+        longer holds the input, so backward refuses it as x.
     """
 
     __slots__ = ("norm", "problem", "view", "mean", "rstd", "batch_stats", "has_bias", "backend",
-                 "param_shape", "dtype", "var")
+                 "param_shape", "dtype", "var", "overwritten")
 
     def __init__(self, norm, problem, view, mean, rstd, batch_stats, has_bias, backend, param_shape, dtype,
                  var=None):
         self.norm, self.problem, self.view = norm, problem, view
         self.mean, self.rstd, self.batch_stats, self.has_bias = mean, rstd, batch_stats, has_bias
         self.backend, self.param_shape, self.dtype, self.var = backend, param_shape, dtype, var
+        self.overwritten = None
 
     def __repr__(self):
         return (f"Saved({self.norm}, {self.problem}, batch_stats={self.batch_stats}, "
@@ -103,42 +107,64 @@ def _update_running(xp, running_mean, running_var, batch_mean, batch_var_unbiase
     running_var[...] = new_var
 
 
-def _empty_forward(be, x, p: Problem, sdtype):
+def _empty_forward(be, x, p: Problem, sdtype, out=None):
     xp = be.xp
-    y = xp.empty_like(x)
+    y = xp.empty_like(x) if out is None else out
     nan = xp.full(p.stats_shape, xp.nan, dtype=sdtype)
     return y, nan, nan
 
 
-def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x, var=None):
-    return Saved(norm, p, view, mean, rstd, batch_stats, bias is not None, be.name, tuple(param_shape), x.dtype,
-                 var)
+def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x, var=None, out=None, same=()):
+    saved = Saved(norm, p, view, mean, rstd, batch_stats, bias is not None, be.name, tuple(param_shape),
+                  x.dtype, var)
+    if "x" in same:
+        saved.overwritten = out
+    return saved
 
 
-def _normalize_batch(be, x, view, p, weight, bias, eps):
-    """Training-mode forward on the kernel view; returns (y, mean, var, rstd)."""
+def _check_out(out, be, x, view, *params):
+    """Check a forward's ``out=``; return the inputs it is in place of (``("x",)`` or ``()``).
+
+    Every forward kernel reads each value of x before it writes y there (the
+    statistics are complete before the normalizing sweep, which reads x[i]
+    and then writes y[i]), so out may be x itself; the parameters and
+    running statistics it may not touch."""
+    if out is None:
+        return ()
+    names = ("weight", "bias", "running_mean", "running_var")
+    return v.check_out(out, x, be, view.perm, inplace=(("x", x),), disjoint=tuple(zip(names, params)))
+
+
+def _normalize_batch(be, x, view, p, weight, bias, eps, out=None):
+    """Training-mode forward on the kernel view; returns (y, mean, var, rstd).
+
+    ``out`` (checked by :func:`_check_out`) receives y and is returned as y."""
     sd = stats_dtype(x.dtype)
     if view.empty or p.group_size == 0:
-        y, mean, rstd = _empty_forward(be, x, p, sd)
+        y, mean, rstd = _empty_forward(be, x, p, sd, out)
         return y, mean, mean, rstd
     w, b = _affine(be, weight, bias, p.c, sd)
-    y3, mean, var, rstd = be.forward_train(view.to3(x, be.xp), p, w, b, eps)
-    return view.from3(y3), mean, var, rstd
+    xp = be.xp
+    out3 = None if out is None else view.to3(out, xp)  # (a view: out's layout was checked)
+    y3, mean, var, rstd = be.forward_train(view.to3(x, xp), p, w, b, eps, out3)
+    return (view.from3(y3) if out is None else out), mean, var, rstd
 
 
-def _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps):
+def _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out=None):
     """Eval-mode forward with per-channel running statistics; returns (y, mean, rstd)."""
     sd = stats_dtype(x.dtype)
     w, b = _affine(be, weight, bias, p.c, sd)
     mean, rstd, scale, shift = be.fold_frozen(running_mean, running_var, w, b, eps, sd)
     if x.size == 0:
-        return be.xp.empty_like(x), mean, rstd
-    y3 = be.forward_eval(view.to3(x, be.xp), p, scale, shift)
-    return view.from3(y3), mean, rstd
+        return (be.xp.empty_like(x) if out is None else out), mean, rstd
+    xp = be.xp
+    out3 = None if out is None else view.to3(out, xp)
+    y3 = be.forward_eval(view.to3(x, xp), p, scale, shift, out3)
+    return (view.from3(y3) if out is None else out), mean, rstd
 
 
-def _check_backward(norm: str, dy, x, saved: Saved, weight):
-    """Validate a backward call's arguments against its forward; return the backend."""
+def _check_backward(norm: str, dy, x, saved: Saved, weight, out=None):
+    """Validate a backward call's arguments against its forward; return (backend, dy, x)."""
     if not isinstance(saved, Saved):
         raise TypeError(f"saved: expected the Saved object returned by {norm}_forward, got {v.type_name(saved)}")
     if saved.norm != norm:
@@ -150,26 +176,35 @@ def _check_backward(norm: str, dy, x, saved: Saved, weight):
             f"x: expected the forward input's shape {saved.view.shape} and dtype {saved.dtype}, "
             f"got shape {tuple(x.shape)} and dtype {x.dtype}"
         )
+    if saved.overwritten is not None and v.overlap(be.xp, x, saved.overwritten) != "none":
+        raise ValueError(f"x: its memory holds the output of the {norm}_forward call that wrote over it "
+                         "(out=x), not the input this gradient needs; pass the original input, or run the "
+                         "forward with a separate out= buffer")
     dy = v.check_like("dy", dy, x, be)
     v.check_param("weight", weight, saved.param_shape, be)
+    if out is not None:
+        # Every backward kernel reads dy[i] and x[i] before it writes dx[i] (the
+        # sums are complete before the sweep that writes dx), so dx may replace either.
+        v.check_out(out, x, be, saved.view.perm, inplace=(("dy", dy), ("x", x)), disjoint=(("weight", weight),))
     return be, dy, x
 
 
-def _backward(norm: str, dy, x, saved: Saved, weight):
+def _backward(norm: str, dy, x, saved: Saved, weight, out=None):
     """Shared backward: validation, view, backend call, parameter gradients."""
-    be, dy, x = _check_backward(norm, dy, x, saved, weight)
+    be, dy, x = _check_backward(norm, dy, x, saved, weight, out)
     p, xp = saved.problem, be.xp
     sd = stats_dtype(x.dtype)
     if x.size == 0 or p.group_size == 0:
-        dx = xp.zeros_like(x)
+        dx = xp.zeros_like(x) if out is None else out
         dweight = xp.zeros(p.c, dtype=sd)
         dbias = xp.zeros(p.c, dtype=sd)
     else:
         w, _ = _affine(be, weight, None, p.c, sd)
         x3, dy3 = saved.view.to3(x, xp), saved.view.to3(dy, xp)
         kernel = be.backward_train if saved.batch_stats else be.backward_eval
-        dx3, dweight, dbias = kernel(dy3, x3, p, saved.mean, saved.rstd, w)
-        dx = saved.view.from3(dx3)
+        out3 = None if out is None else saved.view.to3(out, xp)
+        dx3, dweight, dbias = kernel(dy3, x3, p, saved.mean, saved.rstd, w, out3)
+        dx = saved.view.from3(dx3) if out is None else out
     dweight = None if weight is None else dweight.reshape(saved.param_shape)
     dbias = dbias.reshape(saved.param_shape) if saved.has_bias else None
     return dx, dweight, dbias
@@ -189,7 +224,7 @@ def _channel_setup(x, weight, bias, channel_axis, backend, extra=()):
 # -- BatchNorm ---------------------------------------------------------------------
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                       training=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None):
+                       training=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None, *, out=None):
     """Batch normalization, returning what backward needs.
 
     Statistics are per channel over the batch and every non-channel axis.
@@ -214,11 +249,17 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         The channel axis; 1 for (N, C, H, W), -1 for (N, H, W, C).
     backend : str, optional
         Backend name; default: the one in force (see :func:`cnorm.use_backend`).
+    out : array, optional
+        Where to write y (then returned as y): x's shape and dtype, writable,
+        and in the memory layout of x (C-contiguous for a C-contiguous x,
+        channels-last for a channels-last one). It may be x itself (in place;
+        :func:`batch_norm_backward` then refuses that memory as x), but no
+        other input.
 
     Returns
     -------
     y : array
-        Same shape, dtype and memory layout as ``x``.
+        Same shape, dtype and memory layout as ``x`` (``out`` when given).
     saved : Saved
         Per-channel mean and rstd for :func:`batch_norm_backward`.
 
@@ -235,22 +276,25 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                     updated=training)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
+    same = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
     p = _problem(view, 0)
     if not training:
-        y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps)
-        return y, _saved("batch_norm", p, view, mean, rstd, False, bias, be, (c,), x)
+        y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out)
+        return y, _saved("batch_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, out, same)
     count = p.n * p.s
     if count == 1:
         raise ValueError(f"x: expected more than 1 value per channel when training, got input of shape {x.shape}")
-    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
     if running_mean is not None and count > 1:
         _update_running(be.xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum)
-    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
+    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
-               training=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None):
+               training=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None, *, out=None):
     """Batch normalization; :func:`batch_norm_forward` without the saved state.
+
+    ``out=x`` normalizes in place (inference without a second buffer).
 
     Examples
     --------
@@ -260,10 +304,10 @@ def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
     True
     """
     return batch_norm_forward(x, weight, bias, running_mean, running_var, training,
-                              momentum, eps, channel_axis, backend)[0]
+                              momentum, eps, channel_axis, backend, out=out)[0]
 
 
-def batch_norm_backward(dy, x, saved, weight=None):
+def batch_norm_backward(dy, x, saved, weight=None, *, out=None):
     """Gradients of :func:`batch_norm_forward`.
 
     Parameters
@@ -276,22 +320,26 @@ def batch_norm_backward(dy, x, saved, weight=None):
         The second result of :func:`batch_norm_forward`.
     weight : array of shape (C,), optional
         The forward weight; without it dweight is None.
+    out : array, optional
+        Where to write dx (then returned as dx): as ``out`` of
+        :func:`batch_norm_forward`; it may be dy or x itself (in place).
 
     Returns
     -------
     dx : array
-        Shape, dtype and layout of ``x``.
+        Shape, dtype and layout of ``x`` (``out`` when given).
     dweight, dbias : array of shape (C,) or None
         dweight is None when ``weight`` is None; dbias is None when forward
         had no bias. In eval mode the running statistics are constants.
     """
-    return _backward("batch_norm", dy, x, saved, weight)
+    return _backward("batch_norm", dy, x, saved, weight, out)
 
 
 # -- InstanceNorm ------------------------------------------------------------------
 
 def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                          use_input_stats=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None):
+                          use_input_stats=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None, *,
+                          out=None):
     """Instance normalization: statistics per (sample, channel) over the spatial axes.
 
     Parameters
@@ -304,7 +352,7 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     use_input_stats : bool
         Normalize each instance by its own statistics (True) or by the
         running ones (False, PyTorch's eval mode with track_running_stats).
-    momentum, eps, channel_axis, backend
+    momentum, eps, channel_axis, backend, out
         As in :func:`batch_norm_forward`.
 
     Returns
@@ -326,35 +374,37 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
                     why="when use_input_stats=False", updated=use_input_stats)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
+    same = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
     p = _problem(view, c)
     if not use_input_stats:
-        y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps)
-        return y, _saved("instance_norm", p, view, mean, rstd, False, bias, be, (c,), x)
+        y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out)
+        return y, _saved("instance_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, out, same)
     if p.s == 1:
         raise ValueError(f"x: expected more than 1 spatial element per channel when using input statistics, "
                          f"got input of shape {x.shape}")
-    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
     if running_mean is not None and p.n > 0 and p.s > 1:
         unbiased = var * (p.s / (p.s - 1))
         _update_running(be.xp, running_mean, running_var, mean.mean(axis=0), unbiased.mean(axis=0), momentum)
-    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
+    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
 
 
 def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, channel_axis=1, backend=None, *, out=None):
     """Instance normalization; :func:`instance_norm_forward` without the saved state."""
     return instance_norm_forward(x, weight, bias, running_mean, running_var, use_input_stats,
-                                 momentum, eps, channel_axis, backend)[0]
+                                 momentum, eps, channel_axis, backend, out=out)[0]
 
 
-def instance_norm_backward(dy, x, saved, weight=None):
+def instance_norm_backward(dy, x, saved, weight=None, *, out=None):
     """Gradients of :func:`instance_norm_forward`; see :func:`batch_norm_backward`."""
-    return _backward("instance_norm", dy, x, saved, weight)
+    return _backward("instance_norm", dy, x, saved, weight, out)
 
 
 # -- GroupNorm ---------------------------------------------------------------------
 
-def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None):
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None, *,
+                       out=None):
     """Group normalization: statistics per (sample, group of C/G channels).
 
     Parameters
@@ -364,7 +414,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
         G; must divide C. G = 1 normalizes each sample over all its values,
         G = C is instance normalization.
     weight, bias : array of shape (C,), optional
-    eps, channel_axis, backend
+    eps, channel_axis, backend, out
         As in :func:`batch_norm_forward`.
 
     Returns
@@ -387,24 +437,25 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
         raise ValueError(f"num_groups: expected a divisor of the {c} channels, got {groups}")
     eps = v.check_eps(eps)
     view = channel_view(x, axis)
+    same = _check_out(out, be, x, view, weight, bias)
     p = _problem(view, groups)
-    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps)
-    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
+    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None):
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None, *, out=None):
     """Group normalization; :func:`group_norm_forward` without the saved state."""
-    return group_norm_forward(x, num_groups, weight, bias, eps, channel_axis, backend)[0]
+    return group_norm_forward(x, num_groups, weight, bias, eps, channel_axis, backend, out=out)[0]
 
 
-def group_norm_backward(dy, x, saved, weight=None):
+def group_norm_backward(dy, x, saved, weight=None, *, out=None):
     """Gradients of :func:`group_norm_forward`; see :func:`batch_norm_backward`."""
-    return _backward("group_norm", dy, x, saved, weight)
+    return _backward("group_norm", dy, x, saved, weight, out)
 
 
 # -- LayerNorm ---------------------------------------------------------------------
 
-def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None, *, out=None):
     """Layer normalization over the trailing ``normalized_shape`` dimensions.
 
     Parameters
@@ -416,6 +467,9 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
         Per-element affine parameters.
     eps, backend
         As in :func:`batch_norm_forward`.
+    out : array, optional
+        Where to write y: a C-contiguous array of x's shape and dtype, or x
+        itself (in place); see :func:`batch_norm_forward`.
 
     Returns
     -------
@@ -434,16 +488,23 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     be, shape, view, p, xn = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
     if xn is not None:
         x = xn
-    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))
-    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var)
+    eps = v.check_eps(eps)
+    same = _check_out(out, be, x, view, weight, bias)
+    y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
+    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var, out, same)
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
-    """Layer normalization; :func:`layer_norm_forward` without the saved state."""
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None, *, out=None):
+    """Layer normalization; :func:`layer_norm_forward` without the saved state.
+
+    ``out=x`` normalizes in place."""
     be, _, view, p, xn = _layer_norm_setup(x, normalized_shape, weight, bias, backend)
     if xn is not None:
         x = xn
-    return _normalize_batch(be, x, view, p, weight, bias, v.check_eps(eps))[0]
+    eps = v.check_eps(eps)
+    if out is not None:
+        _check_out(out, be, x, view, weight, bias)
+    return _normalize_batch(be, x, view, p, weight, bias, eps, out)[0]
 
 
 # LayerNorm is called on small rows at high rates (per-token inference), so its
@@ -495,6 +556,8 @@ def _layer_norm_setup(x, normalized_shape, weight, bias, backend):
     return setup
 
 
-def layer_norm_backward(dy, x, saved, weight=None):
-    """Gradients of :func:`layer_norm_forward`; dweight/dbias have normalized_shape."""
-    return _backward("layer_norm", dy, x, saved, weight)
+def layer_norm_backward(dy, x, saved, weight=None, *, out=None):
+    """Gradients of :func:`layer_norm_forward`; dweight/dbias have normalized_shape.
+
+    ``out`` receives dx, as in :func:`batch_norm_backward`."""
+    return _backward("layer_norm", dy, x, saved, weight, out)

@@ -16,7 +16,13 @@ Shapes and dtypes every method can rely on (the front end guarantees them):
   for a cross-sample problem, ``(N, G)`` for a per-sample problem.
 * the statistics dtype is float64 for float64 data, float32 otherwise.
 * outputs (``y3``, ``dx3``) are new arrays of the shape, layout and dtype of
-  ``x3``; ``dweight``/``dbias`` are new ``(C,)`` arrays in the statistics dtype.
+  ``x3``, or, when the method's ``out`` is given, written into ``out`` and
+  returned as that very object: a writable, aligned, C-contiguous array of
+  ``x3``'s shape and dtype that is either disjoint from every input or
+  exactly ``x3`` or ``dy3`` (in place: a kernel must read each input value
+  before it writes the output value at that place, or compute into scratch
+  first); ``dweight``/``dbias`` are new ``(C,)`` arrays in the statistics
+  dtype.
 * N*S >= 1 and every group holds at least one value (the front end handles
   empty inputs itself).
 """
@@ -114,7 +120,7 @@ class Backend:
         return (np.dtype(np.float32), np.dtype(np.float64))
 
     # -- fused kernel problems -----------------------------------------------
-    def forward_train(self, x3, p: Problem, weight, bias, eps: float):
+    def forward_train(self, x3, p: Problem, weight, bias, eps: float, out=None):
         """Normalize with batch statistics.
 
         Returns ``(y3, mean, var, rstd)``: ``var`` is the biased variance and
@@ -122,14 +128,14 @@ class Backend:
         """
         raise NotImplementedError
 
-    def forward_eval(self, x3, p: Problem, scale, shift):
+    def forward_eval(self, x3, p: Problem, scale, shift, out=None):
         """Per-channel multiply-add ``y = x * scale[c] + shift[c]``.
 
         Eval-mode normalization with the constants folded in by the front end.
         """
         raise NotImplementedError
 
-    def backward_train(self, dy3, x3, p: Problem, mean, rstd, weight):
+    def backward_train(self, dy3, x3, p: Problem, mean, rstd, weight, out=None):
         """Backward through training-mode normalization (statistics depend on x).
 
         Returns ``(dx3, dweight, dbias)``, with ``dweight = Σ dy·xhat`` and
@@ -153,7 +159,7 @@ class Backend:
         shift = bias.astype(xp.float64) - mean * scale
         return [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
 
-    def backward_eval(self, dy3, x3, p: Problem, mean, rstd, weight):
+    def backward_eval(self, dy3, x3, p: Problem, mean, rstd, weight, out=None):
         """Backward with constant per-channel statistics (eval mode, FrozenBN).
 
         ``mean``, ``rstd`` have shape (C,) whatever the problem kind. Returns
@@ -162,7 +168,7 @@ class Backend:
         cross = Problem(p.layout, p.n, p.c, p.s, 0)
         sum_dy, sum_dy_xhat = self.channel_grad_sums(dy3, x3, cross, mean, rstd)
         scale = weight * rstd
-        dx3 = self.forward_eval(dy3, cross, scale, self.xp.zeros_like(scale))
+        dx3 = self.forward_eval(dy3, cross, scale, self.xp.zeros_like(scale), out)
         return dx3, sum_dy_xhat, sum_dy
 
     # -- cross-sample primitives (SyncBatchNorm splits around these) ---------
@@ -174,7 +180,7 @@ class Backend:
         """Per-channel ``(Σ dy, Σ dy·xhat)`` with ``xhat = (x - mean)·rstd``."""
         raise NotImplementedError
 
-    def channel_backward_apply(self, dy3, x3, p: Problem, mean, rstd, weight, mean_dy, mean_dy_xhat):
+    def channel_backward_apply(self, dy3, x3, p: Problem, mean, rstd, weight, mean_dy, mean_dy_xhat, out=None):
         """``dx = weight·rstd·(dy − mean_dy − xhat·mean_dy_xhat)`` per channel.
 
         ``mean_dy`` and ``mean_dy_xhat`` are the channel sums divided by the

@@ -62,12 +62,12 @@ class CythonBackend(Backend):
         return ALL_FLOATS
 
     # -- fused kernel problems -----------------------------------------------
-    def forward_train(self, x3, p, weight, bias, eps):
+    def forward_train(self, x3, p, weight, bias, eps, out=None):
         return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
-                                eps, _get_num_threads())
+                                eps, _get_num_threads(), out)
 
-    def forward_eval(self, x3, p, scale, shift):
-        y = np.empty_like(x3)
+    def forward_eval(self, x3, p, scale, shift, out=None):
+        y = np.empty_like(x3) if out is None else out
         _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
         return y
 
@@ -77,9 +77,9 @@ class CythonBackend(Backend):
             return super().fold_frozen(running_mean, running_var, weight, bias, eps, sdtype)
         return folded
 
-    def backward_train(self, dy3, x3, p, mean, rstd, weight):
+    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None):
         nt = _get_num_threads()
-        dx = np.empty_like(x3)
+        dx = np.empty_like(x3) if out is None else out
         cl = p.layout == CHANNELS_LAST
         if p.cross_sample:
             dweight, dbias = np.empty_like(weight), np.empty_like(weight)
@@ -90,9 +90,9 @@ class CythonBackend(Backend):
                                                weight, nt)
         return dx, dweight, dbias
 
-    def backward_eval(self, dy3, x3, p, mean, rstd, weight):
+    def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None):
         # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate.
-        dx = np.empty_like(x3)
+        dx = np.empty_like(x3) if out is None else out
         dweight, dbias = np.empty_like(weight), np.empty_like(weight)
         _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
                           dweight, dbias, _cpu.K.EVAL, _get_num_threads())
@@ -113,8 +113,8 @@ class CythonBackend(Backend):
                           np.ones_like(mean), sum_dy_xhat, sum_dy, _cpu.K.SUMS, _get_num_threads())
         return sum_dy, sum_dy_xhat
 
-    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat):
-        dx = np.empty_like(x3)
+    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat, out=None):
+        dx = np.empty_like(x3) if out is None else out
         _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
                           None, None, _cpu.K.APPLY, _get_num_threads(), mean_dy, mean_dy_xhat)
         return dx

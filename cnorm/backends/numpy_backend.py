@@ -53,6 +53,17 @@ def f64(a):
     return np.asarray(a, dtype=np.float64)
 
 
+def result(y, dtype, out):
+    """``y`` rounded to ``dtype``, as a new array or written into ``out``.
+
+    ``y`` is computed in full before ``out`` is written, so ``out`` may be an input."""
+    y = y.astype(dtype)
+    if out is None:
+        return y
+    out[...] = y.reshape(out.shape)
+    return out
+
+
 class NumpyBackend(Backend):
     """Reference kernels in plain NumPy, float64 accumulation."""
 
@@ -62,7 +73,7 @@ class NumpyBackend(Backend):
     def supported_dtypes(self):
         return ALL_FLOATS
 
-    def forward_train(self, x3, p, weight, bias, eps):
+    def forward_train(self, x3, p, weight, bias, eps, out=None):
         xg, axes = grouped(f64(x3), p)
         mean = xg.mean(axis=axes, keepdims=True)
         centred = xg - mean
@@ -70,15 +81,15 @@ class NumpyBackend(Backend):
         rstd = 1.0 / np.sqrt(var + eps)
         y = centred * rstd * per_channel(f64(weight), p) + per_channel(f64(bias), p)
         sd = stats_dtype(x3.dtype)
-        out = [s.reshape(p.stats_shape).astype(sd) for s in (mean, var, rstd)]
-        return (y.reshape(x3.shape).astype(x3.dtype), *out)
+        stats = [s.reshape(p.stats_shape).astype(sd) for s in (mean, var, rstd)]
+        return (result(y.reshape(x3.shape), x3.dtype, out), *stats)
 
-    def forward_eval(self, x3, p, scale, shift):
+    def forward_eval(self, x3, p, scale, shift, out=None):
         cross = Problem(p.layout, p.n, p.c, p.s)
         y = f64(x3) * per_channel(f64(scale), cross) + per_channel(f64(shift), cross)
-        return y.astype(x3.dtype)
+        return result(y, x3.dtype, out)
 
-    def backward_train(self, dy3, x3, p, mean, rstd, weight):
+    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None):
         xg, axes = grouped(f64(x3), p)
         g, _ = grouped(f64(dy3), p)
         r = per_group(f64(rstd), p)
@@ -94,7 +105,7 @@ class NumpyBackend(Backend):
         sd = stats_dtype(x3.dtype)
         dweight = np.sum(g * xhat, axis=caxes).reshape(p.c).astype(sd)
         dbias = np.sum(g, axis=caxes).reshape(p.c).astype(sd)
-        return dx.reshape(x3.shape).astype(x3.dtype), dweight, dbias
+        return result(dx.reshape(x3.shape), x3.dtype, out), dweight, dbias
 
     def channel_stats(self, x3, p):
         cross = Problem(p.layout, p.n, p.c, p.s)
@@ -113,10 +124,10 @@ class NumpyBackend(Backend):
         sd = stats_dtype(x3.dtype)
         return np.sum(g, axis=axes).astype(sd), np.sum(g * xhat, axis=axes).astype(sd)
 
-    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat):
+    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat, out=None):
         cross = Problem(p.layout, p.n, p.c, p.s)
         r = per_channel(f64(rstd), cross)
         xhat = (f64(x3) - per_channel(f64(mean), cross)) * r
         k = per_channel(f64(weight), cross) * r
         dx = k * (f64(dy3) - per_channel(f64(mean_dy), cross) - xhat * per_channel(f64(mean_dy_xhat), cross))
-        return dx.astype(x3.dtype)
+        return result(dx, x3.dtype, out)

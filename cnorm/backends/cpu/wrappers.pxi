@@ -144,8 +144,8 @@ cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexce
 
 
 def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                  weight, bias, double eps, int nt):
-    """Training forward into new arrays: ``(y, mean, var, rstd)``.
+                  weight, bias, double eps, int nt, y=None):
+    """Training forward: ``(y, mean, var, rstd)``, y new unless given (it may be x itself).
 
     ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
     G groups (``(N, G)``). Other arguments as in :func:`cross_forward`.
@@ -155,8 +155,8 @@ def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize
     cdef cnp.npy_intp sd[2]
     sd[0] = C if G == 0 else N
     sd[1] = G
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
-                                           dt, 0)
+    if y is None:
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x), dt, 0)
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
     cdef cnp.ndarray var = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
     cdef cnp.ndarray rstd = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
