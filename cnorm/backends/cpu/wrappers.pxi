@@ -104,9 +104,14 @@ cdef int _dtype_num(x) except -1:
     return dt
 
 
-cdef inline void _stream(Py_ssize_t out_bytes) noexcept:
-    """Choose streaming stores for this call's output (a hint: any value is correct)."""
-    cn_set_nt_store(1 if out_bytes >= NT_BYTES else 0)
+cdef inline void _stream(Py_ssize_t out_bytes, const void* out=NULL, const void* a=NULL,
+                         const void* b=NULL) noexcept:
+    """Choose streaming stores for this call's output (a hint: any value is correct).
+
+    Not when the output is an input itself (out=x, out=dy): its lines were just
+    read into the cache, where a plain store finds them; a streaming store would
+    first have to evict them."""
+    cn_set_nt_store(1 if out_bytes >= NT_BYTES and (out == NULL or (out != a and out != b)) else 0)
 
 
 cdef inline int _pnum(int dt) noexcept:
@@ -234,7 +239,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pfs = <double*>ptr(fscr)
-    _stream(0 if y is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    _stream(0 if y is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px)
     with nogil:
         if cl:
             if dt == F32:
@@ -321,7 +326,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pmu = <double*>ptr(mud)
-    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), pdx, pg, px)
     with nogil:
         if cl:
             if dt == F32:
@@ -398,7 +403,7 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* ps = <double*>ptr(scratch)
-    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px)
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
@@ -474,7 +479,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* psl = <double*>ptr(slots)
     cdef void* pdw = ptr(dw)
     cdef void* pdb = ptr(db)
-    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), pdx, pg, px)
     with nogil:
         if tiled:
             if dt == F32:
@@ -582,7 +587,7 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     cdef void* py = ptr(y)
     cdef void* pa = ptr(scale)
     cdef void* pb = ptr(shift)
-    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x))
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px)
     with nogil:
         if dt == F32:
             affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
