@@ -866,6 +866,16 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None, *, out=None):
     return dx, dweight, dbias
 
 
+def _fail_backward(saved: SyncSaved, error):
+    """This rank's synchronized backward of ``saved`` fails with ``error`` before its checks: run the
+    backward's handshake with a failed status, so this rank raises ``error`` and every other rank a
+    PeerError (as for a failed argument check in :func:`sync_batch_norm_backward`)."""
+    mine = np.zeros(_SLOTS)
+    mine[_STATUS], mine[_OP], mine[_CALL] = _FAILED, _BACKWARD, saved.call
+    mine[_CHANNELS], mine[_COUNT] = saved.problem.c, saved.count
+    _handshake(saved.exchange, mine, error, (_COUNT,), None)
+
+
 def _zeros_into(xp, x, out):
     """A zero gradient shaped like x: new, or written into ``out``."""
     if out is None:
@@ -897,6 +907,10 @@ class SyncBatchNorm(_BatchNorm):
     and one Allreduce); ``weight_grad`` and ``bias_grad`` are this rank's
     contributions, which the usual all-reduce of gradients sums, exactly as
     for every other parameter.
+
+    ``layer(x, out=buf)`` and ``layer.backward(dy, out=buf)`` write into a
+    caller's buffer, as every cnorm layer does; in training a bad ``out`` on
+    one rank fails every rank, like any other argument error.
 
     Parameters
     ----------
@@ -955,20 +969,28 @@ class SyncBatchNorm(_BatchNorm):
                              f"got shape {tuple(x.shape)}")
         self._check_channels(x, self.channel_axis, self.num_features, "num_features")
 
-    def _batch_stats_forward(self, x):
+    def _batch_stats_forward(self, x, out=None):
         if not self._communicates():  # eval mode without running statistics: local, as in PyTorch
-            return super()._batch_stats_forward(x)
+            return super()._batch_stats_forward(x, out)
         y, saved, mean, var = _sync_forward(x, self.weight, self.bias, None, None, 0.0, self.eps,
-                                            self.channel_axis, self.comm, self.backend, self.num_features)
+                                            self.channel_axis, self.comm, self.backend, self.num_features, out)
         if mean is None:
             xp = get_backend_instance(saved.backend).xp
             mean = var = xp.zeros(self.num_features, dtype=np.float64)
         return y, saved, BatchStats(mean, var, saved.count)
 
-    def _batch_stats_backward(self, dy, x, saved):
+    def _refuse_backward(self, ctx, error):
+        saved = ctx[0]
+        if isinstance(saved, SyncSaved) and saved.batch_stats:
+            # The other ranks are entering the backward's handshake: fail it, so that they raise a
+            # PeerError instead of waiting for this rank.
+            _fail_backward(saved, error)
+        raise error
+
+    def _batch_stats_backward(self, dy, x, saved, out=None):
         if isinstance(saved, SyncSaved):
-            return sync_batch_norm_backward(dy, x, saved, self.weight)
-        return super()._batch_stats_backward(dy, x, saved)
+            return sync_batch_norm_backward(dy, x, saved, self.weight, out=out)
+        return super()._batch_stats_backward(dy, x, saved, out)
 
 
 def _check_comm(comm):

@@ -747,3 +747,46 @@ def test_out_overlapping_an_input_on_one_rank_fails_every_rank():
         return sync_batch_norm_backward(np.ones_like(x), x, saved, out[0, :, 0] if rank == 1 else w, out=out)
 
     expect_everywhere(run_ranks(2, backward), [1], ValueError, "out: shares memory with weight")
+
+
+def test_layer_out_and_in_place_on_one_rank():
+    """SyncBatchNorm(x, out=) and backward(dy, out=) give the plain layer's bits and return out; a
+    forward in place on rank 0 only makes its backward raise there, and the other rank a PeerError
+    (the refusal goes through the backward's handshake: no rank is left waiting)."""
+    rng = np.random.default_rng(24)
+    xs = [rng.standard_normal((n, 3, 2, 2)) + 1 for n in (3, 5)]
+    dys = [rng.standard_normal(x.shape) for x in xs]
+
+    def step(rank, ex):
+        x, dy = xs[rank], dys[rank]
+        plain = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        y_ref, dx_ref = plain(x).copy(), plain.backward(dy).copy()
+        bn = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        buf, dyc = np.empty_like(x), dy.copy()
+        assert bn(x, out=buf) is buf and bn.backward(dyc, out=dyc) is dyc
+        _same_bits(buf, y_ref, "y")
+        _same_bits(dyc, dx_ref, "dx over dy")
+        _same_bits(bn.weight_grad, plain.weight_grad, "weight_grad")
+        _same_bits(bn.running_mean, plain.running_mean, "running_mean")
+        xc = x.copy()
+        bn(xc, out=xc if rank == 0 else None)  # collective: runs on every rank
+        return attempt(lambda: bn.backward(dy)), list(ex.calls)
+
+    results = values(run_ranks(2, step))
+    expect_everywhere(as_results(r[0] for r in results), [0], ValueError,
+                      "SyncBatchNorm.backward: the last forward wrote its output over its input (out=x)")
+    assert results[0][1] == results[1][1]  # the same collectives on both ranks
+
+
+def test_layer_bad_out_on_one_rank_fails_every_rank():
+    x = np.random.default_rng(25).standard_normal((4, 3, 2))
+
+    def step(rank, ex):
+        bn = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        out = np.empty(x.shape, np.float32) if rank == 1 else np.empty_like(x)
+        exc = attempt(lambda: bn(x, out=out))
+        return exc, int(bn.num_batches_tracked), bn.running_mean.copy()
+
+    results = values(run_ranks(2, step))
+    expect_everywhere(as_results(r[0] for r in results), [1], TypeError, "out: expected dtype float64")
+    assert all(n == 0 and not rm.any() for _, n, rm in results)
