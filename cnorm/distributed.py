@@ -112,6 +112,7 @@ from .functional import (
     _backward,
     _channel_setup,
     _check_backward,
+    _check_out,
     _problem,
     _update_running,
     batch_norm_forward,
@@ -523,15 +524,20 @@ class SyncSaved(Saved):
 
 def _sync_saved(saved: Saved, count: int, exchange) -> SyncSaved:
     """Re-label a batch_norm_forward result as a synchronized one."""
-    return SyncSaved(saved.problem, saved.view, saved.mean, saved.rstd, saved.batch_stats, saved.has_bias,
-                     saved.backend, saved.param_shape, saved.dtype, count, exchange)
+    synced = SyncSaved(saved.problem, saved.view, saved.mean, saved.rstd, saved.batch_stats, saved.has_bias,
+                       saved.backend, saved.param_shape, saved.dtype, count, exchange)
+    synced.overwritten = saved.overwritten
+    return synced
 
 
 class _Local:
-    """One rank's validated input and partial statistics."""
+    """One rank's validated input (and ``out=``) and partial statistics.
+
+    ``same`` is ``("x",)`` when ``out`` is x itself (in place), else ``()``.
+    """
 
     def __init__(self, x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend,
-                 declared):
+                 declared, out=None):
         be = resolve(backend, (x, weight, bias, running_mean, running_var))
         x = v.check_array("x", x, be, ndim_min=2)
         axis = v.check_channel_axis(channel_axis, x.ndim)
@@ -546,6 +552,9 @@ class _Local:
         self.eps, self.momentum = v.check_eps(eps), v.check_momentum(momentum)
         self.be, self.c = be, c
         self.view = channel_view(x, axis)
+        # out is checked here, inside the try of _sync_forward: a bad out on one rank then fails
+        # every rank through the handshake, like the other argument errors, before anything is written.
+        self.same = _check_out(out, be, x, self.view, weight, bias, running_mean, running_var)
         self.p = _problem(self.view, 0)
         self.count = self.p.n * self.p.s
         self.x3 = None
@@ -575,7 +584,7 @@ def _merge(xp, table, counts, c: int):
 
 def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
                             training=True, momentum=0.1, eps=1e-5, channel_axis=1, comm=None, backend=None,
-                            *, num_features=None):
+                            *, num_features=None, out=None):
     """Batch normalization with statistics over every rank's batch.
 
     Collective when ``training``: every rank of ``comm`` must call it, with
@@ -597,11 +606,19 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
         before the exchange; defaults to the length of the first of weight,
         bias, running_mean, running_var given. Every rank's channel count is
         compared in the handshake in any case.
+    out : array, optional
+        Where to write y (then returned as y), as in
+        :func:`cnorm.batch_norm_forward`: x's shape and dtype, writable, in
+        x's memory layout; it may be x itself (in place: the local statistics
+        are complete before y is written; :func:`sync_batch_norm_backward`
+        then refuses that memory as x), no other input. Checked with this
+        rank's other arguments before the exchange: a bad ``out`` on one
+        rank fails every rank, as any other argument error does.
 
     Returns
     -------
     y : array
-        Same shape, dtype and memory layout as ``x``.
+        Same shape, dtype and memory layout as ``x`` (``out`` when given).
     saved : SyncSaved
         For :func:`sync_batch_norm_backward`.
 
@@ -635,10 +652,10 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     training = v.check_bool("training", training)
     if not training:
         y, saved = batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum, eps,
-                                      channel_axis, backend)
+                                      channel_axis, backend, out=out)
         return y, _sync_saved(saved, saved.problem.n * saved.problem.s, None)
     y, saved, mean, var = _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis,
-                                        comm, backend, num_features)
+                                        comm, backend, num_features, out)
     if running_mean is not None and saved.count > 1:
         n = saved.count
         xp = get_backend_instance(saved.backend).xp
@@ -654,18 +671,20 @@ def _out_of_step(fn: str, ex, has: str, reference) -> str:
             f"synchronized calls (training forwards, backwards) in the same order")
 
 def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis, comm, backend,
-                  num_features):
+                  num_features, out=None):
     """The collective training forward: ``(y, saved, mean, var)``.
 
     ``mean`` and the biased ``var`` are the global float64 statistics, of the
     backend's array module and bit-identical on every rank (None when every
     rank's batch is empty). The running buffers are only validated here.
+    y is written into ``out`` when given (checked with the local arguments).
     """
     ex = get_exchange(comm, device=is_cupy_array(x))
     local, error = None, None
     try:
         declared = _declared_channels(num_features, weight, bias, running_mean, running_var)
-        local = _Local(x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend, declared)
+        local = _Local(x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend, declared,
+                       out)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks, or they hang
         error = exc
     mine = np.zeros(_SLOTS)
@@ -701,11 +720,13 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     if counts.sum() == 1:
         raise ValueError(f"x: expected more than 1 value per channel over all ranks when training, got 1 "
                          f"(values per channel on each rank: {counts.astype(int).tolist()})")
+    overwritten = out if "x" in local.same else None
     if counts.sum() == 0:
         nan = xp.full(c, xp.nan, dtype=sd)
         saved = SyncSaved(p, view, nan, nan, True, bias is not None, be.name, (c,), x.dtype, 0, ex,
                           int(mine[_CALL]))
-        return xp.empty_like(x), saved, None, None
+        saved.overwritten = overwritten
+        return (xp.empty_like(x) if out is None else out), saved, None, None
 
     # Every rank agreed on c: the data Allgather has the same size everywhere.
     table = ex.allgather(ex.xp.concatenate([_to_module(ex.xp, local.mean), _to_module(ex.xp, local.m2)]))
@@ -713,20 +734,28 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     mean, var = _to_module(xp, mean), _to_module(xp, m2) / total
     w, b = _affine(be, weight, bias, c, sd)
     mean_sd, rstd, scale, shift = be.fold_frozen(mean, var, w, b, local.eps, sd)
-    y = view.from3(be.forward_eval(local.x3, p, scale, shift)) if local.count else xp.empty_like(x)
+    if not local.count:
+        y = xp.empty_like(x) if out is None else out
+    elif out is None:
+        y = view.from3(be.forward_eval(local.x3, p, scale, shift))
+    else:  # (x3's statistics were taken before the exchange: y may replace x)
+        be.forward_eval(local.x3, p, scale, shift, view.to3(out, xp))
+        y = out
     saved = SyncSaved(p, view, mean_sd, rstd, True, bias is not None, be.name, (c,), x.dtype, int(total), ex,
                       int(mine[_CALL]))
+    saved.overwritten = overwritten
     return y, saved, mean, var
 
 
 def sync_batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-                    momentum=0.1, eps=1e-5, channel_axis=1, comm=None, backend=None, *, num_features=None):
+                    momentum=0.1, eps=1e-5, channel_axis=1, comm=None, backend=None, *, num_features=None,
+                    out=None):
     """:func:`sync_batch_norm_forward` without the saved state (collective when training)."""
     return sync_batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                                   channel_axis, comm, backend, num_features=num_features)[0]
+                                   channel_axis, comm, backend, num_features=num_features, out=out)[0]
 
 
-def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
+def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None, *, out=None):
     """Gradients of :func:`sync_batch_norm_forward`.
 
     Collective after a training forward (a handshake, then one Allreduce):
@@ -745,12 +774,19 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
         The forward weight; without it dweight is None.
     comm : optional
         Default: the forward's transport. Pass one only to override it.
+    out : array, optional
+        Where to write dx (then returned as dx), as in
+        :func:`cnorm.batch_norm_backward`; it may be dy or x itself (in
+        place: the local sums are complete before dx is written). Checked
+        with this rank's other arguments before the exchange, so a bad
+        ``out`` on one rank fails every rank.
 
     Returns
     -------
     dx : array
         The gradient of the summed loss of all ranks with respect to this
-        rank's x (it depends on every rank's dy through the statistics).
+        rank's x (it depends on every rank's dy through the statistics);
+        ``out`` when given.
     dweight, dbias : array of shape (C,) or None
         This rank's contributions ``Σ dy·xhat`` and ``Σ dy`` over its own
         rows, as PyTorch's SyncBatchNorm returns them: their sum over ranks is
@@ -772,14 +808,14 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
         raise TypeError(f"saved: expected the SyncSaved object returned by sync_batch_norm_forward, "
                         f"got {v.type_name(saved)}")
     if not saved.batch_stats:
-        return _backward("sync_batch_norm", dy, x, saved, weight)
+        return _backward("sync_batch_norm", dy, x, saved, weight, out)
     p, c = saved.problem, saved.problem.c
     sd = stats_dtype(saved.dtype)
     ex = saved.exchange if comm is None else get_exchange(comm, device=is_cupy_array(x))
 
     error = None
     try:
-        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight)
+        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight, out)
         xp = be.xp
         x3 = dy3 = None
         if saved.count and p.n * p.s:
@@ -811,21 +847,41 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None):
     _handshake(ex, mine, error, (_COUNT,), mismatch)
     if saved.count == 0:  # no values anywhere: zero gradients, nothing to sum
         zeros = xp.zeros(c, dtype=sd)
-        return xp.zeros_like(x), None if weight is None else zeros, zeros.copy() if saved.has_bias else None
+        return _zeros_into(xp, x, out), None if weight is None else zeros, zeros.copy() if saved.has_bias else None
     # Every rank agreed on c: the Allreduce has the same size everywhere.
     totals = ex.allreduce_sum(ex.xp.concatenate([_to_module(ex.xp, sum_dy), _to_module(ex.xp, sum_dy_xhat)]))
     mean_dy = _to_module(xp, totals[:c]) / saved.count
     mean_dy_xhat = _to_module(xp, totals[c:]) / saved.count
     if x3 is not None:
+        # (the local sums over dy3 and x3 were taken before the exchange: dx may replace either)
         w, _ = _affine(be, weight, None, c, sd)
+        out3 = None if out is None else saved.view.to3(out, xp)
         dx3 = be.channel_backward_apply(dy3, x3, p, saved.mean, saved.rstd, w,
-                                        mean_dy.astype(sd), mean_dy_xhat.astype(sd))
-        dx = saved.view.from3(dx3)
+                                        mean_dy.astype(sd), mean_dy_xhat.astype(sd), out3)
+        dx = saved.view.from3(dx3) if out is None else out
     else:
-        dx = xp.zeros_like(x)
+        dx = _zeros_into(xp, x, out)
     dweight = None if weight is None else sum_dy_xhat.astype(sd, copy=False).reshape(c)
     dbias = sum_dy.astype(sd, copy=False).reshape(c) if saved.has_bias else None
     return dx, dweight, dbias
+
+
+def _fail_backward(saved: SyncSaved, error):
+    """This rank's synchronized backward of ``saved`` fails with ``error`` before its checks: run the
+    backward's handshake with a failed status, so this rank raises ``error`` and every other rank a
+    PeerError (as for a failed argument check in :func:`sync_batch_norm_backward`)."""
+    mine = np.zeros(_SLOTS)
+    mine[_STATUS], mine[_OP], mine[_CALL] = _FAILED, _BACKWARD, saved.call
+    mine[_CHANNELS], mine[_COUNT] = saved.problem.c, saved.count
+    _handshake(saved.exchange, mine, error, (_COUNT,), None)
+
+
+def _zeros_into(xp, x, out):
+    """A zero gradient shaped like x: new, or written into ``out``."""
+    if out is None:
+        return xp.zeros_like(x)
+    out[...] = 0
+    return out
 
 
 # -- the layer ---------------------------------------------------------------------
@@ -851,6 +907,10 @@ class SyncBatchNorm(_BatchNorm):
     and one Allreduce); ``weight_grad`` and ``bias_grad`` are this rank's
     contributions, which the usual all-reduce of gradients sums, exactly as
     for every other parameter.
+
+    ``layer(x, out=buf)`` and ``layer.backward(dy, out=buf)`` write into a
+    caller's buffer, as every cnorm layer does; in training a bad ``out`` on
+    one rank fails every rank, like any other argument error.
 
     Parameters
     ----------
@@ -909,20 +969,28 @@ class SyncBatchNorm(_BatchNorm):
                              f"got shape {tuple(x.shape)}")
         self._check_channels(x, self.channel_axis, self.num_features, "num_features")
 
-    def _batch_stats_forward(self, x):
+    def _batch_stats_forward(self, x, out=None):
         if not self._communicates():  # eval mode without running statistics: local, as in PyTorch
-            return super()._batch_stats_forward(x)
+            return super()._batch_stats_forward(x, out)
         y, saved, mean, var = _sync_forward(x, self.weight, self.bias, None, None, 0.0, self.eps,
-                                            self.channel_axis, self.comm, self.backend, self.num_features)
+                                            self.channel_axis, self.comm, self.backend, self.num_features, out)
         if mean is None:
             xp = get_backend_instance(saved.backend).xp
             mean = var = xp.zeros(self.num_features, dtype=np.float64)
         return y, saved, BatchStats(mean, var, saved.count)
 
-    def _batch_stats_backward(self, dy, x, saved):
+    def _refuse_backward(self, ctx, error):
+        saved = ctx[0]
+        if isinstance(saved, SyncSaved) and saved.batch_stats:
+            # The other ranks are entering the backward's handshake: fail it, so that they raise a
+            # PeerError instead of waiting for this rank.
+            _fail_backward(saved, error)
+        raise error
+
+    def _batch_stats_backward(self, dy, x, saved, out=None):
         if isinstance(saved, SyncSaved):
-            return sync_batch_norm_backward(dy, x, saved, self.weight)
-        return super()._batch_stats_backward(dy, x, saved)
+            return sync_batch_norm_backward(dy, x, saved, self.weight, out=out)
+        return super()._batch_stats_backward(dy, x, saved, out)
 
 
 def _check_comm(comm):

@@ -20,6 +20,14 @@ Gradients
     ``layer.bias_grad``, overwriting (not accumulating) earlier ones; they are
     None for parameters the layer does not have or does not train (frozen).
 
+Output buffers
+    ``layer(x, out=buf)`` and ``layer.backward(dy, out=buf)`` write y and dx
+    into ``buf`` and return it, as the functions of :mod:`cnorm.functional`
+    do: x's shape, dtype and memory layout (``np.empty_like(x)``). A forward
+    may write over x itself (``out=x``, inference in place), but then the
+    input that backward needs is gone and ``layer.backward`` raises; a
+    backward may write over dy.
+
 Extending BatchNorm (SyncBatchNorm)
     Every normalization of a BatchNorm layer with *batch* statistics goes
     through two methods, :meth:`_BatchNorm._batch_stats_forward` and
@@ -155,14 +163,33 @@ def _check_x(x):
         raise TypeError(f"x: expected an array, got {v.type_name(x)}; wrap it with numpy.asarray(...)")
 
 
+def _same_memory(out, x) -> bool:
+    """Whether ``out`` is x itself (the same elements): a forward then wrote y over its input."""
+    return out is not None and v.overlap(_module_of(x, np), out, x) == "same"
+
+
+def _batched_out(out, x):
+    """``out`` for an unbatched ``x``, with the batch axis the functional call sees added.
+
+    Its shape is checked against x's own (the functional error would name the
+    batched shape); anything that is not an array goes on to the functional
+    check, which names it."""
+    if out is None or not hasattr(out, "shape"):
+        return out
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"out: expected shape {tuple(x.shape)} (that of x), got shape {tuple(out.shape)}")
+    return out[None]
+
+
 # -- the shared layer machinery ------------------------------------------------------
 
 class _Layer:
     """Train/eval flag, the forward state kept for one backward, gradients and state dicts.
 
-    Subclasses implement ``_forward(x) -> (y, ctx)`` and
-    ``_backward(dy, x, ctx) -> (dx, dweight, dbias)``; ``ctx`` is whatever
-    backward needs from forward (at least the functional ``Saved``).
+    Subclasses implement ``_forward(x, out) -> (y, ctx)`` and
+    ``_backward(dy, x, ctx, out) -> (dx, dweight, dbias)``; ``ctx`` is whatever
+    backward needs from forward (at least the functional ``Saved``). ``out``
+    is the caller's buffer or None; when given, it is the y (dx) returned.
     """
 
     # State-dict entries in PyTorch's order: parameters, then buffers.
@@ -199,10 +226,10 @@ class _Layer:
         self.num_batches_tracked = self.xp.zeros((), dtype=np.int64) if tracked else None
 
     # -- forward / backward ----------------------------------------------------------
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, *, out=None):
+        return self.forward(x, out=out)
 
-    def forward(self, x):
+    def forward(self, x, *, out=None):
         """Normalize ``x`` and keep what one :meth:`backward` call needs.
 
         Parameters
@@ -210,18 +237,26 @@ class _Layer:
         x : array
             The input, of the layer's array type; float32 or float64 (other
             floating dtypes where the backend supports them).
+        out : array, optional (keyword-only)
+            Where to write y, which is then ``out`` itself: x's shape and
+            dtype, writable, in x's memory layout (C-contiguous for a
+            C-contiguous x, channels-last for a channels-last one;
+            ``np.empty_like(x)`` is right). It may be x itself (in place), but
+            then the input is gone and :meth:`backward` raises; it may not
+            overlap x otherwise, nor the layer's parameters or buffers.
+            Checked before anything is updated.
 
         Returns
         -------
         y : array
-            Same shape, dtype and memory layout as ``x``.
+            Same shape, dtype and memory layout as ``x`` (``out`` when given).
         """
         _check_x(x)
-        y, ctx = self._forward(x)
-        self._pending = (x, ctx)
+        y, ctx = self._forward(x, out)
+        self._pending = (x, ctx, _same_memory(out, x))
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, *, out=None):
         """Differentiate the last forward call.
 
         Parameters
@@ -229,35 +264,53 @@ class _Layer:
         dy : array
             Gradient of the loss with respect to the last output; its shape
             and dtype.
+        out : array, optional (keyword-only)
+            Where to write dx, which is then ``out`` itself: as ``out`` of
+            :meth:`forward`; it may be dy itself, or the forward's input x
+            (in place).
 
         Returns
         -------
         dx : array
-            Gradient with respect to the last input. ``weight_grad`` and
-            ``bias_grad`` are set (None for absent or frozen parameters).
+            Gradient with respect to the last input (``out`` when given).
+            ``weight_grad`` and ``bias_grad`` are set (None for absent or
+            frozen parameters).
 
         Raises
         ------
         RuntimeError
             Without a forward call since the last backward.
+        ValueError
+            When the last forward wrote its output over its input
+            (``out=x``): the input this gradient needs is gone.
         """
         if self._pending is None:
             raise RuntimeError(
                 f"{type(self).__name__}.backward: no forward pass to differentiate; call layer(x) first "
                 "(each forward call allows one backward call)"
             )
-        x, ctx = self._pending
-        dx, dweight, dbias = self._backward(dy, x, ctx)
+        x, ctx, overwritten = self._pending
+        if overwritten:
+            self._refuse_backward(ctx, ValueError(
+                f"{type(self).__name__}.backward: the last forward wrote its output over its input (out=x), "
+                "so the input this gradient needs is gone; to differentiate, run the forward with a separate "
+                "out= buffer (or none)"
+            ))
+        dx, dweight, dbias = self._backward(dy, x, ctx, out)
         self.weight_grad = None if dweight is None else dweight.astype(self.weight.dtype, copy=False)
         self.bias_grad = None if dbias is None else dbias.astype(self.bias.dtype, copy=False)
         self._pending = None
         return dx
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         raise NotImplementedError
 
-    def _backward(self, dy, x, ctx):
+    def _backward(self, dy, x, ctx, out=None):
         raise NotImplementedError
+
+    def _refuse_backward(self, ctx, error):
+        """Raise ``error``: backward cannot run (SyncBatchNorm first tells the other ranks)."""
+        raise error
 
     # -- modes -----------------------------------------------------------------------
     def train(self, mode=True):
@@ -461,20 +514,20 @@ class _BatchNorm(_Layer):
             return 1.0 / float(int(self.num_batches_tracked) + 1)
         return v.check_momentum(self.momentum)
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         self._check_input(x)
         if self._records is not None:
-            y, saved, stats = self._batch_stats_forward(x)
+            y, saved, stats = self._stats_forward(x, out)
             if stats.count > 0:
                 self._records.append(stats)
             return y, (saved, "batch")
         if self.frozen or (not self.training and self.track_running_stats):
             y, saved = F.batch_norm_forward(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                            False, 0.0, self.eps, self.channel_axis, self.backend)
+                                            False, 0.0, self.eps, self.channel_axis, self.backend, out=out)
             return y, (saved, "frozen" if self.frozen else "running")
         update = self.training and self.track_running_stats
         factor = self._momentum_factor() if update else None
-        y, saved, stats = self._batch_stats_forward(x)
+        y, saved, stats = self._stats_forward(x, out)
         if update:
             self.num_batches_tracked += 1
             if stats.count > 0:  # an empty batch counts, as in PyTorch, but leaves the averages alone
@@ -491,15 +544,24 @@ class _BatchNorm(_Layer):
         self.running_mean[...] = new_mean
         self.running_var[...] = new_var
 
-    def _backward(self, dy, x, ctx):
+    def _backward(self, dy, x, ctx, out=None):
         saved, stats = ctx  # which statistics forward normalized with: "batch", "running" or "frozen"
         if stats == "batch":
-            return self._batch_stats_backward(dy, x, saved)
-        dx, dweight, dbias = F.batch_norm_backward(dy, x, saved, self.weight)
+            # (out only when given: an override of the seam may predate it)
+            if out is None:
+                return self._batch_stats_backward(dy, x, saved)
+            return self._batch_stats_backward(dy, x, saved, out=out)
+        dx, dweight, dbias = F.batch_norm_backward(dy, x, saved, self.weight, out=out)
         return (dx, None, None) if stats == "frozen" else (dx, dweight, dbias)
 
+    def _stats_forward(self, x, out):
+        """:meth:`_batch_stats_forward`, passed ``out`` only when given (an override may predate it)."""
+        if out is None:
+            return self._batch_stats_forward(x)
+        return self._batch_stats_forward(x, out=out)
+
     # -- the seam ----------------------------------------------------------------------
-    def _batch_stats_forward(self, x):
+    def _batch_stats_forward(self, x, out=None):
         """Normalize ``x`` with its batch statistics.
 
         The one place a BatchNorm layer computes batch statistics; override
@@ -513,6 +575,11 @@ class _BatchNorm(_Layer):
         ----------
         x : array
             The input.
+        out : array, optional
+            The caller's buffer for y (as ``out`` of
+            :func:`cnorm.batch_norm_forward`; it may be x itself), passed
+            only when given: y must then be ``out`` itself, and ``out``
+            must be checked before anything is computed or written.
 
         Returns
         -------
@@ -524,17 +591,18 @@ class _BatchNorm(_Layer):
             The statistics used (float64 mean, biased variance, count).
         """
         y, saved = F.batch_norm_forward(x, self.weight, self.bias, None, None, True, 0.0, self.eps,
-                                        self.channel_axis, self.backend)
+                                        self.channel_axis, self.backend, out=out)
         f64 = _module_of(x, self.xp).float64
         count = x.size // x.shape[self.channel_axis]
         return y, saved, BatchStats(saved.mean.astype(f64), saved.var.astype(f64), count)
 
-    def _batch_stats_backward(self, dy, x, saved):
+    def _batch_stats_backward(self, dy, x, saved, out=None):
         """Gradient of :meth:`_batch_stats_forward`: ``(dx, dweight, dbias)``.
 
         dweight and dbias are None when the layer has no weight or bias.
+        ``out`` (passed only when given) receives dx, which is then ``out``.
         """
-        return F.batch_norm_backward(dy, x, saved, self.weight)
+        return F.batch_norm_backward(dy, x, saved, self.weight, out=out)
 
     def _extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -781,12 +849,13 @@ class _InstanceNorm(_Layer):
     reset_running_stats = _BatchNorm.reset_running_stats
     reset_parameters = _BatchNorm.reset_parameters
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         if x.ndim not in (self._NDIM - 1, self._NDIM):
             raise ValueError(f"x: {type(self).__name__} expects {self._NDIM - 1}-D (unbatched) or {self._NDIM}-D "
                              f"input {self._SHAPES}, got {x.ndim}-D input of shape {tuple(x.shape)}")
         unbatched = x.ndim == self._NDIM - 1
         xb = x[None] if unbatched else x
+        ob = _batched_out(out, x) if unbatched else out
         if self.affine or self.track_running_stats:
             self._check_channels(xb, self.channel_axis, self.num_features, "num_features")
         else:
@@ -800,15 +869,22 @@ class _InstanceNorm(_Layer):
         # (and InstanceNorm never counts num_batches_tracked).
         momentum = 0.0 if self.momentum is None else self.momentum
         y, saved = F.instance_norm_forward(xb, self.weight, self.bias, self.running_mean, self.running_var,
-                                           use_input_stats, momentum, self.eps, self.channel_axis, self.backend)
+                                           use_input_stats, momentum, self.eps, self.channel_axis, self.backend,
+                                           out=ob)
+        if out is not None:
+            return out, (saved, unbatched)
         return (y[0] if unbatched else y), (saved, unbatched)
 
-    def _backward(self, dy, x, ctx):
+    def _backward(self, dy, x, ctx, out=None):
         saved, unbatched = ctx
+        ob = out
         if unbatched:
             _check_x(dy)
+            ob = _batched_out(out, x)
             dy, x = dy[None], x[None]
-        dx, dweight, dbias = F.instance_norm_backward(dy, x, saved, self.weight)
+        dx, dweight, dbias = F.instance_norm_backward(dy, x, saved, self.weight, out=ob)
+        if out is not None:
+            return out, dweight, dbias
         return (dx[0] if unbatched else dx), dweight, dbias
 
     def _extra_repr(self):
@@ -941,16 +1017,16 @@ class GroupNorm(_Layer):
         if self.bias is not None:
             self.bias[...] = 0
 
-    def _forward(self, x):
+    def _forward(self, x, out=None):
         if x.ndim < 2:
             raise ValueError(f"x: GroupNorm expects input of at least 2 dimensions (N, C, ...), "
                              f"got shape {tuple(x.shape)}")
         self._check_channels(x, self.channel_axis, self.num_channels, "num_channels")
         return F.group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps, self.channel_axis,
-                                    self.backend)
+                                    self.backend, out=out)
 
-    def _backward(self, dy, x, saved):
-        return F.group_norm_backward(dy, x, saved, self.weight)
+    def _backward(self, dy, x, saved, out=None):
+        return F.group_norm_backward(dy, x, saved, self.weight, out=out)
 
     def _extra_repr(self):
         s = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
@@ -1012,11 +1088,12 @@ class LayerNorm(_Layer):
 
     reset_parameters = GroupNorm.reset_parameters
 
-    def _forward(self, x):
-        return F.layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps, self.backend)
+    def _forward(self, x, out=None):
+        return F.layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps, self.backend,
+                                    out=out)
 
-    def _backward(self, dy, x, saved):
-        return F.layer_norm_backward(dy, x, saved, self.weight)
+    def _backward(self, dy, x, saved, out=None):
+        return F.layer_norm_backward(dy, x, saved, self.weight, out=out)
 
     def _extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "

@@ -276,3 +276,57 @@ def test_array_contract(cp, backend):
     assert "cupy" in backend.describe_expected()
     assert {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)} <= set(backend.supported_dtypes())
     assert backend.xp is cp
+
+
+def _bits(a):
+    h = a.get()
+    return h.view(f"u{h.itemsize}").tobytes()
+
+
+@pytest.mark.parametrize("registers", [True, False], ids=["registers", "staged"])
+@pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("spec", PROBLEMS, ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
+def test_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_name, registers):
+    """``out=`` on every method and kernel path: a separate buffer, one not 16-byte aligned (scalar
+    stores or scratch), and in place (y over x; dx over dy and over x) give the plain call's bits,
+    dweight/dbias included, and return ``out`` itself. A launch that read an input after a kernel
+    wrote the output over it would differ."""
+    if not registers and not spec[4]:
+        pytest.skip("cross-sample problems do not use the row kernels")
+    dtype = np_dtype(dtype_name, backend)
+    p = Problem(*spec)
+    x, dy, w, b = inputs(p, dtype, seed=zlib.crc32(repr(spec).encode()) + 1)
+    W, B = cp.asarray(w), cp.asarray(b)
+    cm, cr = (np.random.default_rng(2).uniform(0.5, 1.5, p.c).astype(w.dtype) for _ in range(2))
+    CM, CR = cp.asarray(cm), cp.asarray(cr)
+
+    def unaligned():
+        buf = cp.empty(x.size + 1, dtype=dtype)[1:].reshape(x.shape)
+        assert buf.data.ptr % 16 != 0
+        return buf
+
+    backend.row_registers = registers
+    try:
+        X, DY = cp.asarray(x), cp.asarray(dy)
+        plain_fwd = backend.forward_train(X, p, W, B, 1e-5)
+        mean, rstd = plain_fwd[1], plain_fwd[3]
+        calls = {
+            "forward_train": (False, lambda X, DY, out: backend.forward_train(X, p, W, B, 1e-5, out)),
+            "forward_eval": (False, lambda X, DY, out: (backend.forward_eval(X, p, W, B, out),)),
+            "backward_train": (True, lambda X, DY, out: backend.backward_train(DY, X, p, mean, rstd, W, out)),
+            "backward_eval": (True, lambda X, DY, out: backend.backward_eval(DY, X, p, CM, CR, W, out)),
+            "channel_backward_apply": (True, lambda X, DY, out: (
+                backend.channel_backward_apply(DY, X, p, CM, CR, W, CR, CM, out),)),
+        }
+        for name, (backward, call) in calls.items():
+            want = [_bits(a) for a in call(X, DY, None)]
+            for target in ("separate", "unaligned", "x") + (("dy",) if backward else ()):
+                Xt, DYt = cp.asarray(x), cp.asarray(dy)
+                out = {"separate": lambda: cp.empty_like(Xt), "unaligned": unaligned, "x": lambda: Xt,
+                       "dy": lambda: DYt}[target]()
+                got = call(Xt, DYt, out)
+                assert got[0] is out, f"{name} out={target}: not returned as the result"
+                for i, (g, wb) in enumerate(zip(got, want)):
+                    assert _bits(g) == wb, f"{name} out={target}: result {i} differs from the plain call's"
+    finally:
+        del backend.row_registers

@@ -564,3 +564,229 @@ def test_missing_mpi4py_says_what_to_install(monkeypatch):
         get_exchange(None)
     with pytest.raises(ImportError, match=r"pip install cnorm\[mpi\]"):
         SyncBatchNorm(3)(np.ones((4, 3)))
+
+
+# -- out= ----------------------------------------------------------------------------
+
+def _same_bits(got, want, what):
+    if want is None:
+        assert got is None, what
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    bits = f"u{got.dtype.itemsize}"
+    assert np.array_equal(np.ascontiguousarray(got).view(bits), np.ascontiguousarray(want).view(bits)), what
+
+
+OUT_CASES = [dict(layout="cf", dtype=np.float32, affine=True), dict(layout="cl_strided", dtype=np.float64,
+                                                                       affine=False)]
+
+
+@pytest.mark.parametrize("spec", OUT_CASES, ids=["cf-f32-affine", "cl_strided-f64-plain"])
+def test_out_is_written_and_in_place_works(backend, spec):
+    """sync_batch_norm_forward/backward with out=: a separate buffer, y over x, dx over dy and over x,
+    each returned as out and bit-identical to the plain call on every rank (one rank empty). After a
+    forward in place, backward refuses the overwritten x on every rank and takes the original."""
+    sizes = (3, 0, 4)
+    case = sync_cases.make_case(sizes, c=3, spatial=(2, 3), seed=5, **spec)
+    A, H, xp = backend.asarray, backend.to_numpy, backend.xp
+
+    def step(rank, ex):
+        rows = case.rows(rank)
+        w, b = A(case.weight), A(case.bias)
+
+        def fresh():
+            x = A(case.x[rows].copy(order="K"))
+            dy = xp.empty_like(x)
+            dy[...] = A(case.dy[rows])
+            return x, dy
+
+        def forward(x, **out):
+            rm, rv = A(case.running_mean.copy()), A(case.running_var.copy())
+            y, saved = sync_batch_norm_forward(x, w, b, rm, rv, True, sync_cases.MOMENTUM, sync_cases.EPS,
+                                               case.channel_axis, ex, backend.name, **out)
+            return y, saved, rm, rv
+
+        x, dy = fresh()
+        y, saved, rm, rv = forward(x)
+        want_fwd = [H(a) for a in (y, rm, rv)]
+        want_bwd = [H(a) for a in sync_batch_norm_backward(dy, x, saved, w)]
+
+        def check_backward(got, what):
+            for g, e, name in zip(got, want_bwd, ("dx", "dweight", "dbias")):
+                _same_bits(H(g), e, f"rank {rank} {what}: {name}")
+
+        x, dy = fresh()
+        buf, dbuf = xp.empty_like(x), xp.empty_like(x)
+        y, saved, rm, rv = forward(x, out=buf)
+        assert y is buf
+        for g, e, name in zip((y, rm, rv), want_fwd, ("y", "running_mean", "running_var")):
+            _same_bits(H(g), e, f"rank {rank} out=buf: {name}")
+        _same_bits(H(x), case.x[rows], f"rank {rank}: x untouched")
+        got = sync_batch_norm_backward(dy, x, saved, w, out=dbuf)
+        assert got[0] is dbuf
+        check_backward(got, "dx into a buffer")
+
+        x, dy = fresh()
+        y, saved, rm, rv = forward(x, out=x)
+        assert y is x
+        _same_bits(H(y), want_fwd[0], f"rank {rank}: y over x")
+        _same_bits(H(rm), want_fwd[1], f"rank {rank}: running_mean (in place)")
+        refused = attempt(lambda: sync_batch_norm_backward(dy, x, saved, w))
+        x0, _ = fresh()
+        check_backward(sync_batch_norm_backward(dy, x0, saved, w), "after a forward in place")
+
+        for target in ("dy", "x"):
+            x, dy = fresh()
+            _, saved, _, _ = forward(x)
+            out = dy if target == "dy" else x
+            got = sync_batch_norm_backward(dy, x, saved, w, out=out)
+            assert got[0] is out
+            check_backward(got, f"dx over {target}")
+        return refused
+
+    refusals = values(run_ranks(len(sizes), step))
+    for rank, exc in enumerate(refusals):
+        if sizes[rank]:  # its x holds y: refused, naming the in-place forward
+            assert type(exc) is ValueError and "out=x" in str(exc), f"rank {rank}: {exc!r}"
+        else:  # an empty x holds nothing to lose; it fails with the others
+            assert isinstance(exc, PeerError), f"rank {rank}: {exc!r}"
+
+
+def test_out_every_rank_empty_and_eval_mode():
+    x = np.zeros((0, 3, 4))
+
+    def step(rank, ex):
+        out = np.empty_like(x)
+        y, saved = sync_batch_norm_forward(x, comm=ex, out=out)
+        dout = np.empty_like(x)
+        dx = sync_batch_norm_backward(x, x, saved, out=dout)[0]
+        return y is out and dx is dout
+
+    assert values(run_ranks(2, step)) == [True, True]
+
+    # eval mode: local, in place allowed, the overwritten x refused by backward
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((4, 3, 5))
+    dy = rng.standard_normal(x.shape)
+    rm, rv, w = np.zeros(3), np.full(3, 2.0), np.linspace(0.5, 1.5, 3)
+    y_ref, s_ref = cnorm.batch_norm_forward(x, w, None, rm, rv, training=False)
+    dx_ref = cnorm.batch_norm_backward(dy, x, s_ref, w)[0]
+    xi = x.copy()
+    y, saved = sync_batch_norm_forward(xi, w, None, rm, rv, training=False, comm=NoExchange(), out=xi)
+    assert y is xi
+    _same_bits(y, y_ref, "eval y over x")
+    with pytest.raises(ValueError, match="out=x"):
+        sync_batch_norm_backward(dy, xi, saved, w)
+    dyi = dy.copy()
+    dx = sync_batch_norm_backward(dyi, x, saved, w, out=dyi)[0]
+    assert dx is dyi
+    _same_bits(dx, dx_ref, "eval dx over dy")
+
+
+# what is wrong with the one rank's out: (make it from x, error type, message)
+BAD_OUTS = {
+    "dtype": (lambda x: np.empty(x.shape, np.float32), TypeError, "out: expected dtype float64"),
+    "shape": (lambda x: np.empty(x.shape[:-1]), ValueError, "out: expected shape"),
+    "layout": (lambda x: np.empty(x.shape[::-1]).T, ValueError, "out: expected a C-contiguous array"),
+    "read-only": (lambda x: np.broadcast_to(np.zeros(1), x.shape), ValueError, "out: expected a writable"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_OUTS))
+def test_bad_out_on_one_rank_fails_every_rank_before_anything_is_written(what):
+    """A bad out on rank 1 only: rank 1 raises the out error, the others a PeerError naming it, only the
+    handshake collective runs, and no output, running statistic or gradient is written anywhere."""
+    make_bad, error, match = BAD_OUTS[what]
+    rng = np.random.default_rng(22)
+    xs = [rng.standard_normal((4, 3, 5)) for _ in range(3)]
+
+    def forward(rank, ex):
+        x = xs[rank]
+        rm, rv = np.zeros(3), np.ones(3)
+        out = make_bad(x) if rank == 1 else np.full_like(x, 7.0)
+        before = out.copy()
+        exc = attempt(lambda: sync_batch_norm_forward(x, np.ones(3), None, rm, rv, comm=ex, out=out))
+        untouched = np.array_equal(out, before) and not rm.any() and np.all(rv == 1)
+        return exc, untouched, list(ex.calls)
+
+    results = values(run_ranks(3, forward))
+    expect_everywhere(as_results(r[0] for r in results), [1], error, match)
+    assert all(untouched and calls == ["allgather"] for _, untouched, calls in results)
+
+    def backward(rank, ex):
+        x, dy = xs[rank], np.ones_like(xs[rank])
+        _, saved = sync_batch_norm_forward(x, np.ones(3), comm=ex)
+        n_calls = len(ex.calls)
+        out = make_bad(x) if rank == 1 else np.full_like(x, 7.0)
+        before = out.copy()
+        exc = attempt(lambda: sync_batch_norm_backward(dy, x, saved, np.ones(3), out=out))
+        return exc, np.array_equal(out, before), ex.calls[n_calls:]
+
+    results = values(run_ranks(3, backward))
+    expect_everywhere(as_results(r[0] for r in results), [1], error, match)
+    assert all(untouched and calls == ["allgather"] for _, untouched, calls in results)
+
+
+def test_out_overlapping_an_input_on_one_rank_fails_every_rank():
+    rng = np.random.default_rng(23)
+
+    def step(rank, ex):
+        base = rng.standard_normal((5, 3, 2)) if rank == 0 else None
+        x = base[:4] if rank == 0 else np.ones((4, 3, 2)) + rank
+        out = base[1:] if rank == 0 else np.empty_like(x)
+        return sync_batch_norm_forward(x, comm=ex, out=out)
+
+    expect_everywhere(run_ranks(2, step), [0], ValueError, "out: overlaps x partly")
+
+    def backward(rank, ex):
+        x = np.random.default_rng(rank).standard_normal((4, 3, 2))
+        _, saved = sync_batch_norm_forward(x, comm=ex)
+        w = np.ones(3)
+        out = np.empty_like(x)
+        return sync_batch_norm_backward(np.ones_like(x), x, saved, out[0, :, 0] if rank == 1 else w, out=out)
+
+    expect_everywhere(run_ranks(2, backward), [1], ValueError, "out: shares memory with weight")
+
+
+def test_layer_out_and_in_place_on_one_rank():
+    """SyncBatchNorm(x, out=) and backward(dy, out=) give the plain layer's bits and return out; a
+    forward in place on rank 0 only makes its backward raise there, and the other rank a PeerError
+    (the refusal goes through the backward's handshake: no rank is left waiting)."""
+    rng = np.random.default_rng(24)
+    xs = [rng.standard_normal((n, 3, 2, 2)) + 1 for n in (3, 5)]
+    dys = [rng.standard_normal(x.shape) for x in xs]
+
+    def step(rank, ex):
+        x, dy = xs[rank], dys[rank]
+        plain = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        y_ref, dx_ref = plain(x).copy(), plain.backward(dy).copy()
+        bn = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        buf, dyc = np.empty_like(x), dy.copy()
+        assert bn(x, out=buf) is buf and bn.backward(dyc, out=dyc) is dyc
+        _same_bits(buf, y_ref, "y")
+        _same_bits(dyc, dx_ref, "dx over dy")
+        _same_bits(bn.weight_grad, plain.weight_grad, "weight_grad")
+        _same_bits(bn.running_mean, plain.running_mean, "running_mean")
+        xc = x.copy()
+        bn(xc, out=xc if rank == 0 else None)  # collective: runs on every rank
+        return attempt(lambda: bn.backward(dy)), list(ex.calls)
+
+    results = values(run_ranks(2, step))
+    expect_everywhere(as_results(r[0] for r in results), [0], ValueError,
+                      "SyncBatchNorm.backward: the last forward wrote its output over its input (out=x)")
+    assert results[0][1] == results[1][1]  # the same collectives on both ranks
+
+
+def test_layer_bad_out_on_one_rank_fails_every_rank():
+    x = np.random.default_rng(25).standard_normal((4, 3, 2))
+
+    def step(rank, ex):
+        bn = SyncBatchNorm(3, comm=ex, dtype=np.float64)
+        out = np.empty(x.shape, np.float32) if rank == 1 else np.empty_like(x)
+        exc = attempt(lambda: bn(x, out=out))
+        return exc, int(bn.num_batches_tracked), bn.running_mean.copy()
+
+    results = values(run_ranks(2, step))
+    expect_everywhere(as_results(r[0] for r in results), [1], TypeError, "out: expected dtype float64")
+    assert all(n == 0 and not rm.any() for _, n, rm in results)

@@ -2,13 +2,14 @@
 FrozenBN and PreciseBN, on every backend."""
 
 import inspect
+import re
 
 import numpy as np
 import pytest
 
 import cnorm
 import cnorm.nn as cnn
-from conftest import tolerance
+from conftest import BackendCase, tolerance
 from helpers import close
 
 LAYOUTS = ["cf", "cl"]  # strided channels-last inputs are the functional tests' business
@@ -668,3 +669,226 @@ def test_momentum_none_is_a_cumulative_average(backend):
     means = [xb.astype(np.float64).mean(axis=(0, 2, 3)) for xb in data]
     close(backend.to_numpy(bn.running_mean), np.mean(means, axis=0), 1e-9, "running_mean")
     assert int(bn.num_batches_tracked) == 3
+
+
+
+# -- out= ----------------------------------------------------------------------------
+
+def same_bits(backend, got, want, what):
+    """Bit-identical arrays (NaN == NaN, -0 != +0), or both None."""
+    if want is None:
+        assert got is None, what
+        return
+    g, w = backend.to_numpy(got), backend.to_numpy(want)
+    assert g.dtype == w.dtype and g.shape == w.shape, what
+    bits = f"u{g.dtype.itemsize}"
+    np.testing.assert_array_equal(np.ascontiguousarray(g).view(bits), np.ascontiguousarray(w).view(bits),
+                                  err_msg=what)
+
+
+# (id, layer factory (channel_axis, backend), logical (N, C, ...) shape, modes): "train" normalizes
+# with batch statistics (FrozenBatchNorm2d: its fixed ones), "eval" with the running statistics
+OUT_LAYERS = [
+    ("BatchNorm1d", lambda axis, be: cnn.BatchNorm1d(3, channel_axis=axis, backend=be), (6, 3), ("train", "eval")),
+    ("BatchNorm1d-3d", lambda axis, be: cnn.BatchNorm1d(3, channel_axis=axis, backend=be), (4, 3, 5),
+     ("train", "eval")),
+    ("BatchNorm2d", lambda axis, be: cnn.BatchNorm2d(3, channel_axis=axis, backend=be), (4, 3, 5, 6),
+     ("train", "eval")),
+    ("BatchNorm3d", lambda axis, be: cnn.BatchNorm3d(3, channel_axis=axis, backend=be), (3, 3, 2, 3, 4),
+     ("train", "eval")),
+    ("FrozenBatchNorm2d", lambda axis, be: cnn.FrozenBatchNorm2d(3, channel_axis=axis, backend=be), (4, 3, 5, 6),
+     ("train",)),
+    ("InstanceNorm1d", lambda axis, be: cnn.InstanceNorm1d(3, affine=True, track_running_stats=True,
+                                                           channel_axis=axis, backend=be), (3, 3, 8), ("train", "eval")),
+    ("InstanceNorm2d", lambda axis, be: cnn.InstanceNorm2d(3, affine=True, track_running_stats=True,
+                                                           channel_axis=axis, backend=be), (2, 3, 4, 5),
+     ("train", "eval")),
+    ("InstanceNorm3d", lambda axis, be: cnn.InstanceNorm3d(3, affine=True, channel_axis=axis, backend=be),
+     (2, 3, 2, 3, 4), ("train",)),
+    ("GroupNorm", lambda axis, be: cnn.GroupNorm(3, 6, channel_axis=axis, backend=be), (3, 6, 4, 5), ("train",)),
+    ("LayerNorm", lambda axis, be: cnn.LayerNorm((5, 6), backend=be), (4, 3, 5, 6), ("train",)),
+]
+OUT_PARAMS = [pytest.param(make, shape, mode, layout, id=f"{name}-{mode}-{layout}")
+              for name, make, shape, modes in OUT_LAYERS for mode in modes
+              for layout in (["cf"] if name == "LayerNorm" else ["cf", "cl_strided"])]
+
+
+def _out_layer(make, mode, layout, backend):
+    """A fresh layer with non-trivial weight and running statistics, in ``mode``."""
+    layer = make(axis_of(layout), backend.name)
+    rng = np.random.default_rng(31)
+    if layer.weight is not None:
+        layer.weight[...] = backend.asarray(rng.uniform(0.5, 1.5, layer.weight.shape).astype(np.float32))
+    if getattr(layer, "running_var", None) is not None:
+        layer.running_mean[...] = backend.asarray(rng.standard_normal(layer.running_mean.shape).astype(np.float32))
+        layer.running_var[...] = backend.asarray(rng.uniform(0.5, 2, layer.running_var.shape).astype(np.float32))
+    return layer.train(mode == "train")
+
+
+@pytest.mark.parametrize("make, shape, mode, layout", OUT_PARAMS)
+def test_layer_out_and_in_place(backend, make, shape, mode, layout):
+    """layer(x, out=) and backward(dy, out=) on every layer: out returned as itself, bit-identical to
+    the plain call (y, dx, parameter gradients, running statistics); y over x; dx over dy; and after a
+    forward in place, backward raises a ValueError that says why."""
+    rng = np.random.default_rng(30)
+    x_host = to_ours((1 + rng.standard_normal(shape)).astype(np.float32), layout)
+    dy_host = to_ours(rng.standard_normal(shape).astype(np.float32), layout)
+    xp = backend.xp
+
+    def fresh():
+        x = backend.asarray(x_host.copy(order="K"))
+        dy = xp.empty_like(x)  # in x's layout, so that it can take dx
+        dy[...] = backend.asarray(dy_host)
+        return x, dy
+
+    def state(layer):
+        names = ("weight_grad", "bias_grad", "running_mean", "running_var", "num_batches_tracked")
+        return {n: getattr(layer, n, None) for n in names}
+
+    def same_state(layer, want, what):
+        for name, value in state(layer).items():
+            same_bits(backend, value, want[name], f"{what}: {name}")
+
+    layer = _out_layer(make, mode, layout, backend)
+    x, dy = fresh()
+    y_ref = layer(x)
+    dx_ref = layer.backward(dy)
+    want = {k: None if a is None else a.copy() for k, a in state(layer).items()}
+
+    layer = _out_layer(make, mode, layout, backend)
+    x, dy = fresh()
+    buf, dbuf = xp.empty_like(x), xp.empty_like(x)
+    assert layer(x, out=buf) is buf
+    same_bits(backend, buf, y_ref, "y into out")
+    same_bits(backend, x, x_host, "x untouched")
+    assert layer.backward(dy, out=dbuf) is dbuf
+    same_bits(backend, dbuf, dx_ref, "dx into out")
+    same_state(layer, want, "separate buffers")
+
+    layer = _out_layer(make, mode, layout, backend)
+    x, dy = fresh()
+    assert layer.forward(x, out=x) is x
+    same_bits(backend, x, y_ref, "y over x")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        same_bits(backend, getattr(layer, name, None), want[name], f"in place: {name}")
+    with pytest.raises(ValueError, match=r"backward: the last forward wrote its output over its input \(out=x\)"):
+        layer.backward(dy)
+    assert layer.weight_grad is None
+
+    layer = _out_layer(make, mode, layout, backend)
+    x, dy = fresh()
+    layer(x)
+    assert layer.backward(dy, out=dy) is dy
+    same_bits(backend, dy, dx_ref, "dx over dy")
+    same_state(layer, want, "dx over dy")
+
+
+@pytest.mark.parametrize("name", ["InstanceNorm1d", "InstanceNorm2d"])
+def test_unbatched_instance_norm_out(backend, name):
+    """Unbatched input: out has x's own shape and is returned as itself (not a view of it)."""
+    shape = (3, 8) if name == "InstanceNorm1d" else (3, 4, 5)
+    rng = np.random.default_rng(32)
+    x_host = rng.standard_normal(shape).astype(np.float32)
+    dy_host = rng.standard_normal(shape).astype(np.float32)
+    make = lambda: getattr(cnn, name)(3, affine=True, backend=backend.name)  # noqa: E731
+    ref = make()
+    y_ref = ref(backend.asarray(x_host))
+    dx_ref = ref.backward(backend.asarray(dy_host))
+    layer = make()
+    x = backend.asarray(x_host.copy())
+    buf = backend.xp.empty_like(x)
+    assert layer(x, out=buf) is buf
+    same_bits(backend, buf, y_ref, "y")
+    dy = backend.asarray(dy_host.copy())
+    assert layer.backward(dy, out=dy) is dy
+    same_bits(backend, dy, dx_ref, "dx over dy")
+    same_bits(backend, layer.weight_grad, ref.weight_grad, "weight_grad")
+    assert layer(x, out=x) is x
+    same_bits(backend, x, y_ref, "y over x")
+    with pytest.raises(ValueError, match=r"out=x"):
+        layer.backward(backend.asarray(dy_host))
+    with pytest.raises(ValueError, match=re.escape(f"out: expected shape {shape} (that of x)")):
+        layer(backend.asarray(x_host), out=backend.xp.empty((1, *shape), np.float32))
+
+
+def test_precise_bn_forward_honours_out(backend):
+    """Inside precise_bn the layer normalizes with batch statistics through the seam: out is still y."""
+    rng = np.random.default_rng(33)
+    xs = [backend.asarray(rng.standard_normal((n, 3, 4)).astype(np.float32)) for n in (4, 6)]
+    ref, bn = (cnn.BatchNorm1d(3, backend=backend.name).eval() for _ in range(2))
+    with cnn.precise_bn([ref]):
+        want = [ref(x) for x in xs]
+    with cnn.precise_bn([bn]):
+        for x, w in zip(xs, want):
+            buf = backend.xp.empty_like(x)
+            assert bn(x, out=buf) is buf
+            same_bits(backend, buf, w, "y")
+    same_bits(backend, bn.running_mean, ref.running_mean, "precise running_mean")
+    same_bits(backend, bn.running_var, ref.running_var, "precise running_var")
+    with cnn.precise_bn([bn]):
+        x = xs[0].copy()
+        assert bn(x, out=x) is x
+        same_bits(backend, x, want[0], "y over x")
+
+
+# what is wrong with out: (make it from x, error type, message); "overlap" is built from x's buffer
+BAD_LAYER_OUTS = {
+    "shape": (lambda x: np.empty(x.shape[:-1] + (x.shape[-1] + 1,), np.float32), ValueError, "out: expected shape"),
+    "dtype": (lambda x: np.empty(x.shape, np.float64), TypeError, "out: expected dtype float32"),
+    "layout": (lambda x: np.empty(x.shape[::-1], np.float32).T, ValueError, "out: expected a C-contiguous array"),
+    "overlap": (None, ValueError, "out: overlaps {} partly"),
+    "type": (lambda x: x.tolist(), TypeError, "out: the "),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_LAYER_OUTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bad_out_changes_nothing(what, training):
+    """A bad out is refused before the layer changes (running statistics, num_batches_tracked, the
+    pending forward: a later backward still differentiates the last good forward); backward checks its
+    out the same way and keeps the forward for a retry."""
+    make_bad, error, match = BAD_LAYER_OUTS[what]
+    numpy_case = BackendCase("numpy")
+    rng = np.random.default_rng(34)
+    base = rng.standard_normal((5, 3, 2, 2)).astype(np.float32)
+    x = base[:4]
+    bad = base[1:] if what == "overlap" else make_bad(x)
+    bn, twin = (trained_bn(numpy_case).train(training) for _ in range(2))
+    good_x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    bn(good_x)
+    twin(good_x)
+    before, base_before = snapshot(bn, numpy_case), base.copy()
+    with pytest.raises(error, match=match.format("x")):
+        bn(x, out=bad)
+    assert_unchanged(bn, before, numpy_case)
+    np.testing.assert_array_equal(base, base_before)
+
+    dbase = np.ones((5, 3, 2, 2), np.float32)
+    dy, dbad = (dbase[:4], dbase[1:]) if what == "overlap" else (np.ones_like(good_x), make_bad(good_x))
+    with pytest.raises(error, match=match.format("dy")):
+        bn.backward(dy, out=dbad)
+    assert bn.weight_grad is None
+    # the last good forward is still the one differentiated, as by a twin that saw no bad out
+    np.testing.assert_array_equal(bn.backward(dy), twin.backward(dy))
+    np.testing.assert_array_equal(bn.weight_grad, twin.weight_grad)
+
+
+def test_out_overlapping_layer_parameters_is_refused():
+    ln = cnn.LayerNorm(6)
+    buf = np.zeros((2, 6), np.float32)
+    ln.weight = buf[0]  # a weight that is a row of out's memory
+    with pytest.raises(ValueError, match="out: shares memory with weight"):
+        ln(np.ones((2, 6), np.float32), out=buf)
+    assert not buf.any()
+
+
+def test_layer_out_is_keyword_only():
+    bn = cnn.BatchNorm1d(3)
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError):
+        bn(x, np.empty_like(x))
+    with pytest.raises(TypeError):
+        bn.forward(x, np.empty_like(x))
+    bn(x)
+    with pytest.raises(TypeError):
+        bn.backward(x, np.empty_like(x))

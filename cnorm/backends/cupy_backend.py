@@ -27,6 +27,16 @@ Which kernels solve which problem:
   ``row_apply``). dweight/dbias use the cross-sample gradient sums with
   per-row statistics.
 
+Outputs: every method that returns y or dx takes ``out``, a C-contiguous
+array of x3's shape and dtype that is disjoint from the inputs or exactly
+x3 (forward) or dy3/x3 (backward); the result is written there and ``out``
+returned. Why every path is safe in place: the "In place" comment above
+:meth:`CupyBackend.forward_train`. An ``out`` that is not 16-byte aligned
+while the inputs are (a view starting inside a larger buffer) cannot take
+16-byte stores: the elementwise kernels then run with scalar stores (the
+same values), the fused row kernels write scratch that is copied into
+``out``, since their vector width sets the reduction order and so the bits.
+
 Kernels run on CuPy's current stream. Compiled modules are cached per data
 type here, and on disk by CuPy. Importing this module does not need CuPy:
 :meth:`CupyBackend.unavailable_reason` says why the backend cannot run.
@@ -300,6 +310,22 @@ class CupyBackend(Backend):
     def _empty(self, shape, sd):
         return self.xp.empty(shape, dtype=sd)
 
+    def _dest(self, out, x3, V: int):
+        """Where a kernel of vector width ``V`` writes its result: ``out``, a new array
+        when ``out`` is None, or scratch when ``out`` cannot take ``V``-wide stores
+        (not 16-byte aligned while the inputs are); :meth:`_deliver` then copies it."""
+        if out is None or (V > 1 and out.data.ptr % 16):
+            return self.xp.empty_like(x3)
+        return out
+
+    @staticmethod
+    def _deliver(y, out):
+        """The result: ``y``, or ``out`` with y copied into it when they differ (see :meth:`_dest`)."""
+        if out is None or y is out:
+            return y
+        out[...] = y
+        return out
+
     # -- cross-sample reductions ---------------------------------------------
     def _channel_reduce(self, x3, p: Problem, eps=None, weight=None):
         """Per-channel (mean, var, rstd, scale); rstd/scale are None unless asked for."""
@@ -370,12 +396,15 @@ class CupyBackend(Backend):
              s1, s2, m1, m2))
         return s1, s2, m1, m2
 
-    def _affine(self, x3, p: Problem, mean, k, b):
-        """y = (x - mean[c]) * k[c] + b[c] (mean None: 0), channel c of the layout."""
+    def _affine(self, x3, p: Problem, mean, k, b, out=None):
+        """y = (x - mean[c]) * k[c] + b[c] (mean None: 0), channel c of the layout; into ``out`` if given.
+
+        Elementwise, so the vector width does not change a value: an
+        unaligned ``out`` takes the scalar kernel rather than scratch."""
         ctype, sd, A = self._types(x3)
         cross = Problem(p.layout, p.n, p.c, p.s)
-        V = self._vec(cross, ctype, x3)
-        y = self.xp.empty_like(x3)
+        V = self._vec(cross, ctype, x3) if out is None else self._vec(cross, ctype, x3, out)
+        y = self.xp.empty_like(x3) if out is None else out
         nvec = x3.size // V
         cl = "true" if p.layout != CHANNELS_FIRST else "false"
         self._kernel("elementwise.cu", ctype, f"affine<{ctype}, {V}, {cl}>")(
@@ -445,7 +474,7 @@ class CupyBackend(Backend):
         shift = tpr.bit_length() - 1
         return items, mode, shift, (tpr if own_block and tpr > 32 else max(tpr, 128))
 
-    def _rows_forward_split(self, x3, p: Problem, weight, bias, eps, ctype, sd, A, V):
+    def _rows_forward_split(self, x3, p: Problem, weight, bias, eps, ctype, sd, A, V, out=None):
         """Per-sample forward with each row split over blocks (two reads of x)."""
         n, c, s, G = p.n, p.c, p.s, p.groups
         cg, nrows = c // G, n * G
@@ -465,20 +494,53 @@ class CupyBackend(Backend):
             (_cdiv(nrows, THREADS // 32),), (THREADS,),
             (pn, pm, pq, np.int64(nrows), np.int32(nch), np.int64(nch), np.int64(1), np.float64(eps), np.int32(1),
              mean, var, rstd, mean, mean))
-        y = self.xp.empty_like(x3)
+        y = self._dest(out, x3, V)
         cl = "true" if p.layout != CHANNELS_FIRST else "false"
         self._kernel("rows.cu", ctype, f"row_apply<{ctype}, {V}, {cl}>")(
             (nrows * nch,), (THREADS,),
             (x3, y, weight, bias, mean, rstd, np.int32(G), np.int32(cg), np.int64(s), np.int64(c),
              np.int64(chunk), np.int32(nch)))
-        return y, mean, var, rstd
+        return self._deliver(y, out), mean, var, rstd
 
     # -- the Backend interface -----------------------------------------------
-    def forward_train(self, x3, p, weight, bias, eps):
+    #
+    # In place (out is x3, or dy3/x3 in a backward): each path writes an
+    # output element only after every read of the input values there.
+    # * affine (cross-sample forward after _channel_reduce's launches;
+    #   forward_eval; backward_eval's dx after channel_grad_sums' launches):
+    #   a thread loads vector v of x (dy), then stores vector v of y from those
+    #   registers; no thread reads a vector another one writes. Safe.
+    # * bn_backward_apply (cross-sample backward after _grad_sums' launches,
+    #   SyncBatchNorm's dx after its all-reduce): loads dy[v] and x[v], then
+    #   stores dx[v], in the same thread. Safe over dy or x.
+    # * row_forward (rows.cu): a row (one per tpr threads, rows disjoint)
+    #   is staged in shared memory in full before wf_group_reduce's barrier;
+    #   y is written from shared memory after it. Safe.
+    # * row_forward_regs, row_backward_regs (rows_regs.cu): every load of the
+    #   row into registers comes before row_sum/row_sum2 (which every thread
+    #   of the row must reach), every store after, from the registers. Safe.
+    # * split rows (_rows_forward_split): seg_stats_partial and stats_finalize
+    #   are complete before row_apply is launched, which loads x[v] and stores
+    #   y[v] in the same thread. Safe.
+    # * row_backward (rows.cu), staging 2, 1 or 0 arrays: the sums read the
+    #   whole row before sum2_group_reduce's barrier; after it a thread
+    #   re-reads (from shared memory, or from device memory for what was not
+    #   staged) only the vectors it read itself, and stores dx there after
+    #   reading them; no other thread touches them. Safe over dy or x.
+    # * One path was not, in its launcher: the per-sample backward launched
+    #   the dweight/dbias sums over dy and x (_grad_sums) after the row kernel
+    #   had written dx, so over dy or x they would have summed dx. They are
+    #   launched first now (same values: they do not depend on dx).
+    # The kernels declare x, dy const __restrict__ and y, dx __restrict__,
+    # which in place is formally outside restrict's promise. What it lets the
+    # compiler do (read-only-cache loads, moving independent accesses) cannot
+    # change a result here: each store's value depends on the loads of its own
+    # element, and no element is loaded after any thread stored to it.
+    def forward_train(self, x3, p, weight, bias, eps, out=None):
         ctype, sd, A = self._types(x3)
         if p.cross_sample:
             mean, var, rstd, scale = self._channel_reduce(x3, p, eps=eps, weight=weight)
-            return self._affine(x3, p, mean, scale, bias), mean, var, rstd
+            return self._affine(x3, p, mean, scale, bias, out), mean, var, rstd
         V = self._vec(p, ctype, x3)
         n, c, s, G = p.n, p.c, p.s, p.groups
         nrows = n * G
@@ -488,8 +550,8 @@ class CupyBackend(Backend):
         regs = None if few else self._regs_plan(p, V, ctype, REG_ITEMS_FWD, True, weight, bias)
         plan = None if regs is not None else self._row_plan(p, V, x3.itemsize, 1)
         if regs is None and plan is None:
-            return self._rows_forward_split(x3, p, weight, bias, eps, ctype, sd, A, V)
-        y = self.xp.empty_like(x3)
+            return self._rows_forward_split(x3, p, weight, bias, eps, ctype, sd, A, V, out)
+        y = self._dest(out, x3, V)
         mean, var, rstd = (self._empty((n, G), sd) for _ in range(3))
         if regs is not None:
             items, mode, shift, block = regs
@@ -497,7 +559,7 @@ class CupyBackend(Backend):
                 (_cdiv(nrows, block >> shift),), (block,),
                 (x3, y, weight, bias, np.uint32(nrows), np.uint32(G), np.uint32(c // G), np.uint32(s),
                  np.uint32(c), np.uint32(mv), np.int32(shift), A(eps), mean, var, rstd))
-            return y, mean, var, rstd
+            return self._deliver(y, out), mean, var, rstd
         cl = "true" if p.layout != CHANNELS_FIRST else "false"
         tpr, rpb, _ = plan
         self._kernel("rows.cu", ctype, f"row_forward<{ctype}, {V}, {cl}>")(
@@ -505,23 +567,25 @@ class CupyBackend(Backend):
             (x3, y, weight, bias, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s), np.int64(c),
              np.int32(tpr), A(eps), mean, var, rstd),
             shared_mem=rpb * mv * V * x3.itemsize)
-        return y, mean, var, rstd
+        return self._deliver(y, out), mean, var, rstd
 
-    def forward_eval(self, x3, p, scale, shift):
-        return self._affine(x3, p, None, scale, shift)
+    def forward_eval(self, x3, p, scale, shift, out=None):
+        return self._affine(x3, p, None, scale, shift, out)
 
-    def backward_train(self, dy3, x3, p, mean, rstd, weight):
+    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None):
         ctype, sd, A = self._types(x3)
         if p.cross_sample:
             count = p.n * p.s
             s1, s2, m1, m2 = self._grad_sums(dy3, x3, p, mean, rstd, inv_count=1.0 / count)
-            dx = self.channel_backward_apply(dy3, x3, p, mean, rstd, weight, m1, m2)
+            dx = self.channel_backward_apply(dy3, x3, p, mean, rstd, weight, m1, m2, out)
             return dx, s2, s1
         V = self._vec(p, ctype, x3, dy3)
         n, c, s, G = p.n, p.c, p.s, p.groups
         nrows = n * G
         mv = (c // G) * s // V
-        dx = self.xp.empty_like(x3)
+        # dweight/dbias first: they read dy and x, which dx may replace (out is dy3 or x3).
+        s1, s2, _, _ = self._grad_sums(dy3, x3, p, mean, rstd)
+        dx = self._dest(out, x3, V)
         regs = self._regs_plan(p, V, ctype, REG_ITEMS_BWD, False, weight)
         if regs is not None:
             items, mode, shift, block = regs
@@ -537,8 +601,7 @@ class CupyBackend(Backend):
                 (dy3, x3, dx, weight, mean, rstd, np.int64(nrows), np.int32(G), np.int32(c // G), np.int64(s),
                  np.int64(c), np.int32(tpr), np.int32(staged)),
                 shared_mem=rpb * staged * mv * V * x3.itemsize)
-        s1, s2, _, _ = self._grad_sums(dy3, x3, p, mean, rstd)
-        return dx, s2, s1
+        return self._deliver(dx, out), s2, s1
 
     def channel_stats(self, x3, p):
         mean, var, _, _ = self._channel_reduce(x3, p)
@@ -549,11 +612,12 @@ class CupyBackend(Backend):
         s1, s2, _, _ = self._grad_sums(dy3, x3, cross, mean, rstd)
         return s1, s2
 
-    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat):
+    def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat, out=None):
         ctype, sd, A = self._types(x3)
         cross = Problem(p.layout, p.n, p.c, p.s)
-        V = self._vec(cross, ctype, x3, dy3)
-        dx = self.xp.empty_like(x3)
+        # Elementwise: an unaligned out takes the scalar kernel (the same values).
+        V = self._vec(cross, ctype, x3, dy3) if out is None else self._vec(cross, ctype, x3, dy3, out)
+        dx = self.xp.empty_like(x3) if out is None else out
         nvec = x3.size // V
         cl = "true" if p.layout != CHANNELS_FIRST else "false"
         self._kernel("elementwise.cu", ctype, f"bn_backward_apply<{ctype}, {V}, {cl}>")(
