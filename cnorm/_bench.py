@@ -273,7 +273,9 @@ def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN):
         i = inp.next()
         return _cnorm_backward(case, inp.dys[i], inp.xs[i], saved[i], inp.weight, bufs[i])[0]
 
-    first = lambda: checked(_cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight, bufs[0])[0], 0)  # noqa: E731
+    def first():
+        return checked(_cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight, bufs[0])[0], 0)
+
     return call, first
 
 
@@ -824,7 +826,8 @@ def plot(rows, backends, path: str) -> None:
         fl = [(r["results"][b].get("out") or r["results"][b]).get("floor_fraction") or 0 for r in rows]
         axes[1].bar(xs + i * 0.8 / len(backends), fl, 0.8 / len(backends),
                     label=b + (" out" if b not in PLAIN_ONLY else ""))
-    axes[0].set_yscale("log")
+    if any(p.get_height() > 0 for p in axes[0].patches):  # none without PyTorch
+        axes[0].set_yscale("log")
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set_ylabel("speed relative to PyTorch (higher is faster)")
     axes[1].axhline(0.75, color="k", lw=0.8, ls="--")
