@@ -18,6 +18,9 @@ def pytest_addoption(parser):
     parser.addoption("--bench-keep-freed-memory", action="store_true",
                      help="make glibc keep freed memory (mallopt), as `python -m cnorm bench --keep-freed-memory`: "
                           "plain calls no longer pay the page faults of fresh outputs (default: glibc's policy)")
+    parser.addoption("--bench-out-buffers", choices=_bench.OUT_BUFFERS, default="per-copy",
+                     help="the out variants' buffers: one per rotating input copy, or one for every call "
+                          "(as python -m cnorm bench --out-buffers; default: %(default)s)")
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +49,11 @@ def threads(request, cpu_level):
     except ImportError:
         pass
     return n
+
+
+@pytest.fixture(scope="session")
+def out_buffers(request):
+    return request.config.getoption("--bench-out-buffers")
 
 
 @pytest.fixture(scope="session")

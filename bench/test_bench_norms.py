@@ -7,7 +7,8 @@ instance_norm, its plain call, with ``out_variant`` False in extra_info).
 
 Run with ``pytest bench --benchmark-group-by=group`` (``--bench-quick`` for
 the small cases, ``--bench-keep-freed-memory`` for glibc keeping freed memory;
-the default is glibc's own policy). Each benchmark checks its result against
+the default is glibc's own policy; ``--bench-out-buffers one`` for one out
+buffer reused by every call instead of one per input copy). Each benchmark checks its result against
 the NumPy reference before timing; inputs rotate among copies larger than the
 last-level cache.
 """
@@ -31,7 +32,7 @@ def _case_inputs(case, llc):
 
 @pytest.mark.parametrize("backend_name,variant", VARIANTS,
                          ids=[_bench._key(b, v).replace(" ", "-") for b, v in VARIANTS])
-def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_level, allocator):
+def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_level, allocator, out_buffers):
     if backend_name == "torch":
         pytest.importorskip("torch")
     else:
@@ -49,12 +50,13 @@ def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_leve
                 "out_kernel": op and _bench.torch_out_kernel(op)}
         if op is None:  # no out variant: its plain call, marked
             variant = "plain"
-    call, first = _bench.runner(case, inp, backend_name, variant)
+    call, first = _bench.runner(case, inp, backend_name, variant, out_buffers)
     tol = (_bench.tolerance(case.np_dtype) if backend_name != "torch" or case.dtype == "float32" else 2.0 ** -5)
     _bench.check(first(), want, f"{case.name} [{_bench._key(backend_name, variant)}]", tol)
     benchmark.group = group
     benchmark.extra_info.update(threads=threads, machine=machine["cpu"], cores=machine["cores"],
                                 bytes=case.nbytes, floor_factor=case.floor_factor, cpu_level=cpu_level,
-                                allocator=allocator["description"], variant=variant, **info)
+                                allocator=allocator["description"], variant=variant,
+                                out_buffers=out_buffers if variant == "out" else None, **info)
     rounds = 3 if backend_name == "numpy" else (200 if case.latency else 10)
     benchmark.pedantic(call, rounds=rounds, iterations=50 if case.latency else 1, warmup_rounds=1)

@@ -19,13 +19,16 @@ floor sees the same memory, sizes and share of a shared machine's bandwidth
 as the case (one copy at the start moved between 23 and 40 GB/s from run to
 run). Inputs rotate among enough copies that the last-level cache cannot hold
 them between calls; each out variant has one buffer per input copy (touched
-once before timing). Every timed call, plain and out, is checked against
-the NumPy reference first.
+once before timing), so its output is as cold as its input
+(``--out-buffers one``: one buffer for every call, as in a user's loop).
+Every timed call, plain and out, is checked against the NumPy reference
+first.
 
 The allocator runs with glibc's default policy, as in a user's process: an
 output above glibc's mmap threshold (adaptive, at most 32 MiB on 64-bit) is
 a fresh mapping whose pages the kernel zero-fills on first touch, a cost the
-plain calls pay and the out calls do not. ``--keep-freed-memory`` makes
+plain calls pay and the out calls do not. A smaller output reuses the block
+the previous call freed, without page faults and often still in cache. ``--keep-freed-memory`` makes
 glibc keep freed memory instead (mallopt), as a caching allocator would;
 the report and bench.json say which policy was in force.
 
@@ -241,6 +244,21 @@ def _touched(a):
     return a
 
 
+OUT_BUFFERS = ("per-copy", "one")
+
+
+def _out_buffers(xs, make, how: str = "per-copy"):
+    """The out variant's output buffers, indexed like the input copies ``xs``:
+    ``make(x)`` for each copy ("per-copy": as cold as the inputs when a call
+    reaches them), or one ``make(xs[0])`` for all ("one": the single buffer of
+    a user's loop, which stays in cache where it fits)."""
+    if how not in OUT_BUFFERS:
+        raise ValueError(f"out_buffers: expected one of {OUT_BUFFERS}, got {how!r}")
+    if how == "one":
+        return [make(xs[0])] * len(xs)
+    return [make(x) for x in xs]
+
+
 def _same_buffer(got, buf, what: str) -> None:
     """Assert an out call returned its buffer (it wrote there, not to a new array)."""
     ptr = (lambda a: a.__array_interface__["data"][0]) if isinstance(buf, np.ndarray) else (lambda t: t.data_ptr())
@@ -248,12 +266,14 @@ def _same_buffer(got, buf, what: str) -> None:
         raise AssertionError(f"{what}: the out call did not return its out buffer")
 
 
-def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN):
+def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
     """A zero-argument call that runs one cnorm call on the next copy, and its first result.
 
     ``variant="out"``: the same call with ``out=``, one buffer per input copy
-    (``np.empty_like`` of it: its layout), made and touched here, outside timing."""
-    bufs = [_touched(np.empty_like(x)) for x in inp.xs] if variant == OUT else [None] * len(inp.xs)
+    (``np.empty_like`` of it: its layout; ``out_buffers="one"``: one for all,
+    see :func:`_out_buffers`), made and touched here, outside timing."""
+    bufs = ([None] * len(inp.xs) if variant != OUT
+            else _out_buffers(inp.xs, lambda x: _touched(np.empty_like(x)), out_buffers))
 
     def checked(res, i):
         if bufs[i] is not None:
@@ -349,12 +369,12 @@ class _TorchCase:
         return t.shape[0], t.shape[1], math.prod(t.shape[2:])
 
 
-def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN):
+def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str = "per-copy"):
     """Same as :func:`cnorm_runner` with PyTorch CPU (channels-last as a permuted NHWC view).
 
     ``variant="out"``: :func:`torch_out_runner`."""
     if variant == OUT:
-        return torch_out_runner(case, inp)
+        return torch_out_runner(case, inp, out_buffers)
     import torch
     import torch.nn.functional as F
 
@@ -396,12 +416,13 @@ def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN):
     return call, first
 
 
-def torch_out_runner(case: Case, inp: Inputs):
+def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = "per-copy"):
     """PyTorch's out variant: the ``aten`` op of :data:`TORCH_OUT_OPS` called through its
     ``.out`` overload, y (or dx) into one preallocated tensor per input copy (the
     copy's layout) and the small results (statistics, parameter gradients) into one
     set of tensors. A backward calls the backward op directly with the statistics
-    of a forward run once per copy outside timing, writing dx, dweight and dbias."""
+    of a forward run once per copy outside timing, writing dx, dweight and dbias.
+    ``out_buffers``: as for :func:`cnorm_runner`."""
     import torch
 
     op_name = torch_out_op(case)
@@ -425,7 +446,7 @@ def torch_out_runner(case: Case, inp: Inputs):
 
     with torch.no_grad():
         probe = fwd_default(xs[0])
-    bufs = [empty_like(t) for t in xs]  # y or dx, per copy
+    bufs = _out_buffers(xs, empty_like, out_buffers)  # y or dx, per copy
     if case.direction == "fwd":
         stats = [empty_like(s) for s in probe[1:]]
 
@@ -492,11 +513,11 @@ def check(got, want, what: str, tol: float = 1e-4) -> None:
         raise AssertionError(f"{what}: max error {err:.2e} of scale {scale:.3g} vs the NumPy reference")
 
 
-def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN):
+def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
     """(call, first) for a backend name (a cnorm backend or "torch") and a variant ("plain" or "out")."""
     if backend == "torch":
-        return torch_runner(case, inp, variant)
-    return cnorm_runner(case, inp, backend, variant)
+        return torch_runner(case, inp, variant, out_buffers)
+    return cnorm_runner(case, inp, backend, variant, out_buffers)
 
 
 # -- machine facts -----------------------------------------------------------------
@@ -649,7 +670,7 @@ _MISSING = {"median_s": float("nan"), "min_s": float("nan"), "n": 0, "floor_frac
 
 
 def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
-             llc_bytes: int) -> dict:
+             llc_bytes: int, out_buffers: str = "per-copy") -> dict:
     """Time every backend's plain and out variants of ``case`` in the same rounds.
 
     ``results[backend]`` holds the plain call's numbers (``speedup_vs_torch``:
@@ -657,7 +678,8 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
     ``out``: the out variant's, with ``speedup_vs_torch`` against PyTorch's out
     variant, ``out_variant`` (False: PyTorch has none for this op, its numbers
     are the plain call's), ``out_op`` and, for PyTorch, ``out_kernel`` (see
-    :func:`torch_out_kernel`); ``out_speedup`` is plain median / out median."""
+    :func:`torch_out_kernel`); ``out_speedup`` is plain median / out median.
+    ``out_buffers``: see :func:`_out_buffers`."""
     inp = make_inputs(case, n_copies(case, llc_bytes))
     want = reference(case, inp)
     row = {"case": case.name, "norm": case.norm, "direction": case.direction, "shape": list(case.shape),
@@ -681,7 +703,7 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
                                       f"{'_backward' if case.direction == 'bwd' else ''}(out=)"}
             key = _key(name, variant)
             try:
-                call, first = runner(case, inp, name, variant)
+                call, first = runner(case, inp, name, variant, out_buffers)
                 got = first()
             except (RuntimeError, TypeError) as exc:  # e.g. a PyTorch CPU kernel missing for a half type
                 if name != "torch":
@@ -857,6 +879,10 @@ def main(argv: list[str]) -> int:
                         help="make glibc keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX), as a "
                              "caching allocator would: plain calls no longer pay the page faults of fresh outputs "
                              "(default: glibc's default policy, what a NumPy user's loop gets)")
+    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default="per-copy",
+                        help="the out variants' buffers: one per rotating input copy, as cold as the inputs when a "
+                             "call reaches them, or one reused by every call, as in a user's loop (it stays in "
+                             "cache where it fits) (default: %(default)s)")
     parser.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
     parser.add_argument("--cpu-capability", default=None, metavar="LEVEL",
                         help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
@@ -935,12 +961,13 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     bandwidth = copy_bandwidth(threads)
     levels = cpu_levels(backends)
     print(f"allocator: {ALLOCATOR[kept]}")
+    print(f"out variants: {'one buffer per input copy' if args.out_buffers == 'per-copy' else 'one buffer for all calls'}")
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own)")
     print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
     rows = []
     for case in cases:
-        rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"]))
+        rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
         print(f"  {case.name}: " + ", ".join(
             f"{_key(b, v)} {(r if v == PLAIN else r['out'])['median_s'] * 1e3:.3f} ms"
             + (torch_out_marker(r) if b == "torch" and v == OUT else "")
@@ -951,6 +978,7 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     os.makedirs(args.out, exist_ok=True)
     result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth, "cpu_capability": levels,
               "allocator": allocator_policy(kept), "freed_memory_kept": kept,
+              "out_buffers": args.out_buffers,
               "variants": {"plain": "the call allocates its output",
                            "out": "the same call writing into a caller's buffer reused across calls; "
                                   "numpy (the reference) plain only"},

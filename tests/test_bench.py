@@ -184,3 +184,18 @@ def test_to_markdown_renders_plain_and_out_columns(tmp_path):
         assert md.main(["--levels", str(path), "--ratio", ratio]) == 0
     summary = md.levels([report], "out")
     assert "(out vs out)" in summary and "| 3 of 3 | 4.00 (batch_norm-fwd-4x8-cf float32) |" in summary
+
+
+def test_out_buffers_one_reuses_a_single_buffer():
+    pytest.importorskip("torch")
+    case = _bench.Case("group_norm", "bwd", (2, 8, 4, 4), groups=2)
+    inp = _bench.make_inputs(case, 3)
+    want = _bench.reference(case, inp)
+    for backend in ("cython", "torch"):
+        call, first = _bench.runner(case, inp, backend, "out", out_buffers="one")
+        _bench.check(first(), want, backend)
+        dx = (lambda r: r[0]) if backend == "torch" else (lambda r: r)
+        ptrs = {(dx(call()).data_ptr() if backend == "torch" else dx(call()).ctypes.data) for _ in range(4)}
+        assert len(ptrs) == 1
+    with pytest.raises(ValueError, match="out_buffers"):
+        _bench.runner(case, inp, "cython", "out", out_buffers="two")
