@@ -40,8 +40,10 @@ def header(report: dict) -> str:
     lv = report.get("cpu_capability") or {}
     level = (f"cnorm at CPU level {lv.get('cnorm')}, PyTorch at {str(lv.get('torch')).upper()}, "
              if lv else "")
+    bufs = {"per-copy": "; out variants: one buffer per input copy",
+            "one": "; out variants: one buffer for every call"}.get(report.get("out_buffers"), "")
     return (f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}; "
-            f"allocator: {allocator(report)}.")
+            f"allocator: {allocator(report)}{bufs}.")
 
 
 def split_name(case: dict):

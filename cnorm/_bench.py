@@ -961,7 +961,8 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     bandwidth = copy_bandwidth(threads)
     levels = cpu_levels(backends)
     print(f"allocator: {ALLOCATOR[kept]}")
-    print(f"out variants: {'one buffer per input copy' if args.out_buffers == 'per-copy' else 'one buffer for all calls'}")
+    print("out variants: " + ("one buffer per input copy" if args.out_buffers == "per-copy"
+                              else "one buffer for all calls"))
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own)")
     print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
