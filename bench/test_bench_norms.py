@@ -8,7 +8,10 @@ instance_norm, its plain call, with ``out_variant`` False in extra_info).
 Run with ``pytest bench --benchmark-group-by=group`` (``--bench-quick`` for
 the small cases, ``--bench-keep-freed-memory`` for glibc keeping freed memory;
 the default is glibc's own policy; ``--bench-out-buffers one`` for one out
-buffer reused by every call instead of one per input copy). Each benchmark checks its result against
+buffer reused by every call instead of one per input copy). Every case runs
+in this one process: under glibc's default policy whether a plain call's
+output is page-faulted depends on what was freed before (``python -m cnorm
+bench --isolate`` runs each case in a fresh process). Each benchmark checks its result against
 the NumPy reference before timing; inputs rotate among copies larger than the
 last-level cache.
 """

@@ -42,8 +42,9 @@ def header(report: dict) -> str:
              if lv else "")
     bufs = {"per-copy": "; out variants: one buffer per input copy",
             "one": "; out variants: one buffer for every call"}.get(report.get("out_buffers"), "")
+    fresh = "; each case in a fresh process" if report.get("isolated") else ""
     return (f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}; "
-            f"allocator: {allocator(report)}{bufs}.")
+            f"allocator: {allocator(report)}{bufs}{fresh}.")
 
 
 def split_name(case: dict):

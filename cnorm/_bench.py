@@ -28,7 +28,11 @@ The allocator runs with glibc's default policy, as in a user's process: an
 output above glibc's mmap threshold (adaptive, at most 32 MiB on 64-bit) is
 a fresh mapping whose pages the kernel zero-fills on first touch, a cost the
 plain calls pay and the out calls do not. A smaller output reuses the block
-the previous call freed, without page faults and often still in cache. ``--keep-freed-memory`` makes
+the previous call freed, without page faults and often still in cache, and
+so does a larger one wherever the process's heap has a free region that
+fits it (left by earlier cases' arrays): in one process, a case's plain
+times depend on the cases before it. ``--isolate`` runs each case in a
+fresh process; every result records its minor page faults per call. ``--keep-freed-memory`` makes
 glibc keep freed memory instead (mallopt), as a caching allocator would;
 the report and bench.json say which policy was in force.
 
@@ -619,7 +623,17 @@ def allocator_policy(kept: bool) -> dict:
 
 # -- timing ------------------------------------------------------------------------
 
-def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
+def minor_faults():
+    """Minor page faults of this process so far (every thread), or 0 where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None = None) -> dict:
     """Seconds per call of each named zero-argument call, interleaved.
 
     One warm-up each, then rounds in which every call is timed once (tiny
@@ -629,6 +643,10 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
     sample follows one untimed call of the same backend: the OpenMP threads
     of the backend timed before it (PyTorch bundles its own runtime) spin for
     a while after its last call and would otherwise be timed too.
+
+    ``faults``: a dict that receives, per name, the minor page faults per call
+    of each sample (counted around the timed region, not inside it): what
+    shows whether a call's fresh output was page-faulted.
     """
     inner = {}
     for name, call in calls.items():
@@ -646,10 +664,13 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
         for name in pending:
             call, k = calls[name], inner[name]
             call()  # absorbs the previous backend's spinning threads (see above)
+            f0 = minor_faults() if faults is not None else 0
             t0 = time.perf_counter()
             for _ in range(k):
                 call()
             times[name].append((time.perf_counter() - t0) / k)
+            if faults is not None:
+                faults.setdefault(name, []).append((minor_faults() - f0) / k)
 
 
 COPY = "memory copy"  # the floor's reference call in the timing rounds
@@ -660,13 +681,15 @@ def _key(backend: str, variant: str) -> str:
     return backend if variant == PLAIN else f"{backend} {variant}"
 
 
-def _stats(times, floor) -> dict:
+def _stats(times, floor, faults=None) -> dict:
     med = statistics.median(times)
     return {"median_s": med, "min_s": min(times), "n": len(times),
-            "floor_fraction": None if floor is None else floor / med}
+            "floor_fraction": None if floor is None else floor / med,
+            "minor_faults_per_call": statistics.median(faults) if faults else None}
 
 
-_MISSING = {"median_s": float("nan"), "min_s": float("nan"), "n": 0, "floor_fraction": None}
+_MISSING = {"median_s": float("nan"), "min_s": float("nan"), "n": 0, "floor_fraction": None,
+            "minor_faults_per_call": None}
 
 
 def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
@@ -679,7 +702,8 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
     variant, ``out_variant`` (False: PyTorch has none for this op, its numbers
     are the plain call's), ``out_op`` and, for PyTorch, ``out_kernel`` (see
     :func:`torch_out_kernel`); ``out_speedup`` is plain median / out median.
-    ``out_buffers``: see :func:`_out_buffers`."""
+    Each has ``minor_faults_per_call`` (median over the samples): whether the
+    call's output was page-faulted. ``out_buffers``: see :func:`_out_buffers`."""
     inp = make_inputs(case, n_copies(case, llc_bytes))
     want = reference(case, inp)
     row = {"case": case.name, "norm": case.norm, "direction": case.direction, "shape": list(case.shape),
@@ -717,7 +741,8 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
             check(got, want, f"{case.name} [{key}]", tol)
             calls[key] = call
     repeats = {key: repeat if not key.startswith("numpy") else max(3, repeat // 3) for key in calls}
-    timed = time_calls(calls, repeats, budget_s)
+    faults = {}
+    timed = time_calls(calls, repeats, budget_s, faults)
     floor = None
     if not case.latency:
         row["copy_bandwidth_Bps"] = 2 * case.nbytes / statistics.median(timed.pop(COPY))
@@ -726,13 +751,12 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
     results = row["results"]
     for name in backends:  # a backend without a row (torch lacking a half kernel): NaN, n = 0
         plain = timed.get(_key(name, PLAIN))
-        results[name] = _stats(plain, floor) if plain else dict(_MISSING)
+        results[name] = _stats(plain, floor, faults.get(_key(name, PLAIN))) if plain else dict(_MISSING)
         if name not in out_info:
             continue
-        out = timed.get(_key(name, OUT))
-        if not out_info[name]["out_variant"]:
-            out = plain
-        results[name]["out"] = {**(_stats(out, floor) if out else dict(_MISSING)), **out_info[name]}
+        key = _key(name, OUT if out_info[name]["out_variant"] else PLAIN)  # no out variant: the plain call's
+        out = timed.get(key)
+        results[name]["out"] = {**(_stats(out, floor, faults.get(key)) if out else dict(_MISSING)), **out_info[name]}
     ref = results.get("torch")
     for r in results.values():
         r["speedup_vs_torch"] = _ratio(ref, r)
@@ -883,6 +907,14 @@ def main(argv: list[str]) -> int:
                         help="the out variants' buffers: one per rotating input copy, as cold as the inputs when a "
                              "call reaches them, or one reused by every call, as in a user's loop (it stays in "
                              "cache where it fits) (default: %(default)s)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each case in a fresh Python process. Under glibc's default policy a plain "
+                             "call's output is page-faulted or not depending on what the process freed before "
+                             "(a free region of its heap serves it without faults), so in one process a case's "
+                             "plain times depend on the cases run before it; bench.json's minor_faults_per_call "
+                             "shows which happened")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # --isolate's child: this case only
+    parser.add_argument("--row-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: its row here
     parser.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
     parser.add_argument("--cpu-capability", default=None, metavar="LEVEL",
                         help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
@@ -920,7 +952,7 @@ def main(argv: list[str]) -> int:
 
     with threadpool_limits(1, user_api="blas"), \
             (_cpu.use_level(level) if level is not None else contextlib.nullcontext()):
-        return _run(args, backends, threads, kept)
+        return _run(args, backends, threads, kept, level)
 
 
 def _torch_at_level(level, threads: int) -> bool:
@@ -948,16 +980,21 @@ def _torch_at_level(level, threads: int) -> bool:
     return True
 
 
-def _run(args, backends, threads: int, kept: bool) -> int:
+def _run(args, backends, threads: int, kept: bool, level=None) -> int:
     """The cases of ``args`` on ``backends``: progress lines, the table, bench.json and bench.png."""
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
     cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
     halves = tuple(d for d in dtypes if d != "float32")
     cases += half_cases(halves, args.quick) if halves else []
-    cases = [c for c in cases if args.filter in c.name]
+    cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)]
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0
+    if args.row_json:  # --isolate's child: one case, its row to a file, nothing else
+        (case,) = cases
+        with open(args.row_json, "w") as f:
+            json.dump(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers), f)
+        return 0
     bandwidth = copy_bandwidth(threads)
     levels = cpu_levels(backends)
     print(f"allocator: {ALLOCATOR[kept]}")
@@ -966,20 +1003,21 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own)")
     print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
+    print("cases: " + ("each in a fresh process" if args.isolate else "all in this process, one after another"))
     rows = []
     for case in cases:
-        rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
-        print(f"  {case.name}: " + ", ".join(
-            f"{_key(b, v)} {(r if v == PLAIN else r['out'])['median_s'] * 1e3:.3f} ms"
-            + (torch_out_marker(r) if b == "torch" and v == OUT else "")
-            for b, r in rows[-1]["results"].items() for v in (PLAIN, OUT) if v == PLAIN or "out" in r),
-            flush=True)
+        if args.isolate:
+            rows.append(_run_isolated(case, args, backends, threads, repeat, kept, level))
+        else:
+            rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
+        print(f"  {case.name}: " + ", ".join(_progress(b, v, r) for b, r in rows[-1]["results"].items()
+                                              for v in (PLAIN, OUT) if v == PLAIN or "out" in r), flush=True)
     print()
     print(format_table(rows, backends))
     os.makedirs(args.out, exist_ok=True)
     result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth, "cpu_capability": levels,
               "allocator": allocator_policy(kept), "freed_memory_kept": kept,
-              "out_buffers": args.out_buffers,
+              "out_buffers": args.out_buffers, "isolated": args.isolate,
               "variants": {"plain": "the call allocates its output",
                            "out": "the same call writing into a caller's buffer reused across calls; "
                                   "numpy (the reference) plain only"},
@@ -990,6 +1028,36 @@ def _run(args, backends, threads: int, kept: bool) -> int:
     plot(rows, backends, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
+
+
+def _run_isolated(case: Case, args, backends, threads: int, repeat: int, kept: bool, level) -> dict:
+    """:func:`run_case` in a fresh Python process running this cnorm (``--isolate``)."""
+    import subprocess
+    import tempfile
+
+    import cnorm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, "-m", "cnorm", "bench", "--case", case.name, "--row-json", path,
+               "--threads", str(threads), "--backends", ",".join(backends), "--repeat", str(repeat),
+               "--dtypes", case.dtype, "--out-buffers", args.out_buffers]
+        cmd += ["--quick"] * args.quick + ["--keep-freed-memory"] * kept
+        cmd += ["--cpu-capability", level] if level else []
+        root = os.path.dirname(os.path.dirname(os.path.abspath(cnorm.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        subprocess.run(cmd, check=True, env=env)
+        with open(path) as f:
+            return json.load(f)
+
+
+def _progress(backend: str, variant: str, res: dict) -> str:
+    """One backend variant's median (and page faults per call, if any) for the progress line."""
+    r = res if variant == PLAIN else res["out"]
+    faults = r.get("minor_faults_per_call")
+    return (f"{_key(backend, variant)} {r['median_s'] * 1e3:.3f} ms"
+            + (torch_out_marker(res) if backend == "torch" and variant == OUT else "")
+            + (f" ({faults:.0f} page faults)" if faults and faults >= 0.5 else ""))
 
 
 def cpu_levels(backends) -> dict:

@@ -79,6 +79,7 @@ def test_plain_and_out_variants_are_checked_and_timed_in_the_same_rounds(monkeyp
         assert plain["n"] >= 3 and out["n"] >= 3 and out["out_variant"] is True
         assert out["floor_fraction"] == row["floor_s"] / out["median_s"]
         assert res[b]["out_speedup"] == plain["median_s"] / out["median_s"]
+        assert plain["minor_faults_per_call"] >= 0 and out["minor_faults_per_call"] >= 0
     assert res["cython"]["speedup_vs_torch"] == res["torch"]["median_s"] / res["cython"]["median_s"]
     cn_out, torch_out = res["cython"]["out"], res["torch"]["out"]
     assert cn_out["speedup_vs_torch"] == torch_out["median_s"] / cn_out["median_s"]
@@ -199,3 +200,24 @@ def test_out_buffers_one_reuses_a_single_buffer():
         assert len(ptrs) == 1
     with pytest.raises(ValueError, match="out_buffers"):
         _bench.runner(case, inp, "cython", "out", out_buffers="two")
+
+
+def test_isolate_runs_each_case_in_a_fresh_process(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    children = []
+    run = subprocess.run
+
+    def spy(cmd, *a, **kw):
+        children.append(cmd)
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    n, report = _bench_main(monkeypatch, tmp_path, "--isolate", "--out-buffers", "one")
+    assert n == 0 and report["isolated"] is True and report["out_buffers"] == "one"
+    (cmd,) = children
+    assert cmd[cmd.index("--case") + 1] == "layer_norm-fwd-32x64-cf" and "--keep-freed-memory" not in cmd
+    assert cmd[cmd.index("--out-buffers") + 1] == "one"
+    (row,) = report["cases"]
+    assert row["case"] == "layer_norm-fwd-32x64-cf" and row["results"]["cython"]["out"]["n"] >= 3
+    assert "cases: each in a fresh process" in capsys.readouterr().out
