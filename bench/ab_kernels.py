@@ -10,6 +10,12 @@ variants alike. ``--other DIR`` adds the kernels module found in DIR (a
 ``_kernels*.so`` built from another checkout with the same Python wrapper
 signatures), named ``other``. Prints the median (``--stat min``: the best)
 ms per variant and the ratio of each to the first.
+
+It compares kernels, not what a user's loop pays: glibc keeps freed memory
+(``_bench.keep_freed_memory``, mallopt), so that no variant's time includes
+the page faults of a fresh output array (``python -m cnorm bench`` runs with
+glibc's default policy, unless ``--keep-freed-memory``). The first line of
+the output says so.
 """
 
 from __future__ import annotations
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
     if args.extra:
         cases += extra_cases(dtypes)
     cases = [c for c in cases if args.filter in c.name]
-    _bench.keep_freed_memory()
+    kept = _bench.keep_freed_memory()  # kernels alone: no page faults of fresh outputs (see the docstring)
+    print(f"allocator: {_bench.ALLOCATOR[kept]}")
     llc = _bench.machine()["llc_bytes"]
     names = list(variants)
     print(f"{'case':52s}" + "".join(f"{n + ' ms':>12s}" for n in names)

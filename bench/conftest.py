@@ -15,6 +15,12 @@ def pytest_addoption(parser):
     parser.addoption("--bench-cpu-capability", default=None,
                      help="cnorm's CPU level (default: the one chosen at import); PyTorch runs at the matching "
                           "ATEN_CPU_CAPABILITY")
+    parser.addoption("--bench-keep-freed-memory", action="store_true",
+                     help="make glibc keep freed memory (mallopt), as `python -m cnorm bench --keep-freed-memory`: "
+                          "plain calls no longer pay the page faults of fresh outputs (default: glibc's policy)")
+    parser.addoption("--bench-out-buffers", choices=_bench.OUT_BUFFERS, default="per-copy",
+                     help="the out variants' buffers: one per rotating input copy, or one for every call "
+                          "(as python -m cnorm bench --out-buffers; default: %(default)s)")
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +52,26 @@ def threads(request, cpu_level):
 
 
 @pytest.fixture(scope="session")
-def machine():
-    _bench.keep_freed_memory()  # same allocator policy as `python -m cnorm bench`
+def out_buffers(request):
+    return request.config.getoption("--bench-out-buffers")
+
+
+@pytest.fixture(scope="session")
+def allocator(request):
+    """The allocator policy of the session, as `python -m cnorm bench`'s: glibc's default
+    unless --bench-keep-freed-memory (then for the rest of the process)."""
+    kept = _bench.keep_freed_memory() if request.config.getoption("--bench-keep-freed-memory") else False
+    return _bench.allocator_policy(kept)
+
+
+@pytest.fixture(scope="session")
+def machine(allocator):
     return _bench.machine()
+
+
+def pytest_report_header(config):
+    kept = config.getoption("--bench-keep-freed-memory")
+    return f"cnorm bench allocator: {_bench.ALLOCATOR[bool(kept)]}"
 
 
 def pytest_generate_tests(metafunc):

@@ -5,10 +5,13 @@
 Both at the same thread count, timed in interleaved rounds on the same data
 (each timed call follows an untimed one of the same library, so that the
 other library's spinning OpenMP threads are not timed), with glibc keeping
-freed memory (as a training loop's allocator would: no page faults on fresh
-outputs). Prints the median ms of each and their ratio. ``--other DIR`` runs
-cnorm with the kernels module found in DIR (as ``bench/ab_kernels.py
---other``). cnorm is imported from this checkout.
+freed memory (``_bench.keep_freed_memory``, mallopt: as a training loop's
+caching allocator would, no page faults on fresh outputs; not what a plain
+NumPy loop pays, which ``python -m cnorm bench`` measures by default). The
+first line of the output names that policy. Prints the median ms of each
+and their ratio. ``--other DIR`` runs cnorm with the kernels module found in
+DIR (as ``bench/ab_kernels.py --other``). cnorm is imported from this
+checkout.
 """
 
 from __future__ import annotations
@@ -55,11 +58,11 @@ def main(argv=None) -> int:
         from ab_kernels import load_other
 
         _cpu.K = load_other(args.other)
-    _bench.keep_freed_memory()
+    kept = _bench.keep_freed_memory()
     cnorm.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     print(f"cnorm level {_cpu.K.LEVEL}{' (other)' if args.other else ''}, {args.threads} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, allocator: {_bench.ALLOCATOR[kept]}")
     for shape, dn, affine in CASES:
         npdt = BFLOAT16 if dn == "bfloat16" else np.dtype(dn)
         c = shape[-1]

@@ -1,16 +1,27 @@
-"""One pytest-benchmark group per (norm, direction, shape, layout), rows numpy,
-cython and torch at the same thread count.
+"""Two pytest-benchmark groups per (norm, direction, shape, layout), at the same
+thread count: ``<case>`` with the plain calls of numpy, cython and torch (each
+allocates its output), ``<case> [out]`` with the out variants of cython and
+torch (the same call writing into a buffer reused across calls: cnorm's
+``out=``, PyTorch's ``aten`` ``.out`` overload; where PyTorch has none, as for
+instance_norm, its plain call, with ``out_variant`` False in extra_info).
 
 Run with ``pytest bench --benchmark-group-by=group`` (``--bench-quick`` for
-the small cases). Each benchmark checks its result against the NumPy reference
-before timing; inputs rotate among copies larger than the last-level cache.
+the small cases, ``--bench-keep-freed-memory`` for glibc keeping freed memory;
+the default is glibc's own policy; ``--bench-out-buffers one`` for one out
+buffer reused by every call instead of one per input copy). Every case runs
+in this one process: under glibc's default policy whether a plain call's
+output is page-faulted depends on what was freed before (``python -m cnorm
+bench --isolate`` runs each case in a fresh process). Each benchmark checks its result against
+the NumPy reference before timing; inputs rotate among copies larger than the
+last-level cache.
 """
 
 import pytest
 
 from cnorm import _bench
 
-BACKENDS = ["numpy", "cython", "torch"]
+# (backend, variant): the NumPy reference is timed plain only
+VARIANTS = [("numpy", "plain"), ("cython", "plain"), ("torch", "plain"), ("cython", "out"), ("torch", "out")]
 _inputs = {}
 
 
@@ -22,8 +33,9 @@ def _case_inputs(case, llc):
     return _inputs[case]
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_norm(benchmark, case, backend_name, threads, machine, cpu_level):
+@pytest.mark.parametrize("backend_name,variant", VARIANTS,
+                         ids=[_bench._key(b, v).replace(" ", "-") for b, v in VARIANTS])
+def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_level, allocator, out_buffers):
     if backend_name == "torch":
         pytest.importorskip("torch")
     else:
@@ -33,10 +45,21 @@ def test_norm(benchmark, case, backend_name, threads, machine, cpu_level):
             pytest.fail(f"backend {backend_name!r} is not available: "
                         f"{cnorm.available_backends(with_reasons=True)[backend_name]}")
     inp, want = _case_inputs(case, machine["llc_bytes"])
-    call, first = _bench.runner(case, inp, backend_name)
-    _bench.check(first(), want, f"{case.name} [{backend_name}]")
-    benchmark.group = case.name
+    group = case.name + (" [out]" if variant == "out" else "")
+    info = {}
+    if variant == "out" and backend_name == "torch":
+        op = _bench.torch_out_op(case)
+        info = {"out_variant": op is not None, "out_op": op and f"aten::{op}",
+                "out_kernel": op and _bench.torch_out_kernel(op)}
+        if op is None:  # no out variant: its plain call, marked
+            variant = "plain"
+    call, first = _bench.runner(case, inp, backend_name, variant, out_buffers)
+    tol = (_bench.tolerance(case.np_dtype) if backend_name != "torch" or case.dtype == "float32" else 2.0 ** -5)
+    _bench.check(first(), want, f"{case.name} [{_bench._key(backend_name, variant)}]", tol)
+    benchmark.group = group
     benchmark.extra_info.update(threads=threads, machine=machine["cpu"], cores=machine["cores"],
-                                bytes=case.nbytes, floor_factor=case.floor_factor, cpu_level=cpu_level)
+                                bytes=case.nbytes, floor_factor=case.floor_factor, cpu_level=cpu_level,
+                                allocator=allocator["description"], variant=variant,
+                                out_buffers=out_buffers if variant == "out" else None, **info)
     rounds = 3 if backend_name == "numpy" else (200 if case.latency else 10)
     benchmark.pedantic(call, rounds=rounds, iterations=50 if case.latency else 1, warmup_rounds=1)

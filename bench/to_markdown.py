@@ -1,15 +1,35 @@
 """Render ``python -m cnorm bench``'s JSON as the Markdown tables the README shows.
 
     python bench/to_markdown.py bench_results/bench.json
-    python bench/to_markdown.py --levels avx512.json avx2.json baseline.json
+    python bench/to_markdown.py --levels avx512.json avx2.json baseline.json [--ratio plain|out]
 
-With ``--levels``, one report per CPU level (``bench --cpu-capability``): a
-summary line per level, then each level's table in a collapsible block.
+The per-case table gives cnorm's (the "cython" backend's) and PyTorch's median
+time of the plain call (it allocates its output) and of the out variant (the
+same call writing into a buffer reused across calls), cnorm's out speed-up
+(plain / out), cnorm against PyTorch plain against plain and out against out,
+and the fraction of the memory floor the out calls reach. A PyTorch out time
+marked * is its plain call's (no out variant for that op), one marked † comes
+from a generated out overload (it computes into new tensors, then copies into
+out). With ``--levels``, one report per CPU level (``bench --cpu-capability``):
+a summary line per level, with cnorm against PyTorch in the variant
+``--ratio`` names (default: plain against plain), then each level's table in a
+collapsible block.
 """
 
+import argparse
 import json
 import statistics
-import sys
+
+CNORM = "cython"
+
+
+def allocator(report: dict) -> str:
+    """The allocator policy of the run (bench.json before it said: the mallopt flag)."""
+    a = report.get("allocator")
+    if a:
+        return a["description"]
+    return ("freed memory kept (mallopt)" if report.get("freed_memory_kept")
+            else "glibc default (fresh outputs are page-faulted)")
 
 
 def header(report: dict) -> str:
@@ -20,7 +40,11 @@ def header(report: dict) -> str:
     lv = report.get("cpu_capability") or {}
     level = (f"cnorm at CPU level {lv.get('cnorm')}, PyTorch at {str(lv.get('torch')).upper()}, "
              if lv else "")
-    return f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}."
+    bufs = {"per-copy": "; out variants: one buffer per input copy",
+            "one": "; out variants: one buffer for every call"}.get(report.get("out_buffers"), "")
+    fresh = "; each case in a fresh process" if report.get("isolated") else ""
+    return (f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}; "
+            f"allocator: {allocator(report)}{bufs}{fresh}.")
 
 
 def split_name(case: dict):
@@ -32,66 +56,120 @@ def split_name(case: dict):
     return name, "float32"
 
 
+def variant(res: dict, which: str) -> dict:
+    """A backend's numbers for ``which`` ("plain" or "out"); {} where it has none."""
+    if not res:
+        return {}
+    return res if which == "plain" else (res.get("out") or {})
+
+
+def torch_mark(res: dict) -> str:
+    out = (res or {}).get("out") or {}
+    if out.get("out_variant") is False:
+        return "*"
+    return "†" if out.get("out_kernel") is False else ""
+
+
+NOTES = {
+    "*": "\\* PyTorch has no out variant for this op: its out time is its plain call's "
+         "(cnorm × torch out compares with that).",
+    "†": "† PyTorch's out overload of this op is generated: it computes into new tensors, then copies them "
+         "into out (no CPU kernel writes out directly).",
+}
+
+
 def table(report: dict) -> str:
     lines = [
         header(report),
         "",
-        "| case | dtype | cython ms | torch ms | numpy ms | cython × torch | cython % of floor | torch % of floor |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | dtype | cnorm plain ms | cnorm out ms | out speed-up | torch plain ms | torch out ms "
+        "| cnorm × torch plain | cnorm × torch out | cnorm % of floor (out) | torch % of floor (out) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    marks = set()
     for case in report["cases"]:
         r = case["results"]
         name, dtype = split_name(case)
         latency = case.get("latency")
 
-        def t(b):  # milliseconds; the per-call latency case in microseconds
-            if b not in r or not r[b].get("n"):
+        def t(b, which):  # milliseconds; the per-call latency case in microseconds
+            v = variant(r.get(b), which)
+            if not v.get("n"):
                 return "–"
-            return f"{r[b]['median_s'] * 1e6:.3g} µs" if latency else f"{r[b]['median_s'] * 1e3:.3g}"
+            return f"{v['median_s'] * 1e6:.3g} µs" if latency else f"{v['median_s'] * 1e3:.3g}"
 
         def floor(b):
-            f = r.get(b, {}).get("floor_fraction")
+            f = variant(r.get(b), "out").get("floor_fraction")
             return "–" if f is None or latency else f"{100 * f:.0f}%"
 
-        ratio = r.get("cython", {}).get("speedup_vs_torch")
-        lines.append(f"| {name} | {dtype} | {t('cython')} | {t('torch')} | {t('numpy')} | "
-                     f"{'–' if ratio is None else f'{ratio:.2f}'} | {floor('cython')} | {floor('torch')} |")
-    return "\n".join(lines)
+        def ratio(x):
+            return "–" if x is None else f"{x:.2f}"
+
+        cn = r.get(CNORM, {})
+        mark = torch_mark(r.get("torch")) if variant(r.get("torch"), "out").get("n") else ""
+        marks.add(mark)
+        lines.append(f"| {name} | {dtype} | {t(CNORM, 'plain')} | {t(CNORM, 'out')} | {ratio(cn.get('out_speedup'))} "
+                     f"| {t('torch', 'plain')} | {t('torch', 'out')}{mark.replace('*', chr(92) + '*')} "
+                     f"| {ratio(cn.get('speedup_vs_torch'))} | {ratio(variant(cn, 'out').get('speedup_vs_torch'))} "
+                     f"| {floor(CNORM)} | {floor('torch')} |")
+    notes = [NOTES[m] for m in ("*", "†") if m in marks]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def summary(report: dict) -> str:
-    """One line: the level, cython against PyTorch over the rows, floor fractions."""
-    ratios = [c["results"]["cython"]["speedup_vs_torch"] for c in report["cases"]
-              if c["results"].get("cython", {}).get("speedup_vs_torch")]
-    floors = [c["results"]["cython"]["floor_fraction"] for c in report["cases"]
-              if c["results"].get("cython", {}).get("floor_fraction")]
-    slowest = min(report["cases"], key=lambda c: c["results"].get("cython", {}).get("speedup_vs_torch") or 1e9)
-    name, dtype = split_name(slowest)
+RATIO_LABEL = {"plain": "plain vs plain", "out": "out vs out"}
+
+
+def summary(report: dict, which: str = "plain") -> str:
+    """One line: the level, cnorm against PyTorch (``which`` variant of both) over the rows,
+    the median fraction of the floor cnorm's out calls reach."""
+    def ratio(c):
+        return variant(c["results"].get(CNORM), which).get("speedup_vs_torch")
+
+    rated = [c for c in report["cases"] if ratio(c)]
+    ratios = [ratio(c) for c in rated]
+    floors = [variant(c["results"].get(CNORM), "out").get("floor_fraction") for c in report["cases"]]
+    floors = [f for f in floors if f]
+    name, dtype = split_name(min(rated, key=ratio))
     lv = report.get("cpu_capability") or {}
+    floor = f"{100 * statistics.median(floors):.0f}%" if floors else "–"
     return (f"| {lv.get('cnorm')} | {str(lv.get('torch')).upper()} | {sum(r >= 1 for r in ratios)} of {len(ratios)} "
             f"| {min(ratios):.2f} ({name} {dtype}) | {statistics.median(ratios):.2f} | {max(ratios):.2f} "
-            f"| {100 * statistics.median(floors):.0f}% |")
+            f"| {floor} |")
 
 
-def levels(reports: list) -> str:
-    lines = ["| cnorm level | PyTorch level | rows cnorm ≥ PyTorch | slowest × PyTorch | median × | fastest × "
-             "| cnorm median % of floor |",
+def levels(reports: list, which: str = "plain") -> str:
+    label = RATIO_LABEL[which]
+    lines = [f"cnorm × PyTorch: {label} (PyTorch's median / cnorm's); allocator: "
+             f"{'; '.join(sorted({allocator(r) for r in reports}))}.",
+             "",
+             f"| cnorm level | PyTorch level | rows cnorm ≥ PyTorch ({label}) | slowest × PyTorch | median × "
+             "| fastest × | cnorm median % of floor (out) |",
              "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
-    lines += [summary(r) for r in reports]
+    lines += [summary(r, which) for r in reports]
     for r in reports:
         lv = (r.get("cpu_capability") or {}).get("cnorm")
         lines += ["", f"<details><summary>CPU level {lv}: every case</summary>", "", table(r), "", "</details>"]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args and args[0] == "--levels":
-        reports = []
-        for path in args[1:]:
-            with open(path) as f:
-                reports.append(json.load(f))
-        print(levels(reports))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=["bench_results/bench.json"], help="bench.json files")
+    parser.add_argument("--levels", action="store_true", help="one report per CPU level: a summary, then each table")
+    parser.add_argument("--ratio", choices=("plain", "out"), default="plain",
+                        help="--levels summary: cnorm against PyTorch plain vs plain or out vs out "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    reports = []
+    for path in args.paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    if args.levels:
+        print(levels(reports, args.ratio))
     else:
-        with open(args[0] if args else "bench_results/bench.json") as f:
-            print(table(json.load(f)))
+        print("\n\n".join(table(r) for r in reports))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,15 @@
 """``python -m cnorm bench``: cnorm's backends against PyTorch and the memory floor.
 
 For every case (norm, direction, shape, layout) each backend is timed through
-the public functional API at one thread count, and the report gives its median
-time, its ratio to PyTorch's, and the fraction of the memory floor it
-reaches. The floor is the time to move the bytes a fused kernel must move —
+the public functional API at one thread count, in two variants: "plain", the
+call allocating its output as a NumPy user's plain loop does, and "out", the
+same call writing into a caller's buffer reused across calls (cnorm's
+``out=``; PyTorch's ``aten::*.out`` overload of the op where one exists,
+its plain call where none does). The report gives each median time, cnorm's
+out speed-up (plain / out), its ratio to PyTorch's (plain against plain, out
+against out), and the fraction of the memory floor the out calls reach. The
+NumPy backend is the reference: plain calls only. The floor is the time to
+move the bytes a fused kernel must move —
 2 x bytes(x) for a forward (read x, write y), 3 x bytes(x) for a backward
 (read x and dy, write dx), with bytes(x) counted in x's own dtype (half for
 float16 and bfloat16 rows) — at the copy bandwidth measured in the same run:
@@ -12,8 +18,23 @@ own input (the same rotating copies, all threads, streaming stores), so the
 floor sees the same memory, sizes and share of a shared machine's bandwidth
 as the case (one copy at the start moved between 23 and 40 GB/s from run to
 run). Inputs rotate among enough copies that the last-level cache cannot hold
-them between calls. Every timed call is checked against the NumPy reference
+them between calls; each out variant has one buffer per input copy (touched
+once before timing), so its output is as cold as its input
+(``--out-buffers one``: one buffer for every call, as in a user's loop).
+Every timed call, plain and out, is checked against the NumPy reference
 first.
+
+The allocator runs with glibc's default policy, as in a user's process: an
+output above glibc's mmap threshold (adaptive, at most 32 MiB on 64-bit) is
+a fresh mapping whose pages the kernel zero-fills on first touch, a cost the
+plain calls pay and the out calls do not. A smaller output reuses the block
+the previous call freed, without page faults and often still in cache, and
+so does a larger one wherever the process's heap has a free region that
+fits it (left by earlier cases' arrays): in one process, a case's plain
+times depend on the cases before it. ``--isolate`` runs each case in a
+fresh process; every result records its minor page faults per call. ``--keep-freed-memory`` makes
+glibc keep freed memory instead (mallopt), as a caching allocator would;
+the report and bench.json say which policy was in force.
 
 The same cases drive the pytest-benchmark suite in ``bench/``.
 """
@@ -183,77 +204,188 @@ def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     return inp
 
 
-def _cnorm_forward(case: Case, inp: Inputs, x, backend, saved: bool = True):
+def _cnorm_forward(case: Case, inp: Inputs, x, backend, saved: bool = True, out=None):
     """``(y, saved)`` from the ``*_forward`` API; with ``saved=False`` the plain
     call (``cnorm.layer_norm`` ...) and ``(y, None)``: what a forward-only
-    (inference) caller runs, as PyTorch does without autograd."""
+    (inference) caller runs, as PyTorch does without autograd. ``out``: the
+    buffer y is written into (``out=``), else a new array."""
     import cnorm
 
     fn = getattr(cnorm, case.norm + "_forward" if saved else case.norm)
     if case.norm == "batch_norm":
         rm = None if inp.running_mean is None else inp.running_mean.copy()
         rv = None if inp.running_var is None else inp.running_var.copy()
-        out = fn(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS, case.channel_axis, backend)
+        res = fn(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS, case.channel_axis, backend, out=out)
     elif case.norm == "layer_norm":
-        out = fn(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend)
+        res = fn(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend, out=out)
     elif case.norm == "group_norm":
-        out = fn(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend)
+        res = fn(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend, out=out)
     else:
-        out = fn(x, inp.weight, inp.bias, None, None, True, 0.1, EPS, case.channel_axis, backend)
-    return out if saved else (out, None)
+        res = fn(x, inp.weight, inp.bias, None, None, True, 0.1, EPS, case.channel_axis, backend, out=out)
+    return res if saved else (res, None)
 
 
-def _cnorm_backward(case: Case, dy, x, saved, weight):
+def _cnorm_backward(case: Case, dy, x, saved, weight, out=None):
     import cnorm
 
     fn = getattr(cnorm, f"{case.norm}_backward")
-    return fn(dy, x, saved, weight)
+    return fn(dy, x, saved, weight, out=out)
 
 
-def cnorm_runner(case: Case, inp: Inputs, backend: str):
-    """A zero-argument call that runs one cnorm call on the next copy, and its first result."""
+PLAIN, OUT = "plain", "out"  # the two timed variants of every call
+PLAIN_ONLY = ("numpy",)      # the reference backend: plain calls only
+
+
+def _touched(a):
+    """``a`` with every page written once: a buffer made before timing must not
+    page-fault in the first calls of the rotation that reach it."""
+    if isinstance(a, np.ndarray):
+        a.fill(0)
+    else:  # a torch tensor: its bytes through NumPy (zero_ woke PyTorch's threads for 8 ms a call)
+        import torch
+
+        torch.empty(0, dtype=torch.uint8).set_(a.untyped_storage()).numpy().fill(0)
+    return a
+
+
+OUT_BUFFERS = ("per-copy", "one")
+
+
+def _out_buffers(xs, make, how: str = "per-copy"):
+    """The out variant's output buffers, indexed like the input copies ``xs``:
+    ``make(x)`` for each copy ("per-copy": as cold as the inputs when a call
+    reaches them), or one ``make(xs[0])`` for all ("one": the single buffer of
+    a user's loop, which stays in cache where it fits)."""
+    if how not in OUT_BUFFERS:
+        raise ValueError(f"out_buffers: expected one of {OUT_BUFFERS}, got {how!r}")
+    if how == "one":
+        return [make(xs[0])] * len(xs)
+    return [make(x) for x in xs]
+
+
+def _same_buffer(got, buf, what: str) -> None:
+    """Assert an out call returned its buffer (it wrote there, not to a new array)."""
+    ptr = (lambda a: a.__array_interface__["data"][0]) if isinstance(buf, np.ndarray) else (lambda t: t.data_ptr())
+    if ptr(got) != ptr(buf):
+        raise AssertionError(f"{what}: the out call did not return its out buffer")
+
+
+def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
+    """A zero-argument call that runs one cnorm call on the next copy, and its first result.
+
+    ``variant="out"``: the same call with ``out=``, one buffer per input copy
+    (``np.empty_like`` of it: its layout; ``out_buffers="one"``: one for all,
+    see :func:`_out_buffers`), made and touched here, outside timing."""
+    bufs = ([None] * len(inp.xs) if variant != OUT
+            else _out_buffers(inp.xs, lambda x: _touched(np.empty_like(x)), out_buffers))
+
+    def checked(res, i):
+        if bufs[i] is not None:
+            _same_buffer(res, bufs[i], f"{case.name} [{backend} out]")
+        return res
+
     if case.direction == "fwd":
         def call():  # forward only, like PyTorch's timed call: no state kept for a backward
             i = inp.next()
-            return _cnorm_forward(case, inp, inp.xs[i], backend, saved=False)[0]
+            return _cnorm_forward(case, inp, inp.xs[i], backend, saved=False, out=bufs[i])[0]
 
-        first = lambda: _cnorm_forward(case, inp, inp.xs[0], backend, saved=False)[0]  # noqa: E731
+        first = lambda: checked(_cnorm_forward(case, inp, inp.xs[0], backend, False, bufs[0])[0], 0)  # noqa: E731
         return call, first
     saved = [_cnorm_forward(case, inp, x, backend)[1] for x in inp.xs]
 
     def call():
         i = inp.next()
-        return _cnorm_backward(case, inp.dys[i], inp.xs[i], saved[i], inp.weight)[0]
+        return _cnorm_backward(case, inp.dys[i], inp.xs[i], saved[i], inp.weight, bufs[i])[0]
 
-    first = lambda: _cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight)[0]  # noqa: E731
+    def first():
+        return checked(_cnorm_backward(case, inp.dys[0], inp.xs[0], saved[0], inp.weight, bufs[0])[0], 0)
+
     return call, first
 
 
-def torch_runner(case: Case, inp: Inputs):
-    """Same as :func:`cnorm_runner` with PyTorch CPU (channels-last as a permuted NHWC view)."""
-    import torch
-    import torch.nn.functional as F
+# PyTorch's out overload per (norm, direction): the op its functional call
+# reaches on CPU, called directly. InstanceNorm has none (F.instance_norm
+# runs batch_norm on a reshaped copy of the input and weights).
+TORCH_OUT_OPS = {
+    ("batch_norm", "fwd"): "native_batch_norm.out",
+    ("batch_norm", "bwd"): "native_batch_norm_backward.out",
+    ("layer_norm", "fwd"): "native_layer_norm.out",
+    ("layer_norm", "bwd"): "native_layer_norm_backward.out",
+    ("group_norm", "fwd"): "native_group_norm.out",
+    ("group_norm", "bwd"): "native_group_norm_backward.out",
+}
 
-    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
 
-    def from_numpy(a):
+def torch_out_op(case: Case):
+    """The ``aten`` overload PyTorch's out variant of ``case`` calls, or None if it has none."""
+    return TORCH_OUT_OPS.get((case.norm, case.direction))
+
+
+def torch_out_kernel(op: str):
+    """Whether a CPU kernel of PyTorch writes ``op``'s outputs itself (True), or the
+    overload is generated ("autogen": it runs the functional op into new tensors
+    and copies them into out; False); None where this PyTorch does not say."""
+    try:
+        import torch
+
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "CPU"))
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+class _TorchCase:
+    """PyTorch tensors of one case: the rotating inputs (channels-last as a permuted
+    NHWC view, NCHW logical), parameters, and conversions back to NumPy."""
+
+    def __init__(self, case: Case, inp: Inputs):
+        import torch
+
+        self.case, self.inp = case, inp
+        self.tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
+        w, b = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
+        if case.norm == "layer_norm":  # PyTorch CPU layer_norm wants parameters in the input dtype
+            w, b = w.to(self.tdtype), b.to(self.tdtype)
+        self.w, self.b = w, b
+        self.rm = None if inp.running_mean is None else torch.from_numpy(inp.running_mean.copy())
+        self.rv = None if inp.running_var is None else torch.from_numpy(inp.running_var.copy())
+
+    def from_numpy(self, a):
+        import torch
+
         if a.dtype == np.float32:
             return torch.from_numpy(a)
-        return torch.from_numpy(a.astype(np.float32)).to(tdtype)  # setup only, not timed
+        return torch.from_numpy(a.astype(np.float32)).to(self.tdtype)  # setup only, not timed
 
-    def tensor(a):
-        t = from_numpy(a) if isinstance(a, np.ndarray) else a
-        if case.layout == "cl":
+    def tensor(self, a):
+        t = self.from_numpy(a) if isinstance(a, np.ndarray) else a
+        if self.case.layout == "cl":
             t = t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))  # NHWC memory, NCHW logical
         return t
 
-    w, b = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
-    if case.norm == "layer_norm":  # PyTorch CPU layer_norm wants parameters in the input dtype
-        w, b = w.to(tdtype), b.to(tdtype)
+    def to_numpy(self, t):
+        t = t.detach()
+        if self.case.layout == "cl":  # back to the NHWC array users passed
+            t = t.permute(0, *range(2, t.dim()), 1)
+        return t.contiguous().float().numpy()
+
+    def nchw(self, t):
+        """(N, C, spatial size) of an NCHW-logical tensor: GroupNorm's sizes."""
+        return t.shape[0], t.shape[1], math.prod(t.shape[2:])
+
+
+def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str = "per-copy"):
+    """Same as :func:`cnorm_runner` with PyTorch CPU (channels-last as a permuted NHWC view).
+
+    ``variant="out"``: :func:`torch_out_runner`."""
+    if variant == OUT:
+        return torch_out_runner(case, inp, out_buffers)
+    import torch
+    import torch.nn.functional as F
+
+    tc = _TorchCase(case, inp)
+    w, b, rm, rv = tc.w, tc.b, tc.rm, tc.rv
     if case.direction == "bwd":
         w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
-    rm = None if inp.running_mean is None else torch.from_numpy(inp.running_mean.copy())
-    rv = None if inp.running_var is None else torch.from_numpy(inp.running_var.copy())
 
     def fwd(t):
         if case.norm == "batch_norm":
@@ -264,24 +396,18 @@ def torch_runner(case: Case, inp: Inputs):
             return F.group_norm(t, case.groups, w, b, EPS)
         return F.instance_norm(t, weight=w, bias=b, eps=EPS)
 
-    def to_numpy(t):
-        t = t.detach()
-        if case.layout == "cl":  # back to the NHWC array users passed
-            t = t.permute(0, *range(2, t.dim()), 1)
-        return t.contiguous().float().numpy()
-
-    xs = [tensor(x) for x in inp.xs]
+    xs = [tc.tensor(x) for x in inp.xs]
     if case.direction == "fwd":
         def call():
             i = inp.next()
             return fwd(xs[i])
 
-        return call, lambda: to_numpy(fwd(xs[0]))
+        return call, lambda: tc.to_numpy(fwd(xs[0]))
     # leaves in the user's layout; the norm sees their NCHW-logical views
-    leaves = [from_numpy(a).requires_grad_(True) for a in inp.xs]
+    leaves = [tc.from_numpy(a).requires_grad_(True) for a in inp.xs]
     with torch.enable_grad():
-        outs = [fwd(tensor(leaf)) for leaf in leaves]
-    grads = [tensor(dy) for dy in inp.dys]
+        outs = [fwd(tc.tensor(leaf)) for leaf in leaves]
+    grads = [tc.tensor(dy) for dy in inp.dys]
 
     def call():
         i = inp.next()
@@ -290,6 +416,79 @@ def torch_runner(case: Case, inp: Inputs):
     def first():
         dx = torch.autograd.grad(outs[0], (leaves[0], w, b), grads[0], retain_graph=True)[0]
         return dx.detach().float().numpy()  # the leaf has the user's (NHWC or NCHW) layout
+
+    return call, first
+
+
+def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = "per-copy"):
+    """PyTorch's out variant: the ``aten`` op of :data:`TORCH_OUT_OPS` called through its
+    ``.out`` overload, y (or dx) into one preallocated tensor per input copy (the
+    copy's layout) and the small results (statistics, parameter gradients) into one
+    set of tensors. A backward calls the backward op directly with the statistics
+    of a forward run once per copy outside timing, writing dx, dweight and dbias.
+    ``out_buffers``: as for :func:`cnorm_runner`."""
+    import torch
+
+    op_name = torch_out_op(case)
+    if op_name is None:
+        raise ValueError(f"{case.name}: PyTorch has no out variant for {case.norm}")
+    aten = torch.ops.aten
+    tc = _TorchCase(case, inp)
+    w, b, rm, rv = tc.w, tc.b, tc.rm, tc.rv
+    xs = [tc.tensor(x) for x in inp.xs]
+    c = case.shape[-1]
+
+    def fwd_default(t):  # the functional op: statistics for a backward, shapes for the outs
+        if case.norm == "batch_norm":
+            return aten.native_batch_norm.default(t, w, b, rm, rv, case.training, 0.1, EPS)
+        if case.norm == "layer_norm":
+            return aten.native_layer_norm.default(t, [c], w, b, EPS)
+        return aten.native_group_norm.default(t, w, b, *tc.nchw(t), case.groups, EPS)
+
+    def empty_like(t):
+        return _touched(torch.empty_like(t))  # preserve_format: a channels-last view gets channels-last strides
+
+    with torch.no_grad():
+        probe = fwd_default(xs[0])
+    bufs = _out_buffers(xs, empty_like, out_buffers)  # y or dx, per copy
+    if case.direction == "fwd":
+        stats = [empty_like(s) for s in probe[1:]]
+
+        def op(i):
+            t, y = xs[i], bufs[i]
+            if case.norm == "batch_norm":
+                return aten.native_batch_norm.out(t, w, b, rm, rv, case.training, 0.1, EPS,
+                                                  out=y, save_mean=stats[0], save_invstd=stats[1])
+            if case.norm == "layer_norm":
+                return aten.native_layer_norm.out(t, [c], w, b, EPS, out0=y, out1=stats[0], out2=stats[1])
+            return aten.native_group_norm.out(t, w, b, *tc.nchw(t), case.groups, EPS,
+                                              out0=y, out1=stats[0], out2=stats[1])
+    else:
+        with torch.no_grad():
+            saved = [fwd_default(t)[1:] for t in xs]  # (mean, rstd) per copy
+        dys = [tc.tensor(dy) for dy in inp.dys]
+        grads = [empty_like(w), empty_like(w)]  # dweight, dbias (float32 for BatchNorm and GroupNorm)
+        mask = [True, True, True]
+
+        def op(i):
+            dy, t, dx, (mean, rstd) = dys[i], xs[i], bufs[i], saved[i]
+            if case.norm == "batch_norm":
+                return aten.native_batch_norm_backward.out(dy, t, w, rm, rv, mean, rstd, case.training, EPS, mask,
+                                                           out0=dx, out1=grads[0], out2=grads[1])
+            if case.norm == "layer_norm":
+                return aten.native_layer_norm_backward.out(dy, t, [c], mean, rstd, w, b, mask,
+                                                           out0=dx, out1=grads[0], out2=grads[1])
+            return aten.native_group_norm_backward.out(dy, t, mean, rstd, w, *tc.nchw(t), case.groups, mask,
+                                                       out0=dx, out1=grads[0], out2=grads[1])
+
+    def call():
+        return op(inp.next())
+
+    def first():
+        with torch.no_grad():
+            res = op(0)
+        _same_buffer(res[0], bufs[0], f"{case.name} [torch out]")
+        return tc.to_numpy(bufs[0])
 
     return call, first
 
@@ -318,11 +517,11 @@ def check(got, want, what: str, tol: float = 1e-4) -> None:
         raise AssertionError(f"{what}: max error {err:.2e} of scale {scale:.3g} vs the NumPy reference")
 
 
-def runner(case: Case, inp: Inputs, backend: str):
-    """(call, first) for a backend name: a cnorm backend or "torch"."""
+def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
+    """(call, first) for a backend name (a cnorm backend or "torch") and a variant ("plain" or "out")."""
     if backend == "torch":
-        return torch_runner(case, inp)
-    return cnorm_runner(case, inp, backend)
+        return torch_runner(case, inp, variant, out_buffers)
+    return cnorm_runner(case, inp, backend, variant, out_buffers)
 
 
 # -- machine facts -----------------------------------------------------------------
@@ -392,12 +591,15 @@ def copy_bandwidth(threads: int, nbytes: int = 256 << 20, repeat: int = 7) -> fl
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory instead of returning it to the OS.
+    """Make glibc keep freed memory instead of returning it to the OS (for the
+    rest of the process: there is no undoing it).
 
     Otherwise every large output is a fresh mmap that the kernel zero-fills
     on first touch — as costly as a normalization itself — for every backend
-    alike; a training loop's caching allocator does not pay it. Returns False
-    where this is not glibc.
+    alike; a training loop's caching allocator does not pay it, a NumPy
+    user's plain loop does. Not the benchmark's default (``--keep-freed-memory``):
+    kernel A/B comparisons (``bench/ab_kernels.py``) use it to time kernels
+    alone. Returns False where this is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -408,9 +610,30 @@ def keep_freed_memory() -> bool:
         return False
 
 
+ALLOCATOR = {
+    False: "glibc default (fresh outputs are page-faulted)",
+    True: "freed memory kept (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX)",
+}
+
+
+def allocator_policy(kept: bool) -> dict:
+    """bench.json's record of the allocator policy in force."""
+    return {"policy": "keep_freed_memory" if kept else "default", "description": ALLOCATOR[bool(kept)]}
+
+
 # -- timing ------------------------------------------------------------------------
 
-def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
+def minor_faults():
+    """Minor page faults of this process so far (every thread), or 0 where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None = None) -> dict:
     """Seconds per call of each named zero-argument call, interleaved.
 
     One warm-up each, then rounds in which every call is timed once (tiny
@@ -420,6 +643,10 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
     sample follows one untimed call of the same backend: the OpenMP threads
     of the backend timed before it (PyTorch bundles its own runtime) spin for
     a while after its last call and would otherwise be timed too.
+
+    ``faults``: a dict that receives, per name, the minor page faults per call
+    of each sample (counted around the timed region, not inside it): what
+    shows whether a call's fresh output was page-faulted.
     """
     inner = {}
     for name, call in calls.items():
@@ -437,80 +664,196 @@ def time_calls(calls: dict, repeats: dict, budget_s: float) -> dict:
         for name in pending:
             call, k = calls[name], inner[name]
             call()  # absorbs the previous backend's spinning threads (see above)
+            f0 = minor_faults() if faults is not None else 0
             t0 = time.perf_counter()
             for _ in range(k):
                 call()
             times[name].append((time.perf_counter() - t0) / k)
+            if faults is not None:
+                faults.setdefault(name, []).append((minor_faults() - f0) / k)
 
 
 COPY = "memory copy"  # the floor's reference call in the timing rounds
 
 
+def _key(backend: str, variant: str) -> str:
+    """The name of a backend's variant in the timing rounds."""
+    return backend if variant == PLAIN else f"{backend} {variant}"
+
+
+def _stats(times, floor, faults=None) -> dict:
+    med = statistics.median(times)
+    return {"median_s": med, "min_s": min(times), "n": len(times),
+            "floor_fraction": None if floor is None else floor / med,
+            "minor_faults_per_call": statistics.median(faults) if faults else None}
+
+
+_MISSING = {"median_s": float("nan"), "min_s": float("nan"), "n": 0, "floor_fraction": None,
+            "minor_faults_per_call": None}
+
+
 def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
-             llc_bytes: int) -> dict:
+             llc_bytes: int, out_buffers: str = "per-copy") -> dict:
+    """Time every backend's plain and out variants of ``case`` in the same rounds.
+
+    ``results[backend]`` holds the plain call's numbers (``speedup_vs_torch``:
+    PyTorch's plain median over this one) and, except for the NumPy reference,
+    ``out``: the out variant's, with ``speedup_vs_torch`` against PyTorch's out
+    variant, ``out_variant`` (False: PyTorch has none for this op, its numbers
+    are the plain call's), ``out_op`` and, for PyTorch, ``out_kernel`` (see
+    :func:`torch_out_kernel`); ``out_speedup`` is plain median / out median.
+    Each has ``minor_faults_per_call`` (median over the samples): whether the
+    call's output was page-faulted. ``out_buffers``: see :func:`_out_buffers`."""
     inp = make_inputs(case, n_copies(case, llc_bytes))
     want = reference(case, inp)
     row = {"case": case.name, "norm": case.norm, "direction": case.direction, "shape": list(case.shape),
-           "layout": case.layout, "bytes": case.nbytes, "latency": case.latency, "results": {}}
+           "layout": case.layout, "dtype": case.dtype, "bytes": case.nbytes, "latency": case.latency,
+           "results": {}}
     calls = {} if case.latency else {COPY: copy_runner(inp, threads)}
+    out_info = {}
     for name in backends:
-        try:
-            call, first = runner(case, inp, name)
-            got = first()
-        except (RuntimeError, TypeError) as exc:  # e.g. a PyTorch CPU kernel missing for a half type
-            if name != "torch":
-                raise
-            print(f"  {case.name}: no torch row ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
-                  file=sys.stderr)
-            continue
-        # PyTorch's half kernels round intermediates (and bfloat16 parameter
-        # gradients) to the half type: its rows get a sanity bound, not cnorm's.
-        tol = tolerance(case.np_dtype) if name != "torch" or case.dtype == "float32" else 2.0 ** -5
-        check(got, want, f"{case.name} [{name}]", tol)
-        calls[name] = call
-    repeats = {name: repeat if name != "numpy" else max(3, repeat // 3) for name in calls}
-    timed = time_calls(calls, repeats, budget_s)
+        for variant in (PLAIN, OUT):
+            if variant == OUT:
+                if name in PLAIN_ONLY:
+                    continue
+                if name == "torch":
+                    op = torch_out_op(case)
+                    out_info[name] = {"out_variant": op is not None, "out_op": op and f"aten::{op}",
+                                      "out_kernel": op and torch_out_kernel(op)}
+                    if op is None:  # its out time is its plain call's
+                        continue
+                else:
+                    out_info[name] = {"out_variant": True, "out_op": f"cnorm.{case.norm}"
+                                      f"{'_backward' if case.direction == 'bwd' else ''}(out=)"}
+            key = _key(name, variant)
+            try:
+                call, first = runner(case, inp, name, variant, out_buffers)
+                got = first()
+            except (RuntimeError, TypeError) as exc:  # e.g. a PyTorch CPU kernel missing for a half type
+                if name != "torch":
+                    raise
+                print(f"  {case.name}: no {key} row ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})",
+                      file=sys.stderr)
+                continue
+            # PyTorch's half kernels round intermediates (and bfloat16 parameter
+            # gradients) to the half type: its rows get a sanity bound, not cnorm's.
+            tol = tolerance(case.np_dtype) if name != "torch" or case.dtype == "float32" else 2.0 ** -5
+            check(got, want, f"{case.name} [{key}]", tol)
+            calls[key] = call
+    repeats = {key: repeat if not key.startswith("numpy") else max(3, repeat // 3) for key in calls}
+    faults = {}
+    timed = time_calls(calls, repeats, budget_s, faults)
     floor = None
     if not case.latency:
         row["copy_bandwidth_Bps"] = 2 * case.nbytes / statistics.median(timed.pop(COPY))
         floor = case.floor_factor * case.nbytes / row["copy_bandwidth_Bps"]
     row["floor_s"] = floor
-    for name, times in timed.items():
-        med = statistics.median(times)
-        row["results"][name] = {"median_s": med, "min_s": min(times), "n": len(times),
-                                "floor_fraction": None if case.latency else floor / med}
-    ref = row["results"].get("torch")
-    for name in backends:  # a backend without a row (torch lacking a half kernel)
-        row["results"].setdefault(name, {"median_s": float("nan"), "min_s": float("nan"), "n": 0,
-                                         "floor_fraction": None})
-    for r in row["results"].values():
-        r["speedup_vs_torch"] = (ref["median_s"] / r["median_s"]) if ref else None
+    results = row["results"]
+    for name in backends:  # a backend without a row (torch lacking a half kernel): NaN, n = 0
+        plain = timed.get(_key(name, PLAIN))
+        results[name] = _stats(plain, floor, faults.get(_key(name, PLAIN))) if plain else dict(_MISSING)
+        if name not in out_info:
+            continue
+        key = _key(name, OUT if out_info[name]["out_variant"] else PLAIN)  # no out variant: the plain call's
+        out = timed.get(key)
+        results[name]["out"] = {**(_stats(out, floor, faults.get(key)) if out else dict(_MISSING)), **out_info[name]}
+    ref = results.get("torch")
+    for r in results.values():
+        r["speedup_vs_torch"] = _ratio(ref, r)
+        if "out" in r:
+            r["out"]["speedup_vs_torch"] = _ratio(ref and ref.get("out"), r["out"])
+            r["out_speedup"] = _ratio(r, r["out"])
     return row
 
 
+def _ratio(slow, fast):
+    """``slow``'s median over ``fast``'s (how many times faster ``fast`` runs), None if either is missing."""
+    if not slow or not fast or not slow["n"] or not fast["n"]:
+        return None
+    return slow["median_s"] / fast["median_s"]
+
+
+def torch_out_marker(res: dict, generated: str = "+") -> str:
+    """``*`` where PyTorch's out time is its plain call (no out variant), ``generated`` where
+    its out overload is generated (computes into new tensors, then copies), else ''."""
+    out = (res or {}).get("out") or {}
+    if out.get("out_variant") is False:
+        return "*"
+    return generated if out.get("out_kernel") is False else ""
+
+
+TABLE_NOTES = {
+    "*": "* PyTorch has no out variant for this op: its out time is its plain call's.",
+    "+": "+ PyTorch's out overload of this op is generated (autogen): it runs the op into new tensors, "
+         "then copies them into out.",
+}
+
+
 def format_table(rows, backends) -> str:
-    head = f"{'case':44s}" + "".join(f"{b + ' ms':>12s}" for b in backends)
-    head += "".join(f"{'x torch ' + b:>16s}" for b in backends if b != "torch")
-    head += "".join(f"{'floor ' + b:>13s}" for b in backends)
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        res = row["results"]
-        unit = 1e6 if row["latency"] else 1e3
-        line = f"{row['case'] + (' (us)' if row['latency'] else ''):44s}"
-        line += "".join(f"{res[b]['median_s'] * unit:12.2f}" if res[b]["n"] else f"{'-':>12s}"
-                        for b in backends)
-        for b in backends:
+    """The console table: per backend plain ms and out ms, cnorm's out speed-up (plain/out),
+    ratios to PyTorch plain-vs-plain and out-vs-out, % of the floor of the out calls."""
+    outs = [b for b in backends if b not in PLAIN_ONLY]
+    cols = []  # (label, row -> text)
+
+    def ms(b, variant):
+        def cell(row):
+            r = row["results"][b] if variant == PLAIN else row["results"][b].get("out", {})
+            if not r.get("n"):
+                return "-"
+            mark = torch_out_marker(row["results"][b]) if b == "torch" and variant == OUT else ""
+            return f"{r['median_s'] * (1e6 if row['latency'] else 1e3):.2f}{mark}"
+        return cell
+
+    def num(get, fmt):
+        def cell(row):
+            v = get(row)
+            return "-" if v is None else format(v, fmt)
+        return cell
+
+    for b in backends:
+        cols.append((f"{b} ms", ms(b, PLAIN)))
+        if b in outs:
+            cols.append((f"{b} out ms", ms(b, OUT)))
             if b != "torch":
-                s = res[b]["speedup_vs_torch"]
-                line += f"{s:16.2f}" if s else f"{'-':>16s}"
+                cols.append((f"{b} plain/out", num(lambda row, b=b: row["results"][b].get("out_speedup"), ".2f")))
+    if "torch" in backends:
         for b in backends:
-            f = res[b]["floor_fraction"]
-            line += f"{f:13.0%}" if f else f"{'-':>13s}"
+            if b == "torch":
+                continue
+            cols.append((f"{b} x torch", num(lambda row, b=b: row["results"][b]["speedup_vs_torch"], ".2f")))
+            if b in outs:
+                cols.append((f"{b} x torch out",
+                             num(lambda row, b=b: row["results"][b]["out"]["speedup_vs_torch"], ".2f")))
+    for b in backends:
+        get = ((lambda row, b=b: row["results"][b]["out"]["floor_fraction"]) if b in outs
+               else (lambda row, b=b: row["results"][b]["floor_fraction"]))
+        cols.append((f"{b} floor" + (" out" if b in outs else ""), num(get, ".0%")))
+    width = 44
+    head = f"{'case':{width}s}" + "".join(f"{label:>{max(len(label), 7) + 2}s}" for label, _ in cols)
+    lines = [head, "-" * len(head)]
+    marks = set()
+    for row in rows:
+        line = f"{row['case'] + (' (us)' if row['latency'] else ''):{width}s}"
+        for label, cell in cols:
+            text = cell(row)
+            marks.update(m for m in TABLE_NOTES if text.endswith(m))
+            line += f"{text:>{max(len(label), 7) + 2}s}"
         lines.append(line)
+    lines.append("")
+    lines.append("plain: the call allocates its output; out: the same call writing into a caller's buffer reused "
+                 "across calls (cnorm out=, PyTorch's aten .out overloads).")
+    notes = []
+    if any(b in PLAIN_ONLY for b in backends):
+        notes.append(f"{', '.join(b for b in backends if b in PLAIN_ONLY)} (the reference): plain calls only.")
+    notes.append("x torch: PyTorch's median / this one's, plain against plain and out against out; "
+                 "floor: the memory floor's time / the median (of the out calls where there are).")
+    lines += notes + [TABLE_NOTES[m] for m in sorted(marks)]
     return "\n".join(lines)
 
 
 def plot(rows, backends, path: str) -> None:
+    """bench.png: speed relative to PyTorch (plain against plain, out against out; hatched)
+    and the fraction of the memory floor each out call (plain for the reference) reaches."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -518,21 +861,27 @@ def plot(rows, backends, path: str) -> None:
 
     names = [r["case"] for r in rows]
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(rows)), 10), sharex=True)
-    width = 0.8 / len(backends)
+    bars = [(b, v) for b in backends for v in ((PLAIN, OUT) if b not in PLAIN_ONLY else (PLAIN,))]
+    width = 0.8 / len(bars)
     xs = np.arange(len(rows))
+    for i, (b, v) in enumerate(bars):
+        res = [r["results"][b] if v == PLAIN else r["results"][b].get("out", {}) for r in rows]
+        sp = [r.get("speedup_vs_torch") or 0 for r in res]
+        axes[0].bar(xs + i * width, sp, width, label=_key(b, v), hatch="//" if v == OUT else None)
     for i, b in enumerate(backends):
-        sp = [r["results"][b]["speedup_vs_torch"] or 0 for r in rows]
-        fl = [r["results"][b]["floor_fraction"] or 0 for r in rows]
-        axes[0].bar(xs + i * width, sp, width, label=b)
-        axes[1].bar(xs + i * width, fl, width, label=b)
-    axes[0].set_yscale("log")
+        fl = [(r["results"][b].get("out") or r["results"][b]).get("floor_fraction") or 0 for r in rows]
+        axes[1].bar(xs + i * 0.8 / len(backends), fl, 0.8 / len(backends),
+                    label=b + (" out" if b not in PLAIN_ONLY else ""))
+    if any(p.get_height() > 0 for p in axes[0].patches):  # none without PyTorch
+        axes[0].set_yscale("log")
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set_ylabel("speed relative to PyTorch (higher is faster)")
     axes[1].axhline(0.75, color="k", lw=0.8, ls="--")
     axes[1].set_ylabel("fraction of memory floor")
-    axes[1].set_xticks(xs + 0.4 - width / 2)
+    axes[1].set_xticks(xs + 0.4)
     axes[1].set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     axes[0].legend()
+    axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -550,8 +899,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--filter", default="", help="run only cases whose name contains this")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16",
                         help="comma-separated data dtypes; half rows reuse the float32 cases (default: %(default)s)")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="leave glibc's default policy: large outputs are fresh, zero-filled pages each call")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="make glibc keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX), as a "
+                             "caching allocator would: plain calls no longer pay the page faults of fresh outputs "
+                             "(default: glibc's default policy, what a NumPy user's loop gets)")
+    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default="per-copy",
+                        help="the out variants' buffers: one per rotating input copy, as cold as the inputs when a "
+                             "call reaches them, or one reused by every call, as in a user's loop (it stays in "
+                             "cache where it fits) (default: %(default)s)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each case in a fresh Python process. Under glibc's default policy a plain "
+                             "call's output is page-faulted or not depending on what the process freed before "
+                             "(a free region of its heap serves it without faults), so in one process a case's "
+                             "plain times depend on the cases run before it; bench.json's minor_faults_per_call "
+                             "shows which happened")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # --isolate's child: this case only
+    parser.add_argument("--row-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: its row here
+    parser.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
     parser.add_argument("--cpu-capability", default=None, metavar="LEVEL",
                         help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
                              "the matching ATEN_CPU_CAPABILITY (default, avx2, avx512); default: the level "
@@ -576,13 +940,19 @@ def main(argv: list[str]) -> int:
     if missing:
         print(f"backends not available here: {missing}", file=sys.stderr)
         return 2
-    kept = False if args.system_malloc else keep_freed_memory()
+    if args.system_malloc:
+        print("--system-malloc is deprecated and does nothing: glibc's default policy is the default now "
+              "(--keep-freed-memory for the former one)", file=sys.stderr)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
+    if args.keep_freed_memory and not kept:
+        print("--keep-freed-memory: mallopt is not available here (not glibc): the default policy stays",
+              file=sys.stderr)
     # NumPy's BLAS is not used by any case; its idle worker threads would only compete for the cores
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"), \
             (_cpu.use_level(level) if level is not None else contextlib.nullcontext()):
-        return _run(args, backends, threads, kept)
+        return _run(args, backends, threads, kept, level)
 
 
 def _torch_at_level(level, threads: int) -> bool:
@@ -610,38 +980,84 @@ def _torch_at_level(level, threads: int) -> bool:
     return True
 
 
-def _run(args, backends, threads: int, kept: bool) -> int:
+def _run(args, backends, threads: int, kept: bool, level=None) -> int:
     """The cases of ``args`` on ``backends``: progress lines, the table, bench.json and bench.png."""
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
     cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
     halves = tuple(d for d in dtypes if d != "float32")
     cases += half_cases(halves, args.quick) if halves else []
-    cases = [c for c in cases if args.filter in c.name]
+    cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)]
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0
+    if args.row_json:  # --isolate's child: one case, its row to a file, nothing else
+        (case,) = cases
+        with open(args.row_json, "w") as f:
+            json.dump(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers), f)
+        return 0
     bandwidth = copy_bandwidth(threads)
     levels = cpu_levels(backends)
+    print(f"allocator: {ALLOCATOR[kept]}")
+    print("out variants: " + ("one buffer per input copy" if args.out_buffers == "per-copy"
+                              else "one buffer for all calls"))
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own), "
-          f"freed memory kept: {kept}")
+          f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own)")
     print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
+    print("cases: " + ("each in a fresh process" if args.isolate else "all in this process, one after another"))
     rows = []
     for case in cases:
-        rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"]))
-        print(f"  {case.name}: " + ", ".join(f"{b} {r['median_s'] * 1e3:.3f} ms"
-                                              for b, r in rows[-1]["results"].items()), flush=True)
+        if args.isolate:
+            rows.append(_run_isolated(case, args, backends, threads, repeat, kept, level))
+        else:
+            rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
+        print(f"  {case.name}: " + ", ".join(_progress(b, v, r) for b, r in rows[-1]["results"].items()
+                                              for v in (PLAIN, OUT) if v == PLAIN or "out" in r), flush=True)
     print()
     print(format_table(rows, backends))
     os.makedirs(args.out, exist_ok=True)
     result = {"machine": info, "threads": threads, "copy_bandwidth_Bps": bandwidth, "cpu_capability": levels,
-              "freed_memory_kept": kept, "backends": backends, "quick": args.quick,
+              "allocator": allocator_policy(kept), "freed_memory_kept": kept,
+              "out_buffers": args.out_buffers, "isolated": args.isolate,
+              "variants": {"plain": "the call allocates its output",
+                           "out": "the same call writing into a caller's buffer reused across calls; "
+                                  "numpy (the reference) plain only"},
+              "backends": backends, "quick": args.quick,
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, backends, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
+
+
+def _run_isolated(case: Case, args, backends, threads: int, repeat: int, kept: bool, level) -> dict:
+    """:func:`run_case` in a fresh Python process running this cnorm (``--isolate``)."""
+    import subprocess
+    import tempfile
+
+    import cnorm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, "-m", "cnorm", "bench", "--case", case.name, "--row-json", path,
+               "--threads", str(threads), "--backends", ",".join(backends), "--repeat", str(repeat),
+               "--dtypes", case.dtype, "--out-buffers", args.out_buffers]
+        cmd += ["--quick"] * args.quick + ["--keep-freed-memory"] * kept
+        cmd += ["--cpu-capability", level] if level else []
+        root = os.path.dirname(os.path.dirname(os.path.abspath(cnorm.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        subprocess.run(cmd, check=True, env=env)
+        with open(path) as f:
+            return json.load(f)
+
+
+def _progress(backend: str, variant: str, res: dict) -> str:
+    """One backend variant's median (and page faults per call, if any) for the progress line."""
+    r = res if variant == PLAIN else res["out"]
+    faults = r.get("minor_faults_per_call")
+    return (f"{_key(backend, variant)} {r['median_s'] * 1e3:.3f} ms"
+            + (torch_out_marker(res) if backend == "torch" and variant == OUT else "")
+            + (f" ({faults:.0f} page faults)" if faults and faults >= 0.5 else ""))
 
 
 def cpu_levels(backends) -> dict:

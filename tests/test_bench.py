@@ -1,5 +1,7 @@
 """``python -m cnorm bench``'s bookkeeping on a tiny case (no timing is asserted)."""
 
+import pytest
+
 from cnorm import _bench
 
 
@@ -49,3 +51,173 @@ def test_cpu_capability_runs_both_libraries_at_that_level(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cnorm", "bench", "--cpu-capability", "avx9000"],
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--cpu-capability" in bad.stderr and "avx9000" in bad.stderr
+
+
+def _checked(monkeypatch):
+    """The labels of every result _bench.check compares with the reference."""
+    seen = []
+    check = _bench.check
+
+    def spy(got, want, what, tol=1e-4):
+        seen.append(what.rsplit("[", 1)[1].rstrip("]"))
+        check(got, want, what, tol)
+
+    monkeypatch.setattr(_bench, "check", spy)
+    return seen
+
+
+def test_plain_and_out_variants_are_checked_and_timed_in_the_same_rounds(monkeypatch):
+    pytest.importorskip("torch")
+    seen = _checked(monkeypatch)
+    case = _bench.Case("batch_norm", "bwd", (4, 8, 16, 16))
+    row = _bench.run_case(case, ["numpy", "cython", "torch"], 1, repeat=3, budget_s=0.5, llc_bytes=1 << 16)
+    assert sorted(seen) == ["cython", "cython out", "numpy", "torch", "torch out"]
+    res = row["results"]
+    assert "out" not in res["numpy"] and "out_speedup" not in res["numpy"]  # the reference: plain only
+    for b in ("cython", "torch"):
+        plain, out = res[b], res[b]["out"]
+        assert plain["n"] >= 3 and out["n"] >= 3 and out["out_variant"] is True
+        assert out["floor_fraction"] == row["floor_s"] / out["median_s"]
+        assert res[b]["out_speedup"] == plain["median_s"] / out["median_s"]
+        assert plain["minor_faults_per_call"] >= 0 and out["minor_faults_per_call"] >= 0
+    assert res["cython"]["speedup_vs_torch"] == res["torch"]["median_s"] / res["cython"]["median_s"]
+    cn_out, torch_out = res["cython"]["out"], res["torch"]["out"]
+    assert cn_out["speedup_vs_torch"] == torch_out["median_s"] / cn_out["median_s"]
+    assert res["cython"]["out"]["out_op"] == "cnorm.batch_norm_backward(out=)"
+    assert res["torch"]["out"]["out_op"] == "aten::native_batch_norm_backward.out"
+    assert res["torch"]["out"]["out_kernel"] in (True, False, None)
+
+
+def test_out_variants_write_into_one_reused_buffer_per_input_copy():
+    case = _bench.Case("layer_norm", "fwd", (64, 32))
+    inp = _bench.make_inputs(case, 3)
+    call, first = _bench.runner(case, inp, "cython", "out")
+    bufs = {id(call()) for _ in range(6)} | {id(first())}
+    assert len(bufs) == 3  # one per copy, the same ones every round
+    assert not any(b is x for x in inp.xs for b in bufs)
+
+
+def test_torch_without_an_out_variant_reports_its_plain_call(monkeypatch):
+    pytest.importorskip("torch")
+    seen = _checked(monkeypatch)
+    case = _bench.Case("instance_norm", "fwd", (2, 4, 8, 8))
+    assert _bench.torch_out_op(case) is None
+    row = _bench.run_case(case, ["cython", "torch"], 1, repeat=3, budget_s=0.5, llc_bytes=1 << 16)
+    assert sorted(seen) == ["cython", "cython out", "torch"]  # no second torch call to check
+    torch_res = row["results"]["torch"]
+    out = torch_res["out"]
+    assert out["out_variant"] is False and out["out_op"] is None
+    assert out["median_s"] == torch_res["median_s"] and out["n"] == torch_res["n"]
+    cn_out = row["results"]["cython"]["out"]
+    assert cn_out["speedup_vs_torch"] == out["median_s"] / cn_out["median_s"]  # out vs torch's plain call
+    table = _bench.format_table([row], ["cython", "torch"])
+    assert "*" in table.splitlines()[2] and "no out variant" in table
+
+
+def _bench_main(monkeypatch, tmp_path, *flags):
+    """``python -m cnorm bench`` in this process on one tiny case, with mallopt spied on:
+    (the number of keep_freed_memory calls, stdout, bench.json)."""
+    import json
+
+    calls = []
+    monkeypatch.setattr(_bench, "keep_freed_memory", lambda: calls.append(1) or True)
+    out = tmp_path / "-".join(flags or ("default",))
+    assert _bench.main(["--quick", "--backends", "cython", "--dtypes", "float32", "--filter", "layer_norm-fwd-32x64",
+                        "--repeat", "3", "--out", str(out), *flags]) == 0
+    with open(out / "bench.json") as f:
+        return len(calls), json.load(f)
+
+
+def test_default_allocator_policy_is_glibcs_and_recorded(monkeypatch, tmp_path, capsys):
+    n, report = _bench_main(monkeypatch, tmp_path)
+    stdout = capsys.readouterr().out
+    assert n == 0  # no mallopt unless asked
+    assert report["allocator"]["policy"] == "default" and report["freed_memory_kept"] is False
+    assert stdout.splitlines()[0] == f"allocator: {_bench.ALLOCATOR[False]}"
+    assert set(report["cases"][0]["results"]["cython"]) >= {"out", "out_speedup"}
+
+    n, report = _bench_main(monkeypatch, tmp_path, "--keep-freed-memory")
+    assert n == 1
+    assert report["allocator"]["policy"] == "keep_freed_memory" and report["freed_memory_kept"] is True
+    assert capsys.readouterr().out.splitlines()[0] == f"allocator: {_bench.ALLOCATOR[True]}"
+
+    n, report = _bench_main(monkeypatch, tmp_path, "--system-malloc")  # deprecated: the default now
+    assert n == 0 and report["allocator"]["policy"] == "default"
+    assert "deprecated" in capsys.readouterr().err
+
+
+def test_to_markdown_renders_plain_and_out_columns(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "to_markdown", os.path.join(os.path.dirname(__file__), "..", "bench", "to_markdown.py"))
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+
+    def res(ms, out_ms, **out):
+        return {"median_s": ms / 1e3, "n": 3, "floor_fraction": 0.5, "speedup_vs_torch": None,
+                "out": {"median_s": out_ms / 1e3, "n": 3, "floor_fraction": 0.25, "out_variant": True, **out}}
+
+    cases = []
+    for name, torch_out in (("batch_norm-fwd-4x8-cf", {"out_kernel": True}),
+                            ("layer_norm-fwd-4x8-cf", {"out_kernel": False}),
+                            ("instance_norm-fwd-4x8x2-cf", {"out_variant": False})):
+        cn, tr = res(2.0, 1.0), res(4.0, 4.0, **torch_out)
+        cn.update(out_speedup=2.0, speedup_vs_torch=2.0)
+        cn["out"]["speedup_vs_torch"] = 4.0
+        cases.append({"case": name, "latency": False, "copy_bandwidth_Bps": 1e10,
+                      "results": {"cython": cn, "torch": tr}})
+    report = {"machine": {"cpu": "cpu", "cores": 2}, "threads": 2, "torch": "2.13.0", "copy_bandwidth_Bps": 1e10,
+              "cpu_capability": {"cnorm": "avx2", "torch": "avx2"}, "cases": cases,
+              "allocator": _bench.allocator_policy(False)}
+    text = md.table(report)
+    assert _bench.ALLOCATOR[False] in text.splitlines()[0]
+    assert "| cnorm plain ms | cnorm out ms | out speed-up | torch plain ms | torch out ms |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| batch") or line.startswith("| layer")
+            or line.startswith("| instance")]
+    assert rows[0] == "| batch_norm-fwd-4x8-cf | float32 | 2 | 1 | 2.00 | 4 | 4 | 2.00 | 4.00 | 25% | 25% |"
+    assert "| 4† |" in rows[1] and "| 4\\* |" in rows[2] and "† PyTorch" in text and "\\* PyTorch" in text
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    for ratio, label in (("plain", "plain vs plain"), ("out", "out vs out")):
+        assert md.main(["--levels", str(path), "--ratio", ratio]) == 0
+    summary = md.levels([report], "out")
+    assert "(out vs out)" in summary and "| 3 of 3 | 4.00 (batch_norm-fwd-4x8-cf float32) |" in summary
+
+
+def test_out_buffers_one_reuses_a_single_buffer():
+    pytest.importorskip("torch")
+    case = _bench.Case("group_norm", "bwd", (2, 8, 4, 4), groups=2)
+    inp = _bench.make_inputs(case, 3)
+    want = _bench.reference(case, inp)
+    for backend in ("cython", "torch"):
+        call, first = _bench.runner(case, inp, backend, "out", out_buffers="one")
+        _bench.check(first(), want, backend)
+        dx = (lambda r: r[0]) if backend == "torch" else (lambda r: r)
+        ptrs = {(dx(call()).data_ptr() if backend == "torch" else dx(call()).ctypes.data) for _ in range(4)}
+        assert len(ptrs) == 1
+    with pytest.raises(ValueError, match="out_buffers"):
+        _bench.runner(case, inp, "cython", "out", out_buffers="two")
+
+
+def test_isolate_runs_each_case_in_a_fresh_process(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    children = []
+    run = subprocess.run
+
+    def spy(cmd, *a, **kw):
+        children.append(cmd)
+        return run(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    n, report = _bench_main(monkeypatch, tmp_path, "--isolate", "--out-buffers", "one")
+    assert n == 0 and report["isolated"] is True and report["out_buffers"] == "one"
+    (cmd,) = children
+    assert cmd[cmd.index("--case") + 1] == "layer_norm-fwd-32x64-cf" and "--keep-freed-memory" not in cmd
+    assert cmd[cmd.index("--out-buffers") + 1] == "one"
+    (row,) = report["cases"]
+    assert row["case"] == "layer_norm-fwd-32x64-cf" and row["results"]["cython"]["out"]["n"] >= 3
+    assert "cases: each in a fresh process" in capsys.readouterr().out
