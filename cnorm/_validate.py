@@ -201,7 +201,11 @@ def overlap(xp, a, b) -> str:
     """How the memory of arrays ``a`` and ``b`` meets: "none", "same" (the same
     elements: one address, shape, strides and dtype) or "partial" (anything else
     that shares a byte, or may: an overlap too hard to decide counts as one)."""
-    if a is None or b is None or not xp.may_share_memory(a, b):
+    if a is None or b is None:
+        return "none"
+    if a is b:
+        return "same"
+    if not xp.may_share_memory(a, b):
         return "none"
     if (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
             and _data_address(a) == _data_address(b)):
@@ -221,6 +225,16 @@ def layout_words(perm: tuple) -> str:
         return (f"a channels-last array (C-contiguous in axis order {perm}, the layout of x; "
                 "for (N, C, H, W): x.transpose(0, 2, 3, 1) C-contiguous)")
     return f"an array C-contiguous in axis order {perm} (the layout of x)"
+
+
+def _writes_directly(out, perm: tuple) -> bool:
+    """out is C-contiguous in axis order ``perm`` (an empty one always is)."""
+    if perm == tuple(range(len(perm))):
+        return out.flags.c_contiguous  # (the flag: per-token calls check it at C speed)
+    from ._layout import is_c_contiguous  # (a cycle at import time otherwise)
+    shape, strides = out.shape, out.strides
+    return out.size == 0 or is_c_contiguous(tuple(shape[i] for i in perm), tuple(strides[i] for i in perm),
+                                            out.itemsize)
 
 
 def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=()):
@@ -247,9 +261,7 @@ def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=()):
         raise ValueError("out: expected a writable array, got a read-only one")
     if not getattr(flags, "aligned", True):
         raise ValueError("out: expected an aligned array (the kernels store aligned values), got an unaligned one")
-    from ._layout import is_c_contiguous  # (a cycle at import time otherwise)
-    shape = tuple(out.shape)
-    if out.size and not is_c_contiguous(tuple(shape[i] for i in perm), tuple(out.strides[i] for i in perm), out.itemsize):
+    if not _writes_directly(out, perm):
         raise ValueError(f"out: expected {layout_words(perm)}, so that the kernel writes it without a copy; "
                          f"got strides {tuple(out.strides)}")
     xp = backend.xp
