@@ -18,9 +18,9 @@ own input (the same rotating copies, all threads, streaming stores), so the
 floor sees the same memory, sizes and share of a shared machine's bandwidth
 as the case (one copy at the start moved between 23 and 40 GB/s from run to
 run). Inputs rotate among enough copies that the last-level cache cannot hold
-them between calls; each out variant has one buffer per input copy (touched
-once before timing), so its output is as cold as its input
-(``--out-buffers one``: one buffer for every call, as in a user's loop).
+them between calls; each out variant writes one buffer reused by every call,
+as in a user's loop, touched once before timing (``--out-buffers per-copy``:
+one per input copy, as cold as the input when a call reaches it).
 Every timed call, plain and out, is checked against the NumPy reference
 first.
 
@@ -31,8 +31,8 @@ plain calls pay and the out calls do not. A smaller output reuses the block
 the previous call freed, without page faults and often still in cache, and
 so does a larger one wherever the process's heap has a free region that
 fits it (left by earlier cases' arrays): in one process, a case's plain
-times depend on the cases before it. ``--isolate`` runs each case in a
-fresh process; every result records its minor page faults per call. ``--keep-freed-memory`` makes
+times depend on the cases before it. So each case runs in a fresh process
+(``--no-isolate``: all in this one; ``--quick`` does that); every result records its minor page faults per call. ``--keep-freed-memory`` makes
 glibc keep freed memory instead (mallopt), as a caching allocator would;
 the report and bench.json say which policy was in force.
 
@@ -903,16 +903,16 @@ def main(argv: list[str]) -> int:
                         help="make glibc keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX), as a "
                              "caching allocator would: plain calls no longer pay the page faults of fresh outputs "
                              "(default: glibc's default policy, what a NumPy user's loop gets)")
-    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default="per-copy",
+    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default="one",
                         help="the out variants' buffers: one per rotating input copy, as cold as the inputs when a "
                              "call reaches them, or one reused by every call, as in a user's loop (it stays in "
                              "cache where it fits) (default: %(default)s)")
-    parser.add_argument("--isolate", action="store_true",
-                        help="run each case in a fresh Python process. Under glibc's default policy a plain "
-                             "call's output is page-faulted or not depending on what the process freed before "
-                             "(a free region of its heap serves it without faults), so in one process a case's "
-                             "plain times depend on the cases run before it; bench.json's minor_faults_per_call "
-                             "shows which happened")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run each case in a fresh Python process (the default, except with --quick). Under "
+                             "glibc's default policy a plain call's output is page-faulted or not depending on "
+                             "what the process freed before (a free region of its heap serves it without "
+                             "faults), so in one process a case's plain times depend on the cases run before "
+                             "it; bench.json's minor_faults_per_call shows which happened")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # --isolate's child: this case only
     parser.add_argument("--row-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: its row here
     parser.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
@@ -990,6 +990,8 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
     cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)]
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0
+    if args.isolate is None:  # a fresh process per case, except for the quick smoke run
+        args.isolate = not args.quick
     if args.row_json:  # --isolate's child: one case, its row to a file, nothing else
         (case,) = cases
         with open(args.row_json, "w") as f:
