@@ -118,3 +118,27 @@ def test_per_sample_backward_scratch_does_not_grow_with_the_batch(layout, c, s, 
         scratch[n] = peak - _nbytes(out)
     small, large = sorted(scratch)
     assert scratch[large] <= scratch[small] + 64 * 1024, {k: f"{v / MIB:.2f} MiB" for k, v in scratch.items()}
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "batch_norm_cl"])
+def test_large_partials_are_kept_between_calls(norm):
+    """The block partials of a backward (here 1 MiB: LayerNorm's dweight/dbias per
+    sample block, BatchNorm channels-last's sums per row block) are kept by the
+    calling thread: under glibc's default policy a freed block of that size can
+    go back to the system, so each call would page-fault fresh memory. With
+    out=, a repeated call allocates nothing but its small results."""
+    rng = np.random.default_rng(3)
+    shape = (2048, 1024)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    w = np.ones(shape[1], np.float32)
+    if norm == "layer_norm":
+        _, saved = cnorm.layer_norm_forward(x, shape[1], w, w, backend="cython")
+        call = lambda out: cnorm.layer_norm_backward(dy, x, saved, w, out=out)  # noqa: E731
+    else:
+        _, saved = cnorm.batch_norm_forward(x, w, w, backend="cython")
+        call = lambda out: cnorm.batch_norm_backward(dy, x, saved, w, out=out)  # noqa: E731
+    out = np.empty_like(x)
+    call(out)
+    _, peak = _traced_peak(lambda: call(out))
+    assert peak < 64 * 1024, f"{peak} bytes allocated by a repeated call"

@@ -124,6 +124,35 @@ cdef inline cnp.ndarray _empty1(Py_ssize_t n, int dt):
     return cnp.PyArray_EMPTY(1, &d, dt, 0)
 
 
+# Scratch a Python thread keeps between calls. Under glibc's default policy a
+# freed block of a few MiB at the top of the heap is returned to the system
+# when its mmap threshold stayed low (it rises only with blocks of at most
+# 32 MiB freed: a process whose outputs are larger never raises it), so per-
+# call partials of that size were fresh, page-faulted memory every call:
+# LayerNorm backward (2048, 4096) float32 with out= paid 992 page faults per
+# call for its 4 MiB of dweight/dbias partials. Per Python thread (each call
+# holds its thread's buffer until it returns; calls of one thread never
+# overlap), and only sizes worth it: small blocks stay in the heap anyway,
+# huge ones are not kept.
+import threading as _threading
+
+_workspace = _threading.local()
+cdef Py_ssize_t WS_MIN = 1 << 14  # doubles (128 KiB): glibc's initial mmap threshold
+cdef Py_ssize_t WS_MAX = 1 << 23  # doubles (64 MiB)
+
+
+cdef cnp.ndarray _scratch64(Py_ssize_t n):
+    """n doubles of scratch (uninitialized), this thread's kept buffer when n is in
+    [WS_MIN, WS_MAX]; valid until the thread's next call."""
+    if n < WS_MIN or n > WS_MAX:
+        return _empty1(n, F64)
+    cdef object buf = getattr(_workspace, "buf", None)
+    if buf is None or cnp.PyArray_SIZE(<cnp.ndarray>buf) < n:
+        buf = _empty1(n, F64)
+        _workspace.buf = buf
+    return <cnp.ndarray>buf
+
+
 def cf_geometry(Py_ssize_t N, Py_ssize_t S):
     """Return (rb, sp, nsp, nblk): row-block size, piece length, pieces per row, blocks per channel."""
     if S <= BLK:
@@ -219,7 +248,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef cnp.ndarray fscr = _EMPTY
     if cl:
         rb, nblk = cl_geometry(N * S, C)
-        part = _empty1(2 * nblk * C, F64)
+        part = _scratch64(2 * nblk * C)
         t = _nthreads(size, nblk, nt)
         fscr = _empty1(3 * C * t, F64)
     else:
@@ -228,7 +257,7 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         # One thread per channel keeps the channel in L2 between its passes
         # when there are enough channels to share and a channel fits.
         fused = (t == 1 or C >= 4 * t) and N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
-        part = _empty1(0 if fused else 3 * C * nblk, F64)
+        part = _scratch64(0 if fused else 3 * C * nblk)
     cdef void* px = ptr(x)
     cdef void* py = optr(y)
     cdef void* pw = ptr(weight)
@@ -306,13 +335,13 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cl = cl or S == 1
     if cl:
         rb, nblk = cl_geometry(N * S, C)
-        part = _empty1(3 * nblk * C, F64)
+        part = _scratch64(3 * nblk * C)
         t = _nthreads(size, nblk, nt)
     else:
         rb, sp, nsp, nblk = cf_geometry(N, S)
         t = _nthreads(size, C * nblk, nt)
         fused = (t == 1 or C >= 4 * t) and 2 * N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
-        part = _empty1(0 if fused else 3 * C * nblk, F64)
+        part = _scratch64(0 if fused else 3 * C * nblk)
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
     cdef void* pdx = optr(dx)
@@ -456,8 +485,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     # S == 1 fused: 2·cg floats of column partials per thread
     cdef Py_ssize_t sstride = 3 * LN_TILE if tiled else (4 * C if cl else cg if S == 1 else 2 * cg)
     # dweight/dbias partials per sample block, reduced below in block order
-    cdef cnp.ndarray pwa = _EMPTY if tiled else _empty1(nsb * C, F64)
-    cdef cnp.ndarray pba = _EMPTY if tiled else _empty1(nsb * C, F64)
+    # (one kept block: pwa and pba are its two halves)
+    cdef cnp.ndarray pwb = _EMPTY if tiled else _scratch64(2 * nsb * C)
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
     cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
     # tiled: per row-group constants and one batch of piece sums (per-token calls
@@ -472,8 +501,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pw = ptr(weight)
     cdef void* pk = ptr(kk)
-    cdef double* ppw = <double*>ptr(pwa)
-    cdef double* ppb = <double*>ptr(pba)
+    cdef double* ppw = <double*>ptr(pwb)
+    cdef double* ppb = ppw if tiled else ppw + nsb * C
     cdef double* ps = <double*>ptr(scratch)
     cdef double* prk = <double*>ptr(rka)
     cdef double* psl = <double*>ptr(slots)
