@@ -201,7 +201,7 @@ def overlap(xp, a, b) -> str:
     """How the memory of arrays ``a`` and ``b`` meets: "none", "same" (the same
     elements: one address, shape, strides and dtype) or "partial" (anything else
     that shares a byte, or may: an overlap too hard to decide counts as one)."""
-    if a is None or b is None:
+    if a is None or b is None or a.size == 0 or b.size == 0:  # (an empty array holds no memory)
         return "none"
     if a is b:
         return "same"
