@@ -221,3 +221,32 @@ def test_isolate_runs_each_case_in_a_fresh_process(monkeypatch, tmp_path, capsys
     (row,) = report["cases"]
     assert row["case"] == "layer_norm-fwd-32x64-cf" and row["results"]["cython"]["out"]["n"] >= 3
     assert "cases: each in a fresh process" in capsys.readouterr().out
+
+
+def test_out_summary_separates_fresh_outputs(tmp_path, capsys):
+    """bench/out_summary.py: out speed-ups split by whether the plain call page-faulted,
+    and out against a kept-memory run's plain calls."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "out_summary", os.path.join(os.path.dirname(__file__), "..", "bench", "out_summary.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def report(plain_a, out_a, faults_a, plain_b, out_b):
+        def res(plain, out, faults):
+            return {"cython": {"median_s": plain, "n": 3, "minor_faults_per_call": faults,
+                               "out": {"median_s": out, "n": 3}}}
+        return {"cases": [{"case": "a", "results": res(plain_a, out_a, faults_a)},
+                          {"case": "b", "results": res(plain_b, out_b, 0.0)}]}
+
+    default, kept = tmp_path / "d.json", tmp_path / "k.json"
+    default.write_text(json.dumps(report(4e-3, 2e-3, 500.0, 1e-3, 1e-3)))
+    kept.write_text(json.dumps(report(2.2e-3, 2e-3, 0.0, 1e-3, 1e-3)))
+    assert mod.main([str(default), str(kept)]) == 0
+    text = capsys.readouterr().out
+    assert "| a | 500 | 4 | 2 | 2.00 | 2.2 | 1.10 |" in text
+    assert "page-faults its output (1 cases): 2.00 (a) to 2.00 (a)" in text
+    assert "where it does not (1 cases): 1.00 (b)" in text
