@@ -53,3 +53,15 @@ def make_input(rng, shape, layout, dtype, offset=0.0, scale=1.0):
     if layout == "cl":
         return moved
     return np.moveaxis(moved, -1, 1)
+
+
+def same_bits(got, want, what=""):
+    """Assert host arrays bit-identical (NaN == NaN, -0 != +0) with one dtype and shape, or both None."""
+    if want is None:
+        assert got is None, what
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, what
+    bits = f"u{got.dtype.itemsize}"
+    np.testing.assert_array_equal(np.ascontiguousarray(got).view(bits), np.ascontiguousarray(want).view(bits),
+                                  err_msg=what)

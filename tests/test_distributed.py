@@ -22,7 +22,7 @@ from cnorm.distributed import (
     sync_batch_norm_forward,
 )
 from conftest import tolerance
-from helpers import close
+from helpers import close, same_bits
 import sync_cases
 
 
@@ -568,14 +568,7 @@ def test_missing_mpi4py_says_what_to_install(monkeypatch):
 
 # -- out= ----------------------------------------------------------------------------
 
-def _same_bits(got, want, what):
-    if want is None:
-        assert got is None, what
-        return
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.dtype == want.dtype and got.shape == want.shape, what
-    bits = f"u{got.dtype.itemsize}"
-    assert np.array_equal(np.ascontiguousarray(got).view(bits), np.ascontiguousarray(want).view(bits)), what
+_same_bits = same_bits
 
 
 OUT_CASES = [dict(layout="cf", dtype=np.float32, affine=True), dict(layout="cl_strided", dtype=np.float64,

@@ -11,6 +11,7 @@ import cnorm
 import cnorm.nn as cnn
 from conftest import BackendCase, tolerance
 from helpers import close
+from helpers import same_bits as bits_equal
 
 LAYOUTS = ["cf", "cl"]  # strided channels-last inputs are the functional tests' business
 DTYPES = [np.float32, np.float64]
@@ -675,15 +676,8 @@ def test_momentum_none_is_a_cumulative_average(backend):
 # -- out= ----------------------------------------------------------------------------
 
 def same_bits(backend, got, want, what):
-    """Bit-identical arrays (NaN == NaN, -0 != +0), or both None."""
-    if want is None:
-        assert got is None, what
-        return
-    g, w = backend.to_numpy(got), backend.to_numpy(want)
-    assert g.dtype == w.dtype and g.shape == w.shape, what
-    bits = f"u{g.dtype.itemsize}"
-    np.testing.assert_array_equal(np.ascontiguousarray(g).view(bits), np.ascontiguousarray(w).view(bits),
-                                  err_msg=what)
+    """Bit-identical arrays on ``backend`` (NaN == NaN, -0 != +0), or both None."""
+    bits_equal(backend.to_numpy(got), backend.to_numpy(want), what)
 
 
 # (id, layer factory (channel_axis, backend), logical (N, C, ...) shape, modes): "train" normalizes

@@ -15,7 +15,7 @@ import pytest
 
 import cnorm
 from cnorm.backends import get_backend_instance
-from helpers import NORMS
+from helpers import NORMS, same_bits
 
 try:
     import ml_dtypes
@@ -138,11 +138,7 @@ def host(backend, a):
 
 
 def assert_identical(backend, got, want, what):
-    g, w = host(backend, got), host(backend, want)
-    assert g.dtype == w.dtype, what
-    bits = np.dtype(f"u{g.dtype.itemsize}")  # compare bits: NaN == NaN, -0 != +0
-    np.testing.assert_array_equal(np.ascontiguousarray(g).view(bits), np.ascontiguousarray(w).view(bits),
-                                  err_msg=what)
+    same_bits(host(backend, got), host(backend, want), what)
 
 
 def check_layout_kept(backend, out, x_strides):
