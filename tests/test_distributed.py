@@ -678,10 +678,11 @@ def test_out_every_rank_empty_and_eval_mode():
 
 
 # what is wrong with the one rank's out: (make it from x, error type, message)
+# (zero-filled, not np.empty: "untouched" compares values, and uninitialized memory may hold NaNs)
 BAD_OUTS = {
-    "dtype": (lambda x: np.empty(x.shape, np.float32), TypeError, "out: expected dtype float64"),
-    "shape": (lambda x: np.empty(x.shape[:-1]), ValueError, "out: expected shape"),
-    "layout": (lambda x: np.empty(x.shape[::-1]).T, ValueError, "out: expected a C-contiguous array"),
+    "dtype": (lambda x: np.zeros(x.shape, np.float32), TypeError, "out: expected dtype float64"),
+    "shape": (lambda x: np.zeros(x.shape[:-1]), ValueError, "out: expected shape"),
+    "layout": (lambda x: np.zeros(x.shape[::-1]).T, ValueError, "out: expected a C-contiguous array"),
     "read-only": (lambda x: np.broadcast_to(np.zeros(1), x.shape), ValueError, "out: expected a writable"),
 }
 
