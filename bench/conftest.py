@@ -18,7 +18,7 @@ def pytest_addoption(parser):
     parser.addoption("--bench-keep-freed-memory", action="store_true",
                      help="make glibc keep freed memory (mallopt), as `python -m cnorm bench --keep-freed-memory`: "
                           "plain calls no longer pay the page faults of fresh outputs (default: glibc's policy)")
-    parser.addoption("--bench-out-buffers", choices=_bench.OUT_BUFFERS, default="per-copy",
+    parser.addoption("--bench-out-buffers", choices=_bench.OUT_BUFFERS, default=_bench.DEFAULT_OUT_BUFFERS,
                      help="the out variants' buffers: one per rotating input copy, or one for every call "
                           "(as python -m cnorm bench --out-buffers; default: %(default)s)")
 

@@ -32,8 +32,9 @@ the previous call freed, without page faults and often still in cache, and
 so does a larger one wherever the process's heap has a free region that
 fits it (left by earlier cases' arrays): in one process, a case's plain
 times depend on the cases before it. So each case runs in a fresh process
-(``--no-isolate``: all in this one; ``--quick`` does that); every result records its minor page faults per call. ``--keep-freed-memory`` makes
-glibc keep freed memory instead (mallopt), as a caching allocator would;
+(``--no-isolate``: all in this one; ``--quick`` does that); every result
+records its minor page faults per call. ``--keep-freed-memory`` makes glibc
+keep freed memory instead (mallopt), as a caching allocator would;
 the report and bench.json say which policy was in force.
 
 The same cases drive the pytest-benchmark suite in ``bench/``.
@@ -249,9 +250,11 @@ def _touched(a):
 
 
 OUT_BUFFERS = ("per-copy", "one")
+#: what every entry point uses unless told: one buffer for every call, as in a user's loop
+DEFAULT_OUT_BUFFERS = "one"
 
 
-def _out_buffers(xs, make, how: str = "per-copy"):
+def _out_buffers(xs, make, how: str = DEFAULT_OUT_BUFFERS):
     """The out variant's output buffers, indexed like the input copies ``xs``:
     ``make(x)`` for each copy ("per-copy": as cold as the inputs when a call
     reaches them), or one ``make(xs[0])`` for all ("one": the single buffer of
@@ -270,7 +273,8 @@ def _same_buffer(got, buf, what: str) -> None:
         raise AssertionError(f"{what}: the out call did not return its out buffer")
 
 
-def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
+def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN,
+                 out_buffers: str = DEFAULT_OUT_BUFFERS):
     """A zero-argument call that runs one cnorm call on the next copy, and its first result.
 
     ``variant="out"``: the same call with ``out=``, one buffer per input copy
@@ -373,7 +377,7 @@ class _TorchCase:
         return t.shape[0], t.shape[1], math.prod(t.shape[2:])
 
 
-def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str = "per-copy"):
+def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str = DEFAULT_OUT_BUFFERS):
     """Same as :func:`cnorm_runner` with PyTorch CPU (channels-last as a permuted NHWC view).
 
     ``variant="out"``: :func:`torch_out_runner`."""
@@ -420,7 +424,7 @@ def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str
     return call, first
 
 
-def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = "per-copy"):
+def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = DEFAULT_OUT_BUFFERS):
     """PyTorch's out variant: the ``aten`` op of :data:`TORCH_OUT_OPS` called through its
     ``.out`` overload, y (or dx) into one preallocated tensor per input copy (the
     copy's layout) and the small results (statistics, parameter gradients) into one
@@ -517,7 +521,8 @@ def check(got, want, what: str, tol: float = 1e-4) -> None:
         raise AssertionError(f"{what}: max error {err:.2e} of scale {scale:.3g} vs the NumPy reference")
 
 
-def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN, out_buffers: str = "per-copy"):
+def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN,
+           out_buffers: str = DEFAULT_OUT_BUFFERS):
     """(call, first) for a backend name (a cnorm backend or "torch") and a variant ("plain" or "out")."""
     if backend == "torch":
         return torch_runner(case, inp, variant, out_buffers)
@@ -693,7 +698,7 @@ _MISSING = {"median_s": float("nan"), "min_s": float("nan"), "n": 0, "floor_frac
 
 
 def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
-             llc_bytes: int, out_buffers: str = "per-copy") -> dict:
+             llc_bytes: int, out_buffers: str = DEFAULT_OUT_BUFFERS) -> dict:
     """Time every backend's plain and out variants of ``case`` in the same rounds.
 
     ``results[backend]`` holds the plain call's numbers (``speedup_vs_torch``:
@@ -903,7 +908,7 @@ def main(argv: list[str]) -> int:
                         help="make glibc keep freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=INT_MAX), as a "
                              "caching allocator would: plain calls no longer pay the page faults of fresh outputs "
                              "(default: glibc's default policy, what a NumPy user's loop gets)")
-    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default="one",
+    parser.add_argument("--out-buffers", choices=OUT_BUFFERS, default=DEFAULT_OUT_BUFFERS,
                         help="the out variants' buffers: one per rotating input copy, as cold as the inputs when a "
                              "call reaches them, or one reused by every call, as in a user's loop (it stays in "
                              "cache where it fits) (default: %(default)s)")

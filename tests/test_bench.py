@@ -91,7 +91,7 @@ def test_plain_and_out_variants_are_checked_and_timed_in_the_same_rounds(monkeyp
 def test_out_variants_write_into_one_reused_buffer_per_input_copy():
     case = _bench.Case("layer_norm", "fwd", (64, 32))
     inp = _bench.make_inputs(case, 3)
-    call, first = _bench.runner(case, inp, "cython", "out")
+    call, first = _bench.runner(case, inp, "cython", "out", out_buffers="per-copy")
     bufs = {id(call()) for _ in range(6)} | {id(first())}
     assert len(bufs) == 3  # one per copy, the same ones every round
     assert not any(b is x for x in inp.xs for b in bufs)
