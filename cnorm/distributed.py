@@ -533,7 +533,7 @@ def _sync_saved(saved: Saved, count: int, exchange) -> SyncSaved:
 class _Local:
     """One rank's validated input (and ``out=``) and partial statistics.
 
-    ``same`` is ``("x",)`` when ``out`` is x itself (in place), else ``()``.
+    ``overwritten`` is ``out`` when it is x itself (in place), else None.
     """
 
     def __init__(self, x, weight, bias, running_mean, running_var, eps, momentum, channel_axis, backend,
@@ -554,7 +554,7 @@ class _Local:
         self.view = channel_view(x, axis)
         # out is checked here, inside the try of _sync_forward: a bad out on one rank then fails
         # every rank through the handshake, like the other argument errors, before anything is written.
-        self.same = _check_out(out, be, x, self.view, weight, bias, running_mean, running_var)
+        self.overwritten = _check_out(out, be, x, self.view, weight, bias, running_mean, running_var)
         self.p = _problem(self.view, 0)
         self.count = self.p.n * self.p.s
         self.x3 = None
@@ -720,7 +720,7 @@ def _sync_forward(x, weight, bias, running_mean, running_var, momentum, eps, cha
     if counts.sum() == 1:
         raise ValueError(f"x: expected more than 1 value per channel over all ranks when training, got 1 "
                          f"(values per channel on each rank: {counts.astype(int).tolist()})")
-    overwritten = out if "x" in local.same else None
+    overwritten = local.overwritten
     if counts.sum() == 0:
         nan = xp.full(c, xp.nan, dtype=sd)
         saved = SyncSaved(p, view, nan, nan, True, bias is not None, be.name, (c,), x.dtype, 0, ex,

@@ -114,25 +114,25 @@ def _empty_forward(be, x, p: Problem, sdtype, out=None):
     return y, nan, nan
 
 
-def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x, var=None, out=None, same=()):
+def _saved(norm, p, view, mean, rstd, batch_stats, bias, be, param_shape, x, var=None, overwritten=None):
     saved = Saved(norm, p, view, mean, rstd, batch_stats, bias is not None, be.name, tuple(param_shape),
                   x.dtype, var)
-    if "x" in same:
-        saved.overwritten = out
+    saved.overwritten = overwritten
     return saved
 
 
 def _check_out(out, be, x, view, *params):
-    """Check a forward's ``out=``; return the inputs it is in place of (``("x",)`` or ``()``).
+    """Check a forward's ``out=``; return it when it is x itself (in place: Saved.overwritten), else None.
 
     Every forward kernel reads each value of x before it writes y there (the
     statistics are complete before the normalizing sweep, which reads x[i]
     and then writes y[i]), so out may be x itself; the parameters and
     running statistics it may not touch."""
     if out is None:
-        return ()
+        return None
     names = ("weight", "bias", "running_mean", "running_var")
-    return v.check_out(out, x, be, view.perm, inplace=(("x", x),), disjoint=tuple(zip(names, params)))
+    same = v.check_out(out, x, be, view.perm, inplace=(("x", x),), disjoint=tuple(zip(names, params)))
+    return out if same else None
 
 
 def _normalize_batch(be, x, view, p, weight, bias, eps, out=None):
@@ -276,18 +276,18 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                     updated=training)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
-    same = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
+    overwritten = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
     p = _problem(view, 0)
     if not training:
         y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out)
-        return y, _saved("batch_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, out, same)
+        return y, _saved("batch_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, overwritten)
     count = p.n * p.s
     if count == 1:
         raise ValueError(f"x: expected more than 1 value per channel when training, got input of shape {x.shape}")
     y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
     if running_mean is not None and count > 1:
         _update_running(be.xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum)
-    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
+    return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten)
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -374,11 +374,11 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
                     why="when use_input_stats=False", updated=use_input_stats)
     eps, momentum = v.check_eps(eps), v.check_momentum(momentum)
     view = channel_view(x, axis)
-    same = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
+    overwritten = _check_out(out, be, x, view, weight, bias, running_mean, running_var)
     p = _problem(view, c)
     if not use_input_stats:
         y, mean, rstd = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out)
-        return y, _saved("instance_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, out, same)
+        return y, _saved("instance_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, overwritten)
     if p.s == 1:
         raise ValueError(f"x: expected more than 1 spatial element per channel when using input statistics, "
                          f"got input of shape {x.shape}")
@@ -386,7 +386,7 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     if running_mean is not None and p.n > 0 and p.s > 1:
         unbiased = var * (p.s / (p.s - 1))
         _update_running(be.xp, running_mean, running_var, mean.mean(axis=0), unbiased.mean(axis=0), momentum)
-    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
+    return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten)
 
 
 def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -437,10 +437,10 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
         raise ValueError(f"num_groups: expected a divisor of the {c} channels, got {groups}")
     eps = v.check_eps(eps)
     view = channel_view(x, axis)
-    same = _check_out(out, be, x, view, weight, bias)
+    overwritten = _check_out(out, be, x, view, weight, bias)
     p = _problem(view, groups)
     y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
-    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, out, same)
+    return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten)
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None, *, out=None):
@@ -489,9 +489,9 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     if xn is not None:
         x = xn
     eps = v.check_eps(eps)
-    same = _check_out(out, be, x, view, weight, bias)
+    overwritten = _check_out(out, be, x, view, weight, bias)
     y, mean, var, rstd = _normalize_batch(be, x, view, p, weight, bias, eps, out)
-    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var, out, same)
+    return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var, overwritten)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None, *, out=None):
