@@ -1,4 +1,4 @@
-"""cnorm: BatchNorm, LayerNorm, InstanceNorm and GroupNorm for NumPy and CuPy.
+"""cnorm: BatchNorm, LayerNorm, InstanceNorm, GroupNorm and RMSNorm for NumPy and CuPy.
 
 Fused Cython/OpenMP CPU kernels, raw CUDA kernels through CuPy, and a NumPy
 reference, behind one API where the backend is picked by name.
@@ -27,6 +27,12 @@ from .backends import (
 )
 from .functional import (
     Saved,
+    add_layer_norm,
+    add_layer_norm_backward,
+    add_layer_norm_forward,
+    add_rms_norm,
+    add_rms_norm_backward,
+    add_rms_norm_forward,
     batch_norm,
     batch_norm_backward,
     batch_norm_forward,
@@ -39,6 +45,10 @@ from .functional import (
     layer_norm,
     layer_norm_backward,
     layer_norm_forward,
+    fold_batch_norm,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
 )
 
 __all__ = [
@@ -51,4 +61,8 @@ __all__ = [
     "layer_norm", "layer_norm_forward", "layer_norm_backward",
     "group_norm", "group_norm_forward", "group_norm_backward",
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "add_layer_norm", "add_layer_norm_forward", "add_layer_norm_backward",
+    "add_rms_norm", "add_rms_norm_forward", "add_rms_norm_backward",
+    "fold_batch_norm",
 ]

@@ -179,6 +179,38 @@ def check_normalized_shape(normalized_shape, x_shape: tuple) -> tuple:
     return shape
 
 
+def check_activation(activation):
+    """None, "relu" or "silu" (the activations a norm's forward can fuse)."""
+    if activation is None or activation == "relu" or activation == "silu":
+        return activation
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected None, 'relu' or 'silu', got {type_name(activation)}")
+    raise ValueError(f"activation: expected None, 'relu' or 'silu', got {activation!r}")
+
+
+def check_weight_offset(offset, weight) -> float:
+    """A finite real added to weight; nonzero only with a weight to add it to."""
+    if type(offset) is float and offset == 0.0:
+        return 0.0
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real):
+        raise TypeError(f"weight_offset: expected a real number, got {type_name(offset)}")
+    value = float(offset)
+    if not math.isfinite(value):
+        raise ValueError(f"weight_offset: expected a finite number, got {short_repr(offset)}")
+    if value != 0.0 and weight is None:
+        raise ValueError(f"weight_offset: it is added to weight, but weight is None (got weight_offset={value}); "
+                         "pass the weight, or an all-constant weight array")
+    return value
+
+
+def is_floating_dtype(dtype) -> bool:
+    """True for a floating dtype (None and non-dtypes are not)."""
+    try:
+        return dtype is not None and is_floating(np.dtype(dtype))
+    except TypeError:
+        return False
+
+
 def check_like(name: str, a, x, backend):
     """Check that ``a`` (dy) matches x's type, shape and dtype; returns it as check_array does."""
     a = check_array(name, a, backend)
@@ -237,7 +269,7 @@ def _writes_directly(out, perm: tuple) -> bool:
                                             out.itemsize)
 
 
-def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=()):
+def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=(), name="out"):
     """Check an ``out=`` buffer for a result shaped like ``x``; return the names of
     the inputs it is (in place), as a tuple.
 
@@ -250,29 +282,29 @@ def check_out(out, x, backend, perm: tuple, inplace=(), disjoint=()):
     ValueError naming ``out``.
     """
     if not backend.accepts(out):
-        raise TypeError(f"out: the {backend.name!r} backend expects {backend.describe_expected()} "
+        raise TypeError(f"{name}: the {backend.name!r} backend expects {backend.describe_expected()} "
                         f"(the array type of x), got {type_name(out)}")
     if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(f"out: expected shape {tuple(x.shape)} (that of x), got shape {tuple(out.shape)}")
+        raise ValueError(f"{name}: expected shape {tuple(x.shape)} (that of x), got shape {tuple(out.shape)}")
     if out.dtype != x.dtype:
-        raise TypeError(f"out: expected dtype {x.dtype} (that of the result), got dtype {out.dtype}")
+        raise TypeError(f"{name}: expected dtype {x.dtype} (that of the result), got dtype {out.dtype}")
     flags = out.flags
     if not getattr(flags, "writeable", True):  # (CuPy arrays have no such flag: always writable)
-        raise ValueError("out: expected a writable array, got a read-only one")
+        raise ValueError(f"{name}: expected a writable array, got a read-only one")
     if not getattr(flags, "aligned", True):
-        raise ValueError("out: expected an aligned array (the kernels store aligned values), got an unaligned one")
+        raise ValueError(f"{name}: expected an aligned array (the kernels store aligned values), got an unaligned one")
     if not _writes_directly(out, perm):
-        raise ValueError(f"out: expected {layout_words(perm)}, so that the kernel writes it without a copy; "
+        raise ValueError(f"{name}: expected {layout_words(perm)}, so that the kernel writes it without a copy; "
                          f"got strides {tuple(out.strides)}")
     xp = backend.xp
     same = []
-    for name, a in inplace:
+    for other, a in inplace:
         how = overlap(xp, out, a)
         if how == "same":
-            same.append(name)
+            same.append(other)
         elif how == "partial":
-            raise ValueError(f"out: overlaps {name} partly; expected a separate buffer or {name} itself")
-    for name, a in disjoint:
+            raise ValueError(f"{name}: overlaps {other} partly; expected a separate buffer or {other} itself")
+    for other, a in disjoint:
         if overlap(xp, out, a) != "none":
-            raise ValueError(f"out: shares memory with {name}; expected a buffer separate from it")
+            raise ValueError(f"{name}: shares memory with {other}; expected a buffer separate from it")
     return tuple(same)

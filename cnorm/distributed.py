@@ -815,7 +815,7 @@ def sync_batch_norm_backward(dy, x, saved, weight=None, comm=None, *, out=None):
 
     error = None
     try:
-        be, dy, x = _check_backward("sync_batch_norm", dy, x, saved, weight, out)
+        be, dy, x, _ = _check_backward("sync_batch_norm", dy, x, saved, weight, out)
         xp = be.xp
         x3 = dy3 = None
         if saved.count and p.n * p.s:

@@ -25,6 +25,14 @@ Shapes and dtypes every method can rely on (the front end guarantees them):
   dtype.
 * N*S >= 1 and every group holds at least one value (the front end handles
   empty inputs itself).
+* ``p.rms`` (RMSNorm): the statistics are the mean square, not the variance:
+  ``mean`` is 0 (returned as zeros), ``var = Σx²/m``, and backward has no
+  mean term (``dx = rstd·(w·g − xhat·mean(w·g·xhat))``, ``xhat = x·rstd``).
+  Only per-sample problems with S == 1 (LayerNorm's row view) are rms.
+* ``act`` (None, "relu" or "silu"): forward returns ``y = act(z)`` for the
+  normalized ``z = xhat·weight + bias``; backward differentiates through it,
+  recomputing z from x, the statistics, weight and ``bias`` (then given), so
+  that no buffer the size of x is kept between the calls.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class Problem:
         0 for a cross-sample problem (BatchNorm: statistics per channel over
         N and S); G >= 1 for a per-sample problem (statistics per sample and
         group of C/G consecutive channels over those channels and S).
+    rms : bool
+        Root-mean-square statistics (RMSNorm): no centring.
     cross_sample : bool
         True for BatchNorm's statistics per channel over (N, S).
     shape3 : tuple
@@ -66,6 +76,7 @@ class Problem:
     c: int
     s: int
     groups: int = 0
+    rms: bool = False
     cross_sample: bool = field(init=False, repr=False, compare=False)
     shape3: tuple = field(init=False, repr=False, compare=False)
     stats_shape: tuple = field(init=False, repr=False, compare=False)
@@ -83,6 +94,9 @@ class Problem:
 
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+
+#: The activations a forward can apply to its normalized output.
+ACTIVATIONS = ("relu", "silu")
 
 
 def stats_dtype(dtype) -> np.dtype:
@@ -120,28 +134,63 @@ class Backend:
         return (np.dtype(np.float32), np.dtype(np.float64))
 
     # -- fused kernel problems -----------------------------------------------
-    def forward_train(self, x3, p: Problem, weight, bias, eps: float, out=None):
-        """Normalize with batch statistics.
+    def forward_train(self, x3, p: Problem, weight, bias, eps: float, out=None, act=None):
+        """Normalize with batch statistics, then apply ``act``.
 
-        Returns ``(y3, mean, var, rstd)``: ``var`` is the biased variance and
-        ``rstd = 1 / sqrt(var + eps)``, both as used to compute ``y3``.
+        Returns ``(y3, mean, var, rstd)``: ``var`` is the biased variance (the
+        mean square when ``p.rms``) and ``rstd = 1 / sqrt(var + eps)``, both as
+        used to compute ``y3``.
         """
         raise NotImplementedError
 
-    def forward_eval(self, x3, p: Problem, scale, shift, out=None):
-        """Per-channel multiply-add ``y = x * scale[c] + shift[c]``.
+    def forward_eval(self, x3, p: Problem, scale, shift, out=None, act=None):
+        """Per-channel multiply-add ``y = act(x * scale[c] + shift[c])``.
 
         Eval-mode normalization with the constants folded in by the front end.
         """
         raise NotImplementedError
 
-    def backward_train(self, dy3, x3, p: Problem, mean, rstd, weight, out=None):
+    def backward_train(self, dy3, x3, p: Problem, mean, rstd, weight, out=None, act=None, bias=None):
         """Backward through training-mode normalization (statistics depend on x).
 
-        Returns ``(dx3, dweight, dbias)``, with ``dweight = Σ dy·xhat`` and
-        ``dbias = Σ dy`` per channel.
+        Returns ``(dx3, dweight, dbias)``, with ``dweight = Σ g·xhat`` and
+        ``dbias = Σ g`` per channel, where ``g = dy·act'(z)`` (``g = dy``
+        without an activation; ``bias`` is given exactly when ``act`` is).
         """
         raise NotImplementedError
+
+    # -- the residual add fused into a row norm (pre-norm transformer blocks) --
+    def add_forward(self, x3, r3, p: Problem, weight, bias, eps: float, out=None, h_out=None):
+        """``h = x + r`` (rounded to x's dtype), then :meth:`forward_train` on h.
+
+        Returns ``(y3, h3, mean, var, rstd)``; ``h_out`` receives h. Either
+        output may be x3 or r3 itself, never the other output. This default
+        composes the two steps (two sweeps); backends override it with one.
+        """
+        sd = stats_dtype(x3.dtype)
+        h = x3.astype(sd) + r3.astype(sd)
+        if h_out is None:
+            h3 = h.astype(x3.dtype)
+        else:
+            h_out[...] = h
+            h3 = h_out
+        y3, mean, var, rstd = self.forward_train(h3, p, weight, bias, eps, out)
+        return y3, h3, mean, var, rstd
+
+    def add_backward(self, dy3, dh3, h3, p: Problem, mean, rstd, weight, out=None):
+        """``dx = dh + (gradient of the norm at h)``, rounded to the dtype after each step.
+
+        Returns ``(dx3, dweight, dbias)``; ``out`` may be dy3, dh3 or h3 itself.
+        This default composes the two steps; backends override it with one sweep.
+        """
+        sd = stats_dtype(h3.dtype)
+        into = None if out is dh3 else out  # (dh is read after the norm's dx is written)
+        dxn, dweight, dbias = self.backward_train(dy3, h3, p, mean, rstd, weight, into)
+        dx = dxn.astype(sd) + dh3.astype(sd)
+        if out is None:
+            return dx.astype(h3.dtype), dweight, dbias
+        out[...] = dx
+        return out, dweight, dbias
 
     def fold_frozen(self, running_mean, running_var, weight, bias, eps: float, sdtype):
         """Eval-mode per-channel constants, computed in float64.
@@ -159,13 +208,16 @@ class Backend:
         shift = bias.astype(xp.float64) - mean * scale
         return [a.astype(sdtype) for a in (mean, rstd, scale, shift)]
 
-    def backward_eval(self, dy3, x3, p: Problem, mean, rstd, weight, out=None):
+    def backward_eval(self, dy3, x3, p: Problem, mean, rstd, weight, out=None, act=None, bias=None):
         """Backward with constant per-channel statistics (eval mode, FrozenBN).
 
         ``mean``, ``rstd`` have shape (C,) whatever the problem kind. Returns
-        ``(dx3, dweight, dbias)`` with ``dx = dy · weight[c] · rstd[c]``.
+        ``(dx3, dweight, dbias)`` with ``dx = g · weight[c] · rstd[c]``,
+        ``g = dy·act'(z)`` as in :meth:`backward_train`.
         """
         cross = Problem(p.layout, p.n, p.c, p.s, 0)
+        if act is not None:
+            dy3 = act_grad(self.xp, dy3, x3, cross, mean, rstd, weight, bias, act)
         sum_dy, sum_dy_xhat = self.channel_grad_sums(dy3, x3, cross, mean, rstd)
         scale = weight * rstd
         dx3 = self.forward_eval(dy3, cross, scale, self.xp.zeros_like(scale), out)
@@ -187,3 +239,58 @@ class Backend:
         total count (across every process for SyncBatchNorm).
         """
         raise NotImplementedError
+
+
+# -- activations by composition (backends without a fused kernel for a case) ------
+
+def _grouped_consts(xp, x3, p: Problem, mean, rstd, weight, bias, sd):
+    """x (in ``sd``) in the grouped view with mean, rstd, weight, bias broadcast against it."""
+    x = x3.astype(sd)
+    if p.cross_sample:
+        shape = (1, p.c, 1) if p.layout == CHANNELS_FIRST else (1, 1, p.c)
+        per_c = lambda v: v.astype(sd).reshape(shape)  # noqa: E731
+        return x, per_c(mean), per_c(rstd), per_c(weight), per_c(bias)
+    cg = p.c // p.groups
+    if p.layout == CHANNELS_FIRST:
+        xg = x.reshape(p.n, p.groups, cg, p.s)
+        cshape, gshape = (1, p.groups, cg, 1), (p.n, p.groups, 1, 1)
+    else:
+        xg = x.reshape(p.n, p.s, p.groups, cg)
+        cshape, gshape = (1, 1, p.groups, cg), (p.n, 1, p.groups, 1)
+    return (xg, mean.astype(sd).reshape(gshape), rstd.astype(sd).reshape(gshape),
+            weight.astype(sd).reshape(cshape), bias.astype(sd).reshape(cshape))
+
+
+def pre_activation(xp, x3, p: Problem, mean, rstd, weight, bias, sd):
+    """z = (x − mean)·rstd·weight + bias, in ``sd``, shaped like x3."""
+    x, m, r, w, b = _grouped_consts(xp, x3, p, mean, rstd, weight, bias, sd)
+    return (((x - m) * r) * w + b).reshape(x3.shape)
+
+
+def act_value(xp, z, act):
+    """act(z) elementwise (a new array of z's dtype)."""
+    if act == "relu":
+        return xp.maximum(z, 0)  # (NaN stays NaN, as in PyTorch)
+    return z / (1.0 + xp.exp(-z))
+
+
+def act_derivative(xp, z, act):
+    """act'(z) elementwise: relu' = [z > 0], silu' = s·(1 + z·(1 − s)) with s = sigmoid(z)."""
+    if act == "relu":
+        return (z > 0).astype(z.dtype)
+    s = 1.0 / (1.0 + xp.exp(-z))
+    return s * (1.0 + z * (1.0 - s))
+
+
+def act_apply(xp, y3, act):
+    """y3 = act(y3) in place, computed in the statistics dtype."""
+    z = y3.astype(stats_dtype(y3.dtype))
+    y3[...] = act_value(xp, z, act)
+    return y3
+
+
+def act_grad(xp, dy3, x3, p: Problem, mean, rstd, weight, bias, act):
+    """g = dy·act'(z) as a new array of dy's dtype, z recomputed from x."""
+    sd = stats_dtype(x3.dtype)
+    z = pre_activation(xp, x3, p, mean, rstd, weight, bias, sd)
+    return (dy3.astype(sd) * act_derivative(xp, z, act)).astype(dy3.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._dtypes import ALL_FLOATS
-from .base import CHANNELS_LAST, Backend
+from .base import CHANNELS_LAST, Backend, Problem, act_apply, act_grad
 
 from .. import _cpu
 
@@ -62,13 +62,21 @@ class CythonBackend(Backend):
         return ALL_FLOATS
 
     # -- fused kernel problems -----------------------------------------------
-    def forward_train(self, x3, p, weight, bias, eps, out=None):
-        return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
-                                eps, _get_num_threads(), out)
+    def forward_train(self, x3, p, weight, bias, eps, out=None, act=None):
+        if p.rms:
+            return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
+                                        eps, _get_num_threads(), out, rms=True)
+        res = _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
+                                   eps, _get_num_threads(), out)
+        if act is not None:
+            act_apply(np, res[0], act)
+        return res
 
-    def forward_eval(self, x3, p, scale, shift, out=None):
+    def forward_eval(self, x3, p, scale, shift, out=None, act=None):
         y = np.empty_like(x3) if out is None else out
         _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
+        if act is not None:
+            act_apply(np, y, act)
         return y
 
     def fold_frozen(self, running_mean, running_var, weight, bias, eps, sdtype):
@@ -77,7 +85,9 @@ class CythonBackend(Backend):
             return super().fold_frozen(running_mean, running_var, weight, bias, eps, sdtype)
         return folded
 
-    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None):
+    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
+        if act is not None:
+            dy3 = act_grad(np, dy3, x3, p, mean, rstd, weight, bias, act)
         nt = _get_num_threads()
         dx = np.empty_like(x3) if out is None else out
         cl = p.layout == CHANNELS_LAST
@@ -87,10 +97,12 @@ class CythonBackend(Backend):
                               _cpu.K.TRAIN, nt)
         else:
             dweight, dbias = _cpu.K.group_backward(dy3, x3, dx, cl, p.n, p.c, p.s, p.groups, mean, rstd,
-                                               weight, nt)
+                                                   weight, nt, rms=p.rms)
         return dx, dweight, dbias
 
-    def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None):
+    def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
+        if act is not None:
+            dy3 = act_grad(np, dy3, x3, Problem(p.layout, p.n, p.c, p.s, 0), mean, rstd, weight, bias, act)
         # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate.
         dx = np.empty_like(x3) if out is None else out
         dweight, dbias = np.empty_like(weight), np.empty_like(weight)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._dtypes import ALL_FLOATS
-from .base import CHANNELS_FIRST, Backend, Problem, stats_dtype
+from .base import CHANNELS_FIRST, Backend, Problem, act_derivative, act_value, stats_dtype
 
 
 def grouped(a, p: Problem):
@@ -73,32 +73,41 @@ class NumpyBackend(Backend):
     def supported_dtypes(self):
         return ALL_FLOATS
 
-    def forward_train(self, x3, p, weight, bias, eps, out=None):
+    def forward_train(self, x3, p, weight, bias, eps, out=None, act=None):
         xg, axes = grouped(f64(x3), p)
-        mean = xg.mean(axis=axes, keepdims=True)
+        # RMSNorm: no centring; var is then the mean square
+        mean = np.zeros_like(xg.sum(axis=axes, keepdims=True)) if p.rms else xg.mean(axis=axes, keepdims=True)
         centred = xg - mean
         var = np.mean(centred * centred, axis=axes, keepdims=True)
         rstd = 1.0 / np.sqrt(var + eps)
         y = centred * rstd * per_channel(f64(weight), p) + per_channel(f64(bias), p)
+        if act is not None:
+            y = act_value(np, y, act)
         sd = stats_dtype(x3.dtype)
         stats = [s.reshape(p.stats_shape).astype(sd) for s in (mean, var, rstd)]
         return (result(y.reshape(x3.shape), x3.dtype, out), *stats)
 
-    def forward_eval(self, x3, p, scale, shift, out=None):
+    def forward_eval(self, x3, p, scale, shift, out=None, act=None):
         cross = Problem(p.layout, p.n, p.c, p.s)
         y = f64(x3) * per_channel(f64(scale), cross) + per_channel(f64(shift), cross)
+        if act is not None:
+            y = act_value(np, y, act)
         return result(y, x3.dtype, out)
 
-    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None):
+    def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
         xg, axes = grouped(f64(x3), p)
         g, _ = grouped(f64(dy3), p)
         r = per_group(f64(rstd), p)
         xhat = (xg - per_group(f64(mean), p)) * r
-        # The saved mean is rounded to the statistics dtype (float32 for float32 data);
-        # re-centring removes that rounding, which backward would otherwise amplify by rstd.
-        xhat -= xhat.mean(axis=axes, keepdims=True)
+        if act is not None:  # g = dy·act'(z), z recomputed from x and the statistics
+            z = xhat * per_channel(f64(weight), p) + per_channel(f64(bias), p)
+            g = g * act_derivative(np, z, act)
+        if not p.rms:
+            # The saved mean is rounded to the statistics dtype (float32 for float32 data);
+            # re-centring removes that rounding, which backward would otherwise amplify by rstd.
+            xhat -= xhat.mean(axis=axes, keepdims=True)
         wg = g * per_channel(f64(weight), p)
-        mean_wg = wg.mean(axis=axes, keepdims=True)
+        mean_wg = 0.0 if p.rms else wg.mean(axis=axes, keepdims=True)
         mean_wg_xhat = np.mean(wg * xhat, axis=axes, keepdims=True)
         dx = r * (wg - mean_wg - xhat * mean_wg_xhat)
         caxes = channel_axes(p)
@@ -106,6 +115,19 @@ class NumpyBackend(Backend):
         dweight = np.sum(g * xhat, axis=caxes).reshape(p.c).astype(sd)
         dbias = np.sum(g, axis=caxes).reshape(p.c).astype(sd)
         return result(dx.reshape(x3.shape), x3.dtype, out), dweight, dbias
+
+    def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
+        cross = Problem(p.layout, p.n, p.c, p.s)
+        xg, axes = grouped(f64(x3), cross)
+        g = f64(dy3)
+        xhat = (xg - per_channel(f64(mean), cross)) * per_channel(f64(rstd), cross)
+        if act is not None:
+            g = g * act_derivative(np, xhat * per_channel(f64(weight), cross) + per_channel(f64(bias), cross), act)
+        dx = g * per_channel(f64(weight) * f64(rstd), cross)
+        sd = stats_dtype(x3.dtype)
+        # the sums before dx is stored: out may be dy3 itself, which g views for float64 data
+        dweight, dbias = np.sum(g * xhat, axis=axes).astype(sd), np.sum(g, axis=axes).astype(sd)
+        return result(dx, x3.dtype, out), dweight, dbias
 
     def channel_stats(self, x3, p):
         cross = Problem(p.layout, p.n, p.c, p.s)

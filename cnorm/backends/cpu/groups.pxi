@@ -20,16 +20,32 @@ cdef void run_stats(const dat* x, Py_ssize_t L, double* mu_o, double* m2_o) noex
     m2_o[0] = m2
 
 
+cdef void rms_stats(const dat* x, Py_ssize_t L, double* m2_o) noexcept nogil:
+    """Σx² of one run (RMSNorm): float lanes (rows.hpp), else double lanes."""
+    cdef double acc[LANES]
+    if dat is not double:
+        if cn_rms_row_stats(x, L, m2_o):
+            return
+    lanes_zero(acc)
+    sq_run(x, L, 0.0, acc)
+    m2_o[0] = lanes_total(acc)
+
+
 cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
                        Py_ssize_t u, double eps, const floating* w, const floating* b,
-                       floating* mean, floating* var, floating* rstd) noexcept nogil:
-    """Group u = n·G + g: statistics, then normalize while it is in cache."""
+                       floating* mean, floating* var, floating* rstd, bint rms=False) noexcept nogil:
+    """Group u = n·G + g: statistics, then normalize while it is in cache.
+
+    rms (RMSNorm, S == 1 only): the mean square about 0, and mean 0."""
     cdef Py_ssize_t G = C // cg, g = u % G, n = u // G, c0 = g * cg, ci, i, L = cg * S
     cdef Py_ssize_t off = (n * C + c0) * S
     cdef double mu, m2, v, r, a
     cdef floating mh, ml, rf
     # float lanes while the group fits the L2 (two passes over it), else double blocks
-    if not (L <= BLK and row_stats_f(x + off, L, &mu, &m2)):
+    if rms:
+        mu = 0.0
+        rms_stats(x + off, L, &m2)
+    elif not (L <= BLK and row_stats_f(x + off, L, &mu, &m2)):
         run_stats(x + off, L, &mu, &m2)
     v = m2 / <double>L
     r = 1.0 / sqrt(v + eps)
@@ -75,14 +91,14 @@ cdef inline void colsums(const dat* g, const dat* x, Py_ssize_t stride, int rows
 cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
                    Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1,
                    const floating* mean, const floating* rstd, const floating* w,
-                   double* pw, double* pb) noexcept nogil:
+                   double* pw, double* pb, bint rms) noexcept nogil:
     """Backward of rows n0..n1-1 of a per-element-affine group (S == 1: LayerNorm).
 
     Four rows at a time (fixed from n0), all while they are in L1/L2: per
     row one reduction pass (the two weighted sums and the re-centring
     shift), then the dweight/dbias column sums of the four rows, then their
     dx pass. The column sums come before dx is written, so dx may be dy or x
-    itself (out=).
+    itself (out=). rms: RMSNorm (centre 0, no re-centring, no mean term).
     """
     cdef Py_ssize_t c0 = gi * cg, n, k, off, i
     cdef int rows
@@ -108,7 +124,8 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
             wsums(g + off, x + off, w + c0, cg, mu, ag, agx, ax)
             swg = lanes_total(ag)
             swgx = lanes_total(agx)
-            dl4[k] = recentre(m, lanes_total(ax), swg, &swgx)  # centre: the row's exact mean
+            # centre: the row's exact mean (RMSNorm: exactly 0)
+            dl4[k] = 0.0 if rms else recentre(m, lanes_total(ax), swg, &swgx)
             m4[k] = mu
             r4[k] = rstd[(n + k) * G + gi]
             swg4[k] = swg
@@ -124,7 +141,7 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
                 ml = <floating>((mu - <double>mh) + dl)
                 rf = <floating>r
                 kb = <floating>(-r * r * r * swgx4[k] / m)
-                kc = <floating>(-r * swg4[k] / m)
+                kc = <floating>(0.0 if rms else -r * swg4[k] / m)
                 if dat is not double:
                     cn_ln_dx(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
                 else:
@@ -137,7 +154,7 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
 cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
-                       double* pw, double* pb, double* chs) noexcept nogil:
+                       double* pw, double* pb, double* chs, bint rms=False) noexcept nogil:
     """Unit u = sb·G + g: group g of the samples of sample block sb.
 
     pw/pb are this sample block's dweight/dbias partials (length C), summed
@@ -155,9 +172,9 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
         # one sweep per row, float lanes and column partials (rows.hpp); chs: 2·cg floats
         if dat is not double:
             cn_ln_bwd_rows(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
-                           <const float*>rstd, <const float*>w, pw, pb, <float*>chs)
+                           <const float*>rstd, <const float*>w, pw, pb, <float*>chs, rms)
         else:
-            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb)
+            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb, rms)
         return
     for n in range(sb * sbs, n1):
         mu = mean[n * G + gi]
@@ -368,7 +385,7 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
 
 cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
                        Py_ssize_t hi, double eps, const float* w, const float* b,
-                       float* mean, float* var, float* rstd) noexcept nogil:
+                       float* mean, float* var, float* rstd, bint rms) noexcept nogil:
     """Units [lo, hi) of a float32/half S == 1 problem (LayerNorm rows), as grp_fwd_unit
     (same arithmetic), eight rows at a time: the statistics of eight rows, then
     their eight independent sqrt/div chains, then their normalization — short
@@ -382,7 +399,11 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
     cdef int bad
     while u0 < hi:
         nb = hi - u0 if hi - u0 < 8 else 8
-        if cg <= CN_SHORT_MAX:  # the eight rows' statistics interleaved (rows.hpp)
+        if rms:  # RMSNorm: Σx² about 0
+            for j in range(nb):
+                mu8[j] = 0.0
+                rms_stats(x + (u0 + j) * cg, cg, &m28[j])
+        elif cg <= CN_SHORT_MAX:  # the eight rows' statistics interleaved (rows.hpp)
             if dat is not double:
                 bad = cn_short_rows_stats(x + u0 * cg, cg, <int>nb, mu8, m28)
             else:
@@ -415,7 +436,7 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
 cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                   Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
                   floating* mean, floating* var, floating* rstd,
-                  double* scratch, Py_ssize_t sstride, floating* kk, int nt) noexcept nogil:
+                  double* scratch, Py_ssize_t sstride, floating* kk, int nt, bint rms=False) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = N if cl else N * G
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -425,14 +446,14 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd)
+                                 <float*>mean, <float*>var, <float*>rstd, rms)
                     continue
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
                                  scratch + t * sstride, kk + t * (6 * C + 48))
                 else:
-                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
     else:
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -440,14 +461,14 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd)
+                                 <float*>mean, <float*>var, <float*>rstd, rms)
                     hi = lo  # done: skip the per-unit loop
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
                                  scratch + t * sstride, kk + t * (6 * C + 48))
                 else:
-                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd)
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -491,7 +512,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                   Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
                   const floating* mean, const floating* rstd, const floating* w,
                   double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
-                  int nt) noexcept nogil:
+                  int nt, bint rms=False) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = nsb if cl else nsb * G
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -505,7 +526,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -517,7 +538,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -605,7 +626,7 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
 cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
                        const floating* mean, const floating* rstd, const floating* w,
                        floating* dw, floating* db, double* rk, double* slots, double* scratch,
-                       int nt) noexcept nogil:
+                       int nt, bint rms=False) noexcept nogil:
     """dx (unless NULL), dweight and dbias of a per-element-affine problem (S == 1).
 
     rk: 5·N·G doubles (per row-group, group-major: (g, n) at 5·(g·N + n)),
@@ -658,12 +679,12 @@ cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssi
         s = rk + 5 * q
         swg = s[0]
         swgx = s[1]
-        dl = recentre(m, s[2], swg, &swgx)
+        dl = 0.0 if rms else recentre(m, s[2], swg, &swgx)  # (RMSNorm: centre exactly 0)
         s[0] = mu
         s[1] = dl
         s[2] = r
         s[3] = -r * r * r * swgx / m
-        s[4] = -r * swg / m
+        s[4] = 0.0 if rms else -r * swg / m
     # phase 2: column tiles in parallel
     tt = nt if nu >= nt else <int>nu
     for t in prange(tt, num_threads=tt, use_threads_if=tt > 1, schedule="static", chunksize=1):

@@ -88,9 +88,10 @@ cdef extern from "cpu/kernels.hpp" nogil:
     float cn_pivot16[T](const T* x)
     int cn_short_rows_stats[T](const T* x, Py_ssize_t n, int nb, double* mu, double* m2)
     int cn_ln_row_stats[T](const T* x, Py_ssize_t n, double* mu, double* m2)
+    int cn_rms_row_stats[T](const T* x, Py_ssize_t n, double* m2)
     void cn_ln_bwd_rows[T](const T* g, const T* x, T* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
                            Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean, const float* rstd,
-                           const float* w, double* pw, double* pb, float* fb)
+                           const float* w, double* pw, double* pb, float* fb, bint rms)
     void cn_lnb_piece[T](const T* g, const T* x, const float* w, Py_ssize_t n, float mu, double* s3)
     void cn_ln_bwd_cols[T](const T* g, const T* x, T* dx, Py_ssize_t C, Py_ssize_t N, Py_ssize_t nc, const float* w,
                            const double* rk, float* dw, float* db, double* ab, double* aw, float* cb, float* cw,

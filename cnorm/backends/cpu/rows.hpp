@@ -151,6 +151,17 @@ inline int cn_ln_row_stats(const T* x, ptrdiff_t n, double* mu, double* m2) {
     return 1;
 }
 
+/* RMSNorm: M2 = sum of x^2 of one row (no centring: the "mean" is 0), in the
+   float lanes of cn_row_lanes around 0; 0 when a float sum overflowed */
+template <class T>
+inline int cn_rms_row_stats(const T* x, ptrdiff_t n, double* m2) {
+    double q, s;
+    cn_row_lanes(x, n, 0.0f, 1, &q, &s);
+    if (q * 0.0 != 0.0) return 0;
+    *m2 = q;
+    return 1;
+}
+
 /* ---- LayerNorm backward, float32 and half data ----
    Rows n0..n1-1 of a per-element-affine problem (S == 1) in chunks of CN_LNK
    rows: pass A (from memory) per row sums w g, w g (x - mu), x - mu in 32
@@ -187,10 +198,11 @@ inline void cn_lnb_sums(const T* CN_RESTRICT g, const T* CN_RESTRICT x, const fl
 }
 
 /* Pass A of one row: dl (the re-centring of the saved mean), swg and the
-   re-centred swgx, redone in double when a float sum is not finite */
+   re-centred swgx, redone in double when a float sum is not finite. RMSNorm
+   (rms) has no mean to re-centre: its centre is exactly 0, and dl is 0. */
 template <class T>
 inline void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, float mu, double* dl, double* swg,
-                       double* swgx) {
+                       double* swgx, bool rms) {
     double sx;
     cn_lnb_sums(gr, xr, w, cg, mu, swg, swgx, &sx);
     if ((*swg * 0.0 + *swgx * 0.0 + sx * 0.0) != 0.0) {
@@ -201,6 +213,7 @@ inline void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, f
         *swgx = vhsum(vdload(b));
         sx = vhsum(vdload(c));
     }
+    if (rms) { *dl = 0.0; return; }
     *dl = sx / (double)cg;
     *swgx -= *dl * *swg;
 }
@@ -308,11 +321,12 @@ CN_INLINE void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
 
 /* Backward of rows n0..n1-1 of group gi (cg columns from gi cg) of rows of C:
    dx (unless NULL) and the dweight/dbias partials pw/pb (C doubles, added
-   to). fb: 2 cg floats of scratch. */
+   to). fb: 2 cg floats of scratch. rms: RMSNorm (no re-centring, and no
+   mean term: kc = 0). */
 template <class T>
 inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi,
                            ptrdiff_t n0, ptrdiff_t n1, const float* mean, const float* rstd, const float* w, double* pw,
-                           double* pb, float* fb) {
+                           double* pb, float* fb, bool rms) {
     const ptrdiff_t c0 = gi * cg;
     const double m = (double)cg;
     float* CN_RESTRICT cb = fb;
@@ -326,14 +340,14 @@ inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             const float mu = mean[n * G + gi];
             const double r = (double)rstd[n * G + gi];
             double dl, swg, swgx;
-            cn_lnb_row(g + n * C + c0, x + n * C + c0, w, cg, mu, &dl, &swg, &swgx);
+            cn_lnb_row(g + n * C + c0, x + n * C + c0, w, cg, mu, &dl, &swg, &swgx, rms);
             mk[n - r0] = (double)mu; dk[n - r0] = dl; rk[n - r0] = r;
             float* k = k5 + 5 * (n - r0);
             k[0] = mu;
             k[1] = (float)dl;
             k[2] = (float)r;
             k[3] = (float)(-r * r * r * swgx / m);
-            k[4] = (float)(-r * swg / m);
+            k[4] = rms ? 0.0f : (float)(-r * swg / m);
         }
         if (cn_aliases(dx, g, x)) {
             /* dx over g or x (out=): the flush may redo the column sums from g

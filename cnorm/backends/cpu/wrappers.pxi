@@ -178,11 +178,13 @@ cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexce
 
 
 def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                  weight, bias, double eps, int nt, y=None):
+                  weight, bias, double eps, int nt, y=None, bint rms=False):
     """Training forward: ``(y, mean, var, rstd)``, y new unless given (it may be x itself).
 
     ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
-    G groups (``(N, G)``). Other arguments as in :func:`cross_forward`.
+    G groups (``(N, G)``). ``rms``: RMSNorm statistics (mean 0, var the mean
+    square), per-sample rows (S == 1) only. Other arguments as in
+    :func:`cross_forward`.
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -197,7 +199,7 @@ def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize
     if G == 0:
         _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
     else:
-        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt)
+        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms)
     return y, mean, var, rstd
 
 
@@ -404,7 +406,7 @@ def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ss
 
 
 cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                        weight, bias, mean, var, rstd, double eps, int nt) except -1:
+                        weight, bias, mean, var, rstd, double eps, int nt, bint rms=False) except -1:
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
@@ -417,6 +419,8 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     _out(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    if rms and S != 1:
+        raise ValueError(f"rms: RMSNorm statistics are for rows (S == 1), got S={S}")
     cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
     cdef int t = _nthreads(size, N if cl else N * G, nt)
     cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 5 * C + 3 * G
@@ -436,25 +440,26 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
         elif dt == F64:
             grp_fwd(<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
                     <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
-                    <double*>pk, t)
+                    <double*>pk, t, rms)
         elif dt == F16:
             grp_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
         else:
             grp_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
     return 0
 
 
 def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                   mean, rstd, weight, int nt):
+                   mean, rstd, weight, int nt, bint rms=False):
     """Per-sample training backward; returns ``(dweight, dbias)`` in the statistics dtype.
 
     ``dx`` (written in place) may be None to compute the parameter gradients only.
+    ``rms``: through RMSNorm statistics (rows, S == 1).
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -468,6 +473,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     rstd = _in(rstd, pt, N * G, "rstd")
     if G < 1 or C % G:
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
+    if rms and S != 1:
+        raise ValueError(f"rms: RMSNorm statistics are for rows (S == 1), got S={S}")
     cl = cl and S > 1
     cdef Py_ssize_t sbs = _sample_block(N, C * S)
     cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
@@ -513,30 +520,30 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         if tiled:
             if dt == F32:
                 ln_tiled_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
             elif dt == F64:
                 ln_tiled_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, G, <double*>pm, <double*>pr,
-                             <double*>pw, <double*>pdw, <double*>pdb, prk, psl, ps, t)
+                             <double*>pw, <double*>pdw, <double*>pdb, prk, psl, ps, t, rms)
             elif dt == F16:
                 ln_tiled_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
             else:
                 ln_tiled_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
         else:
             if dt == F32:
                 grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
             elif dt == F64:
                 grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
                         <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
-                        <double*>pk, t)
+                        <double*>pk, t, rms)
             elif dt == F16:
                 grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
             else:
                 grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
             sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
                                t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
     return dw, db
