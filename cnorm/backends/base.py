@@ -184,7 +184,9 @@ class Backend:
         This default composes the two steps; backends override it with one sweep.
         """
         sd = stats_dtype(h3.dtype)
-        into = None if out is dh3 else out  # (dh is read after the norm's dx is written)
+        # dh is read after the norm's dx is written: not into dh itself (out is dh3 or
+        # disjoint from it, the front end guarantees, so sharing memory means it is dh3)
+        into = None if out is not None and self.xp.may_share_memory(out, dh3) else out
         dxn, dweight, dbias = self.backward_train(dy3, h3, p, mean, rstd, weight, into)
         dx = dxn.astype(sd) + dh3.astype(sd)
         if out is None:

@@ -72,6 +72,17 @@ class CythonBackend(Backend):
             act_apply(np, res[0], act)
         return res
 
+    def add_forward(self, x3, r3, p, weight, bias, eps, out=None, h_out=None):
+        # One sweep per batch of rows: h = x + r written, then normalized from the cache.
+        return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias, eps,
+                                    _get_num_threads(), out, rms=p.rms, residual=r3, h=h_out)
+
+    def add_backward(self, dy3, dh3, h3, p, mean, rstd, weight, out=None):
+        dx = np.empty_like(h3) if out is None else out
+        dweight, dbias = _cpu.K.group_backward(dy3, h3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups,
+                                               mean, rstd, weight, _get_num_threads(), rms=p.rms, dh=dh3)
+        return dx, dweight, dbias
+
     def forward_eval(self, x3, p, scale, shift, out=None, act=None):
         y = np.empty_like(x3) if out is None else out
         _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())

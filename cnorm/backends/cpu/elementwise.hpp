@@ -169,6 +169,31 @@ inline void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t 
     });
 }
 
+/* h = x + r, added in float and rounded to T (PyTorch's x + residual for
+   half data), with ordinary stores: the fused add-and-norm reads h back
+   from the cache at once. h may be x or r itself (each value is read before
+   it is written). */
+template <class T>
+inline void cn_add_run(const T* x, const T* r, T* h, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i += 32) {
+        const ptrdiff_t m = n - i < 32 ? n - i : 32;
+        VF a0, a1, b0, b1;
+        vload2_n(x + i, m, a0, a1);
+        vload2_n(r + i, m, b0, b1);
+        vstore2_n(h + i, a0 + b0, a1 + b1, m, false);
+    }
+}
+
+/* v rounded to T and back: what a T array holding v reads as */
+template <class T>
+CN_INLINE VF vround_as(VF v) {
+    T t[16];
+    vstore(t, v, false);
+    return vload(t);
+}
+template <>
+CN_INLINE VF vround_as<float>(VF v) { return v; }
+
 /* dst = src, n bytes, whole lines by streaming stores (what the kernels'
    outputs cost): the benchmark's memory floor, so that the library memcpy's
    choice of stores at a given size does not decide it */

@@ -91,7 +91,7 @@ cdef inline void colsums(const dat* g, const dat* x, Py_ssize_t stride, int rows
 cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
                    Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1,
                    const floating* mean, const floating* rstd, const floating* w,
-                   double* pw, double* pb, bint rms) noexcept nogil:
+                   double* pw, double* pb, bint rms, const dat* dh) noexcept nogil:
     """Backward of rows n0..n1-1 of a per-element-affine group (S == 1: LayerNorm).
 
     Four rows at a time (fixed from n0), all while they are in L1/L2: per
@@ -148,13 +148,16 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
                     for i in range(cg):
                         st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
                            + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
+                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx
+                        for i in range(cg):
+                            dx[off + i] = dx[off + i] + dh[off + i]
         n += rows
 
 
 cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
-                       double* pw, double* pb, double* chs, bint rms=False) noexcept nogil:
+                       double* pw, double* pb, double* chs, bint rms=False, const dat* dh=NULL) noexcept nogil:
     """Unit u = sb·G + g: group g of the samples of sample block sb.
 
     pw/pb are this sample block's dweight/dbias partials (length C), summed
@@ -172,9 +175,9 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
         # one sweep per row, float lanes and column partials (rows.hpp); chs: 2·cg floats
         if dat is not double:
             cn_ln_bwd_rows(g, x, dx, C, cg, G, gi, sb * sbs, n1, <const float*>mean,
-                           <const float*>rstd, <const float*>w, pw, pb, <float*>chs, rms)
+                           <const float*>rstd, <const float*>w, pw, pb, <float*>chs, rms, dh)
         else:
-            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb, rms)
+            rows_bwd(g, x, dx, C, cg, G, gi, sb * sbs, n1, mean, rstd, w, pw, pb, rms, dh)
         return
     for n in range(sb * sbs, n1):
         mu = mean[n * G + gi]
@@ -383,13 +386,27 @@ cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
         cl_dx_rows(g + n * S * C, x + n * S * C, dx + n * S * C, 0, S, C, kk, kk + 4 * C)
 
 
+cdef inline void add_rows(const dat* x, const dat* r, dat* h, Py_ssize_t n) noexcept nogil:
+    """h = x + r over n values (float for half data, then rounded: PyTorch's x + residual)."""
+    cdef Py_ssize_t i
+    if dat is double:
+        for i in range(n):
+            h[i] = x[i] + r[i]
+    else:
+        cn_add_run(x, r, h, n)
+
+
 cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
                        Py_ssize_t hi, double eps, const float* w, const float* b,
-                       float* mean, float* var, float* rstd, bint rms) noexcept nogil:
+                       float* mean, float* var, float* rstd, bint rms,
+                       const dat* r=NULL, dat* h=NULL) noexcept nogil:
     """Units [lo, hi) of a float32/half S == 1 problem (LayerNorm rows), as grp_fwd_unit
     (same arithmetic), eight rows at a time: the statistics of eight rows, then
     their eight independent sqrt/div chains, then their normalization — short
-    rows are otherwise bound by one row's latency chain."""
+    rows are otherwise bound by one row's latency chain.
+
+    With r (the fused residual add, S == 1 with G == 1): the eight rows of
+    h = x + r are written first, then normalized from h while in cache."""
     cdef double mu8[8]
     cdef double m28[8]
     cdef double v8[8]
@@ -397,25 +414,29 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
     cdef Py_ssize_t G = C // cg, u0 = lo, u, j, nb, c0
     cdef float mh
     cdef int bad
+    cdef const dat* xs = x
     while u0 < hi:
         nb = hi - u0 if hi - u0 < 8 else 8
+        if r != NULL:
+            add_rows(x + u0 * cg, r + u0 * cg, h + u0 * cg, nb * cg)
+            xs = h
         if rms:  # RMSNorm: Σx² about 0
             for j in range(nb):
                 mu8[j] = 0.0
-                rms_stats(x + (u0 + j) * cg, cg, &m28[j])
+                rms_stats(xs + (u0 + j) * cg, cg, &m28[j])
         elif cg <= CN_SHORT_MAX:  # the eight rows' statistics interleaved (rows.hpp)
             if dat is not double:
-                bad = cn_short_rows_stats(x + u0 * cg, cg, <int>nb, mu8, m28)
+                bad = cn_short_rows_stats(xs + u0 * cg, cg, <int>nb, mu8, m28)
             else:
                 bad = (1 << nb) - 1
             for j in range(nb):
                 if bad & (1 << j):
-                    run_stats(x + (u0 + j) * cg, cg, &mu8[j], &m28[j])
+                    run_stats(xs + (u0 + j) * cg, cg, &mu8[j], &m28[j])
         else:
             for j in range(nb):
                 u = u0 + j
-                if not row_stats_f(x + u * cg, cg, &mu8[j], &m28[j]):
-                    run_stats(x + u * cg, cg, &mu8[j], &m28[j])
+                if not row_stats_f(xs + u * cg, cg, &mu8[j], &m28[j]):
+                    run_stats(xs + u * cg, cg, &mu8[j], &m28[j])
         for j in range(nb):
             v8[j] = m28[j] / <double>cg
             r8[j] = 1.0 / sqrt(v8[j] + eps)
@@ -428,7 +449,7 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
                 c0 = (u % G) * cg
                 mh = <float>mu8[j]
                 if dat is not double:
-                    cn_ln_fwd(x + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
+                    cn_ln_fwd(xs + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
                               <float>r8[j], w + c0, b + c0)
         u0 += nb
 
@@ -436,7 +457,10 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
 cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                   Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
                   floating* mean, floating* var, floating* rstd,
-                  double* scratch, Py_ssize_t sstride, floating* kk, int nt, bint rms=False) noexcept nogil:
+                  double* scratch, Py_ssize_t sstride, floating* kk, int nt, bint rms=False,
+                  const dat* r=NULL, dat* h=NULL) noexcept nogil:
+    """r (the fused residual add, S == 1 rows only): each row of h = x + r is
+    written, then normalized from h while in cache (a row is a unit)."""
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = N if cl else N * G
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -446,12 +470,15 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd, rms)
+                                 <float*>mean, <float*>var, <float*>rstd, rms, r, h)
                     continue
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
                                  scratch + t * sstride, kk + t * (6 * C + 48))
+                elif r != NULL:
+                    add_rows(x + u * cg, r + u * cg, h + u * cg, cg)
+                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
                 else:
                     grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
     else:
@@ -461,12 +488,15 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd, rms)
+                                 <float*>mean, <float*>var, <float*>rstd, rms, r, h)
                     hi = lo  # done: skip the per-unit loop
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
                                  scratch + t * sstride, kk + t * (6 * C + 48))
+                elif r != NULL:
+                    add_rows(x + u * cg, r + u * cg, h + u * cg, cg)
+                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
                 else:
                     grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
             cn_sfence()  # order this thread's streaming stores before the join
@@ -512,7 +542,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                   Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
                   const floating* mean, const floating* rstd, const floating* w,
                   double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
-                  int nt, bint rms=False) noexcept nogil:
+                  int nt, bint rms=False, const dat* dh=NULL) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = nsb if cl else nsb * G
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -526,7 +556,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms, dh)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -538,7 +568,7 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms, dh)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -575,7 +605,7 @@ cdef inline void ln_piece(const dat* g, const dat* x, const floating* w, Py_ssiz
 
 cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t nc,
                   Py_ssize_t nx, const floating* w, const double* rk, floating* dw, floating* db,
-                  double* scr) noexcept nogil:
+                  double* scr, const dat* dh) noexcept nogil:
     """Phase 2, one tile: columns [0, nc) from g, x, dx, w, dw, db (pointing at the
     tile's first column) of all N rows; rk: mu, dl, r, kb, kc per row (5 doubles);
     scr: 3·LN_TILE doubles."""
@@ -590,7 +620,7 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
     cdef double mu, dl, r, kb, kc
     if dat is not double:
         cn_ln_bwd_cols(g, x, dx, C, N, nc, <const float*>w, rk, <float*>dw, <float*>db, ab, aw,
-                       <float*>(scr + 2 * LN_TILE), <float*>(scr + 2 * LN_TILE) + LN_TILE, nx)
+                       <float*>(scr + 2 * LN_TILE), <float*>(scr + 2 * LN_TILE) + LN_TILE, nx, dh)
     else:
         for i in range(nc):
             ab[i] = 0.0
@@ -617,6 +647,9 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                     for i in range(nc):
                         st(dx + (o + i), (w[i] * <floating>ld(g + (o + i))) * r
                            + ((<floating>ld(x + (o + i)) - mu) - dl) * kb + kc)
+                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx
+                        for i in range(nc):
+                            dx[o + i] = dx[o + i] + dh[o + i]
             n += rows
         for i in range(nc):
             dw[i] = <floating>aw[i]
@@ -626,7 +659,7 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
 cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t G,
                        const floating* mean, const floating* rstd, const floating* w,
                        floating* dw, floating* db, double* rk, double* slots, double* scratch,
-                       int nt, bint rms=False) noexcept nogil:
+                       int nt, bint rms=False, const dat* dh=NULL) noexcept nogil:
     """dx (unless NULL), dweight and dbias of a per-element-affine problem (S == 1).
 
     rk: 5·N·G doubles (per row-group, group-major: (g, n) at 5·(g·N + n)),
@@ -696,5 +729,5 @@ cdef void ln_tiled_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssi
             c0 = gi * cg + k
             nc = cg - k if cg - k < LN_TILE else LN_TILE
             ln_cols(g + c0, x + c0, dx if dx == NULL else dx + c0, N, C, nc, nc, w + c0,
-                    rk + 5 * gi * N, dw + c0, db + c0, scratch + t * (3 * LN_TILE))
+                    rk + 5 * gi * N, dw + c0, db + c0, scratch + t * (3 * LN_TILE), dh if dh == NULL else dh + c0)
         cn_sfence()  # order this thread's streaming stores before the join

@@ -91,11 +91,11 @@ cdef extern from "cpu/kernels.hpp" nogil:
     int cn_rms_row_stats[T](const T* x, Py_ssize_t n, double* m2)
     void cn_ln_bwd_rows[T](const T* g, const T* x, T* dx, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t G,
                            Py_ssize_t gi, Py_ssize_t n0, Py_ssize_t n1, const float* mean, const float* rstd,
-                           const float* w, double* pw, double* pb, float* fb, bint rms)
+                           const float* w, double* pw, double* pb, float* fb, bint rms, const T* dh)
     void cn_lnb_piece[T](const T* g, const T* x, const float* w, Py_ssize_t n, float mu, double* s3)
     void cn_ln_bwd_cols[T](const T* g, const T* x, T* dx, Py_ssize_t C, Py_ssize_t N, Py_ssize_t nc, const float* w,
                            const double* rk, float* dw, float* db, double* ab, double* aw, float* cb, float* cw,
-                           Py_ssize_t nx)
+                           Py_ssize_t nx, const T* dh)
 
     # cl_stats.hpp: channels-last column sums
     int cn_cl_block_stats[T](const T* x, Py_ssize_t nr, Py_ssize_t C, double* m, double* q, double* ws)
@@ -107,6 +107,7 @@ cdef extern from "cpu/kernels.hpp" nogil:
     void cn_sfence()
     void cn_stream_copy(const char* src, char* dst, Py_ssize_t n)
     void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)
+    void cn_add_run[T](const T* x, const T* r, T* h, Py_ssize_t n)
     void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b)
     void cn_scale_run[T](const T* x, T* y, Py_ssize_t n, float a, float b)
     void cn_dx_run[T](const T* g, const T* x, T* dx, Py_ssize_t n, float ka, float mh, float kb, float kc)

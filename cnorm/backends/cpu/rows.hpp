@@ -223,10 +223,13 @@ inline void cn_lnb_row(const T* gr, const T* xr, const float* w, ptrdiff_t cg, f
    across the rows (rows in order: the same float sums as row-by-row column
    partials), so the partials cost one store per tile instead of a load and a
    store per row. k5: per row mu, dl, rf, kb, kc. Each row prefetches its
-   lines of the next chunk (pf values ahead). */
+   lines of the next chunk (pf values ahead). dh (the fused add-and-norm's
+   gradient of h, or NULL): dx = dh + the norm's dx rounded to T, as the
+   unfused sum of the two would be. */
 template <class T, int NV>
 CN_INLINE void cn_lnb_tile(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, const float* w,
-                           const float* k5, ptrdiff_t mt, bool nt, float* cb, float* cw, ptrdiff_t pf) {
+                           const float* k5, ptrdiff_t mt, bool nt, float* cb, float* cw, ptrdiff_t pf,
+                           const T* dh) {
     VF ab[NV], aw[NV], wv[NV];
     const bool full = mt >= 16;
     for (int v = 0; v < NV; v++) {
@@ -255,6 +258,11 @@ CN_INLINE void cn_lnb_tile(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
         }
         if (dx != NULL) {
             T* dr = dx + n * C;
+            if (dh != NULL) {
+                const T* hr = dh + n * C;
+                for (int v = 0; v < NV; v++)
+                    o[v] = vround_as<T>(o[v]) + vload_n(hr + 16 * v, v == NV - 1 ? mt : 16);
+            }
             if (full && NV % 2 == 0) {  /* pairs: one conversion for two vectors */
                 for (int v = 0; v < NV; v += 2) vstore_pair(dr + 16 * v, o[v], o[v + 1], nt);
             } else {
@@ -303,20 +311,21 @@ inline void cn_lnb_flush(const T* g, const T* x, ptrdiff_t C, ptrdiff_t rows, pt
    whole tiles, then single vectors (whole lines only for float32). */
 template <class T>
 CN_INLINE void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t rows, ptrdiff_t nc, const float* w,
-                        const float* k5, float* cb, float* cw, ptrdiff_t pf) {
+                        const float* k5, float* cb, float* cw, ptrdiff_t pf, const T* dh) {
     const bool nt = cn_nt_hint() && dx != NULL && (C * (ptrdiff_t)sizeof(T)) % 64 == 0;
     ptrdiff_t c = 0, h = nt ? cn_head(dx, nc) : 0;
+    auto at = [](const T* p, ptrdiff_t c) { return p == NULL ? p : p + c; };
     while (c < h) {
         const ptrdiff_t m = h - c < 16 ? h - c : 16;
-        cn_lnb_tile<T, 1>(g + c, x + c, dx + c, C, rows, w + c, k5, m, false, cb + c, cw + c, pf);
+        cn_lnb_tile<T, 1>(g + c, x + c, dx + c, C, rows, w + c, k5, m, false, cb + c, cw + c, pf, at(dh, c));
         c += m;
     }
     for (; c + 16 * CN_TILE <= nc; c += 16 * CN_TILE)
         cn_lnb_tile<T, CN_TILE>(g + c, x + c, dx == NULL ? dx : dx + c, C, rows, w + c, k5, 16, nt, cb + c, cw + c,
-                                pf);
+                                pf, at(dh, c));
     for (; c < nc; c += 16)
         cn_lnb_tile<T, 1>(g + c, x + c, dx == NULL ? dx : dx + c, C, rows, w + c, k5, nc - c,
-                          sizeof(T) == 4 && nt, cb + c, cw + c, pf);
+                          sizeof(T) == 4 && nt, cb + c, cw + c, pf, at(dh, c));
 }
 
 /* Backward of rows n0..n1-1 of group gi (cg columns from gi cg) of rows of C:
@@ -326,7 +335,7 @@ CN_INLINE void cn_lnb_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
 template <class T>
 inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t cg, ptrdiff_t G, ptrdiff_t gi,
                            ptrdiff_t n0, ptrdiff_t n1, const float* mean, const float* rstd, const float* w, double* pw,
-                           double* pb, float* fb, bool rms) {
+                           double* pb, float* fb, bool rms, const T* dh) {
     const ptrdiff_t c0 = gi * cg;
     const double m = (double)cg;
     float* CN_RESTRICT cb = fb;
@@ -349,15 +358,16 @@ inline void cn_ln_bwd_rows(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             k[3] = (float)(-r * r * r * swgx / m);
             k[4] = rms ? 0.0f : (float)(-r * swg / m);
         }
+        const T* dhc = dh == NULL ? dh : dh + off0;
         if (cn_aliases(dx, g, x)) {
             /* dx over g or x (out=): the flush may redo the column sums from g
                and x, so they come first, and dx in a second sweep */
-            cn_lnb_cols(g + off0, x + off0, (T*)NULL, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
+            cn_lnb_cols(g + off0, x + off0, (T*)NULL, C, rows, cg, w, k5, cb, cw, CN_LNK * C, (const T*)NULL);
             cn_lnb_flush(g + off0, x + off0, C, rows, cg, cb, cw, mk, dk, rk, pb, pw);
-            cn_lnb_cols(g + off0, x + off0, dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
+            cn_lnb_cols(g + off0, x + off0, dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C, dhc);
             continue;
         }
-        cn_lnb_cols(g + off0, x + off0, dx == NULL ? dx : dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C);
+        cn_lnb_cols(g + off0, x + off0, dx == NULL ? dx : dx + off0, C, rows, cg, w, k5, cb, cw, CN_LNK * C, dhc);
         cn_lnb_flush(g + off0, x + off0, C, rows, cg, cb, cw, mk, dk, rk, pb, pw);
     }
 }
@@ -449,7 +459,7 @@ inline void cn_lnb_flush_cols(const T* g, const T* x, ptrdiff_t C, ptrdiff_t row
 template <class T>
 inline void cn_ln_bwd_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t N, ptrdiff_t nc, const float* w,
                            const double* rk, float* dw, float* db, double* ab, double* aw, float* cb, float* cw,
-                           ptrdiff_t nx) {
+                           ptrdiff_t nx, const T* dh) {
     double mk[CN_LNK], dk[CN_LNK], rr[CN_LNK];
     float k5[5 * CN_LNK];
     for (ptrdiff_t i = 0; i < nc; i++) { ab[i] = 0.0; aw[i] = 0.0; }
@@ -461,13 +471,14 @@ inline void cn_ln_bwd_cols(const T* g, const T* x, T* dx, ptrdiff_t C, ptrdiff_t
             for (int j = 0; j < 5; j++) k5[5 * k + j] = (float)q[j];
         }
         const ptrdiff_t pf = r0 + rows < N ? CN_LNK * C : nx - off;
+        const T* dhc = dh == NULL ? dh : dh + off;
         if (cn_aliases(dx, g, x)) {  /* as in cn_ln_bwd_rows: the sums before dx */
-            cn_lnb_cols(g + off, x + off, (T*)NULL, C, rows, nc, w, k5, cb, cw, pf);
+            cn_lnb_cols(g + off, x + off, (T*)NULL, C, rows, nc, w, k5, cb, cw, pf, (const T*)NULL);
             cn_lnb_flush_cols(g + off, x + off, C, rows, nc, cb, cw, mk, dk, rr, ab, aw);
-            cn_lnb_cols(g + off, x + off, dx + off, C, rows, nc, w, k5, cb, cw, pf);
+            cn_lnb_cols(g + off, x + off, dx + off, C, rows, nc, w, k5, cb, cw, pf, dhc);
             continue;
         }
-        cn_lnb_cols(g + off, x + off, dx == NULL ? dx : dx + off, C, rows, nc, w, k5, cb, cw, pf);
+        cn_lnb_cols(g + off, x + off, dx == NULL ? dx : dx + off, C, rows, nc, w, k5, cb, cw, pf, dhc);
         cn_lnb_flush_cols(g + off, x + off, C, rows, nc, cb, cw, mk, dk, rr, ab, aw);
     }
     /* rounded into the float scratch, then out: whole lines by streaming

@@ -178,13 +178,15 @@ cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexce
 
 
 def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                  weight, bias, double eps, int nt, y=None, bint rms=False):
+                  weight, bias, double eps, int nt, y=None, bint rms=False, residual=None, h=None):
     """Training forward: ``(y, mean, var, rstd)``, y new unless given (it may be x itself).
 
     ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
     G groups (``(N, G)``). ``rms``: RMSNorm statistics (mean 0, var the mean
-    square), per-sample rows (S == 1) only. Other arguments as in
-    :func:`cross_forward`.
+    square), per-sample rows (S == 1) only. ``residual`` (rows only): the
+    fused add, ``h = x + residual`` written into ``h`` (new unless given; it
+    may be x or residual itself) and normalized: returns ``(y, h, mean, var,
+    rstd)``. Other arguments as in :func:`cross_forward`.
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -199,6 +201,11 @@ def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize
     if G == 0:
         _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
     else:
+        if residual is not None:
+            if h is None:
+                h = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x), dt, 0)
+            _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms, residual, h)
+            return y, h, mean, var, rstd
         _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms)
     return y, mean, var, rstd
 
@@ -406,7 +413,8 @@ def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ss
 
 
 cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                        weight, bias, mean, var, rstd, double eps, int nt, bint rms=False) except -1:
+                        weight, bias, mean, var, rstd, double eps, int nt, bint rms=False, residual=None,
+                        h=None) except -1:
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
@@ -421,6 +429,11 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     if rms and S != 1:
         raise ValueError(f"rms: RMSNorm statistics are for rows (S == 1), got S={S}")
+    if residual is not None:
+        if S != 1 or G != 1:
+            raise ValueError(f"residual: the fused add is for rows (S == 1, G == 1), got S={S}, G={G}")
+        residual = _in(residual, dt, size, "residual")
+        _out(h, dt, size, "h")
     cl = cl and S > 1  # (N, 1, C) channels-last is (N, C, 1) channels-first
     cdef int t = _nthreads(size, N if cl else N * G, nt)
     cdef Py_ssize_t rbs = max(1, BLK // C), sstride = 5 * C + 3 * G
@@ -436,30 +449,35 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pr = ptr(rstd)
     cdef void* pk = ptr(kk)
     cdef double* ps = <double*>ptr(scratch)
-    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px)
+    cdef void* prs = optr(residual)
+    cdef void* ph = optr(h)
+    # (h is written with ordinary stores and read back at once; y streams unless it is an input)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px, prs if prs != NULL else px)
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const float*>prs, <float*>ph)
         elif dt == F64:
             grp_fwd(<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
                     <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
-                    <double*>pk, t, rms)
+                    <double*>pk, t, rms, <const double*>prs, <double*>ph)
         elif dt == F16:
             grp_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const cn_f16*>prs, <cn_f16*>ph)
         else:
             grp_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const cn_bf16*>prs, <cn_bf16*>ph)
     return 0
 
 
 def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                   mean, rstd, weight, int nt, bint rms=False):
+                   mean, rstd, weight, int nt, bint rms=False, dh=None):
     """Per-sample training backward; returns ``(dweight, dbias)`` in the statistics dtype.
 
     ``dx`` (written in place) may be None to compute the parameter gradients only.
-    ``rms``: through RMSNorm statistics (rows, S == 1).
+    ``rms``: through RMSNorm statistics (rows, S == 1). ``dh`` (rows, the
+    fused add-and-norm): ``dx = dh + the norm's dx`` in the same sweep; dx
+    may be dy, x or dh itself.
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -475,6 +493,10 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         raise ValueError(f"groups: expected a divisor of C={C}, got {G}")
     if rms and S != 1:
         raise ValueError(f"rms: RMSNorm statistics are for rows (S == 1), got S={S}")
+    if dh is not None:
+        if S != 1 or G != 1 or dx is None:
+            raise ValueError(f"dh: the fused add's gradient is for rows (S == 1, G == 1) with dx, got S={S}, G={G}")
+        dh = _in(dh, dt, size, "dh")
     cl = cl and S > 1
     cdef Py_ssize_t sbs = _sample_block(N, C * S)
     cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
@@ -515,35 +537,37 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* psl = <double*>ptr(slots)
     cdef void* pdw = ptr(dw)
     cdef void* pdb = ptr(db)
-    _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), pdx, pg, px)
+    cdef void* pdh = optr(dh)
+    _stream(0 if dx is None or (pdh != NULL and pdx == pdh) else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x),
+            pdx, pg, px)
     with nogil:
         if tiled:
             if dt == F32:
                 ln_tiled_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms, <const float*>pdh)
             elif dt == F64:
                 ln_tiled_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, G, <double*>pm, <double*>pr,
-                             <double*>pw, <double*>pdw, <double*>pdb, prk, psl, ps, t, rms)
+                             <double*>pw, <double*>pdw, <double*>pdb, prk, psl, ps, t, rms, <const double*>pdh)
             elif dt == F16:
                 ln_tiled_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms, <const cn_f16*>pdh)
             else:
                 ln_tiled_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, G, <float*>pm, <float*>pr,
-                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms)
+                             <float*>pw, <float*>pdw, <float*>pdb, prk, psl, ps, t, rms, <const cn_bf16*>pdh)
         else:
             if dt == F32:
                 grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const float*>pdh)
             elif dt == F64:
                 grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
                         <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
-                        <double*>pk, t, rms)
+                        <double*>pk, t, rms, <const double*>pdh)
             elif dt == F16:
                 grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const cn_f16*>pdh)
             else:
                 grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const cn_bf16*>pdh)
             sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
                                t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
     return dw, db
