@@ -1046,6 +1046,9 @@ def convert_sync_batchnorm(layers, comm=None):
 
     def convert(layer):
         if isinstance(layer, _BatchNorm) and not isinstance(layer, (SyncBatchNorm, FrozenBatchNorm2d)):
+            if getattr(layer, "activation", None) is not None:
+                raise ValueError(f"layers: {layer!r} fuses activation={layer.activation!r}, which SyncBatchNorm "
+                                 "does not; build the BatchNorm without it and apply the activation after")
             return _to_sync(layer, comm)
         return layer
 

@@ -67,7 +67,7 @@ from .backends import AUTO, get_backend, get_backend_instance, is_cupy_array
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm2d",
-    "LayerNorm", "GroupNorm",
+    "LayerNorm", "GroupNorm", "RMSNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "precise_bn", "BatchStats", "IncompatibleKeys",
     "SyncBatchNorm", "convert_sync_batchnorm",
@@ -456,9 +456,10 @@ class _BatchNorm(_Layer):
     _SHAPES: str = ""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 bias=True, channel_axis=1, dtype=np.float32, backend=None):
+                 bias=True, channel_axis=1, dtype=np.float32, backend=None, activation=None):
         super().__init__(dtype, backend)
         self._init_channels(num_features, eps, momentum, affine, track_running_stats, bias, channel_axis)
+        self.activation = v.check_activation(activation)
         self.frozen = False
         self._records = None  # a list while a precise_bn block records this layer
 
@@ -523,7 +524,8 @@ class _BatchNorm(_Layer):
             return y, (saved, "batch")
         if self.frozen or (not self.training and self.track_running_stats):
             y, saved = F.batch_norm_forward(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                            False, 0.0, self.eps, self.channel_axis, self.backend, out=out)
+                                            False, 0.0, self.eps, self.channel_axis, self.backend, out=out,
+                                            activation=self.activation)
             return y, (saved, "frozen" if self.frozen else "running")
         update = self.training and self.track_running_stats
         factor = self._momentum_factor() if update else None
@@ -591,7 +593,7 @@ class _BatchNorm(_Layer):
             The statistics used (float64 mean, biased variance, count).
         """
         y, saved = F.batch_norm_forward(x, self.weight, self.bias, None, None, True, 0.0, self.eps,
-                                        self.channel_axis, self.backend, out=out)
+                                        self.channel_axis, self.backend, out=out, activation=self.activation)
         f64 = _module_of(x, self.xp).float64
         count = x.size // x.shape[self.channel_axis]
         return y, saved, BatchStats(saved.mean.astype(f64), saved.var.astype(f64), count)
@@ -604,11 +606,48 @@ class _BatchNorm(_Layer):
         """
         return F.batch_norm_backward(dy, x, saved, self.weight, out=out)
 
+    def fold_into(self, conv_weight, conv_bias=None, transpose=False):
+        """The weight and bias of the convolution before this layer with the layer folded in.
+
+        For inference: conv → this BatchNorm in eval mode equals one
+        convolution with the returned ``(weight, bias)``
+        (:func:`cnorm.fold_batch_norm` with this layer's running statistics,
+        eps, weight and bias; PyTorch's ``fuse_conv_bn_weights``). A fused
+        activation is not folded: apply it after the convolution.
+
+        Parameters
+        ----------
+        conv_weight : array
+            (C_out, C_in/groups, k...), or with ``transpose`` (C_in, C_out/groups, k...).
+        conv_bias : array of shape (C_out,), optional
+        transpose : bool, default False
+            For a transposed convolution.
+
+        Returns
+        -------
+        weight, bias : array
+
+        Examples
+        --------
+        >>> import numpy as np, cnorm.nn
+        >>> bn = cnorm.nn.BatchNorm2d(2).eval()
+        >>> w, b = bn.fold_into(np.ones((2, 3, 1, 1), np.float32))
+        >>> w.shape, b.shape
+        ((2, 3, 1, 1), (2,))
+        """
+        if not self.track_running_stats:
+            raise ValueError(f"fold_into: {type(self).__name__} was built with track_running_stats=False and "
+                             "has no running statistics to fold")
+        return F.fold_batch_norm(conv_weight, conv_bias, self.running_mean, self.running_var, self.eps,
+                                 self.weight, self.bias, transpose=transpose)
+
     def _extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
         if self.channel_axis != 1:
             s += f", channel_axis={self.channel_axis}"
+        if self.activation is not None:
+            s += f", activation={self.activation!r}"
         if self.frozen:
             s += ", frozen=True"
         return s
@@ -643,6 +682,9 @@ _BN_DOC = """Batch normalization over {ranks} input {shapes}, like ``torch.nn.{n
         dtype of parameters and buffers (inputs may be of another float dtype).
     backend : str, optional
         Backend for every call; default: the one in force at call time.
+    activation : None, "relu" or "silu", default None
+        Applied to the output in the same sweep (BatchNorm → ReLU as one
+        layer); backward differentiates through it (keyword-only).
 
     Attributes
     ----------
@@ -717,9 +759,10 @@ class FrozenBatchNorm2d(_BatchNorm):
     _SHAPES = "(N, C, H, W)"
     _IGNORED_KEYS = ("num_batches_tracked",)
 
-    def __init__(self, num_features, eps=1e-5, *, channel_axis=1, dtype=np.float32, backend=None):
+    def __init__(self, num_features, eps=1e-5, *, channel_axis=1, dtype=np.float32, backend=None,
+                 activation=None):
         super().__init__(num_features, eps, None, True, True, channel_axis=channel_axis, dtype=dtype,
-                         backend=backend)
+                         backend=backend, activation=activation)
         self.num_batches_tracked = None
         self.frozen = True
 
@@ -842,9 +885,10 @@ class _InstanceNorm(_Layer):
     _SHAPES: str = ""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, *,
-                 bias=True, channel_axis=1, dtype=np.float32, backend=None):
+                 bias=True, channel_axis=1, dtype=np.float32, backend=None, activation=None):
         super().__init__(dtype, backend)
         self._init_channels(num_features, eps, momentum, affine, track_running_stats, bias, channel_axis)
+        self.activation = v.check_activation(activation)
 
     reset_running_stats = _BatchNorm.reset_running_stats
     reset_parameters = _BatchNorm.reset_parameters
@@ -870,7 +914,7 @@ class _InstanceNorm(_Layer):
         momentum = 0.0 if self.momentum is None else self.momentum
         y, saved = F.instance_norm_forward(xb, self.weight, self.bias, self.running_mean, self.running_var,
                                            use_input_stats, momentum, self.eps, self.channel_axis, self.backend,
-                                           out=ob)
+                                           out=ob, activation=self.activation)
         if out is not None:
             return out, (saved, unbatched)
         return (y[0] if unbatched else y), (saved, unbatched)
@@ -890,7 +934,8 @@ class _InstanceNorm(_Layer):
     def _extra_repr(self):
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
              f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
-        return s + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+        s += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return s + (f", activation={self.activation!r}" if self.activation is not None else "")
 
 
 _IN_DOC = """Instance normalization over {ranks} input {shapes}, like ``torch.nn.{name}``.
@@ -917,6 +962,8 @@ _IN_DOC = """Instance normalization over {ranks} input {shapes}, like ``torch.nn
         -1 for channels-last arrays.
     dtype : float32 or float64, default float32
     backend : str, optional
+    activation : None, "relu" or "silu", default None
+        Fused into the output (keyword-only).
 
     Attributes
     ----------
@@ -978,6 +1025,9 @@ class GroupNorm(_Layer):
         -1 for channels-last arrays.
     dtype : float32 or float64, default float32
     backend : str, optional
+    activation : None, "relu" or "silu", default None
+        Fused into the output (keyword-only): GroupNorm → SiLU of a
+        diffusion U-Net block is ``GroupNorm(32, C, activation="silu")``.
 
     Attributes
     ----------
@@ -995,8 +1045,9 @@ class GroupNorm(_Layer):
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, bias=True, channel_axis=1,
-                 dtype=np.float32, backend=None):
+                 dtype=np.float32, backend=None, activation=None):
         super().__init__(dtype, backend)
+        self.activation = v.check_activation(activation)
         self.num_groups = v.check_int("num_groups", num_groups)
         self.num_channels = v.check_int("num_channels", num_channels)
         if self.num_channels % self.num_groups:
@@ -1023,7 +1074,7 @@ class GroupNorm(_Layer):
                              f"got shape {tuple(x.shape)}")
         self._check_channels(x, self.channel_axis, self.num_channels, "num_channels")
         return F.group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps, self.channel_axis,
-                                    self.backend, out=out)
+                                    self.backend, out=out, activation=self.activation)
 
     def _backward(self, dy, x, saved, out=None):
         return F.group_norm_backward(dy, x, saved, self.weight, out=out)
@@ -1031,7 +1082,8 @@ class GroupNorm(_Layer):
     def _extra_repr(self):
         s = (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
              f"bias={self.bias is not None}")
-        return s + (f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else "")
+        s += f", channel_axis={self.channel_axis}" if self.channel_axis != 1 else ""
+        return s + (f", activation={self.activation!r}" if self.activation is not None else "")
 
 
 class LayerNorm(_Layer):
@@ -1048,6 +1100,10 @@ class LayerNorm(_Layer):
         With ``elementwise_affine``, whether there is a bias.
     dtype : float32 or float64, default float32
     backend : str, optional
+    activation : None, "relu" or "silu", default None
+        Fused into the output (keyword-only).
+    weight_offset : float, default 0.0
+        The layer scales by ``weight_offset + weight`` (keyword-only).
 
     Attributes
     ----------
@@ -1067,37 +1123,114 @@ class LayerNorm(_Layer):
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32,
-                 backend=None):
+                 backend=None, activation=None, weight_offset=0.0):
         super().__init__(dtype, backend)
-        if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-            normalized_shape = (normalized_shape,)
-        try:
-            shape = tuple(operator.index(d) for d in normalized_shape)
-        except TypeError:
-            raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got {normalized_shape!r}") \
-                from None
-        if not shape or min(shape) < 1:
-            raise ValueError(f"normalized_shape: expected one or more positive sizes, got {shape}")
-        self.normalized_shape = shape
+        self.normalized_shape = _check_normalized_shape(normalized_shape)
         self.eps = v.check_eps(eps)
         self.elementwise_affine = v.check_bool("elementwise_affine", elementwise_affine)
         bias = v.check_bool("bias", bias)
+        self.activation = v.check_activation(activation)
         if self.elementwise_affine:
-            self.weight = self._full(shape, 1.0)
-            self.bias = self._full(shape, 0.0) if bias else None
+            self.weight = self._full(self.normalized_shape, 1.0)
+            self.bias = self._full(self.normalized_shape, 0.0) if bias else None
+        self.weight_offset = v.check_weight_offset(weight_offset, self.weight)
 
     reset_parameters = GroupNorm.reset_parameters
 
     def _forward(self, x, out=None):
         return F.layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps, self.backend,
-                                    out=out)
+                                    out=out, activation=self.activation, weight_offset=self.weight_offset)
 
     def _backward(self, dy, x, saved, out=None):
         return F.layer_norm_backward(dy, x, saved, self.weight, out=out)
 
     def _extra_repr(self):
-        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"bias={self.bias is not None}")
+        s = (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+             f"bias={self.bias is not None}")
+        s += f", activation={self.activation!r}" if self.activation is not None else ""
+        return s + (f", weight_offset={self.weight_offset}" if self.weight_offset else "")
+
+
+def _check_normalized_shape(normalized_shape) -> tuple:
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    try:
+        shape = tuple(operator.index(d) for d in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape: expected an int or a tuple of ints, got {normalized_shape!r}") \
+            from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"normalized_shape: expected one or more positive sizes, got {shape}")
+    return shape
+
+
+class RMSNorm(_Layer):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` axes, like ``torch.nn.RMSNorm``.
+
+    ``y = x / sqrt(mean(x²) + eps) · weight`` (Llama, Mistral, Gemma, T5);
+    loads a ``torch.nn.RMSNorm`` state dict (key ``weight``).
+
+    Parameters
+    ----------
+    normalized_shape : int or tuple of int
+    eps : float or None, default None
+        None: PyTorch's default, the machine epsilon of float32 (of float64
+        for float64 input).
+    elementwise_affine : bool, default True
+        Learn ``weight`` (ones) of shape ``normalized_shape``.
+    dtype : float32 or float64, default float32
+    backend : str, optional
+    activation : None, "relu" or "silu", default None
+        Fused into the output (keyword-only).
+    weight_offset : float, default 0.0
+        Scale by ``weight_offset + weight``: Gemma's ``(1 + weight)`` with
+        zero-initialized weights is ``weight_offset=1.0`` after loading
+        its weights (keyword-only).
+
+    Attributes
+    ----------
+    weight : array of shape normalized_shape or None
+    weight_grad : array of shape normalized_shape or None
+    bias, bias_grad : None (RMSNorm has no bias)
+    training : bool
+
+    Examples
+    --------
+    >>> import numpy as np, cnorm.nn
+    >>> norm = cnorm.nn.RMSNorm(8)
+    >>> x = np.random.default_rng(0).standard_normal((4, 10, 8)).astype(np.float32)
+    >>> y = norm(x)
+    >>> dx = norm.backward(np.ones_like(y))
+    >>> sorted(norm.state_dict())
+    ['weight']
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, backend=None,
+                 activation=None, weight_offset=0.0):
+        super().__init__(dtype, backend)
+        self.normalized_shape = _check_normalized_shape(normalized_shape)
+        self.eps = None if eps is None else v.check_eps(eps)
+        self.elementwise_affine = v.check_bool("elementwise_affine", elementwise_affine)
+        self.activation = v.check_activation(activation)
+        if self.elementwise_affine:
+            self.weight = self._full(self.normalized_shape, 1.0)
+        self.weight_offset = v.check_weight_offset(weight_offset, self.weight)
+
+    reset_parameters = GroupNorm.reset_parameters
+
+    def _forward(self, x, out=None):
+        return F.rms_norm_forward(x, self.normalized_shape, self.weight, self.eps, backend=self.backend, out=out,
+                                  activation=self.activation, weight_offset=self.weight_offset)
+
+    def _backward(self, dy, x, saved, out=None):
+        return F.rms_norm_backward(dy, x, saved, self.weight, out=out)
+
+    def _extra_repr(self):
+        s = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        s += f", activation={self.activation!r}" if self.activation is not None else ""
+        return s + (f", weight_offset={self.weight_offset}" if self.weight_offset else "")
+
+
 
 
 def __getattr__(name):

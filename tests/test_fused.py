@@ -332,3 +332,92 @@ def test_bad_arguments_name_the_argument():
     for exc, words, call in cases:
         with pytest.raises(exc, match=words):
             call()
+
+
+# -- layers ------------------------------------------------------------------------------
+
+def test_rms_norm_layer_loads_torch_and_trains_alike():
+    import cnorm.nn
+
+    rng = np.random.default_rng(12)
+    t = torch.nn.RMSNorm((6, 8), dtype=torch.float64)
+    with torch.no_grad():
+        t.weight.copy_(torch.from_numpy(rng.standard_normal((6, 8))))
+    layer = cnorm.nn.RMSNorm((6, 8), dtype=np.float64)
+    layer.load_state_dict({k: v.numpy() for k, v in t.state_dict().items()})
+    assert sorted(layer.state_dict()) == ["weight"] and layer.bias is None
+    for _ in range(2):
+        x, dy = rng.standard_normal((3, 6, 8)), rng.standard_normal((3, 6, 8))
+        xt = torch.from_numpy(x).requires_grad_(True)
+        t.zero_grad()
+        yt = t(xt)
+        yt.backward(torch.from_numpy(dy))
+        close(layer(x), yt.detach().numpy(), 1e-12, "y")
+        close(layer.backward(dy), xt.grad.numpy(), 1e-11, "dx")
+        close(layer.weight_grad, t.weight.grad.numpy(), 1e-11, "weight_grad")
+        assert layer.bias_grad is None
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_norm_layers_with_activation_match_torch(act):
+    import cnorm.nn
+
+    rng = np.random.default_rng(13)
+    fn = getattr(F, act)
+    x, dy = rng.standard_normal((4, 6, 5, 5)), rng.standard_normal((4, 6, 5, 5))
+    pairs = [(cnorm.nn.BatchNorm2d(6, dtype=np.float64, activation=act), torch.nn.BatchNorm2d(6).double()),
+             (cnorm.nn.GroupNorm(3, 6, dtype=np.float64, activation=act), torch.nn.GroupNorm(3, 6).double()),
+             (cnorm.nn.InstanceNorm2d(6, affine=True, dtype=np.float64, activation=act),
+              torch.nn.InstanceNorm2d(6, affine=True).double()),
+             (cnorm.nn.LayerNorm(5, dtype=np.float64, activation=act), torch.nn.LayerNorm(5).double()),
+             (cnorm.nn.RMSNorm(5, dtype=np.float64, activation=act), torch.nn.RMSNorm(5).double())]
+    for ours, theirs in pairs:
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape))))
+        ours.load_state_dict({k: v.numpy() for k, v in theirs.state_dict().items()})
+        for mode in (True, False):
+            ours.train(mode), theirs.train(mode)
+            xt = torch.from_numpy(x).requires_grad_(True)
+            yt = fn(theirs(xt))
+            yt.backward(torch.from_numpy(dy))
+            what = f"{type(ours).__name__} training={mode}"
+            close(ours(x), yt.detach().numpy(), 1e-12, what + " y")
+            close(ours.backward(dy), xt.grad.numpy(), 1e-10, what + " dx")
+            if mode:
+                close(ours.weight_grad, theirs.weight.grad.numpy(), 1e-10, what + " weight_grad")
+            theirs.zero_grad()
+        for k, v in theirs.state_dict().items():
+            close(ours.state_dict()[k], v.numpy(), 1e-12, k)
+        assert repr(ours).endswith(f"activation={act!r})")
+
+
+def test_batch_norm_layer_fold_into():
+    import cnorm.nn
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    rng = np.random.default_rng(14)
+    bn = cnorm.nn.BatchNorm2d(4).eval()
+    bn.running_mean[...] = rng.standard_normal(4)
+    bn.running_var[...] = rng.random(4) + 0.5
+    bn.weight[...] = rng.standard_normal(4)
+    cw, cb = rng.standard_normal((4, 2, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    w, b = bn.fold_into(cw, cb)
+    tw, tb = fuse_conv_bn_weights(*(torch.from_numpy(a) for a in (cw, cb, bn.running_mean, bn.running_var)),
+                                  bn.eps, torch.from_numpy(bn.weight), torch.from_numpy(bn.bias))
+    close(w, tw.detach().numpy(), 1e-6, "weight")
+    close(b, tb.detach().numpy(), 1e-6, "bias")
+    with pytest.raises(ValueError, match="track_running_stats"):
+        cnorm.nn.BatchNorm2d(4, track_running_stats=False).fold_into(cw, cb)
+
+
+def test_layer_activation_and_offset_arguments_checked():
+    import cnorm.nn
+
+    with pytest.raises(ValueError, match="activation"):
+        cnorm.nn.BatchNorm2d(3, activation="gelu")
+    with pytest.raises(ValueError, match="weight_offset"):
+        cnorm.nn.RMSNorm(4, elementwise_affine=False, weight_offset=1.0)
+    bn = cnorm.nn.BatchNorm2d(3, activation="relu")
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        cnorm.nn.convert_sync_batchnorm([bn])

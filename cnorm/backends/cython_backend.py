@@ -63,11 +63,8 @@ class CythonBackend(Backend):
 
     # -- fused kernel problems -----------------------------------------------
     def forward_train(self, x3, p, weight, bias, eps, out=None, act=None):
-        if p.rms:
-            return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
-                                        eps, _get_num_threads(), out, rms=True)
         res = _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
-                                   eps, _get_num_threads(), out)
+                                   eps, _get_num_threads(), out, rms=p.rms)
         if act is not None:
             act_apply(np, res[0], act)
         return res
