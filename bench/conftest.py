@@ -77,5 +77,6 @@ def pytest_report_header(config):
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         quick = metafunc.config.getoption("--bench-quick") or os.environ.get("CNORM_BENCH_QUICK")
-        cases = _bench.quick_cases() if quick else _bench.issue_cases()
+        cases = (_bench.quick_cases() + _bench.quick_fused_cases()) if quick else \
+            (_bench.issue_cases() + _bench.fused_cases())
         metafunc.parametrize("case", cases, ids=[c.name for c in cases], scope="module")

@@ -4,6 +4,8 @@ allocates its output), ``<case> [out]`` with the out variants of cython and
 torch (the same call writing into a buffer reused across calls: cnorm's
 ``out=``, PyTorch's ``aten`` ``.out`` overload; where PyTorch has none, as for
 instance_norm, its plain call, with ``out_variant`` False in extra_info).
+Fused cases (RMSNorm, add+norm, norm+activation) add ``unfused``: cnorm's
+own unfused sequence of the same work (for RMSNorm, LayerNorm on the shape).
 
 Run with ``pytest bench --benchmark-group-by=group`` (``--bench-quick`` for
 the small cases, ``--bench-keep-freed-memory`` for glibc keeping freed memory;
@@ -21,7 +23,8 @@ import pytest
 from cnorm import _bench
 
 # (backend, variant): the NumPy reference is timed plain only
-VARIANTS = [("numpy", "plain"), ("cython", "plain"), ("torch", "plain"), ("cython", "out"), ("torch", "out")]
+VARIANTS = [("numpy", "plain"), ("cython", "plain"), ("torch", "plain"), ("cython", "out"), ("torch", "out"),
+            ("unfused", "plain")]
 _inputs = {}
 
 
@@ -36,9 +39,11 @@ def _case_inputs(case, llc):
 @pytest.mark.parametrize("backend_name,variant", VARIANTS,
                          ids=[_bench._key(b, v).replace(" ", "-") for b, v in VARIANTS])
 def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_level, allocator, out_buffers):
+    if backend_name == "unfused" and not case.has_baseline:
+        pytest.skip("not a fused case: no unfused sequence to time")
     if backend_name == "torch":
         pytest.importorskip("torch")
-    else:
+    elif backend_name != "unfused":
         import cnorm
 
         if backend_name not in cnorm.available_backends():
@@ -54,8 +59,11 @@ def test_norm(benchmark, case, backend_name, variant, threads, machine, cpu_leve
         if op is None:  # no out variant: its plain call, marked
             variant = "plain"
     call, first = _bench.runner(case, inp, backend_name, variant, out_buffers)
-    tol = (_bench.tolerance(case.np_dtype) if backend_name != "torch" or case.dtype == "float32" else 2.0 ** -5)
-    _bench.check(first(), want, f"{case.name} [{_bench._key(backend_name, variant)}]", tol)
+    tol = (_bench.tolerance(case.np_dtype) if backend_name not in ("torch", "unfused") or case.dtype == "float32"
+           else 2.0 ** -5)
+    got = first()
+    if not (backend_name == "unfused" and case.norm == "rms_norm" and not case.fuse):  # (LayerNorm's values)
+        _bench.check(got, want, f"{case.name} [{_bench._key(backend_name, variant)}]", tol)
     benchmark.group = group
     benchmark.extra_info.update(threads=threads, machine=machine["cpu"], cores=machine["cores"],
                                 bytes=case.nbytes, floor_factor=case.floor_factor, cpu_level=cpu_level,

@@ -37,6 +37,17 @@ records its minor page faults per call. ``--keep-freed-memory`` makes glibc
 keep freed memory instead (mallopt), as a caching allocator would;
 the report and bench.json say which policy was in force.
 
+Fused cases (RMSNorm, the residual add fused into LayerNorm/RMSNorm, a norm
+with a fused ReLU/SiLU) also time "unfused": the same job with cnorm's own
+plain calls and NumPy around them (``h = x + r`` then the norm; the norm then
+the activation in place; backward: the activation's gradient in NumPy, then
+the norm's backward; the add's gradient ``dx = dh + dx_norm``), and for an
+RMSNorm row, cnorm's LayerNorm on the same shape (which RMSNorm must not be
+slower than); PyTorch runs the same job eagerly (``x + r`` then the norm,
+``F.relu(F.batch_norm(...))``, ``F.rms_norm``). Their floors count every
+array moved once: add forward 4 x bytes(x) (x, r in; y, h out), add backward
+4 x (dy, dh, h in; dx out).
+
 The same cases drive the pytest-benchmark suite in ``bench/``.
 """
 
@@ -75,6 +86,7 @@ class Case:
     groups: int = 0           # GroupNorm's G
     latency: bool = False     # a per-call latency case: no floor
     dtype: str = "float32"    # float32 | bfloat16 | float16 (x, y, dy, dx; parameters stay float32)
+    fuse: str = ""            # "" | "relu" | "silu" (fused activation) | "add" (fused residual add)
 
     @property
     def name(self) -> str:
@@ -82,7 +94,19 @@ class Case:
         mode = "" if self.training else "-eval"
         g = f"-G{self.groups}" if self.groups else ""
         dt = "" if self.dtype == "float32" else f"-{self.dtype}"
-        return f"{self.norm}{mode}{g}-{self.direction}-{'x'.join(map(str, self.shape))}-{self.layout}{dt}"
+        norm = (f"add+{self.norm}" if self.fuse == "add" else
+                f"{self.norm}+{self.fuse}" if self.fuse else self.norm)
+        return f"{norm}{mode}{g}-{self.direction}-{'x'.join(map(str, self.shape))}-{self.layout}{dt}"
+
+    @property
+    def has_baseline(self) -> bool:
+        """Whether the case times the "unfused" runner (see the module docstring)."""
+        return bool(self.fuse) or self.norm == "rms_norm"
+
+    @property
+    def row_norm(self) -> bool:
+        """LayerNorm or RMSNorm: parameters over the last axis."""
+        return self.norm in ("layer_norm", "rms_norm")
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -97,6 +121,8 @@ class Case:
     @property
     def floor_factor(self) -> int:
         """Bytes moved by a fused kernel, in units of bytes(x)."""
+        if self.fuse == "add":
+            return 4
         return 2 if self.direction == "fwd" else 3
 
     @property
@@ -124,12 +150,37 @@ def issue_cases() -> list[Case]:
     ]
 
 
+def fused_cases() -> list[Case]:
+    """RMSNorm and the fused forms (float32; their bfloat16 rows come from :func:`half_cases`)."""
+    return [
+        *_pair("rms_norm", (8192, 768)),
+        *_pair("rms_norm", (2048, 4096)),
+        *_pair("rms_norm", (8192, 768), fuse="add"),
+        *_pair("layer_norm", (8192, 768), fuse="add"),
+        *_pair("batch_norm", (32, 64, 56, 56), fuse="relu"),
+        *_pair("group_norm", (16, 256, 32, 32), groups=32, fuse="silu"),
+    ]
+
+
+def quick_fused_cases() -> list[Case]:
+    """Smaller fused cases for the quick run."""
+    return [
+        *_pair("rms_norm", (1024, 768)),
+        *_pair("rms_norm", (1024, 768), fuse="add"),
+        *_pair("layer_norm", (1024, 768), fuse="add"),
+        *_pair("batch_norm", (8, 32, 28, 28), fuse="relu"),
+        *_pair("group_norm", (4, 64, 16, 16), groups=8, fuse="silu"),
+    ]
+
+
 def half_cases(dtypes=("bfloat16", "float16"), quick: bool = False) -> list[Case]:
     """The same cases with half-precision data (issue 5): float32 statistics and parameters."""
     from dataclasses import replace
 
-    base = quick_cases() if quick else issue_cases()
-    return [replace(c, dtype=dt) for dt in dtypes for c in base if not c.latency]
+    base = (quick_cases() + quick_fused_cases()) if quick else (issue_cases() + fused_cases())
+    # the fused rows in bfloat16 only (the half type of today's models)
+    return [replace(c, dtype=dt) for dt in dtypes for c in base
+            if not c.latency and (not c.has_baseline or dt == "bfloat16")]
 
 
 def quick_cases() -> list[Case]:
@@ -188,7 +239,7 @@ def n_copies(case: Case, llc_bytes: int) -> int:
 
 def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     rng = np.random.default_rng(seed)
-    c = case.shape[-1] if (case.layout == "cl" or case.norm == "layer_norm") else case.shape[1]
+    c = case.shape[-1] if (case.layout == "cl" or case.row_norm) else case.shape[1]
     dt = case.np_dtype
     # copies of one draw: a rotation over twice a large LLC takes dozens of them, and
     # the caches see distinct addresses whatever the values
@@ -199,36 +250,55 @@ def make_inputs(case: Case, copies: int, seed: int = 0) -> Inputs:
     w = rng.uniform(0.5, 1.5, c).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
     inp = Inputs(xs, dys, w, b)
+    if case.fuse == "add":  # residuals rotate with x; a backward's dh with dy
+        r = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
+        inp.extra["rs"] = [r] + [r.copy() for _ in range(copies - 1)]
+        if case.direction == "bwd":
+            dh = rng.standard_normal(case.shape, dtype=np.float32).astype(dt)
+            inp.extra["dhs"] = [dh] + [dh.copy() for _ in range(copies - 1)]
     if case.norm == "batch_norm" and not case.training:
         inp.running_mean = rng.standard_normal(c).astype(np.float32)
         inp.running_var = rng.uniform(0.5, 2.0, c).astype(np.float32)
     return inp
 
 
-def _cnorm_forward(case: Case, inp: Inputs, x, backend, saved: bool = True, out=None):
+def _cnorm_forward(case: Case, inp: Inputs, x, backend, saved: bool = True, out=None, r=None, h_out=None):
     """``(y, saved)`` from the ``*_forward`` API; with ``saved=False`` the plain
     call (``cnorm.layer_norm`` ...) and ``(y, None)``: what a forward-only
     (inference) caller runs, as PyTorch does without autograd. ``out``: the
-    buffer y is written into (``out=``), else a new array."""
+    buffer y is written into (``out=``), else a new array. A fused add
+    (``r``: the residual) returns ``((y, h), saved)``, h into ``h_out``."""
     import cnorm
 
+    if case.fuse == "add":
+        fn = getattr(cnorm, f"add_{case.norm}_forward")
+        args = (inp.weight, inp.bias, EPS) if case.norm == "layer_norm" else (inp.weight, EPS)
+        y, h, sv = fn(x, r, (case.shape[-1],), *args, backend=backend, out=out, h_out=h_out)
+        return (y, h), (sv if saved else None)
+    act = {"activation": case.fuse} if case.fuse else {}
     fn = getattr(cnorm, case.norm + "_forward" if saved else case.norm)
     if case.norm == "batch_norm":
         rm = None if inp.running_mean is None else inp.running_mean.copy()
         rv = None if inp.running_var is None else inp.running_var.copy()
-        res = fn(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS, case.channel_axis, backend, out=out)
+        res = fn(x, inp.weight, inp.bias, rm, rv, case.training, 0.1, EPS, case.channel_axis, backend, out=out,
+                 **act)
     elif case.norm == "layer_norm":
-        res = fn(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend, out=out)
+        res = fn(x, (case.shape[-1],), inp.weight, inp.bias, EPS, backend, out=out, **act)
+    elif case.norm == "rms_norm":
+        res = fn(x, (case.shape[-1],), inp.weight, EPS, backend=backend, out=out, **act)
     elif case.norm == "group_norm":
-        res = fn(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend, out=out)
+        res = fn(x, case.groups, inp.weight, inp.bias, EPS, case.channel_axis, backend, out=out, **act)
     else:
-        res = fn(x, inp.weight, inp.bias, None, None, True, 0.1, EPS, case.channel_axis, backend, out=out)
+        res = fn(x, inp.weight, inp.bias, None, None, True, 0.1, EPS, case.channel_axis, backend, out=out, **act)
     return res if saved else (res, None)
 
 
-def _cnorm_backward(case: Case, dy, x, saved, weight, out=None):
+def _cnorm_backward(case: Case, dy, x, saved, weight, out=None, dh=None):
+    """dx of the case's backward (x is h and ``dh`` its gradient for a fused add)."""
     import cnorm
 
+    if case.fuse == "add":
+        return getattr(cnorm, f"add_{case.norm}_backward")(dy, dh, x, saved, weight, out=out)
     fn = getattr(cnorm, f"{case.norm}_backward")
     return fn(dy, x, saved, weight, out=out)
 
@@ -288,6 +358,8 @@ def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN,
             _same_buffer(res, bufs[i], f"{case.name} [{backend} out]")
         return res
 
+    if case.fuse == "add":
+        return _add_runner(case, inp, backend, bufs, variant, out_buffers, checked)
     if case.direction == "fwd":
         def call():  # forward only, like PyTorch's timed call: no state kept for a backward
             i = inp.next()
@@ -307,6 +379,108 @@ def cnorm_runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN,
     return call, first
 
 
+def _add_runner(case: Case, inp: Inputs, backend: str, bufs, variant: str, out_buffers: str, checked):
+    """:func:`cnorm_runner` of a fused add: forward returns y (h into its own out buffer
+    in the out variant); backward runs on the h and saved state of a forward per copy."""
+    rs = inp.extra["rs"]
+    hbufs = ([None] * len(inp.xs) if variant != OUT
+             else _out_buffers(inp.xs, lambda x: _touched(np.empty_like(x)), out_buffers))
+    if case.direction == "fwd":
+        def call():
+            i = inp.next()
+            return _cnorm_forward(case, inp, inp.xs[i], backend, False, bufs[i], rs[i], hbufs[i])[0]
+
+        def first():
+            return checked(_cnorm_forward(case, inp, inp.xs[0], backend, False, bufs[0], rs[0], hbufs[0])[0][0], 0)
+
+        return call, first
+    fwd = [_cnorm_forward(case, inp, x, backend, True, None, r) for x, r in zip(inp.xs, rs)]
+    hs, saved = [f[0][1] for f in fwd], [f[1] for f in fwd]
+    dhs = inp.extra["dhs"]
+
+    def call():
+        i = inp.next()
+        return _cnorm_backward(case, inp.dys[i], hs[i], saved[i], inp.weight, bufs[i], dhs[i])[0]
+
+    def first():
+        return checked(_cnorm_backward(case, inp.dys[0], hs[0], saved[0], inp.weight, bufs[0], dhs[0])[0], 0)
+
+    return call, first
+
+
+BASELINE = "unfused"  # the runner of cnorm's own unfused sequence (see the module docstring)
+
+
+def _np_act(y, act):
+    """act(y) in place with NumPy ufuncs (what an unfused NumPy caller writes)."""
+    if act == "relu":
+        return np.maximum(y, 0, out=y)
+    t = np.negative(y)
+    np.exp(t, out=t)
+    t += 1
+    return np.divide(y, t, out=y)
+
+
+def _np_act_grad(dy, pre, act):
+    """dy·act'(pre) with NumPy (a new array)."""
+    if act == "relu":
+        return np.where(pre > 0, dy, np.zeros((), dy.dtype))
+    s = np.negative(pre)
+    np.exp(s, out=s)
+    s += 1
+    np.reciprocal(s, out=s)  # sigmoid(pre)
+    g = 1 - s
+    g *= pre
+    g += 1
+    g *= s
+    g *= dy
+    return g
+
+
+def baseline_runner(case: Case, inp: Inputs):
+    """cnorm's unfused sequence with the "cython" backend (plain calls: outputs allocated),
+    or for an RMSNorm row cnorm's LayerNorm on the same shape."""
+    from dataclasses import replace
+
+    be = "cython"
+    if case.norm == "rms_norm" and not case.fuse:
+        ln = replace(case, norm="layer_norm")
+        return cnorm_runner(ln, inp, be)
+    plain = replace(case, fuse="")
+    if case.fuse == "add":
+        rs = inp.extra["rs"]
+        if case.direction == "fwd":
+            def call():
+                i = inp.next()
+                h = inp.xs[i] + rs[i]
+                return _cnorm_forward(plain, inp, h, be, saved=False)[0], h
+
+            return call, lambda: _cnorm_forward(plain, inp, inp.xs[0] + rs[0], be, saved=False)[0]
+        hs = [x + r for x, r in zip(inp.xs, rs)]
+        saved = [_cnorm_forward(plain, inp, h, be)[1] for h in hs]
+        dhs = inp.extra["dhs"]
+
+        def step(i):
+            dx = _cnorm_backward(plain, inp.dys[i], hs[i], saved[i], inp.weight)[0]
+            dx += dhs[i]
+            return dx
+
+        return (lambda: step(inp.next())), (lambda: step(0))
+    act = case.fuse
+    if case.direction == "fwd":
+        def fstep(i):
+            return _np_act(_cnorm_forward(plain, inp, inp.xs[i], be, saved=False)[0], act)
+
+        return (lambda: fstep(inp.next())), (lambda: fstep(0))
+    fwd = [_cnorm_forward(plain, inp, x, be) for x in inp.xs]  # z (pre-activation) kept per copy
+
+    def bstep(i):
+        g = _np_act_grad(inp.dys[i], fwd[i][0], act)
+        return _cnorm_backward(plain, g, inp.xs[i], fwd[i][1], inp.weight)[0]
+
+    return (lambda: bstep(inp.next())), (lambda: bstep(0))
+
+
 # PyTorch's out overload per (norm, direction): the op its functional call
 # reaches on CPU, called directly. InstanceNorm has none (F.instance_norm
 # runs batch_norm on a reshaped copy of the input and weights).
@@ -321,8 +495,9 @@ TORCH_OUT_OPS = {
 
 
 def torch_out_op(case: Case):
-    """The ``aten`` overload PyTorch's out variant of ``case`` calls, or None if it has none."""
-    return TORCH_OUT_OPS.get((case.norm, case.direction))
+    """The ``aten`` overload PyTorch's out variant of ``case`` calls, or None if it has none
+    (no fused case has one: PyTorch runs the same work as several ops)."""
+    return None if case.fuse else TORCH_OUT_OPS.get((case.norm, case.direction))
 
 
 def torch_out_kernel(op: str):
@@ -347,7 +522,7 @@ class _TorchCase:
         self.case, self.inp = case, inp
         self.tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[case.dtype]
         w, b = torch.from_numpy(inp.weight), torch.from_numpy(inp.bias)
-        if case.norm == "layer_norm":  # PyTorch CPU layer_norm wants parameters in the input dtype
+        if case.row_norm:  # PyTorch CPU layer_norm wants parameters in the input dtype
             w, b = w.to(self.tdtype), b.to(self.tdtype)
         self.w, self.b = w, b
         self.rm = None if inp.running_mean is None else torch.from_numpy(inp.running_mean.copy())
@@ -390,15 +565,23 @@ def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str
     w, b, rm, rv = tc.w, tc.b, tc.rm, tc.rv
     if case.direction == "bwd":
         w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    if case.fuse == "add":
+        return _torch_add_runner(case, inp, tc, w, b)
+    act = {"relu": F.relu, "silu": F.silu}.get(case.fuse, lambda t: t)
 
-    def fwd(t):
+    def norm(t):
         if case.norm == "batch_norm":
             return F.batch_norm(t, rm, rv, w, b, case.training, 0.1, EPS)
         if case.norm == "layer_norm":
             return F.layer_norm(t, (case.shape[-1],), w, b, EPS)
+        if case.norm == "rms_norm":
+            return F.rms_norm(t, (case.shape[-1],), w, EPS)
         if case.norm == "group_norm":
             return F.group_norm(t, case.groups, w, b, EPS)
         return F.instance_norm(t, weight=w, bias=b, eps=EPS)
+
+    def fwd(t):
+        return act(norm(t))
 
     xs = [tc.tensor(x) for x in inp.xs]
     if case.direction == "fwd":
@@ -407,6 +590,7 @@ def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str
             return fwd(xs[i])
 
         return call, lambda: tc.to_numpy(fwd(xs[0]))
+    params = (w,) if case.norm == "rms_norm" else (w, b)  # (RMSNorm has no bias)
     # leaves in the user's layout; the norm sees their NCHW-logical views
     leaves = [tc.from_numpy(a).requires_grad_(True) for a in inp.xs]
     with torch.enable_grad():
@@ -415,13 +599,46 @@ def torch_runner(case: Case, inp: Inputs, variant: str = PLAIN, out_buffers: str
 
     def call():
         i = inp.next()
-        return torch.autograd.grad(outs[i], (leaves[i], w, b), grads[i], retain_graph=True)
+        return torch.autograd.grad(outs[i], (leaves[i], *params), grads[i], retain_graph=True)
 
     def first():
-        dx = torch.autograd.grad(outs[0], (leaves[0], w, b), grads[0], retain_graph=True)[0]
+        dx = torch.autograd.grad(outs[0], (leaves[0], *params), grads[0], retain_graph=True)[0]
         return dx.detach().float().numpy()  # the leaf has the user's (NHWC or NCHW) layout
 
     return call, first
+
+
+def _torch_add_runner(case: Case, inp: Inputs, tc, w, b):
+    """PyTorch eager doing a fused add's work: ``h = x + r``, then the norm of h."""
+    import torch
+    import torch.nn.functional as F
+
+    def norm(h):
+        if case.norm == "layer_norm":
+            return F.layer_norm(h, (case.shape[-1],), w, b, EPS)
+        return F.rms_norm(h, (case.shape[-1],), w, EPS)
+
+    xs = [tc.from_numpy(x) for x in inp.xs]
+    rs = [tc.from_numpy(r) for r in inp.extra["rs"]]
+    if case.direction == "fwd":
+        def fstep(i):
+            h = xs[i] + rs[i]
+            return norm(h), h
+
+        return (lambda: fstep(inp.next())), (lambda: tc.to_numpy(fstep(0)[0]))
+    leaves = [(x.clone().requires_grad_(True), r.clone().requires_grad_(True)) for x, r in zip(xs, rs)]
+    with torch.enable_grad():
+        outs = []
+        for x, r in leaves:
+            h = x + r
+            outs.append((norm(h), h))
+    grads = [(tc.from_numpy(dy), tc.from_numpy(dh)) for dy, dh in zip(inp.dys, inp.extra["dhs"])]
+
+    def step(i):
+        return torch.autograd.grad(outs[i], (leaves[i][0], w) + ((b,) if case.norm == "layer_norm" else ()),
+                                   grads[i], retain_graph=True)
+
+    return (lambda: step(inp.next())), (lambda: step(0)[0].detach().float().numpy())
 
 
 def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = DEFAULT_OUT_BUFFERS):
@@ -498,7 +715,13 @@ def torch_out_runner(case: Case, inp: Inputs, out_buffers: str = DEFAULT_OUT_BUF
 
 
 def reference(case: Case, inp: Inputs) -> np.ndarray:
-    """The NumPy backend's result on copy 0: what every row is checked against."""
+    """The NumPy backend's result on copy 0: what every row is checked against (a fused
+    add's y forward, its dx backward)."""
+    if case.fuse == "add":
+        (y, h), saved = _cnorm_forward(case, inp, inp.xs[0], "numpy", True, None, inp.extra["rs"][0])
+        if case.direction == "fwd":
+            return np.asarray(y)
+        return np.asarray(_cnorm_backward(case, inp.dys[0], h, saved, inp.weight, None, inp.extra["dhs"][0])[0])
     if case.direction == "fwd":
         return np.asarray(_cnorm_forward(case, inp, inp.xs[0], "numpy")[0])
     saved = _cnorm_forward(case, inp, inp.xs[0], "numpy")[1]
@@ -523,9 +746,12 @@ def check(got, want, what: str, tol: float = 1e-4) -> None:
 
 def runner(case: Case, inp: Inputs, backend: str, variant: str = PLAIN,
            out_buffers: str = DEFAULT_OUT_BUFFERS):
-    """(call, first) for a backend name (a cnorm backend or "torch") and a variant ("plain" or "out")."""
+    """(call, first) for a backend name (a cnorm backend, "torch", or "unfused": cnorm's
+    unfused sequence of a fused case) and a variant ("plain" or "out")."""
     if backend == "torch":
         return torch_runner(case, inp, variant, out_buffers)
+    if backend == BASELINE:  # plain calls only
+        return baseline_runner(case, inp)
     return cnorm_runner(case, inp, backend, variant, out_buffers)
 
 
@@ -745,6 +971,15 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
             tol = tolerance(case.np_dtype) if name != "torch" or case.dtype == "float32" else 2.0 ** -5
             check(got, want, f"{case.name} [{key}]", tol)
             calls[key] = call
+    if case.has_baseline and "cython" in backends:
+        call, first = baseline_runner(case, inp)
+        if case.norm != "rms_norm" or case.fuse:  # (an RMSNorm row's baseline is LayerNorm: other values)
+            # (NumPy rounds each step of the unfused sequence to a half type: a sanity bound, as for PyTorch)
+            check(first(), want, f"{case.name} [{BASELINE}]",
+                  tolerance(case.np_dtype) if case.dtype == "float32" else 2.0 ** -5)
+        else:
+            first()
+        calls[_key(BASELINE, PLAIN)] = call
     repeats = {key: repeat if not key.startswith("numpy") else max(3, repeat // 3) for key in calls}
     faults = {}
     timed = time_calls(calls, repeats, budget_s, faults)
@@ -762,12 +997,19 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
         key = _key(name, OUT if out_info[name]["out_variant"] else PLAIN)  # no out variant: the plain call's
         out = timed.get(key)
         results[name]["out"] = {**(_stats(out, floor, faults.get(key)) if out else dict(_MISSING)), **out_info[name]}
+    base = timed.get(_key(BASELINE, PLAIN))
+    if base:
+        row["baseline"] = {**_stats(base, floor, faults.get(_key(BASELINE, PLAIN))),
+                           "what": ("cnorm layer_norm, same shape" if case.norm == "rms_norm" and not case.fuse
+                                    else "cnorm plain norm with NumPy add/activation around it")}
     ref = results.get("torch")
     for r in results.values():
         r["speedup_vs_torch"] = _ratio(ref, r)
         if "out" in r:
             r["out"]["speedup_vs_torch"] = _ratio(ref and ref.get("out"), r["out"])
             r["out_speedup"] = _ratio(r, r["out"])
+    if base and "cython" in results:
+        results["cython"]["speedup_vs_unfused"] = _ratio(row["baseline"], results["cython"])
     return row
 
 
@@ -829,6 +1071,8 @@ def format_table(rows, backends) -> str:
             if b in outs:
                 cols.append((f"{b} x torch out",
                              num(lambda row, b=b: row["results"][b]["out"]["speedup_vs_torch"], ".2f")))
+    if "cython" in backends and any("baseline" in row for row in rows):
+        cols.append(("cython x unfused", num(lambda row: row["results"]["cython"].get("speedup_vs_unfused"), ".2f")))
     for b in backends:
         get = ((lambda row, b=b: row["results"][b]["out"]["floor_fraction"]) if b in outs
                else (lambda row, b=b: row["results"][b]["floor_fraction"]))
@@ -852,6 +1096,10 @@ def format_table(rows, backends) -> str:
         notes.append(f"{', '.join(b for b in backends if b in PLAIN_ONLY)} (the reference): plain calls only.")
     notes.append("x torch: PyTorch's median / this one's, plain against plain and out against out; "
                  "floor: the memory floor's time / the median (of the out calls where there are).")
+    if any("baseline" in row for row in rows):
+        notes.append("x unfused (fused rows): the median of cnorm's unfused sequence (plain calls, NumPy add or "
+                     "activation around the plain norm) / the fused plain call's; RMSNorm rows: cnorm's LayerNorm "
+                     "on the same shape / RMSNorm.")
     lines += notes + [TABLE_NOTES[m] for m in sorted(marks)]
     return "\n".join(lines)
 
@@ -989,7 +1237,8 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
     """The cases of ``args`` on ``backends``: progress lines, the table, bench.json and bench.png."""
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
-    cases = (quick_cases() if args.quick else issue_cases()) if "float32" in dtypes else []
+    cases = ((quick_cases() + quick_fused_cases()) if args.quick else (issue_cases() + fused_cases())) \
+        if "float32" in dtypes else []
     halves = tuple(d for d in dtypes if d != "float32")
     cases += half_cases(halves, args.quick) if halves else []
     cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)]
@@ -1018,7 +1267,9 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
         else:
             rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
         print(f"  {case.name}: " + ", ".join(_progress(b, v, r) for b, r in rows[-1]["results"].items()
-                                              for v in (PLAIN, OUT) if v == PLAIN or "out" in r), flush=True)
+                                              for v in (PLAIN, OUT) if v == PLAIN or "out" in r)
+              + (f", {BASELINE} {rows[-1]['baseline']['median_s'] * 1e3:.3f} ms" if "baseline" in rows[-1] else ""),
+              flush=True)
     print()
     print(format_table(rows, backends))
     os.makedirs(args.out, exist_ok=True)

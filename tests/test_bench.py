@@ -250,3 +250,40 @@ def test_out_summary_separates_fresh_outputs(tmp_path, capsys):
     assert "| a | 500 | 4 | 2 | 2.00 | 2.2 | 1.10 |" in text
     assert "page-faults its output (1 cases): 2.00 (a) to 2.00 (a)" in text
     assert "where it does not (1 cases): 1.00 (b)" in text
+
+
+@pytest.mark.parametrize("case", [
+    _bench.Case("rms_norm", "fwd", (64, 96)),
+    _bench.Case("rms_norm", "bwd", (64, 96)),
+    _bench.Case("layer_norm", "fwd", (64, 96), fuse="add"),
+    _bench.Case("rms_norm", "bwd", (64, 96), fuse="add"),
+    _bench.Case("batch_norm", "bwd", (4, 8, 6, 6), fuse="relu"),
+    _bench.Case("group_norm", "fwd", (2, 8, 6, 6), groups=4, fuse="silu"),
+    _bench.Case("group_norm", "bwd", (2, 8, 6, 6), groups=4, fuse="silu", dtype="bfloat16"),
+], ids=lambda c: c.name)
+def test_fused_cases_check_every_runner_and_time_the_unfused_sequence(monkeypatch, case):
+    """Fused rows: cnorm fused (plain, out), PyTorch eager doing the same work and cnorm's
+    unfused sequence, each checked against the NumPy reference and timed in the same rounds."""
+    pytest.importorskip("torch")
+    seen = _checked(monkeypatch)
+    row = _bench.run_case(case, ["numpy", "cython", "torch"], 1, repeat=3, budget_s=0.3, llc_bytes=1 << 16)
+    want = ["cython", "cython out", "numpy", "torch"]
+    if case.fuse:  # (an RMSNorm row's baseline is LayerNorm: timed, not compared)
+        want.append("unfused")
+    assert sorted(seen) == sorted(want)
+    res = row["results"]
+    assert res["torch"]["out"]["out_variant"] is False  # PyTorch has no fused op: its plain call
+    assert row["baseline"]["n"] >= 3
+    assert res["cython"]["speedup_vs_unfused"] == row["baseline"]["median_s"] / res["cython"]["median_s"]
+    assert row["floor_s"] == case.floor_factor * case.nbytes / row["copy_bandwidth_Bps"]
+    assert case.floor_factor == (4 if case.fuse == "add" else 2 if case.direction == "fwd" else 3)
+
+
+def test_default_cases_include_the_fused_rows():
+    names = {c.name for c in _bench.fused_cases()}
+    assert {"rms_norm-fwd-8192x768-cf", "rms_norm-bwd-2048x4096-cf", "add+rms_norm-fwd-8192x768-cf",
+            "add+layer_norm-bwd-8192x768-cf", "batch_norm+relu-fwd-32x64x56x56-cf",
+            "group_norm+silu-G32-bwd-16x256x32x32-cf"} <= names
+    halves = {c.name for c in _bench.half_cases(("bfloat16", "float16"))}
+    assert "batch_norm+relu-fwd-32x64x56x56-cf-bfloat16" in halves
+    assert not any(n.endswith("float16") and "+" in n and "bfloat16" not in n for n in halves)
