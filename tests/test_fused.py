@@ -208,11 +208,13 @@ def test_add_norm_in_place(backend, name, dtype, where):
 
 @pytest.mark.parametrize("name", NORMS)
 @pytest.mark.parametrize("into", ["dy", "dh", "h"])
-def test_add_norm_backward_in_place(backend, name, into):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("d", [200, 17000], ids=["rows", "tiled"])
+def test_add_norm_backward_in_place(backend, name, into, dtype, d):
     rng = np.random.default_rng(8)
-    shape, d = (21, 200), 200
-    x, r, dy, dh = (data(rng, shape, np.float32) for _ in range(4))
-    w = data(rng, (d,), np.float32, 1.0)
+    shape = (21 if d < 1000 else 3, d)
+    x, r, dy, dh = (data(rng, shape, dtype) for _ in range(4))
+    w = data(rng, (d,), np.float64 if dtype == np.float64 else np.float32, 1.0)
     y, h, s = add_call(name, *on(backend, x, r), d, backend.asarray(w), None, backend.name)
     bwd = getattr(cnorm, f"{name}_backward")
     want = bwd(*on(backend, dy, dh), h, s, backend.asarray(w))

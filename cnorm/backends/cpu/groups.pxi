@@ -145,12 +145,14 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
                 if dat is not double:
                     cn_ln_dx(g + off, x + off, dx + off, cg, <const float*>w + c0, rf, mh, ml, kb, kc)
                 else:
-                    for i in range(cg):
-                        st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
-                           + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
-                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx
+                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx (dh read before dx is
+                        for i in range(cg):  # written there: dx may be dh itself)
+                            dx[off + i] = ((w[c0 + i] * g[off + i]) * rf + ((x[off + i] - mh) - ml) * kb + kc
+                                           + dh[off + i])
+                    else:
                         for i in range(cg):
-                            dx[off + i] = dx[off + i] + dh[off + i]
+                            st(dx + (off + i), (w[c0 + i] * <floating>ld(g + (off + i))) * rf
+                               + ((<floating>ld(x + (off + i)) - mh) - ml) * kb + kc)
         n += rows
 
 
@@ -644,12 +646,13 @@ cdef void ln_cols(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                     kb = q[3]
                     kc = q[4]
                     o = (n + k) * C
-                    for i in range(nc):
-                        st(dx + (o + i), (w[i] * <floating>ld(g + (o + i))) * r
-                           + ((<floating>ld(x + (o + i)) - mu) - dl) * kb + kc)
-                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx
+                    if dh != NULL:  # the fused add-and-norm: dx = dh + the norm's dx (dx may be dh)
                         for i in range(nc):
-                            dx[o + i] = dx[o + i] + dh[o + i]
+                            dx[o + i] = ((w[i] * g[o + i]) * r + ((x[o + i] - mu) - dl) * kb + kc) + dh[o + i]
+                    else:
+                        for i in range(nc):
+                            st(dx + (o + i), (w[i] * <floating>ld(g + (o + i))) * r
+                               + ((<floating>ld(x + (o + i)) - mu) - dl) * kb + kc)
             n += rows
         for i in range(nc):
             dw[i] = <floating>aw[i]
