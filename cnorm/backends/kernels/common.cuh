@@ -34,6 +34,47 @@ template <> struct Cvt<__nv_bfloat16> {
     __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 
+// Compile-time type equality (NVRTC has no <type_traits>).
+template <typename A, typename B> struct SameType { static constexpr bool value = false; };
+template <typename A> struct SameType<A, A> { static constexpr bool value = true; };
+
+// ---------------------------------------------------------------- activations
+// ACT, a template parameter of every kernel that writes a normalized value or
+// differentiates through one: ACT_NONE, ACT_RELU or ACT_SILU (the Python
+// launcher's codes 0, 1, 2). Forward stores act(z); backward uses
+// g = dy * act'(z) in place of dy. z is always formed by norm_z, one fused
+// multiply-add, so a backward that recomputes z from x and the saved
+// statistics gets the forward's bits (no dependence on the compiler's choice
+// to contract a*b + c).
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
+
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return fma(a, b, c); }
+__device__ __forceinline__ float exp_acc(float v) { return expf(v); }
+__device__ __forceinline__ double exp_acc(double v) { return exp(v); }
+
+// z = xc * k + b rounded once: xc the centred value (x - mean, or x for RMS and
+// eval), k = rstd * weight (the cross-sample scale is that product too) or eval's scale.
+template <typename A> __device__ __forceinline__ A norm_z(A xc, A k, A b) { return fma_acc(xc, k, b); }
+
+// act(z): relu(z) = max(z, 0) with NaN kept (as NumPy's maximum and PyTorch),
+// silu(z) = z * sigmoid(z) = z / (1 + exp(-z)).
+template <int ACT, typename A> __device__ __forceinline__ A act_value(A z) {
+    if (ACT == ACT_RELU) return (z > A(0) || z != z) ? z : A(0);
+    if (ACT == ACT_SILU) return z / (A(1) + exp_acc(-z));
+    return z;
+}
+
+// g * act'(z): relu' = [z > 0]; silu' = s * (1 + z * (1 - s)) with s = sigmoid(z).
+template <int ACT, typename A> __device__ __forceinline__ A act_grad(A g, A z) {
+    if (ACT == ACT_RELU) return g * (z > A(0) ? A(1) : A(0));
+    if (ACT == ACT_SILU) {
+        const A s = A(1) / (A(1) + exp_acc(-z));
+        return g * (s * (A(1) + z * (A(1) - s)));
+    }
+    return g;
+}
+
 // VEC consecutive elements moved as one aligned access (16 bytes when VEC*sizeof(T) == 16).
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
 
@@ -45,6 +86,24 @@ __device__ __forceinline__ Vec<T, VEC> load_vec(const T* __restrict__ p, i64 i) 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, i64 i, const Vec<T, VEC>& v) {
     reinterpret_cast<Vec<T, VEC>*>(p)[i] = v;
+}
+
+// ---------------------------------------------------------------- residual add
+// h = x + r for the fused residual add: summed in the statistics type (float
+// for half data, as PyTorch's x + residual), rounded once to T.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> add_vec(const Vec<T, VEC>& x, const Vec<T, VEC>& r) {
+    Vec<T, VEC> h;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) h.v[j] = Cvt<T>::from(to_acc(x.v[j]) + to_acc(r.v[j]));
+    return h;
+}
+
+// dx = dh + dxn for the fused residual add's backward: the norm's dx rounded to
+// T first, then added to dh in the statistics type and rounded again (what the
+// two separate steps give).
+template <typename T, typename A> __device__ __forceinline__ T add_grad(A dxn, T dh) {
+    return Cvt<T>::from(to_acc(Cvt<T>::from(dxn)) + to_acc(dh));
 }
 
 // ---------------------------------------------------------------- Welford/Chan

@@ -1,6 +1,7 @@
 // Per-channel elementwise kernels over the whole tensor, channels-first
 // (CL = false, x is (N, C, S)) or channels-last (CL = true, x is (N, S, C)):
-// the normalize-apply pass of BatchNorm, eval mode, and BatchNorm's dx.
+// the normalize-apply pass of BatchNorm, eval mode, and BatchNorm's dx (and
+// eval mode's, with zero means). ACT: the activation (common.cuh).
 #include "common.cuh"
 
 using namespace cnorm;
@@ -36,8 +37,8 @@ __device__ __forceinline__ void for_each_vec(i64 nvec, i64 S, i64 C, F f) {
     }
 }
 
-// y = (x - m[c]) * k[c] + b[c], with m taken as 0 when has_mean == 0.
-template <typename T, int VEC, bool CL>
+// y = act((x - m[c]) * k[c] + b[c]), with m taken as 0 when has_mean == 0.
+template <typename T, int VEC, bool CL, int ACT>
 __global__ void affine(const T* __restrict__ x, T* __restrict__ y, const typename Acc<T>::type* __restrict__ m,
                        const typename Acc<T>::type* __restrict__ k, const typename Acc<T>::type* __restrict__ b,
                        int has_mean, i64 nvec, i64 S, i64 C) {
@@ -49,18 +50,21 @@ __global__ void affine(const T* __restrict__ x, T* __restrict__ y, const typenam
         for (int j = 0; j < VEC; ++j) {
             const int cj = CL ? c + j : c;
             const A mj = has_mean ? m[cj] : A(0);
-            out.v[j] = Cvt<T>::from((to_acc(in.v[j]) - mj) * k[cj] + b[cj]);
+            out.v[j] = Cvt<T>::from(act_value<ACT>(norm_z(to_acc(in.v[j]) - mj, k[cj], b[cj])));
         }
         store_vec<T, VEC>(y, v, out);
     });
 }
 
-// BatchNorm dx = weight*rstd * (dy - mdy - (x - mean)*rstd * mdx), per channel.
-template <typename T, int VEC, bool CL>
+// BatchNorm dx = weight*rstd * (g - mdy - (x - mean)*rstd * mdx), per channel, with
+// g = dy * act'(z), z = (x - mean) * (rstd*weight) + bias as affine formed it
+// (bias is read only when ACT != ACT_NONE). Eval mode passes mdy = mdx = 0.
+template <typename T, int VEC, bool CL, int ACT>
 __global__ void bn_backward_apply(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                   const typename Acc<T>::type* __restrict__ mean,
                                   const typename Acc<T>::type* __restrict__ rstd,
                                   const typename Acc<T>::type* __restrict__ weight,
+                                  const typename Acc<T>::type* __restrict__ bias,
                                   const typename Acc<T>::type* __restrict__ mdy,
                                   const typename Acc<T>::type* __restrict__ mdx, i64 nvec, i64 S, i64 C) {
     typedef typename Acc<T>::type A;
@@ -72,8 +76,11 @@ __global__ void bn_backward_apply(const T* __restrict__ dy, const T* __restrict_
         for (int j = 0; j < VEC; ++j) {
             const int cj = CL ? c + j : c;
             const A rs = rstd[cj];
-            const A xhat = (to_acc(in.v[j]) - mean[cj]) * rs;
-            out.v[j] = Cvt<T>::from(weight[cj] * rs * (to_acc(g.v[j]) - mdy[cj] - xhat * mdx[cj]));
+            const A xc = to_acc(in.v[j]) - mean[cj];
+            const A xhat = xc * rs;
+            A gj = to_acc(g.v[j]);
+            if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(xc, rs * weight[cj], bias[cj]));
+            out.v[j] = Cvt<T>::from(weight[cj] * rs * (gj - mdy[cj] - xhat * mdx[cj]));
         }
         store_vec<T, VEC>(dx, v, out);
     });

@@ -21,11 +21,15 @@ using namespace cnorm;
 typedef double StatAcc;
 
 // Welford partial statistics of chunk `blockIdx.x % nchunks` of segment
-// `blockIdx.x / nchunks`; partial index blockIdx.x.
-template <typename T, int VEC>
-__global__ void seg_stats_partial(const T* __restrict__ x, i64 segdiv, i64 sa, i64 sb, i64 d, i64 qstride,
-                                  i64 length, i64 chunk, int nchunks, double* __restrict__ pn,
-                                  double* __restrict__ pmean, double* __restrict__ pm2) {
+// `blockIdx.x / nchunks`; partial index blockIdx.x. With ADD (the fused
+// residual add of a row split over blocks) the statistics are those of
+// h = x + r (add_vec), and h is stored: each thread loads x and r at a vector
+// before it stores h there, so h may be x or r itself. Without ADD, r and h
+// are not accessed.
+template <typename T, int VEC, bool ADD>
+__global__ void seg_stats_partial(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ h, i64 segdiv,
+                                  i64 sa, i64 sb, i64 d, i64 qstride, i64 length, i64 chunk, int nchunks,
+                                  double* __restrict__ pn, double* __restrict__ pmean, double* __restrict__ pm2) {
     typedef StatAcc A;
     __shared__ Welford<A> scratch[32];
     const i64 seg = blockIdx.x / nchunks;
@@ -39,16 +43,34 @@ __global__ void seg_stats_partial(const T* __restrict__ x, i64 segdiv, i64 sa, i
     it.init(k, d, step);
     for (; k + 3 * step < k1; k += 4 * step) {
         Vec<T, VEC> v[4];
+        i64 o[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-            v[u] = load_vec<T, VEC>(x, base + it.q * qstride + it.r);
+            o[u] = base + it.q * qstride + it.r;
+            v[u] = load_vec<T, VEC>(x, o[u]);
             it.advance();
+        }
+        if constexpr (ADD) {
+            Vec<T, VEC> rv[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) rv[u] = load_vec<T, VEC>(r, o[u]);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                v[u] = add_vec(v[u], rv[u]);
+                store_vec<T, VEC>(h, o[u], v[u]);
+            }
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) wf_add_vec(w, v[u]);
     }
     for (; k < k1; k += step) {
-        wf_add_vec(w, load_vec<T, VEC>(x, base + it.q * qstride + it.r));
+        const i64 o = base + it.q * qstride + it.r;
+        Vec<T, VEC> v = load_vec<T, VEC>(x, o);
+        if constexpr (ADD) {
+            v = add_vec(v, load_vec<T, VEC>(r, o));
+            store_vec<T, VEC>(h, o, v);
+        }
+        wf_add_vec(w, v);
         it.advance();
     }
     w = wf_group_reduce(w, scratch, blockDim.x);
@@ -124,7 +146,10 @@ __global__ void __launch_bounds__(256) col_stats_partial(const T* __restrict__ x
 
 // Merge each segment's partials (warp per segment, fixed order) into mean,
 // biased var and, with flags & 1, rstd = 1/sqrt(var + eps); with flags & 2
-// also scale = weight * rstd (a segment is then a channel).
+// also scale = weight * rstd (a segment is then a channel), the product of the
+// stored (rounded) rstd, so that a backward forming rstd * weight from the saved
+// statistics gets scale's bits. flags & 4 (RMSNorm): mean is stored as 0 and
+// var is the mean square, m2/n + mean² (Σx²/n, in double).
 template <typename O>
 __global__ void stats_finalize(const double* __restrict__ pn, const double* __restrict__ pmean,
                                const double* __restrict__ pm2, i64 nseg, int nchunks, i64 seg_stride,
@@ -141,25 +166,31 @@ __global__ void stats_finalize(const double* __restrict__ pn, const double* __re
     }
     wf_warp_reduce(w);
     if (lane == 0) {
-        const A v = w.m2 / w.n;
-        mean[seg] = O(w.mean);
+        const bool rms = (flags & 4) != 0;
+        const A v = rms ? w.m2 / w.n + w.mean * w.mean : w.m2 / w.n;
+        mean[seg] = rms ? O(0) : O(w.mean);
         var[seg] = O(v);  // inf in float32 when |x| ~ 1e30; rstd below is still exact
         if (flags & 1) {
-            const A rs = A(1) / sqrt(v + eps);
-            rstd[seg] = O(rs);
-            if (flags & 2) scale[seg] = O(A(weight[seg]) * rs);
+            const O rs = O(A(1) / sqrt(v + eps));
+            rstd[seg] = rs;
+            if (flags & 2) scale[seg] = O(A(weight[seg]) * A(rs));  // exact in double, then rounded once
         }
     }
 }
 
 // Channels-first partial gradient sums per channel: segment = channel c, its
-// vectors are N runs of SV. Sums dy and dy * xhat, with xhat from per-channel
-// statistics (G == 0) or per-(sample, group) statistics (G groups of cg).
-template <typename T, int VEC>
+// vectors are N runs of SV. Sums g and g * xhat, with xhat from per-channel
+// statistics (G == 0) or per-(sample, group) statistics (G groups of cg), and
+// g = dy * act'(z), z = (x - mean) * (rstd * weight[c]) + bias[c] recomputed as the
+// forward formed it (weight and bias are read only when ACT != ACT_NONE).
+// rms != 0: the mean is 0 (RMSNorm), not read.
+template <typename T, int VEC, int ACT>
 __global__ void seg_grad_partial(const T* __restrict__ dy, const T* __restrict__ x,
                                  const typename Acc<T>::type* __restrict__ mean,
-                                 const typename Acc<T>::type* __restrict__ rstd, i64 C, i64 SV, i64 N, int G, int cg,
-                                 i64 chunk, int nchunks, typename Acc<T>::type* __restrict__ p1,
+                                 const typename Acc<T>::type* __restrict__ rstd,
+                                 const typename Acc<T>::type* __restrict__ weight,
+                                 const typename Acc<T>::type* __restrict__ bias, i64 C, i64 SV, i64 N, int G, int cg,
+                                 int rms, i64 chunk, int nchunks, typename Acc<T>::type* __restrict__ p1,
                                  typename Acc<T>::type* __restrict__ p2) {
     typedef typename Acc<T>::type A;
     __shared__ Sum2<A> scratch[32];
@@ -168,6 +199,8 @@ __global__ void seg_grad_partial(const T* __restrict__ dy, const T* __restrict__
     const i64 k1 = min((ch + 1) * chunk, N * SV);
     const int step = blockDim.x;
     const i64 gc = G ? c / cg : c;
+    const A wc = ACT != ACT_NONE ? weight[c] : A(0);
+    const A bc = ACT != ACT_NONE ? bias[c] : A(0);
     i64 k = ch * chunk + threadIdx.x;
     Walker it;
     it.init(k, SV, step);
@@ -179,16 +212,19 @@ __global__ void seg_grad_partial(const T* __restrict__ dy, const T* __restrict__
         const i64 si = G ? it.q * G + gc : gc;
         const Vec<T, VEC> g = load_vec<T, VEC>(dy, o);
         const Vec<T, VEC> v = load_vec<T, VEC>(x, o);
-        const A m = mean[si];
+        const A m = rms ? A(0) : mean[si];
+        const A rs = rstd[si];
         A sg = A(0), sgx = A(0);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const A gj = to_acc(g.v[j]);
+            const A xc = to_acc(v.v[j]) - m;
+            A gj = to_acc(g.v[j]);
+            if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(xc, rs * wc, bc));
             sg += gj;
-            sgx += gj * (to_acc(v.v[j]) - m);
+            sgx += gj * xc;
         }
         s.a += sg;
-        s.b += sgx * rstd[si];
+        s.b += sgx * rs;
         it.advance();
     }
     s = sum2_group_reduce(s, scratch, blockDim.x);
@@ -199,13 +235,15 @@ __global__ void seg_grad_partial(const T* __restrict__ dy, const T* __restrict__
 }
 
 // Channels-last partial gradient sums: rows r of R = N * S, n = r / S.
-// Layout and partial index as col_stats_partial.
-template <typename T, int VEC>
+// Layout and partial index as col_stats_partial; g, ACT and rms as seg_grad_partial.
+template <typename T, int VEC, int ACT>
 __global__ void __launch_bounds__(256) col_grad_partial(const T* __restrict__ dy, const T* __restrict__ x,
                                                         const typename Acc<T>::type* __restrict__ mean,
-                                                        const typename Acc<T>::type* __restrict__ rstd, i64 R, i64 S,
-                                                        i64 CV, int G, int cg, int TX, i64 chunk, int ncolblk,
-                                                        typename Acc<T>::type* __restrict__ p1,
+                                                        const typename Acc<T>::type* __restrict__ rstd,
+                                                        const typename Acc<T>::type* __restrict__ weight,
+                                                        const typename Acc<T>::type* __restrict__ bias, i64 R, i64 S,
+                                                        i64 CV, int G, int cg, int rms, int TX, i64 chunk,
+                                                        int ncolblk, typename Acc<T>::type* __restrict__ p1,
                                                         typename Acc<T>::type* __restrict__ p2) {
     typedef typename Acc<T>::type A;
     __shared__ Sum2<A> sh[256 * VEC];
@@ -226,30 +264,37 @@ __global__ void __launch_bounds__(256) col_grad_partial(const T* __restrict__ dy
         it.init(r, S, TY);
         // With G groups every element of a vector is in group (cv*VEC)/cg.
         const i64 gc = G ? (cv * VEC) / cg : 0;
-        A mc[VEC], rc[VEC];
+        A mc[VEC], rc[VEC], wc[VEC], bc[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
             mc[j] = G ? A(0) : mean[cv * VEC + j];
             rc[j] = G ? A(0) : rstd[cv * VEC + j];
+            wc[j] = ACT != ACT_NONE ? weight[cv * VEC + j] : A(0);
+            bc[j] = ACT != ACT_NONE ? bias[cv * VEC + j] : A(0);
         }
         for (; r < r1; r += TY) {
             const Vec<T, VEC> g = load_vec<T, VEC>(dy, r * CV + cv);
             const Vec<T, VEC> v = load_vec<T, VEC>(x, r * CV + cv);
             if (G) {
                 const i64 si = it.q * G + gc;
-                const A m = mean[si], rs = rstd[si];
+                const A m = rms ? A(0) : mean[si];
+                const A rs = rstd[si];
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    const A gj = to_acc(g.v[j]);
+                    const A xc = to_acc(v.v[j]) - m;
+                    A gj = to_acc(g.v[j]);
+                    if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(xc, rs * wc[j], bc[j]));
                     s[j].a += gj;
-                    s[j].b += gj * ((to_acc(v.v[j]) - m) * rs);
+                    s[j].b += gj * (xc * rs);
                 }
             } else {
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    const A gj = to_acc(g.v[j]);
+                    const A xc = to_acc(v.v[j]) - mc[j];
+                    A gj = to_acc(g.v[j]);
+                    if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(xc, rc[j] * wc[j], bc[j]));
                     s[j].a += gj;
-                    s[j].b += gj * ((to_acc(v.v[j]) - mc[j]) * rc[j]);
+                    s[j].b += gj * (xc * rc[j]);
                 }
             }
             it.advance();

@@ -1,17 +1,23 @@
-// Per-sample kernels (LayerNorm, GroupNorm, InstanceNorm) for the rows that
-// rows_regs.cu does not take (rows too long for registers, inputs that cannot
-// use 16-byte vectors): a row is one
+// Per-sample kernels (LayerNorm, GroupNorm, InstanceNorm, RMSNorm) for the rows
+// that rows_regs.cu does not take (rows too long for registers, inputs that
+// cannot use 16-byte vectors): a row is one
 // (sample, group) = blockIdx.x * rows_per_block + threadIdx.x / tpr, handled
 // by `tpr` threads (a multiple of 32). The row is staged in dynamic shared
 // memory on its way in, so x (and dy) are read from device memory once.
 // Each thread re-reads only the vectors it staged itself, so the staging
 // needs no barrier of its own. Geometry: RowGeom in common.cuh.
+//
+// Variants (template parameters): ACT the activation (common.cuh); RMS the
+// mean-square statistics of RMSNorm (no centring: mean 0, var = Σx²/m, no
+// mean term in backward); ADD the fused residual add (forward: the row is
+// h = x + r, stored to h; backward: dx = dh + the norm's dx). Pointers a
+// variant does not use (r, h, dh, bias) are not accessed.
 #include "common.cuh"
 
 using namespace cnorm;
 
-// y = (x - mean) * rstd * weight[c] + bias[c] for the vector of a row at the walker.
-template <typename T, int VEC, bool CL, typename A>
+// y = act((x - mean) * (rstd * weight[c]) + bias[c]) for the vector of a row at the walker.
+template <int ACT, typename T, int VEC, bool CL, typename A>
 __device__ __forceinline__ Vec<T, VEC> normalize_vec(const Vec<T, VEC>& v, const RowGeom<CL, VEC>& geo,
                                                      const Walker& it, A mu, A rs, const A* __restrict__ weight,
                                                      const A* __restrict__ bias) {
@@ -19,15 +25,18 @@ __device__ __forceinline__ Vec<T, VEC> normalize_vec(const Vec<T, VEC>& v, const
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
         const int c = geo.chan(it, j);
-        o.v[j] = Cvt<T>::from((to_acc(v.v[j]) - mu) * (rs * weight[c]) + bias[c]);
+        o.v[j] = Cvt<T>::from(act_value<ACT>(norm_z(to_acc(v.v[j]) - mu, rs * weight[c], bias[c])));
     }
     return o;
 }
 
-// Statistics and normalization of whole rows, one read of x and one write of y:
-// y = (x - mean) * rstd * weight[c] + bias[c].
-template <typename T, int VEC, bool CL>
-__global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const typename Acc<T>::type* __restrict__ weight,
+// Statistics and normalization of whole rows, one read of x (and r) and one
+// write of y (and h): y = act((x - mean) * rstd * weight[c] + bias[c]). With
+// ADD the row is h = x + r (add_vec), stored to h as it is staged; each thread
+// loads x and r at a vector before it stores h there, so h may be x or r.
+template <typename T, int VEC, bool CL, int ACT, bool RMS, bool ADD>
+__global__ void row_forward(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ h,
+                            T* __restrict__ y, const typename Acc<T>::type* __restrict__ weight,
                             const typename Acc<T>::type* __restrict__ bias, i64 nrows, int G, int cg, i64 S, i64 C,
                             int tpr, typename Acc<T>::type eps, typename Acc<T>::type* __restrict__ mean,
                             typename Acc<T>::type* __restrict__ var, typename Acc<T>::type* __restrict__ rstd) {
@@ -47,10 +56,22 @@ __global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const ty
         i64 k = lt;
         for (; k + 3 * tpr < M; k += 4 * tpr) {
             Vec<T, VEC> v[4];
+            i64 o[4];
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
-                v[u] = load_vec<T, VEC>(x, geo.addr(it));
+                o[u] = geo.addr(it);
+                v[u] = load_vec<T, VEC>(x, o[u]);
                 it.advance();
+            }
+            if constexpr (ADD) {
+                Vec<T, VEC> rv[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) rv[u] = load_vec<T, VEC>(r, o[u]);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    v[u] = add_vec(v[u], rv[u]);
+                    store_vec<T, VEC>(h, o[u], v[u]);
+                }
             }
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
@@ -59,16 +80,22 @@ __global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const ty
             }
         }
         for (; k < M; k += tpr) {
-            const Vec<T, VEC> v = load_vec<T, VEC>(x, geo.addr(it));
+            const i64 o = geo.addr(it);
+            Vec<T, VEC> v = load_vec<T, VEC>(x, o);
+            if constexpr (ADD) {
+                v = add_vec(v, load_vec<T, VEC>(r, o));
+                store_vec<T, VEC>(h, o, v);
+            }
             it.advance();
             cache[k] = v;
             wf_add_vec(w, v);
         }
     }
-    const Welford<A> r = wf_group_reduce(w, scratch, tpr);
+    const Welford<A> st = wf_group_reduce(w, scratch, tpr);
     if (!active) return;  // no barrier follows
-    const A mu = r.mean;
-    const A vr = r.m2 / r.n;
+    // RMS: the mean square Σx²/m = m2/m + mean² (Welford's statistics; no centring).
+    const A mu = RMS ? A(0) : st.mean;
+    const A vr = RMS ? st.m2 / st.n + st.mean * st.mean : st.m2 / st.n;
     const A rs = A(1) / sqrt(vr + eps);
     if (lt == 0) {
         mean[row] = mu;
@@ -80,14 +107,15 @@ __global__ void row_forward(const T* __restrict__ x, T* __restrict__ y, const ty
 #pragma unroll 4
     for (i64 k = lt; k < M; k += tpr) {
         const Vec<T, VEC> v = cache[k];
-        store_vec<T, VEC>(y, geo.addr(it), normalize_vec(v, geo, it, mu, rs, weight, bias));
+        store_vec<T, VEC>(y, geo.addr(it), normalize_vec<ACT>(v, geo, it, mu, rs, weight, bias));
         it.advance();
     }
 }
 
 // Normalization with precomputed per-row statistics, for rows split over
 // several blocks: blockIdx.x = row * nchunks + chunk, chunk of `chunk` vectors.
-template <typename T, int VEC, bool CL>
+// (RMSNorm's rows come with mean 0 from stats_finalize; the fused add's x is h.)
+template <typename T, int VEC, bool CL, int ACT>
 __global__ void row_apply(const T* __restrict__ x, T* __restrict__ y, const typename Acc<T>::type* __restrict__ weight,
                           const typename Acc<T>::type* __restrict__ bias, const typename Acc<T>::type* __restrict__ mean,
                           const typename Acc<T>::type* __restrict__ rstd, int G, int cg, i64 S, i64 C, i64 chunk,
@@ -104,18 +132,21 @@ __global__ void row_apply(const T* __restrict__ x, T* __restrict__ y, const type
 #pragma unroll 4
     for (; k < k1; k += blockDim.x) {
         const Vec<T, VEC> v = load_vec<T, VEC>(x, geo.addr(it));
-        store_vec<T, VEC>(y, geo.addr(it), normalize_vec(v, geo, it, mu, rs, weight, bias));
+        store_vec<T, VEC>(y, geo.addr(it), normalize_vec<ACT>(v, geo, it, mu, rs, weight, bias));
         it.advance();
     }
 }
 
 // dx of whole rows with statistics depending on x:
-// dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)).
+// dx = rstd * (w*g - mean(w*g) - xhat * mean(w*g*xhat)), g = dy * act'(z) with
+// z recomputed as the forward formed it; RMS: xhat = x * rstd and no mean(w*g)
+// term; ADD: dx = dh + that (add_grad), dh read where dx is written.
 // cache_mode: 2 stages x and dy in shared memory, 1 stages x only (dy is read
 // again), 0 stages nothing.
-template <typename T, int VEC, bool CL>
-__global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                             const typename Acc<T>::type* __restrict__ weight,
+template <typename T, int VEC, bool CL, int ACT, bool RMS, bool ADD>
+__global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ dh,
+                             T* __restrict__ dx, const typename Acc<T>::type* __restrict__ weight,
+                             const typename Acc<T>::type* __restrict__ bias,
                              const typename Acc<T>::type* __restrict__ mean,
                              const typename Acc<T>::type* __restrict__ rstd, i64 nrows, int G, int cg, i64 S, i64 C,
                              int tpr, int cache_mode) {
@@ -129,8 +160,16 @@ __global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, 
     Vec<T, VEC>* xc = reinterpret_cast<Vec<T, VEC>*>(smem_raw) + lr * M * (cache_mode > 1 ? 2 : 1);
     Vec<T, VEC>* gc = xc + M;
     const RowGeom<CL, VEC> geo(active ? row : 0, G, cg, S, C);
-    const A mu = active ? mean[row] : A(0);
+    const A mu = (active && !RMS) ? mean[row] : A(0);
     const A rs = active ? rstd[row] : A(0);
+    // w * dy * act'(z) for element j of a vector at walker `at`.
+    auto wgrad = [&](const Vec<T, VEC>& v, const Vec<T, VEC>& g, const Walker& at, int j) -> A {
+        const int c = geo.chan(at, j);
+        const A wc = weight[c];
+        A gj = to_acc(g.v[j]);
+        if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(to_acc(v.v[j]) - mu, rs * wc, bias[c]));
+        return wc * gj;
+    };
     Sum2<A> s;
     s.a = A(0);
     s.b = A(0);
@@ -154,7 +193,7 @@ __global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, 
                 if (cache_mode > 1) gc[k + u * tpr] = g[u];
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    const A wg = weight[geo.chan(at[u], j)] * to_acc(g[u].v[j]);
+                    const A wg = wgrad(v[u], g[u], at[u], j);
                     s.a += wg;
                     s.b += wg * (to_acc(v[u].v[j]) - mu);
                 }
@@ -167,7 +206,7 @@ __global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, 
             if (cache_mode > 1) gc[k] = g;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-                const A wg = weight[geo.chan(it, j)] * to_acc(g.v[j]);
+                const A wg = wgrad(v, g, it, j);
                 s.a += wg;
                 s.b += wg * (to_acc(v.v[j]) - mu);
             }
@@ -177,7 +216,7 @@ __global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, 
     const Sum2<A> tot = sum2_group_reduce(s, scratch, tpr);
     if (!active) return;  // no barrier follows
     const A inv_m = A(1) / A((i64)cg * S);
-    const A m1 = tot.a * inv_m;
+    const A m1 = RMS ? A(0) : tot.a * inv_m;
     const A m2 = tot.b * rs * inv_m;
     Walker it;
     it.init(lt, geo.d, tpr);
@@ -187,11 +226,19 @@ __global__ void row_backward(const T* __restrict__ dy, const T* __restrict__ x, 
         const Vec<T, VEC> v = cache_mode > 0 ? xc[k] : load_vec<T, VEC>(x, o);
         const Vec<T, VEC> g = cache_mode > 1 ? gc[k] : load_vec<T, VEC>(dy, o);
         Vec<T, VEC> out;
+        if constexpr (ADD) {
+            const Vec<T, VEC> d = load_vec<T, VEC>(dh, o);
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-            const int c = geo.chan(it, j);
-            const A xhat = (to_acc(v.v[j]) - mu) * rs;
-            out.v[j] = Cvt<T>::from(rs * (weight[c] * to_acc(g.v[j]) - m1 - xhat * m2));
+            for (int j = 0; j < VEC; ++j) {
+                const A xhat = (to_acc(v.v[j]) - mu) * rs;
+                out.v[j] = add_grad<T>(rs * (wgrad(v, g, it, j) - m1 - xhat * m2), d.v[j]);
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const A xhat = (to_acc(v.v[j]) - mu) * rs;
+                out.v[j] = Cvt<T>::from(rs * (wgrad(v, g, it, j) - m1 - xhat * m2));
+            }
         }
         store_vec<T, VEC>(dx, o, out);
         it.advance();

@@ -19,10 +19,17 @@
 //   2  channels-last with S > 1: the row is S runs of cg values, C apart;
 //      vector k = (q, r) = divmod(k, cg/VEC) is at q*C + g*cg + r*VEC.
 //
+// Variants (template parameters), as in rows.cu: ACT the activation
+// (common.cuh), RMS the mean-square statistics of RMSNorm, ADD the fused
+// residual add (forward: the row is h = x + r, stored to h; backward:
+// dx = dh + the norm's dx). The launcher takes RMS and ADD to MODE 0 only
+// (their rows have S == 1); pointers a variant does not use are not accessed.
+//
 // The launcher guarantees: VEC is the 16-byte width, the row's M vectors fit
 // ITEMS * tpr, nrows and the per-sample element count are below 2^31, for
-// MODES 0 and 2 that weight and bias are 16-byte aligned, and that a row of
-// more than one warp has its block to itself (blockDim.x == tpr when tpr > 32).
+// MODES 0 and 2 that weight and bias (where read) are 16-byte aligned, and
+// that a row of more than one warp has its block to itself (blockDim.x == tpr
+// when tpr > 32).
 #include "common.cuh"
 
 using namespace cnorm;
@@ -128,14 +135,17 @@ struct RegRow {
 
 }  // namespace
 
-// Forward (training statistics): y = (x - mean) * rstd * weight + bias, with
-// mean/var/rstd of each row written too.
-template <typename T, int VEC, int ITEMS, int MODE>
+// Forward (training statistics): y = act((x - mean) * rstd * weight + bias), with
+// mean/var/rstd of each row written too. RMS: mean 0, var = Σx²/m. ADD: every
+// load of x and r is issued first, then h = x + r is stored from the registers
+// (so h may be x or r itself) and normalized.
+template <typename T, int VEC, int ITEMS, int MODE, int ACT, bool RMS, bool ADD>
 __global__ void __launch_bounds__(512) row_forward_regs(
-    const T* __restrict__ x, T* __restrict__ y, const typename Acc<T>::type* __restrict__ weight,
-    const typename Acc<T>::type* __restrict__ bias, unsigned nrows, unsigned G, unsigned cg, unsigned S, unsigned C,
-    unsigned M, int tpr_shift, typename Acc<T>::type eps, typename Acc<T>::type* __restrict__ mean,
-    typename Acc<T>::type* __restrict__ var, typename Acc<T>::type* __restrict__ rstd) {
+    const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ h, T* __restrict__ y,
+    const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ bias, unsigned nrows,
+    unsigned G, unsigned cg, unsigned S, unsigned C, unsigned M, int tpr_shift, typename Acc<T>::type eps,
+    typename Acc<T>::type* __restrict__ mean, typename Acc<T>::type* __restrict__ var,
+    typename Acc<T>::type* __restrict__ rstd) {
     typedef typename Acc<T>::type A;
     typedef Vec<T, VEC> V;
     __shared__ A red[3][32];
@@ -157,16 +167,37 @@ __global__ void __launch_bounds__(512) row_forward_regs(
             for (int j = 0; j < VEC; ++j) v[u].v[j] = Cvt<T>::from(0.0f);
         }
     }
-    // Pass 1: the mean (absent elements hold 0).
-    A s = A(0);
+    if constexpr (ADD) {
+        const T* __restrict__ rr = r + geo.base;
+        T* __restrict__ hr = h + geo.base;
+        V rv[ITEMS];
 #pragma unroll
-    for (int u = 0; u < ITEMS; ++u) {
+        for (int u = 0; u < ITEMS; ++u) {
+            const unsigned k = lt + u * tpr;
+            if (active && k < M) rv[u] = *reinterpret_cast<const V*>(rr + geo.offset(k));
+        }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) s += to_acc(v[u].v[j]);
+        for (int u = 0; u < ITEMS; ++u) {
+            const unsigned k = lt + u * tpr;
+            if (active && k < M) {
+                v[u] = add_vec(v[u], rv[u]);
+                *reinterpret_cast<V*>(hr + geo.offset(k)) = v[u];
+            }
+        }
     }
     const A len = A(M) * A(VEC);
-    const A mu = row_sum(s, red[0], tpr_shift) / len;
-    // Pass 2: squared deviations, from the registers.
+    // Pass 1: the mean (absent elements hold 0); RMS: none.
+    A mu = A(0);
+    if constexpr (!RMS) {
+        A s = A(0);
+#pragma unroll
+        for (int u = 0; u < ITEMS; ++u) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) s += to_acc(v[u].v[j]);
+        }
+        mu = row_sum(s, red[0], tpr_shift) / len;
+    }
+    // Pass 2: squared deviations (RMS: squares), from the registers.
     A q = A(0);
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
@@ -215,13 +246,15 @@ __global__ void __launch_bounds__(512) row_forward_regs(
             if (MODE == 1) {
                 const A sc = rs * weight[c], b = bias[c];
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) o.v[j] = Cvt<T>::from((to_acc(v[u].v[j]) - mu) * sc + b);
+                for (int j = 0; j < VEC; ++j)
+                    o.v[j] = Cvt<T>::from(act_value<ACT>(norm_z(to_acc(v[u].v[j]) - mu, sc, b)));
             } else {
                 A w[VEC], b[VEC];
                 load_params<A, VEC>(weight + c, w);
                 load_params<A, VEC>(bias + c, b);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) o.v[j] = Cvt<T>::from((to_acc(v[u].v[j]) - mu) * (rs * w[j]) + b[j]);
+                for (int j = 0; j < VEC; ++j)
+                    o.v[j] = Cvt<T>::from(act_value<ACT>(norm_z(to_acc(v[u].v[j]) - mu, rs * w[j], b[j])));
             }
             *reinterpret_cast<V*>(yr + geo.offset(k)) = o;
         }
@@ -229,16 +262,23 @@ __global__ void __launch_bounds__(512) row_forward_regs(
 }
 
 // dx with statistics depending on x (training):
-// dx = rstd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)), x and dy read once.
-// ITEMS <= 4: a thread keeps 2 * ITEMS vectors in registers.
-template <typename T, int VEC, int ITEMS, int MODE>
+// dx = rstd * (w*g - mean(w*g) - xhat * mean(w*g*xhat)), x and dy read once, with
+// g = dy * act'(z), z recomputed as the forward formed it. RMS: no mean(w*g)
+// term, mean not read (0). ADD: dx = dh + that (add_grad), dh loaded with x and dy.
+// Every load comes before row_sum2, every store after, from the registers.
+// ITEMS <= 4: a thread keeps 2 * ITEMS vectors in registers (3 * ITEMS with ADD).
+// With an activation, g is recomputed where dx is formed, except for float and
+// double data, whose dy registers (of the statistics type) then hold g itself.
+template <typename T, int VEC, int ITEMS, int MODE, int ACT, bool RMS, bool ADD>
 __global__ void __launch_bounds__(512) row_backward_regs(
-    const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-    const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ mean,
-    const typename Acc<T>::type* __restrict__ rstd, unsigned nrows, unsigned G, unsigned cg, unsigned S, unsigned C,
-    unsigned M, int tpr_shift) {
+    const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ dh, T* __restrict__ dx,
+    const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ bias,
+    const typename Acc<T>::type* __restrict__ mean, const typename Acc<T>::type* __restrict__ rstd, unsigned nrows,
+    unsigned G, unsigned cg, unsigned S, unsigned C, unsigned M, int tpr_shift) {
     typedef typename Acc<T>::type A;
     typedef Vec<T, VEC> V;
+    // Keep g = dy * act'(z) in the dy registers where that loses nothing.
+    constexpr bool KEEP_G = ACT != ACT_NONE && SameType<T, A>::value;
     __shared__ A red[2][32];
     const unsigned tpr = 1u << tpr_shift;
     const unsigned lt = threadIdx.x & (tpr - 1);
@@ -249,6 +289,7 @@ __global__ void __launch_bounds__(512) row_backward_regs(
     const T* __restrict__ gr = dy + geo.base;
 
     V v[ITEMS], g[ITEMS];
+    V d[ADD ? ITEMS : 1];
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
         const unsigned k = lt + u * tpr;
@@ -256,17 +297,38 @@ __global__ void __launch_bounds__(512) row_backward_regs(
             const unsigned o = geo.offset(k);
             v[u] = *reinterpret_cast<const V*>(xr + o);
             g[u] = *reinterpret_cast<const V*>(gr + o);
+            if constexpr (ADD) d[u] = *reinterpret_cast<const V*>(dh + geo.base + o);
         }
     }
-    const A mu = active ? mean[row] : A(0);
+    const A mu = (active && !RMS) ? mean[row] : A(0);
     const A rs = active ? rstd[row] : A(0);
+    // The vector's weights and biases (biases only with an activation).
+    auto params = [&](unsigned c, A (&w)[VEC], A (&b)[VEC]) {
+        if (MODE == 1) {
+            const A wc = weight[c];
+            const A bc = ACT != ACT_NONE ? bias[c] : A(0);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                w[j] = wc;
+                b[j] = bc;
+            }
+        } else {
+            load_params<A, VEC>(weight + c, w);
+            if (ACT != ACT_NONE) {
+                load_params<A, VEC>(bias + c, b);
+            } else {
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) b[j] = A(0);
+            }
+        }
+    };
     A sa = A(0), sb = A(0);
 #pragma unroll
     for (int u = 0; u < ITEMS; ++u) {
         const unsigned k = lt + u * tpr;
         if (active && k < M) {
             const unsigned c = geo.chan(k);
-            if (MODE == 1) {
+            if (MODE == 1 && ACT == ACT_NONE) {
                 const A w = weight[c];
                 A ga = A(0), gb = A(0);
 #pragma unroll
@@ -278,13 +340,17 @@ __global__ void __launch_bounds__(512) row_backward_regs(
                 sa += w * ga;
                 sb += w * gb;
             } else {
-                A w[VEC];
-                load_params<A, VEC>(weight + c, w);
+                A w[VEC], b[VEC];
+                params(c, w, b);
 #pragma unroll
                 for (int j = 0; j < VEC; ++j) {
-                    const A wg = w[j] * to_acc(g[u].v[j]);
+                    const A xc = to_acc(v[u].v[j]) - mu;
+                    A gj = to_acc(g[u].v[j]);
+                    if (ACT != ACT_NONE) gj = act_grad<ACT>(gj, norm_z(xc, rs * w[j], b[j]));
+                    if constexpr (KEEP_G) g[u].v[j] = gj;  // (T is A: exact)
+                    const A wg = w[j] * gj;
                     sa += wg;
-                    sb += wg * (to_acc(v[u].v[j]) - mu);
+                    sb += wg * xc;
                 }
             }
         }
@@ -292,7 +358,7 @@ __global__ void __launch_bounds__(512) row_backward_regs(
     row_sum2(sa, sb, red[0], red[1], tpr_shift);
     if (!active) return;  // no barrier follows
     const A len = A(M) * A(VEC);
-    const A m1 = sa / len;
+    const A m1 = RMS ? A(0) : sa / len;
     const A m2 = sb * rs / len;
     T* __restrict__ dxr = dx + geo.base;
 #pragma unroll
@@ -300,19 +366,21 @@ __global__ void __launch_bounds__(512) row_backward_regs(
         const unsigned k = lt + u * tpr;
         if (k < M) {
             const unsigned c = geo.chan(k);
-            A w[VEC];
-            if (MODE == 1) {
-                const A wc = weight[c];
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) w[j] = wc;
-            } else {
-                load_params<A, VEC>(weight + c, w);
-            }
+            A w[VEC], b[VEC];
+            params(c, w, b);
             V o;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-                const A xhat = (to_acc(v[u].v[j]) - mu) * rs;
-                o.v[j] = Cvt<T>::from(rs * (w[j] * to_acc(g[u].v[j]) - m1 - xhat * m2));
+                const A xc = to_acc(v[u].v[j]) - mu;
+                const A xhat = xc * rs;
+                A gj = to_acc(g[u].v[j]);
+                if (ACT != ACT_NONE && !KEEP_G) gj = act_grad<ACT>(gj, norm_z(xc, rs * w[j], b[j]));
+                const A dxn = rs * (w[j] * gj - m1 - xhat * m2);
+                if constexpr (ADD) {
+                    o.v[j] = add_grad<T>(dxn, d[u].v[j]);
+                } else {
+                    o.v[j] = Cvt<T>::from(dxn);
+                }
             }
             *reinterpret_cast<V*>(dxr + geo.offset(k)) = o;
         }
