@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._dtypes import ALL_FLOATS
-from .base import CHANNELS_LAST, Backend, Problem, act_apply, act_grad
+from .base import CHANNELS_LAST, Backend
 
 from .. import _cpu
 
@@ -24,6 +24,11 @@ try:  # the compiled parts may be missing in a source checkout that was never bu
     from .._openmp import get_num_threads as _get_num_threads
 except ImportError:  # pragma: no cover - depends on the build
     _get_num_threads = None
+
+
+#: Activation codes of the kernels (kernels.pxi's ACT_*): the activation is applied
+#: in the sweep that stores y, and its gradient taken inside the backward kernels.
+_ACT = {None: 0, "relu": 1, "silu": 2}
 
 
 class CythonBackend(Backend):
@@ -63,11 +68,8 @@ class CythonBackend(Backend):
 
     # -- fused kernel problems -----------------------------------------------
     def forward_train(self, x3, p, weight, bias, eps, out=None, act=None):
-        res = _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
-                                   eps, _get_num_threads(), out, rms=p.rms)
-        if act is not None:
-            act_apply(np, res[0], act)
-        return res
+        return _cpu.K.forward_train(x3, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups, weight, bias,
+                                    eps, _get_num_threads(), out, p.rms, _ACT[act])
 
     def add_forward(self, x3, r3, p, weight, bias, eps, out=None, h_out=None):
         # One sweep per batch of rows: h = x + r written, then normalized from the cache.
@@ -82,40 +84,40 @@ class CythonBackend(Backend):
 
     def forward_eval(self, x3, p, scale, shift, out=None, act=None):
         y = np.empty_like(x3) if out is None else out
-        _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads())
-        if act is not None:
-            act_apply(np, y, act)
+        _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads(),
+                      _ACT[act])
         return y
 
     def fold_frozen(self, running_mean, running_var, weight, bias, eps, sdtype):
         folded = _cpu.K.fold_frozen(running_mean, running_var, weight, bias, eps)  # one C loop
-        if folded is None:  # e.g. strided running statistics
-            return super().fold_frozen(running_mean, running_var, weight, bias, eps, sdtype)
+        if folded is None:
+            # e.g. strided, unaligned or byte-swapped arrays: the same loop on aligned native copies
+            # (an activation's backward recomputes scale and shift as this loop rounds them)
+            f64 = np.float64
+            folded = _cpu.K.fold_frozen(np.array(running_mean, dtype=f64), np.array(running_var, dtype=f64),
+                                        np.array(weight, dtype=sdtype), np.array(bias, dtype=sdtype), eps)
         return folded
 
     def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
-        if act is not None:
-            dy3 = act_grad(np, dy3, x3, p, mean, rstd, weight, bias, act)
         nt = _get_num_threads()
         dx = np.empty_like(x3) if out is None else out
         cl = p.layout == CHANNELS_LAST
         if p.cross_sample:
             dweight, dbias = np.empty_like(weight), np.empty_like(weight)
             _cpu.K.cross_backward(dy3, x3, dx, cl, p.n, p.c, p.s, mean, rstd, weight, dweight, dbias,
-                              _cpu.K.TRAIN, nt)
+                                  _cpu.K.TRAIN, nt, None, None, _ACT[act], bias)
         else:
             dweight, dbias = _cpu.K.group_backward(dy3, x3, dx, cl, p.n, p.c, p.s, p.groups, mean, rstd,
-                                                   weight, nt, rms=p.rms)
+                                                   weight, nt, p.rms, _ACT[act], bias)
         return dx, dweight, dbias
 
     def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
-        if act is not None:
-            dy3 = act_grad(np, dy3, x3, Problem(p.layout, p.n, p.c, p.s, 0), mean, rstd, weight, bias, act)
-        # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate.
+        # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate (with an
+        # activation, z = x·scale + shift recomputed as fold_frozen and forward_eval made it).
         dx = np.empty_like(x3) if out is None else out
         dweight, dbias = np.empty_like(weight), np.empty_like(weight)
         _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
-                          dweight, dbias, _cpu.K.EVAL, _get_num_threads())
+                              dweight, dbias, _cpu.K.EVAL, _get_num_threads(), None, None, _ACT[act], bias)
         return dx, dweight, dbias
 
     # -- cross-sample primitives ---------------------------------------------

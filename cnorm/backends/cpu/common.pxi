@@ -52,6 +52,14 @@ NT_BYTES = 8 << 20
 cdef Py_ssize_t FUSE_BYTES = 1 << 20
 
 cdef enum:
+    # activation codes (elementwise.hpp's CN_ACT_*; exported below as Python ints)
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_SILU = 2
+
+ACTIVATIONS = {"relu": ACT_RELU, "silu": ACT_SILU}
+
+cdef enum:
     # cross_backward modes (exported below as Python ints)
     MODE_TRAIN = 0
     MODE_EVAL = 1
@@ -138,25 +146,70 @@ cdef inline void grad_run(const dat* g, const dat* x, Py_ssize_t n, double m,
         cn_hgrad_run(g, x, n, m, ag, agx, ax)
 
 
+cdef inline double act1(double z, int act) noexcept nogil:
+    """act(z) for float64 data, as the vector code's cn_act (elementwise.hpp): relu
+    keeps NaN; silu from e = exp(-|z|), silu(-inf) is NaN."""
+    cdef double e
+    if act == ACT_RELU:
+        return 0.0 if 0.0 > z else z
+    e = exp(-z if z > 0.0 else z)
+    return (z * e if 0.0 > z else z) / (1.0 + e)
+
+
+cdef inline double act_grad1(double dy, double z, int act) noexcept nogil:
+    """dy·act'(z) for float64 data, as the vector code's cn_act_grad."""
+    cdef double e, d, s, t
+    if act == ACT_RELU:
+        return dy if z > 0.0 else 0.0
+    e = exp(-z if z > 0.0 else z)
+    d = 1.0 / (1.0 + e)
+    s = e * d if 0.0 > z else d
+    t = d if 0.0 > z else e * d
+    return dy * (s * (1.0 + z * t))
+
+
 cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
-                          floating mh, floating a, floating b) noexcept nogil:
-    """y = (x - mh)·a + b: one subtract and one FMA per element."""
+                          floating mh, floating a, floating b, int act=ACT_NONE) noexcept nogil:
+    """y = act((x - mh)·a + b): one subtract and one FMA per element (and the activation)."""
     cdef Py_ssize_t i
     if dat is double:
-        for i in range(n):
-            y[i] = (x[i] - mh) * a + b
+        if act == ACT_NONE:
+            for i in range(n):
+                y[i] = (x[i] - mh) * a + b
+        else:
+            for i in range(n):
+                y[i] = act1((x[i] - mh) * a + b, act)
     else:
-        cn_norm_run(x, y, n, mh, a, b)
+        cn_norm_run(x, y, n, mh, a, b, act)
 
 
 cdef inline void scale_run(const dat* x, dat* y, Py_ssize_t n,
-                           floating a, floating b) noexcept nogil:
+                           floating a, floating b, int act=ACT_NONE) noexcept nogil:
+    """y = act(x·a + b)."""
+    cdef Py_ssize_t i
+    if dat is double:
+        if act == ACT_NONE:
+            for i in range(n):
+                y[i] = x[i] * a + b
+        else:
+            for i in range(n):
+                y[i] = act1(x[i] * a + b, act)
+    else:
+        cn_scale_run(x, y, n, a, b, act)
+
+
+cdef inline void act_grad_run(const dat* dy, const dat* x, dat* g, Py_ssize_t n,
+                              floating mh, floating a, floating b, int act, bint stream) noexcept nogil:
+    """g = dy·act'(z), z = (x - mh)·a + b computed as norm_run computes it (mh = 0:
+    as scale_run), so that relu's mask is the forward's y > 0. g may be dy.
+    stream: g may take streaming stores (the call's hint); not for scratch that
+    the next sweep reads from cache."""
     cdef Py_ssize_t i
     if dat is double:
         for i in range(n):
-            y[i] = x[i] * a + b
+            g[i] = act_grad1(dy[i], (x[i] - mh) * a + b, act)
     else:
-        cn_scale_run(x, y, n, a, b)
+        cn_act_grad_run(dy, x, g, n, mh, a, b, act, stream)
 
 
 cdef inline void dx_run(const dat* g, const dat* x, dat* dx, Py_ssize_t n,
@@ -211,8 +264,12 @@ cdef inline Py_ssize_t split_lo(Py_ssize_t n, Py_ssize_t parts, Py_ssize_t t) no
 
 cdef inline void fwd_consts(double cnt, double mu, double m2, double eps, double w, double b,
                             floating* mean_o, floating* var_o, floating* rstd_o,
-                            floating* k) noexcept nogil:
-    """Statistics out, and (mean_hi, a, b') with y = (x - mean_hi)·a + b'."""
+                            floating* k, int act=ACT_NONE) noexcept nogil:
+    """Statistics out, and (mean_hi, a, b') with y = (x - mean_hi)·a + b'.
+
+    With an activation, the constants backward can recompute from what it is
+    given (see act_consts): a = weight·rstd as rounded, b' = bias.
+    """
     cdef double var = m2 / cnt
     cdef double r = 1.0 / sqrt(var + eps)
     cdef double a = w * r
@@ -221,6 +278,10 @@ cdef inline void fwd_consts(double cnt, double mu, double m2, double eps, double
     var_o[0] = <floating>var
     rstd_o[0] = <floating>r
     k[0] = mh
+    if act != ACT_NONE:
+        k[1] = <floating>(w * <double>rstd_o[0])
+        k[2] = <floating>b
+        return
     k[1] = <floating>a
     k[2] = <floating>(b - (mu - <double>mh) * a)
 

@@ -165,22 +165,23 @@ cdef void cf_block_stats(const dat* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
 
 cdef void cf_block_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
-                        const floating* kk) noexcept nogil:
+                        const floating* kk, int act) noexcept nogil:
     cdef Py_ssize_t r0, r1, s0, s1, r, off
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
     r = r1
     while r > r0:  # newest rows first: they are the ones still in cache
         r -= 1
         off = (r * C + c) * S + s0
-        norm_run(x + off, y + off, s1 - s0, kk[0], kk[1], kk[2])
+        norm_run(x + off, y + off, s1 - s0, kk[0], kk[1], kk[2], act)
 
 
 cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                          Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk,
                          Py_ssize_t c, Py_ssize_t cn, const double* part, bint have_part, double eps,
                          const floating* w, const floating* b,
-                         floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
-    """Fold channel c's block partials in block order, then normalize it.
+                         floating* mean, floating* var, floating* rstd, floating* kk,
+                         int act) noexcept nogil:
+    """Fold channel c's block partials in block order, then normalize it (and apply act).
 
     With have_part the partials come from ``part`` (split path); otherwise
     they are computed here, block by block, so the channel stays in cache.
@@ -199,14 +200,14 @@ cdef void cf_channel_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ss
         else:
             cf_block_stats(x, N, C, S, rb, sp, nsp, c, k, blk, pfp)
         chan_merge(&cnt, &mu, &m2, blk[0], blk[1], blk[2])
-    fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, kk + 3 * c)
+    fwd_consts(cnt, mu, m2, eps, w[c], b[c], mean + c, var + c, rstd + c, kk + 3 * c, act)
     if y != NULL and not have_part:
-        cf_channel_norm(x, y, N, C, S, sp, nsp, c, pfp, kk + 3 * c)
+        cf_channel_norm(x, y, N, C, S, sp, nsp, c, pfp, kk + 3 * c, act)
 
 
 cdef void cf_channel_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                           Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, PfCur* pf,
-                          const floating* kk) noexcept nogil:
+                          const floating* kk, int act) noexcept nogil:
     """Normalize channel c (its statistics just read it into L2), newest runs first.
 
     With a prefetch cursor, runs are normalized in pieces of about PF_CH
@@ -221,7 +222,7 @@ cdef void cf_channel_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_s
         n = sp if s0 + sp < S else S - s0
         off = ((q // nsp) * C + c) * S + s0
         if pf == NULL:
-            norm_run(x + off, y + off, n, kk[0], kk[1], kk[2])
+            norm_run(x + off, y + off, n, kk[0], kk[1], kk[2], act)
             continue
         h = ((64 - (<size_t>(y + off)) % 64) % 64) // sizeof(dat)
         i = 0
@@ -229,7 +230,7 @@ cdef void cf_channel_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_s
             m = h + PF_CH
             if n - i - m < PF_CH:  # no short last piece (it would not stream)
                 m = n - i
-            norm_run(x + off + i, y + off + i, m, kk[0], kk[1], kk[2])
+            norm_run(x + off + i, y + off + i, m, kk[0], kk[1], kk[2], act)
             pf_step(pf, m * sizeof(dat) * PF_NORM_Q // 4)
             i += m
             h = 0
@@ -238,7 +239,8 @@ cdef void cf_channel_norm(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_s
 cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
                        double* part, double eps, const floating* w, const floating* b,
-                       floating* mean, floating* var, floating* rstd, floating* kk, int nt) noexcept nogil:
+                       floating* mean, floating* var, floating* rstd, floating* kk, int nt,
+                       int act=ACT_NONE) noexcept nogil:
     cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
     if fused:
         if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -248,7 +250,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 for c in range(lo, hi):
                     cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, c + 1 if c + 1 < hi else -1,
                                    part, False, eps, w, b,
-                                   mean, var, rstd, kk)
+                                   mean, var, rstd, kk, act)
         else:
             for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
                 lo = split_lo(C, nt, t)
@@ -256,7 +258,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
                 for c in range(lo, hi):
                     cf_channel_fwd(x, y, N, C, S, rb, sp, nsp, nblk, c, c + 1 if c + 1 < hi else -1,
                                    part, False, eps, w, b,
-                                   mean, var, rstd, kk)
+                                   mean, var, rstd, kk, act)
                 cn_sfence()  # order this thread's streaming stores before the join
         return
     # Split path: (channel, block) units in parallel, then fold, then normalize.
@@ -275,7 +277,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
             cn_sfence()  # order this thread's streaming stores before the join
     for c in range(C):
         cf_channel_fwd(x, NULL, N, C, S, rb, sp, nsp, nblk, c, -1, part, True, eps, w, b,
-                       mean, var, rstd, kk)
+                       mean, var, rstd, kk, act)
     if y == NULL:
         return
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -285,7 +287,7 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
             u = hi
             while u > lo:
                 u = u - 1
-                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk), act)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -293,22 +295,23 @@ cdef void cf_cross_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssiz
             u = hi
             while u > lo:
                 u = u - 1
-                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk))
+                cf_block_norm(x, y, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 3 * (u // nblk), act)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
-cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
+cdef void cf_block_grad(const dat* g, Py_ssize_t gs, const dat* x, dat* dx,
                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                         Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                         double mu, floating dscale, double* out, PfCur* pf=NULL,
                         double pf_frac=0.0) noexcept nogil:
     """out = (Σg, Σg·(x-mu), Σ(x-mu)) over block k of channel c; with dx, also dx = g·dscale.
-    With cursors (pf[0] in g, pf[1] in x), each row is followed by a prefetch step of
-    pf_frac times its bytes in both."""
+    g points at channel c's first run, its runs gs apart (C·S in dy; S in a channel's
+    scratch). With cursors (pf[0] in dy, pf[1] in x), each row is followed by a
+    prefetch step of pf_frac times its bytes in both."""
     cdef double ag[LANES]
     cdef double agx[LANES]
     cdef double ax[LANES]
-    cdef Py_ssize_t r0, r1, s0, s1, r, off, nb
+    cdef Py_ssize_t r0, r1, s0, s1, r, off, goff, nb
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
     nb = <Py_ssize_t>(pf_frac * <double>((s1 - s0) * sizeof(dat)))
     lanes_zero(ag)
@@ -316,9 +319,10 @@ cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
     lanes_zero(ax)
     for r in range(r0, r1):
         off = (r * C + c) * S + s0
-        grad_run(g + off, x + off, s1 - s0, mu, ag, agx, ax)
+        goff = r * gs + s0
+        grad_run(g + goff, x + off, s1 - s0, mu, ag, agx, ax)
         if dx != NULL:
-            scale_run(g + off, dx + off, s1 - s0, dscale, 0)
+            scale_run(g + goff, dx + off, s1 - s0, dscale, 0)
         if pf != NULL:
             pf_step2(pf, nb)
     out[0] = lanes_total(ag)
@@ -326,12 +330,12 @@ cdef void cf_block_grad(const dat* g, const dat* x, dat* dx,
     out[2] = lanes_total(ax)
 
 
-cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
+cdef void cf_block_dx(const dat* g, Py_ssize_t gs, const dat* x, dat* dx,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                       Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t c, Py_ssize_t k,
                       const floating* kk, PfCur* pf=NULL, double pf_frac=0.0) noexcept nogil:
-    """dx of block k of channel c, newest rows first; with cursors (as cf_block_grad),
-    each row is followed by a prefetch step of pf_frac times its bytes."""
+    """dx of block k of channel c, newest rows first; g and the cursors as in
+    cf_block_grad; each row is followed by a prefetch step of pf_frac times its bytes."""
     cdef Py_ssize_t r0, r1, s0, s1, r, off, nb
     cf_block(N, S, rb, sp, nsp, k, &r0, &r1, &s0, &s1)
     nb = <Py_ssize_t>(pf_frac * <double>((s1 - s0) * sizeof(dat)))
@@ -339,7 +343,7 @@ cdef void cf_block_dx(const dat* g, const dat* x, dat* dx,
     while r > r0:
         r -= 1
         off = (r * C + c) * S + s0
-        dx_run(g + off, x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
+        dx_run(g + (r * gs + s0), x + off, dx + off, s1 - s0, kk[0], kk[1], kk[2], kk[3])
         if pf != NULL:
             pf_step2(pf, nb)
 
@@ -366,9 +370,17 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
                          const floating* mean, const floating* rstd, const floating* w,
                          const floating* mdy, const floating* mdyx,
                          floating* oa, floating* ob, floating* kk, bint apply_dx,
-                         Py_ssize_t cn=-1) noexcept nogil:
+                         Py_ssize_t cn=-1, int act=ACT_NONE, const floating* ak=NULL,
+                         dat* gscr=NULL) noexcept nogil:
     """Gradient sums of channel c (or its block partials from ``part``), then its dx
-    while the channel is in L2. With cn >= 0 (the thread's next channel), the
+    while the channel is in L2.
+
+    With an activation (train and eval modes, not with ``part``), g = dy·act'(z)
+    of the channel goes first into ``gscr`` (N·S values of this thread's
+    scratch), z = (x - ak[c])·ak[C + c] + ak[2·C + c] as the forward computed
+    it: that sweep reads dy and x from memory once, and the sums and dx below
+    read g and x from L2, so the memory traffic is that of the plain backward.
+    With cn >= 0 (the thread's next channel), the
     sweeps over this channel also prefetch channel cn's dy and x toward L2, so
     memory reads them while this core computes: as much as fits beside this
     channel, half during the sums, half during dx; eval mode's single sweep
@@ -381,8 +393,10 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
     cdef double blk[3]
     cdef double mu = mean[c], r = rstd[c]
     cdef floating dscale = <floating>(<double>w[c] * r)
-    cdef Py_ssize_t k
+    cdef Py_ssize_t k, q
     cdef bint dx_sweep = apply_dx and (mode == MODE_TRAIN or mode == MODE_APPLY)
+    cdef const dat* gc = g + c * S  # channel c's first run of g, its runs gs apart
+    cdef Py_ssize_t gs = C * S
     if cn >= 0 and not have_part:
         if mode == MODE_EVAL and sizeof(dat) == 2:
             frac = 1.0
@@ -393,12 +407,18 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
             pf_init(&pf[0], <const char*>(g + cn * S), N, S, C, sizeof(dat))
             pf_init(&pf[1], <const char*>(x + cn * S), N, S, C, sizeof(dat))
             pfp = &pf[0]
+    if act != ACT_NONE and not have_part:
+        for q in range(N):
+            act_grad_run(g + (q * C + c) * S, x + (q * C + c) * S, gscr + q * S, S, ak[c], ak[C + c],
+                         ak[2 * C + c], act, False)
+        gc = gscr
+        gs = S
     if mode != MODE_APPLY:
         for k in range(nblk):
             if have_part:
                 memcpy(blk, part + 3 * (c * nblk + k), 3 * sizeof(double))
             else:
-                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                cf_block_grad(gc, gs, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
                               c, k, mu, dscale, blk, pfp,
                               frac if mode == MODE_EVAL else frac * BWD_GRAD_Q / 4)
             sg += blk[0]
@@ -411,7 +431,7 @@ cdef void cf_channel_bwd(const dat* g, const dat* x, dat* dx,
         k = nblk
         while k > 0:
             k -= 1
-            cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c,
+            cf_block_dx(gc, gs, x, dx, N, C, S, rb, sp, nsp, c, k, kk + 4 * c,
                         pfp, frac * (4 - BWD_GRAD_Q) / 4)
 
 
@@ -420,7 +440,10 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t rb, Py_ssize_t sp, Py_ssize_t nsp, Py_ssize_t nblk, bint fused,
                        double* part, int mode, const floating* mean, const floating* rstd,
                        const floating* w, const floating* mdy, const floating* mdyx,
-                       floating* oa, floating* ob, floating* kk, int nt) noexcept nogil:
+                       floating* oa, floating* ob, floating* kk, int nt, int act=ACT_NONE,
+                       const floating* ak=NULL, dat* gscr=NULL, Py_ssize_t gstride=0) noexcept nogil:
+    """act (fused path only): see cf_channel_bwd; ak: 3·C constants (mean_hi[C], a[C],
+    b[C]) of z, gscr: gstride values of scratch per thread."""
     cdef Py_ssize_t t, lo, hi, c, u, nu = C * nblk
     cdef double mu
     if fused or mode == MODE_APPLY:
@@ -431,7 +454,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                 for c in range(lo, hi):
                     cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
                                    mean, rstd, w, mdy, mdyx, oa, ob, kk, True,
-                                   c + 1 if c + 1 < hi else -1)
+                                   c + 1 if c + 1 < hi else -1, act, ak, gscr + t * gstride)
         else:
             for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
                 lo = split_lo(C, nt, t)
@@ -439,7 +462,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
                 for c in range(lo, hi):
                     cf_channel_bwd(g, x, dx, N, C, S, rb, sp, nsp, nblk, c, part, False, mode,
                                    mean, rstd, w, mdy, mdyx, oa, ob, kk, True,
-                                   c + 1 if c + 1 < hi else -1)
+                                   c + 1 if c + 1 < hi else -1, act, ak, gscr + t * gstride)
                 cn_sfence()  # order this thread's streaming stores before the join
         return
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -448,7 +471,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
                 c = u // nblk
-                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                cf_block_grad(g + c * S, C * S, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
                               c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
                               part + 3 * u)
     else:
@@ -457,7 +480,7 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
             hi = split_lo(nu, nt, t + 1)
             for u in range(lo, hi):
                 c = u // nblk
-                cf_block_grad(g, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
+                cf_block_grad(g + c * S, C * S, x, dx if mode == MODE_EVAL else NULL, N, C, S, rb, sp, nsp,
                               c, u % nblk, mean[c], <floating>(<double>w[c] * <double>rstd[c]),
                               part + 3 * u)
             cn_sfence()  # order this thread's streaming stores before the join
@@ -473,7 +496,8 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
             u = hi
             while u > lo:
                 u = u - 1
-                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+                cf_block_dx(g + (u // nblk) * S, C * S, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk,
+                            kk + 4 * (u // nblk))
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -481,7 +505,8 @@ cdef void cf_cross_bwd(const dat* g, const dat* x, dat* dx,
             u = hi
             while u > lo:
                 u = u - 1
-                cf_block_dx(g, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk, kk + 4 * (u // nblk))
+                cf_block_dx(g + (u // nblk) * S, C * S, x, dx, N, C, S, rb, sp, nsp, u // nblk, u % nblk,
+                            kk + 4 * (u // nblk))
             cn_sfence()  # order this thread's streaming stores before the join
 
 

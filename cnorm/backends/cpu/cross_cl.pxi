@@ -138,21 +138,30 @@ cdef void cl_block_grad(const dat* g, const dat* x, dat* dx, Py_ssize_t nr,
 
 
 cdef inline void cl_row_norm(const double* x, double* y, Py_ssize_t C,
-                             const double* mh, const double* a, const double* b) noexcept nogil:
-    """float64 channels-last row: y[c] = (x[c] - mh[c])·a[c] + b[c]."""
+                             const double* mh, const double* a, const double* b, int act) noexcept nogil:
+    """float64 channels-last row: y[c] = act((x[c] - mh[c])·a[c] + b[c])."""
     cdef Py_ssize_t c
-    for c in range(C):
-        y[c] = (x[c] - mh[c]) * a[c] + b[c]
+    if act == ACT_NONE:
+        for c in range(C):
+            y[c] = (x[c] - mh[c]) * a[c] + b[c]
+    else:
+        for c in range(C):
+            y[c] = act1((x[c] - mh[c]) * a[c] + b[c], act)
 
 
 cdef inline void row_affine(const dat* x, dat* y, Py_ssize_t C, const floating* a,
-                            const floating* b) noexcept nogil:
+                            const floating* b, int act=ACT_NONE) noexcept nogil:
+    """y[c] = act(x[c]·a[c] + b[c])."""
     cdef Py_ssize_t c
     if dat is double:
-        for c in range(C):
-            y[c] = x[c] * a[c] + b[c]
+        if act == ACT_NONE:
+            for c in range(C):
+                y[c] = x[c] * a[c] + b[c]
+        else:
+            for c in range(C):
+                y[c] = act1(x[c] * a[c] + b[c], act)
     else:
-        cn_row_affine(x, y, C, <const float*>a, <const float*>b)
+        cn_row_affine(x, y, C, <const float*>a, <const float*>b, act)
 
 
 cdef inline void cl_row_dx(const double* g, const double* x, double* dx, Py_ssize_t C,
@@ -166,8 +175,8 @@ cdef inline void cl_row_dx(const double* g, const double* x, double* dx, Py_ssiz
 
 cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
                        const floating* kk, const floating* kx,
-                       const dat* pf=NULL, Py_ssize_t npf=0) noexcept nogil:
-    """Normalize rows [r0, r1), newest first (the stats pass left them in cache):
+                       const dat* pf=NULL, Py_ssize_t npf=0, int act=ACT_NONE) noexcept nogil:
+    """Normalize rows [r0, r1) (and apply act), newest first (the stats pass left them in cache):
     float32 and half by spans of 16384 values (one stream each), float64 row by row.
 
     With ``pf``, the npf values from pf (the data of the next work) are
@@ -183,13 +192,13 @@ cdef void cl_norm_rows(const dat* x, dat* y, Py_ssize_t r0, Py_ssize_t r1, Py_ss
                 pf += share
             rs = r1 - ch if r1 - ch > r0 else r0
             cn_cl_norm_span(x + rs * C, y + rs * C, (r1 - rs) * C, C, <const float*>kx,
-                            <const float*>kx + e, <const float*>kx + 2 * e)
+                            <const float*>kx + e, <const float*>kx + 2 * e, act)
             r1 = rs
     else:
         while r1 > r0:
             r1 = r1 - 1
             if dat is double and floating is double:
-                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C)
+                cl_row_norm(x + r1 * C, y + r1 * C, C, kk, kk + C, kk + 2 * C, act)
 
 
 cdef void cl_dx_rows(const dat* g, const dat* x, dat* dx, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C,
@@ -211,7 +220,8 @@ cdef void cl_dx_rows(const dat* g, const dat* x, dat* dx, Py_ssize_t r0, Py_ssiz
 
 cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk, Py_ssize_t j,
                       const double* part, double eps, const floating* w, const floating* b,
-                      floating* mean, floating* var, floating* rstd, floating* kk) noexcept nogil:
+                      floating* mean, floating* var, floating* rstd, floating* kk,
+                      int act) noexcept nogil:
     """Merge the row-block partials of channels [j·CFOLD, (j+1)·CFOLD) in block order."""
     cdef Py_ssize_t c, k, r0, r1, c0 = j * CFOLD, c1 = (j + 1) * CFOLD if (j + 1) * CFOLD < C else C
     cdef double mu, d, nk
@@ -242,7 +252,7 @@ cdef void cl_fold_fwd(Py_ssize_t R, Py_ssize_t C, Py_ssize_t rb, Py_ssize_t nblk
             d = part[2 * k * C + c] - s[c - c0]
             m2[c - c0] += part[(2 * k + 1) * C + c] + nk * d * d
     for c in range(c0, c1):
-        fwd_consts(<double>R, s[c - c0], m2[c - c0], eps, w[c], b[c], mean + c, var + c, rstd + c, k3)
+        fwd_consts(<double>R, s[c - c0], m2[c - c0], eps, w[c], b[c], mean + c, var + c, rstd + c, k3, act)
         kk[c] = k3[0]
         kk[C + c] = k3[1]
         kk[2 * C + c] = k3[2]
@@ -290,7 +300,7 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
                        Py_ssize_t rb, Py_ssize_t nblk, double* part, double eps,
                        const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd, floating* kk, double* fscr,
-                       int nt) noexcept nogil:
+                       int nt, int act=ACT_NONE) noexcept nogil:
     """part: 2·nblk·C doubles; kk: 3·C constants laid out (mean_hi[C], a[C], b'[C]),
     then 3·(C + 16) of scratch; fscr: 3·C doubles per thread."""
     cdef Py_ssize_t t, lo, hi, k, r0, r1, j, c, nf = (C + CFOLD - 1) // CFOLD
@@ -315,10 +325,10 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
             cn_sfence()  # order this thread's streaming stores before the join
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
         for j in range(nf):
-            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
+            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk, act)
     else:
         for j in prange(nf, num_threads=nt, use_threads_if=nt > 1 and nf > 1, schedule="static"):
-            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk)
+            cl_fold_fwd(R, C, rb, nblk, j, part, eps, w, b, mean, var, rstd, kk, act)
     if y == NULL:
         return
     cdef floating* kx = kk + 3 * C  # extended constants (float32 spans), 3·(C + 16)
@@ -331,12 +341,12 @@ cdef void cl_cross_fwd(const dat* x, dat* y, Py_ssize_t R, Py_ssize_t C,
         for t in range(nt):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
+            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx, NULL, 0, act)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nblk, nt, t)
             hi = split_lo(nblk, nt, t + 1)
-            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx)
+            cl_norm_rows(x, y, lo * rb, hi * rb if hi * rb < R else R, C, kk, kx, NULL, 0, act)
             cn_sfence()  # order this thread's streaming stores before the join
 
 

@@ -44,8 +44,8 @@ CN_INLINE ptrdiff_t cn_head(const T* y, ptrdiff_t n) {
    streaming: y + i is then line-aligned), 0 < m < 32 for the head and the
    tail (nt false). */
 template <class T, class F>
-CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f) {
-    const bool nt = cn_nt_hint() && n >= CN_NT_MIN;
+CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f, bool stream = true) {
+    const bool nt = stream && cn_nt_hint() && n >= CN_NT_MIN;
     ptrdiff_t i = 0, h = nt ? cn_head(y, n) : 0;
     while (i < h) {
         ptrdiff_t m = h - i < 32 ? h - i : 32;
@@ -59,26 +59,73 @@ CN_INLINE void cn_sweep(const T* y, ptrdiff_t n, F f) {
     if (i < n) f(i, n - i, false);
 }
 
-/* y = (x - mh) a + b */
-template <class T>
-inline void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
+/* ---- activations: y = act(z) in the sweep that stores y, before rounding ---- */
+enum { CN_ACT_NONE = 0, CN_ACT_RELU = 1, CN_ACT_SILU = 2 };
+
+/* relu(z) = max(z, 0) (NaN stays NaN); silu(z) = z·s with s = sigmoid(z),
+   computed from e = e^-|z| (never overflows): s = 1 / (1 + e) for z >= 0 and
+   e / (1 + e) for z < 0, so silu = (z or z·e) / (1 + e) is accurate to a few
+   ulps over the whole range (-100 gives -3.7e-42, not -0); silu(-inf) is NaN
+   (z·sigmoid(z) = -inf·0), as in PyTorch and the NumPy reference. */
+template <int A>
+CN_INLINE VF cn_act(VF z) {
+    if (A == CN_ACT_RELU) return vmax(vzero(), z);
+    if (A == CN_ACT_SILU) {
+        VF e = vexp(vmin(z, vzero() - z));   /* e^-|z| (NaN stays NaN) */
+        return vsel_gt(vzero(), z, z * e, z) / (vset(1.0f) + e);
+    }
+    return z;
+}
+/* g = dy·act'(z): relu' = [z > 0] (exactly 0 elsewhere, NaN included);
+   silu' = s·(1 + z·(1 - s)), with s and 1 - s each e/(1 + e) or 1/(1 + e)
+   (e = e^-|z|): no cancellation in 1 - s where s is near 1 */
+template <int A>
+CN_INLINE VF cn_act_grad(VF dy, VF z) {
+    if (A == CN_ACT_RELU) return vsel_gt(z, vzero(), dy, vzero());
+    const VF one = vset(1.0f);
+    VF e = vexp(vmin(z, vzero() - z));
+    VF d = one / (one + e), ed = e * d;
+    VF s = vsel_gt(vzero(), z, ed, d), t = vsel_gt(vzero(), z, d, ed);   /* s, 1 - s */
+    return dy * (s * vfma(z, t, one));
+}
+/* Calls F<A>(args...) with the activation code as a compile-time constant:
+   each sweep is compiled once per activation and the test stays outside its
+   loop (act 0 runs exactly the sweep without activation). */
+#define CN_ACT_SWITCH(act, F, ...)                                     \
+    do {                                                               \
+        if ((act) == CN_ACT_RELU) F<CN_ACT_RELU>(__VA_ARGS__);         \
+        else if ((act) == CN_ACT_SILU) F<CN_ACT_SILU>(__VA_ARGS__);    \
+        else F<CN_ACT_NONE>(__VA_ARGS__);                              \
+    } while (0)
+
+/* y = act((x - mh) a + b) */
+template <int A, class T>
+inline void cn_norm_run_a(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
     const VF vm = vset(mh), va = vset(a), vb = vset(b);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF u0, u1;
         vload2_n(x + i, m, u0, u1);
-        vstore2_n(y + i, vfma(u0 - vm, va, vb), vfma(u1 - vm, va, vb), m, nt);
+        vstore2_n(y + i, cn_act<A>(vfma(u0 - vm, va, vb)), cn_act<A>(vfma(u1 - vm, va, vb)), m, nt);
     });
 }
-
-/* y = x a + b */
 template <class T>
-inline void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b) {
+inline void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b, int act) {
+    CN_ACT_SWITCH(act, cn_norm_run_a, x, y, n, mh, a, b);
+}
+
+/* y = act(x a + b) */
+template <int A, class T>
+inline void cn_scale_run_a(const T* x, T* y, ptrdiff_t n, float a, float b) {
     const VF va = vset(a), vb = vset(b);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF u0, u1;
         vload2_n(x + i, m, u0, u1);
-        vstore2_n(y + i, vfma(u0, va, vb), vfma(u1, va, vb), m, nt);
+        vstore2_n(y + i, cn_act<A>(vfma(u0, va, vb)), cn_act<A>(vfma(u1, va, vb)), m, nt);
     });
+}
+template <class T>
+inline void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b, int act) {
+    CN_ACT_SWITCH(act, cn_scale_run_a, x, y, n, a, b);
 }
 
 /* dx = g ka + ((x - mh) kb + kc) */
@@ -93,26 +140,35 @@ inline void cn_dx_run(const T* g, const T* x, T* dx, ptrdiff_t n, float ka, floa
     });
 }
 
-/* channels-last row: y[c] = x[c] a[c] + b[c] (a, b: n floats) */
-template <class T>
-inline void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b) {
+/* channels-last row: y[c] = act(x[c] a[c] + b[c]) (a, b: n floats) */
+template <int A, class T>
+inline void cn_row_affine_a(const T* x, T* y, ptrdiff_t n, const float* a, const float* b) {
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v0 = vfma(vload_n(x + i, m), vload_n(a + i, m), vload_n(b + i, m));
         VF v1 = vfma(vload_n(x + i + 16, m - 16), vload_n(a + i + 16, m - 16), vload_n(b + i + 16, m - 16));
-        vstore_pair_n(y + i, v0, v1, m, nt);
+        vstore_pair_n(y + i, cn_act<A>(v0), cn_act<A>(v1), m, nt);
     });
 }
-
-/* LayerNorm row: y[i] = ((x[i] - mh) rf - ml rf) w[i] + b[i], two FMAs */
 template <class T>
-inline void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b) {
+inline void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b, int act) {
+    CN_ACT_SWITCH(act, cn_row_affine_a, x, y, n, a, b);
+}
+
+/* LayerNorm row: y[i] = act(((x[i] - mh) rf - ml rf) w[i] + b[i]), two FMAs */
+template <int A, class T>
+inline void cn_ln_fwd_a(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b) {
     const VF vm = vset(mh), vr = vset(rf), vl = vset(-ml * rf);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF v0 = vfma(vfma(vload_n(x + i, m) - vm, vr, vl), vload_n(w + i, m), vload_n(b + i, m));
         VF v1 = vfma(vfma(vload_n(x + i + 16, m - 16) - vm, vr, vl), vload_n(w + i + 16, m - 16),
                      vload_n(b + i + 16, m - 16));
-        vstore_pair_n(y + i, v0, v1, m, nt);
+        vstore_pair_n(y + i, cn_act<A>(v0), cn_act<A>(v1), m, nt);
     });
+}
+template <class T>
+inline void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b,
+                      int act) {
+    CN_ACT_SWITCH(act, cn_ln_fwd_a, x, y, n, mh, ml, rf, w, b);
 }
 
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */
@@ -139,17 +195,22 @@ CN_INLINE ptrdiff_t cn_wrap(ptrdiff_t c, ptrdiff_t C) {
     while (c >= C) c -= C;
     return c;
 }
-template <class T>
-inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
-                            const float* b) {
+template <int A, class T>
+inline void cn_cl_norm_span_a(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+                              const float* b) {
     ptrdiff_t c = 0;
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         ptrdiff_t c1 = cn_wrap(c + 16, C);
         VF v0 = vfma(vload_n(x + i, m) - vload(mh + c), vload(a + c), vload(b + c));
         VF v1 = vfma(vload_n(x + i + 16, m - 16) - vload(mh + c1), vload(a + c1), vload(b + c1));
-        vstore_pair_n(y + i, v0, v1, m, nt);
+        vstore_pair_n(y + i, cn_act<A>(v0), cn_act<A>(v1), m, nt);
         c = cn_wrap(c + m, C);
     });
+}
+template <class T>
+inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+                            const float* b, int act) {
+    CN_ACT_SWITCH(act, cn_cl_norm_span_a, x, y, n, C, mh, a, b);
 }
 template <class T>
 inline void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
@@ -193,6 +254,67 @@ CN_INLINE VF vround_as(VF v) {
 }
 template <>
 CN_INLINE VF vround_as<float>(VF v) { return v; }
+
+/* ---- g = dy·act'(z), z recomputed from x with the forward's arithmetic ----
+   Each is the z of one forward sweep, operation for operation, so that relu's
+   mask agrees with the forward's y > 0 bit for bit: cn_act_grad_run is
+   cn_norm_run's (m = 0: cn_scale_run's, as x - 0 is x), cn_act_grad_span
+   cn_cl_norm_span's (m = 0: cn_row_affine's), cn_act_grad_ln cn_ln_fwd's.
+   g may be dy itself (each value is read before it is written there). */
+template <int A, class T>
+inline void cn_act_grad_run_a(const T* dy, const T* x, T* g, ptrdiff_t n, float mh, float a, float b, bool stream) {
+    const VF vm = vset(mh), va = vset(a), vb = vset(b);
+    cn_sweep(g, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF d0, d1, u0, u1;
+        vload2_n(dy + i, m, d0, d1);
+        vload2_n(x + i, m, u0, u1);
+        vstore2_n(g + i, cn_act_grad<A>(d0, vfma(u0 - vm, va, vb)), cn_act_grad<A>(d1, vfma(u1 - vm, va, vb)), m, nt);
+    }, stream);
+}
+/* stream: 0 for scratch that the next sweep reads from cache (ordinary stores
+   whatever the call's streaming hint) */
+template <class T>
+inline void cn_act_grad_run(const T* dy, const T* x, T* g, ptrdiff_t n, float mh, float a, float b, int act,
+                            int stream) {
+    CN_ACT_SWITCH(act, cn_act_grad_run_a, dy, x, g, n, mh, a, b, stream != 0);
+}
+/* channels-last span of rows of C (extended constants, as cn_cl_norm_span) */
+template <int A, class T>
+inline void cn_act_grad_span_a(const T* dy, const T* x, T* g, ptrdiff_t n, ptrdiff_t C, const float* mh,
+                               const float* a, const float* b) {
+    ptrdiff_t c = 0;
+    cn_sweep(g, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        ptrdiff_t c1 = cn_wrap(c + 16, C);
+        VF z0 = vfma(vload_n(x + i, m) - vload(mh + c), vload(a + c), vload(b + c));
+        VF z1 = vfma(vload_n(x + i + 16, m - 16) - vload(mh + c1), vload(a + c1), vload(b + c1));
+        VF g0 = cn_act_grad<A>(vload_n(dy + i, m), z0), g1 = cn_act_grad<A>(vload_n(dy + i + 16, m - 16), z1);
+        vstore_pair_n(g + i, g0, g1, m, nt);
+        c = cn_wrap(c + m, C);
+    });
+}
+template <class T>
+inline void cn_act_grad_span(const T* dy, const T* x, T* g, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+                             const float* b, int act) {
+    CN_ACT_SWITCH(act, cn_act_grad_span_a, dy, x, g, n, C, mh, a, b);
+}
+/* LayerNorm row (per-element weight and bias) */
+template <int A, class T>
+inline void cn_act_grad_ln_a(const T* dy, const T* x, T* g, ptrdiff_t n, float mh, float ml, float rf, const float* w,
+                             const float* b) {
+    const VF vm = vset(mh), vr = vset(rf), vl = vset(-ml * rf);
+    cn_sweep(g, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
+        VF z0 = vfma(vfma(vload_n(x + i, m) - vm, vr, vl), vload_n(w + i, m), vload_n(b + i, m));
+        VF z1 = vfma(vfma(vload_n(x + i + 16, m - 16) - vm, vr, vl), vload_n(w + i + 16, m - 16),
+                     vload_n(b + i + 16, m - 16));
+        VF g0 = cn_act_grad<A>(vload_n(dy + i, m), z0), g1 = cn_act_grad<A>(vload_n(dy + i + 16, m - 16), z1);
+        vstore_pair_n(g + i, g0, g1, m, nt);
+    });
+}
+template <class T>
+inline void cn_act_grad_ln(const T* dy, const T* x, T* g, ptrdiff_t n, float mh, float ml, float rf, const float* w,
+                           const float* b, int act) {
+    CN_ACT_SWITCH(act, cn_act_grad_ln_a, dy, x, g, n, mh, ml, rf, w, b);
+}
 
 /* dst = src, n bytes, whole lines by streaming stores (what the kernels'
    outputs cost): the benchmark's memory floor, so that the library memcpy's

@@ -33,10 +33,13 @@ cdef void rms_stats(const dat* x, Py_ssize_t L, double* m2_o) noexcept nogil:
 
 cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg,
                        Py_ssize_t u, double eps, const floating* w, const floating* b,
-                       floating* mean, floating* var, floating* rstd, bint rms=False) noexcept nogil:
-    """Group u = n·G + g: statistics, then normalize while it is in cache.
+                       floating* mean, floating* var, floating* rstd, bint rms=False,
+                       int act=ACT_NONE) noexcept nogil:
+    """Group u = n·G + g: statistics, then normalize (and apply act) while it is in cache.
 
-    rms (RMSNorm, S == 1 only): the mean square about 0, and mean 0."""
+    rms (RMSNorm, S == 1 only): the mean square about 0, and mean 0. With an
+    activation the constants are those backward recomputes (see fwd_consts):
+    no fold of the mean's rounding (ml = 0, b' = b), a = weight·rstd as rounded."""
     cdef Py_ssize_t G = C // cg, g = u % G, n = u // G, c0 = g * cg, ci, i, L = cg * S
     cdef Py_ssize_t off = (n * C + c0) * S
     cdef double mu, m2, v, r, a
@@ -57,13 +60,16 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
         return
     if S == 1:
         # per-element affine (LayerNorm): y = ((x - mh) - ml)·r·w + b
-        ml = <floating>(mu - <double>mh)
+        ml = <floating>(mu - <double>mh) if act == ACT_NONE else 0
         rf = <floating>r
         if dat is not double:
-            cn_ln_fwd(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0)
-        else:
+            cn_ln_fwd(x + off, y + off, cg, mh, ml, rf, <const float*>w + c0, <const float*>b + c0, act)
+        elif act == ACT_NONE:
             for i in range(cg):
                 st(y + (off + i), ((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i])
+        else:
+            for i in range(cg):
+                st(y + (off + i), act1(((<floating>ld(x + (off + i)) - mh) - ml) * rf * w[c0 + i] + b[c0 + i], act))
         return
     for ci in range(cg):
         # a channel's share of the next group toward L2 (this group is in cache):
@@ -71,6 +77,10 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
         # too); groups of few channels would issue it in one burst that stalls
         if cg >= 4:
             cn_prefetch_l2(x + off + L + ci * S, S * sizeof(dat))
+        if act != ACT_NONE:
+            norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>(<double>w[c0 + ci] * <double>rstd[u]),
+                     b[c0 + ci], act)
+            continue
         a = <double>w[c0 + ci] * r
         norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
                  <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))
@@ -159,12 +169,19 @@ cdef void rows_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t C, Py_ssize_t
 cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t cg, Py_ssize_t sbs,
                        Py_ssize_t u, const floating* mean, const floating* rstd, const floating* w,
-                       double* pw, double* pb, double* chs, bint rms=False, const dat* dh=NULL) noexcept nogil:
+                       double* pw, double* pb, double* chs, bint rms=False, int act=ACT_NONE,
+                       const floating* bias=NULL, dat* gscr=NULL, const dat* dh=NULL) noexcept nogil:
     """Unit u = sb·G + g: group g of the samples of sample block sb.
 
     pw/pb are this sample block's dweight/dbias partials (length C), summed
     over its samples in order; chs is 2·cg doubles of scratch (S == 1: 2·cg
     floats). Per-element-affine rows longer than LN_FUSE_C take ln_tiled_bwd.
+
+    With an activation (S > 1 only), each sample's group first gets g =
+    dy·act'(z) into ``gscr`` (cg·S values of this thread's scratch), z as
+    grp_fwd_unit computed it: dy and x are read from memory once, the sums and
+    dx then read g and x from cache (the wrapper takes this path for groups
+    that fit beside each other in L2).
     """
     cdef Py_ssize_t G = C // cg, gi = u % G, sb = u // G, c0 = gi * cg, ci, n, n1, off, o2
     cdef double ag[LANES]
@@ -172,6 +189,7 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
     cdef double ax[LANES]
     cdef double mu, r, m = <double>(cg * S), swg, swgx, a, bx, wd, d, sx
     cdef floating mh, kb
+    cdef const dat* gb
     n1 = (sb + 1) * sbs if (sb + 1) * sbs < N else N
     if S == 1:
         # one sweep per row, float lanes and column partials (rows.hpp); chs: 2·cg floats
@@ -185,6 +203,12 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
         mu = mean[n * G + gi]
         r = rstd[n * G + gi]
         off = (n * C + c0) * S
+        gb = g + off  # this group's g, channel ci at gb + ci·S
+        if act != ACT_NONE:
+            for ci in range(cg):
+                act_grad_run(g + off + ci * S, x + off + ci * S, gscr + ci * S, S, mean[n * G + gi],
+                             <floating>(<double>w[c0 + ci] * <double>rstd[n * G + gi]), bias[c0 + ci], act, False)
+            gb = gscr
         swg = 0.0
         swgx = 0.0
         sx = 0.0
@@ -193,7 +217,7 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
             lanes_zero(agx)
             lanes_zero(ax)
             o2 = off + ci * S
-            grad_run(g + o2, x + o2, S, mu, ag, agx, ax)
+            grad_run(gb + ci * S, x + o2, S, mu, ag, agx, ax)
             chs[2 * ci] = lanes_total(ag)
             chs[2 * ci + 1] = lanes_total(agx)
             sx += lanes_total(ax)
@@ -213,7 +237,7 @@ cdef void grp_bwd_unit(const dat* g, const dat* x, dat* dx,
         kb = <floating>(-r * r * r * swgx / m)
         for ci in range(cg):
             o2 = off + ci * S
-            dx_run(g + o2, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
+            dx_run(gb + ci * S, x + o2, dx + o2, S, <floating>(<double>w[c0 + ci] * r), mh, kb,
                    <floating>(-r * swg / m + ((mu - <double>mh) + d) * (r * r * r * swgx / m)))
 
 
@@ -301,7 +325,7 @@ cdef void cls_sample_stats(const dat* x, Py_ssize_t S, Py_ssize_t C, Py_ssize_t 
 cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssize_t cg,
                        Py_ssize_t rbs, Py_ssize_t n, double eps, const floating* w, const floating* b,
                        floating* mean, floating* var, floating* rstd,
-                       double* scratch, floating* kk) noexcept nogil:
+                       double* scratch, floating* kk, int act=ACT_NONE) noexcept nogil:
     """Sample n; scratch: 5·C + 3·G doubles, kk: 3·C constants + 3·(C + 16) of scratch."""
     cdef Py_ssize_t G = C // cg, gi, ci, c, r
     cdef double* acc = scratch
@@ -316,7 +340,7 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
         for ci in range(cg):
             c = gi * cg + ci
             fwd_consts(gcnt[gi], gmu[gi], gm2[gi], eps, w[c], b[c],
-                       mean + n * G + gi, var + n * G + gi, rstd + n * G + gi, k3)
+                       mean + n * G + gi, var + n * G + gi, rstd + n * G + gi, k3, act)
             kk[c] = k3[0]
             kk[C + c] = k3[1]
             kk[2 * C + c] = k3[2]
@@ -330,7 +354,7 @@ cdef void cls_fwd_unit(const dat* x, dat* y, Py_ssize_t S, Py_ssize_t C, Py_ssiz
             kx[e + c] = kk[C + c % C]
             kx[2 * e + c] = kk[2 * C + c % C]
     # prefetch the next sample's first statistics block while normalizing this one
-    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx, xs + S * C, (rbs if rbs < S else S) * C)
+    cl_norm_rows(xs, y + n * S * C, 0, S, C, kk, kx, xs + S * C, (rbs if rbs < S else S) * C, act)
 
 
 cdef void cls_bwd_unit(const dat* g, const dat* x, dat* dx,
@@ -400,7 +424,7 @@ cdef inline void add_rows(const dat* x, const dat* r, dat* h, Py_ssize_t n) noex
 
 cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssize_t lo,
                        Py_ssize_t hi, double eps, const float* w, const float* b,
-                       float* mean, float* var, float* rstd, bint rms,
+                       float* mean, float* var, float* rstd, bint rms, int act=ACT_NONE,
                        const dat* r=NULL, dat* h=NULL) noexcept nogil:
     """Units [lo, hi) of a float32/half S == 1 problem (LayerNorm rows), as grp_fwd_unit
     (same arithmetic), eight rows at a time: the statistics of eight rows, then
@@ -451,8 +475,8 @@ cdef void ln_fwd_units(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t cg, Py_ssi
                 c0 = (u % G) * cg
                 mh = <float>mu8[j]
                 if dat is not double:
-                    cn_ln_fwd(xs + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh),
-                              <float>r8[j], w + c0, b + c0)
+                    cn_ln_fwd(xs + u * cg, y + u * cg, cg, mh, <float>(mu8[j] - <double>mh) if act == ACT_NONE else 0,
+                              <float>r8[j], w + c0, b + c0, act)
         u0 += nb
 
 
@@ -460,7 +484,7 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
                   Py_ssize_t G, bint cl, Py_ssize_t rbs, double eps, const floating* w, const floating* b,
                   floating* mean, floating* var, floating* rstd,
                   double* scratch, Py_ssize_t sstride, floating* kk, int nt, bint rms=False,
-                  const dat* r=NULL, dat* h=NULL) noexcept nogil:
+                  int act=ACT_NONE, const dat* r=NULL, dat* h=NULL) noexcept nogil:
     """r (the fused residual add, S == 1 rows only): each row of h = x + r is
     written, then normalized from h while in cache (a row is a unit)."""
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
@@ -472,17 +496,17 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd, rms, r, h)
+                                 <float*>mean, <float*>var, <float*>rstd, rms, act, r, h)
                     continue
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
-                                 scratch + t * sstride, kk + t * (6 * C + 48))
+                                 scratch + t * sstride, kk + t * (6 * C + 48), act)
                 elif r != NULL:
                     add_rows(x + u * cg, r + u * cg, h + u * cg, cg)
-                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
+                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms, act)
                 else:
-                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms, act)
     else:
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -490,17 +514,17 @@ cdef void grp_fwd(const dat* x, dat* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S
             if dat is not double:
                 if S == 1 and not cl:
                     ln_fwd_units(x, y, C, cg, lo, hi, eps, <const float*>w, <const float*>b,
-                                 <float*>mean, <float*>var, <float*>rstd, rms, r, h)
+                                 <float*>mean, <float*>var, <float*>rstd, rms, act, r, h)
                     hi = lo  # done: skip the per-unit loop
             for u in range(lo, hi):
                 if cl:
                     cls_fwd_unit(x, y, S, C, cg, rbs, u, eps, w, b, mean, var, rstd,
-                                 scratch + t * sstride, kk + t * (6 * C + 48))
+                                 scratch + t * sstride, kk + t * (6 * C + 48), act)
                 elif r != NULL:
                     add_rows(x + u * cg, r + u * cg, h + u * cg, cg)
-                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
+                    grp_fwd_unit(h, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms, act)
                 else:
-                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms)
+                    grp_fwd_unit(x, y, C, S, cg, u, eps, w, b, mean, var, rstd, rms, act)
             cn_sfence()  # order this thread's streaming stores before the join
 
 
@@ -544,7 +568,9 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                   Py_ssize_t S, Py_ssize_t G, bint cl, Py_ssize_t sbs, Py_ssize_t nsb,
                   const floating* mean, const floating* rstd, const floating* w,
                   double* pw, double* pb, double* scratch, Py_ssize_t sstride, floating* kk,
-                  int nt, bint rms=False, const dat* dh=NULL) noexcept nogil:
+                  int nt, bint rms=False, int act=ACT_NONE, const floating* bias=NULL, dat* gscr=NULL,
+                  Py_ssize_t gstride=0, const dat* dh=NULL) noexcept nogil:
+    """act: channels-first S > 1 only (grp_bwd_unit), gscr: gstride values per thread."""
     cdef Py_ssize_t t, lo, hi, u, cg = C // G
     cdef Py_ssize_t nu = nsb if cl else nsb * G
     if nt == 1:  # serial calls skip the OpenMP runtime (~1 us per region)
@@ -558,7 +584,8 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms, dh)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms,
+                                 act, bias, gscr + t * gstride, dh)
     else:
         for t in prange(nt, num_threads=nt, use_threads_if=nt > 1, schedule="static", chunksize=1):
             lo = split_lo(nu, nt, t)
@@ -570,7 +597,8 @@ cdef void grp_bwd(const dat* g, const dat* x, dat* dx, Py_ssize_t N, Py_ssize_t 
                                  scratch + t * sstride, kk + t * (8 * C + 64))
                 else:
                     grp_bwd_unit(g, x, dx, N, C, S, cg, sbs, u, mean, rstd, w,
-                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms, dh)
+                                 pw + (u // G) * C, pb + (u // G) * C, scratch + t * sstride, rms,
+                                 act, bias, gscr + t * gstride, dh)
             cn_sfence()  # order this thread's streaming stores before the join
 
 

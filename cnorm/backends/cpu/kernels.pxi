@@ -47,7 +47,7 @@
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport exp, sqrt
 from libc.string cimport memcpy
 
 import numpy as np
@@ -108,18 +108,26 @@ cdef extern from "cpu/kernels.hpp" nogil:
     void cn_stream_copy(const char* src, char* dst, Py_ssize_t n)
     void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)
     void cn_add_run[T](const T* x, const T* r, T* h, Py_ssize_t n)
-    void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b)
-    void cn_scale_run[T](const T* x, T* y, Py_ssize_t n, float a, float b)
+    void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b, int act)
+    void cn_scale_run[T](const T* x, T* y, Py_ssize_t n, float a, float b, int act)
     void cn_dx_run[T](const T* g, const T* x, T* dx, Py_ssize_t n, float ka, float mh, float kb, float kc)
-    void cn_row_affine[T](const T* x, T* y, Py_ssize_t n, const float* a, const float* b)
+    void cn_row_affine[T](const T* x, T* y, Py_ssize_t n, const float* a, const float* b, int act)
     void cn_ln_fwd[T](const T* x, T* y, Py_ssize_t n, float mh, float ml, float rf, const float* w,
-                      const float* b)
+                      const float* b, int act)
     void cn_ln_dx[T](const T* g, const T* x, T* dx, Py_ssize_t n, const float* w, float rf, float mh, float ml,
                      float kb, float kc)
     void cn_cl_norm_span[T](const T* x, T* y, Py_ssize_t n, Py_ssize_t C, const float* mh, const float* a,
-                            const float* b)
+                            const float* b, int act)
     void cn_cl_dx_span[T](const T* g, const T* x, T* dx, Py_ssize_t n, Py_ssize_t C, const float* ka,
                           const float* mh, const float* kb, const float* kc)
+
+    # the activations (act: ACT_NONE, ACT_RELU, ACT_SILU): g = dy·act'(z), z as the forward's sweeps
+    void cn_act_grad_run[T](const T* dy, const T* x, T* g, Py_ssize_t n, float mh, float a, float b, int act,
+                            int stream)
+    void cn_act_grad_span[T](const T* dy, const T* x, T* g, Py_ssize_t n, Py_ssize_t C, const float* mh,
+                             const float* a, const float* b, int act)
+    void cn_act_grad_ln[T](const T* dy, const T* x, T* g, Py_ssize_t n, float mh, float ml, float rf,
+                           const float* w, const float* b, int act)
 
     # the level this module was compiled for
     const char* cn_level_name()

@@ -85,12 +85,13 @@ def last_threads():
     return _last_threads
 
 
-cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt) noexcept:
+cdef int _nthreads(Py_ssize_t work, Py_ssize_t units, int nt, bint record=True) noexcept:
     global _last_threads
     cdef int t = 1
     if work >= SERIAL_ELEMS and units >= 2:
         t = <int>min(<Py_ssize_t>max(nt, 1), units)
-    _last_threads = t
+    if record:
+        _last_threads = t
     return t
 
 
@@ -177,16 +178,95 @@ cdef inline Py_ssize_t _sample_block(Py_ssize_t N, Py_ssize_t per_sample) noexce
     return max(1, min(N, max(sbs, least)))
 
 
+cdef int _check_act(int act) except -1:
+    if act != ACT_NONE and act != ACT_RELU and act != ACT_SILU:
+        raise ValueError(f"act: expected an activation code of {ACTIVATIONS} or 0, got {act}")
+    return 0
+
+
+cdef cnp.ndarray _cross_act_consts(mean, rstd, weight, bias, Py_ssize_t C, int pt, bint frozen):
+    """(mean_hi[C], a[C], b[C]) with z = (x - mean_hi)·a + b computed exactly as the
+    forward computed it before its activation: with batch statistics (fwd_consts
+    with an activation) mean_hi = mean, a = weight·rstd rounded to the statistics
+    type, b = bias; frozen (eval: the affine kernel's x·scale + shift, fold_frozen's
+    constants) mean_hi = 0, a = scale, b = shift recomputed as fold_frozen did."""
+    cdef cnp.ndarray ak = _empty1(3 * C, pt)
+    cdef const void* pm = ptr(mean)
+    cdef const void* pr = ptr(rstd)
+    cdef const void* pw = ptr(weight)
+    cdef const void* pb = ptr(bias)
+    cdef void* pk = ptr(ak)
+    cdef Py_ssize_t c
+    cdef double m, sc
+    for c in range(C):
+        m = _ld64(pm, pt, c)
+        sc = _rnd(pt, _ld64(pw, pt, c) * _ld64(pr, pt, c))
+        _st64(pk, pt, C + c, sc)
+        if frozen:
+            _st64(pk, pt, c, 0.0)
+            _st64(pk, pt, 2 * C + c, _ld64(pb, pt, c) - m * sc)
+        else:
+            _st64(pk, pt, c, m)
+            _st64(pk, pt, 2 * C + c, _ld64(pb, pt, c))
+    return ak
+
+
+cdef object _act_prologue(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                          mean, rstd, weight, bias, ak, int act, int dt, int nt):
+    """g = dy·act'(z) over the whole tensor (act_grad_k), for the backward paths whose
+    unit of work is not cache-resident; returns g, the plain kernel's dy.
+
+    g goes into dx (which may be dy itself: every backward kernel reads dy[i] and
+    x[i] before it writes dx[i]), or into a new array when there is no dx or dx is
+    x itself (x is still to be read). ak: _cross_act_consts for G == 0."""
+    cdef int pt = _pnum(dt)
+    cdef Py_ssize_t size = N * C * S
+    cdef Py_ssize_t units = N * S if cl else (N * G if S == 1 and G > 0 else N * C)
+    cdef int t = _nthreads(size, units, nt, False)
+    if dx is None or ptr(dx) == ptr(x):
+        g = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x), dt, 0)
+    else:
+        g = dx
+    cdef cnp.ndarray kxs = _empty1(3 * (C + 16) * t, pt)
+    cdef void* pdy = ptr(dy)
+    cdef void* px = ptr(x)
+    cdef void* pg = ptr(g)
+    cdef void* pm = ptr(mean)
+    cdef void* pr = ptr(rstd)
+    cdef void* pw = ptr(weight)
+    cdef void* pb = ptr(bias)
+    cdef void* pa = ptr(ak)
+    cdef void* pk = ptr(kxs)
+    _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), pg, pdy, px)
+    with nogil:
+        if dt == F32:
+            act_grad_k(<float*>pdy, <float*>px, <float*>pg, N, C, S, G, cl, <float*>pm, <float*>pr,
+                       <float*>pw, <float*>pb, <float*>pa, act, <float*>pk, t)
+        elif dt == F64:
+            act_grad_k(<double*>pdy, <double*>px, <double*>pg, N, C, S, G, cl, <double*>pm, <double*>pr,
+                       <double*>pw, <double*>pb, <double*>pa, act, <double*>pk, t)
+        elif dt == F16:
+            act_grad_k(<cn_f16*>pdy, <cn_f16*>px, <cn_f16*>pg, N, C, S, G, cl, <float*>pm, <float*>pr,
+                       <float*>pw, <float*>pb, <float*>pa, act, <float*>pk, t)
+        else:
+            act_grad_k(<cn_bf16*>pdy, <cn_bf16*>px, <cn_bf16*>pg, N, C, S, G, cl, <float*>pm, <float*>pr,
+                       <float*>pw, <float*>pb, <float*>pa, act, <float*>pk, t)
+    return g
+
+
 def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                  weight, bias, double eps, int nt, y=None, bint rms=False, residual=None, h=None):
+                  weight, bias, double eps, int nt, y=None, bint rms=False, int act=ACT_NONE, residual=None, h=None):
     """Training forward: ``(y, mean, var, rstd)``, y new unless given (it may be x itself).
 
     ``G == 0``: cross-sample (statistics shape ``(C,)``), else per-sample with
     G groups (``(N, G)``). ``rms``: RMSNorm statistics (mean 0, var the mean
-    square), per-sample rows (S == 1) only. ``residual`` (rows only): the
-    fused add, ``h = x + residual`` written into ``h`` (new unless given; it
-    may be x or residual itself) and normalized: returns ``(y, h, mean, var,
-    rstd)``. Other arguments as in :func:`cross_forward`.
+    square), per-sample rows (S == 1) only. ``act``: an activation code
+    (ACTIVATIONS) applied in the sweep that stores y; the normalization then
+    uses the constants backward recomputes (weight·rstd as rounded, bias; no
+    fold of the mean's rounding). ``residual`` (rows only): the fused add,
+    ``h = x + residual`` written into ``h`` (new unless given; it may be x or
+    residual itself) and normalized: returns ``(y, h, mean, var, rstd)``.
+    Other arguments as in :func:`cross_forward`.
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -199,14 +279,14 @@ def forward_train(x, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize
     cdef cnp.ndarray var = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
     cdef cnp.ndarray rstd = cnp.PyArray_EMPTY(1 if G == 0 else 2, sd, pt, 0)
     if G == 0:
-        _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt)
+        _cross_forward(x, y, cl, N, C, S, weight, bias, mean, var, rstd, eps, nt, act)
     else:
         if residual is not None:
             if h is None:
                 h = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x), dt, 0)
-            _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms, residual, h)
+            _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms, act, residual, h)
             return y, h, mean, var, rstd
-        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms)
+        _group_forward(x, y, cl, N, C, S, G, weight, bias, mean, var, rstd, eps, nt, rms, act)
     return y, mean, var, rstd
 
 
@@ -237,8 +317,9 @@ def cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weigh
 
 
 cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, weight, bias,
-                        mean, var, rstd, double eps, int nt) except -1:
+                        mean, var, rstd, double eps, int nt, int act=ACT_NONE) except -1:
     cdef int dt = _dtype_num(x)
+    _check_act(act)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     x = _in(x, dt, size, "x")
@@ -282,35 +363,36 @@ cdef int _cross_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         if cl:
             if dt == F32:
                 cl_cross_fwd(<float*>px, <float*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t, act)
             elif dt == F64:
                 cl_cross_fwd(<double*>px, <double*>py, N * S, C, rb, nblk, pp, eps, <double*>pw,
-                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, pfs, t)
+                             <double*>pb, <double*>pm, <double*>pv, <double*>pr, <double*>pk, pfs, t, act)
             elif dt == F16:
                 cl_cross_fwd(<cn_f16*>px, <cn_f16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t, act)
             else:
                 cl_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N * S, C, rb, nblk, pp, eps, <float*>pw,
-                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t)
+                             <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, pfs, t, act)
         else:
             if dt == F32:
                 cf_cross_fwd(<float*>px, <float*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
-                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t, act)
             elif dt == F64:
                 cf_cross_fwd(<double*>px, <double*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
                              <double*>pw, <double*>pb, <double*>pm, <double*>pv, <double*>pr,
-                             <double*>pk, t)
+                             <double*>pk, t, act)
             elif dt == F16:
                 cf_cross_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
-                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t, act)
             else:
                 cf_cross_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, rb, sp, nsp, nblk, fused, pp, eps,
-                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t)
+                             <float*>pw, <float*>pb, <float*>pm, <float*>pv, <float*>pr, <float*>pk, t, act)
     return 0
 
 
 def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, mean, rstd, weight,
-                   out_a, out_b, int mode, int nt, mean_dy=None, mean_dy_xhat=None):
+                   out_a, out_b, int mode, int nt, mean_dy=None, mean_dy_xhat=None, int act=ACT_NONE,
+                   bias=None):
     """Cross-sample backward in one of four modes.
 
     ``TRAIN``: dx through batch statistics, ``out_a = Σ dy·xhat``,
@@ -318,6 +400,14 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     the sums. ``SUMS``: the sums only (``dx`` is None). ``APPLY``:
     ``dx = weight·rstd·(dy - mean_dy - xhat·mean_dy_xhat)`` only (``out_a``,
     ``out_b`` are None). Other arguments as in :func:`cross_forward`.
+
+    ``act`` (TRAIN and EVAL): through the activation the forward applied, with
+    g = dy·act'(z) in place of dy; z is recomputed from x, mean, rstd, weight
+    and ``bias`` as that forward computed it (forward_train with act; EVAL:
+    affine with fold_frozen's scale and shift). Channels-first channels that
+    take the fused path compute g per channel into per-thread scratch (no
+    extra memory traffic); the other paths take a whole-tensor prologue
+    (_act_prologue).
     """
     cdef int dt = _dtype_num(x)
     cdef int pt = _pnum(dt)
@@ -337,6 +427,13 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         _out(out_a, pt, C, "out_a")
         _out(out_b, pt, C, "out_b")
         mean_dy = mean_dy_xhat = mean  # not read
+    _check_act(act)
+    cdef cnp.ndarray ak = _EMPTY
+    if act != ACT_NONE:
+        if mode != MODE_TRAIN and mode != MODE_EVAL:
+            raise ValueError("act: an activation's gradient is for the TRAIN and EVAL modes")
+        bias = _in(bias, pt, C, "bias")
+        ak = _cross_act_consts(mean, rstd, weight, bias, C, pt, mode == MODE_EVAL)
     cdef cnp.ndarray part, mud = _empty1(C, F64), kk = _empty1(4 * C + 4 * (C + 16), pt)
     cdef Py_ssize_t rb, sp = 0, nsp = 0, nblk
     cdef bint fused = False
@@ -351,6 +448,17 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         t = _nthreads(size, C * nblk, nt)
         fused = (t == 1 or C >= 4 * t) and 2 * N * S * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x) <= FUSE_BYTES
         part = _scratch64(0 if fused else 3 * C * nblk)
+    # an activation: g per channel into scratch on the fused path (gstride values a
+    # thread, whole lines), else g over the whole tensor first
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
+    cdef Py_ssize_t gstride = 0
+    if act != ACT_NONE:
+        if fused and not cl:
+            gstride = (N * S * item + 63) // 64 * 64 // item
+            part = _scratch64(t * gstride * item // 8)
+        else:
+            dy = _act_prologue(dy, x, dx, cl, N, C, S, 0, mean, rstd, weight, bias, ak, act, dt, nt)
+            act = ACT_NONE
     cdef void* pg = ptr(dy)
     cdef void* px = ptr(x)
     cdef void* pdx = optr(dx)
@@ -364,6 +472,7 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef void* pk = ptr(kk)
     cdef double* pp = <double*>ptr(part)
     cdef double* pmu = <double*>ptr(mud)
+    cdef void* pak = ptr(ak)
     _stream(0 if dx is None else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), pdx, pg, px)
     with nogil:
         if cl:
@@ -387,19 +496,23 @@ def cross_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
             if dt == F32:
                 cf_cross_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
                              pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
-                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t, act, <float*>pak,
+                             <float*>pp, gstride)
             elif dt == F64:
                 cf_cross_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, rb, sp, nsp, nblk,
                              fused, pp, mode, <double*>pm, <double*>pr, <double*>pw, <double*>pmd,
-                             <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t)
+                             <double*>pmdx, <double*>pa, <double*>pb, <double*>pk, t, act, <double*>pak,
+                             <double*>pp, gstride)
             elif dt == F16:
                 cf_cross_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, rb, sp, nsp, nblk, fused,
                              pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
-                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t, act, <float*>pak,
+                             <cn_f16*>pp, gstride)
             else:
                 cf_cross_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, rb, sp, nsp, nblk,
                              fused, pp, mode, <float*>pm, <float*>pr, <float*>pw, <float*>pmd,
-                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t)
+                             <float*>pmdx, <float*>pa, <float*>pb, <float*>pk, t, act, <float*>pak,
+                             <cn_bf16*>pp, gstride)
 
 
 def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
@@ -413,9 +526,10 @@ def group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ss
 
 
 cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                        weight, bias, mean, var, rstd, double eps, int nt, bint rms=False, residual=None,
-                        h=None) except -1:
+                        weight, bias, mean, var, rstd, double eps, int nt, bint rms=False,
+                        int act=ACT_NONE, residual=None, h=None) except -1:
     cdef int dt = _dtype_num(x)
+    _check_act(act)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     x = _in(x, dt, size, "x")
@@ -456,26 +570,31 @@ cdef int _group_forward(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     with nogil:
         if dt == F32:
             grp_fwd(<float*>px, <float*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const float*>prs, <float*>ph)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, act, <const float*>prs, <float*>ph)
         elif dt == F64:
             grp_fwd(<double*>px, <double*>py, N, C, S, G, cl, rbs, eps, <double*>pw,
                     <double*>pb, <double*>pm, <double*>pv, <double*>pr, ps, sstride,
-                    <double*>pk, t, rms, <const double*>prs, <double*>ph)
+                    <double*>pk, t, rms, act, <const double*>prs, <double*>ph)
         elif dt == F16:
             grp_fwd(<cn_f16*>px, <cn_f16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const cn_f16*>prs, <cn_f16*>ph)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, act, <const cn_f16*>prs, <cn_f16*>ph)
         else:
             grp_fwd(<cn_bf16*>px, <cn_bf16*>py, N, C, S, G, cl, rbs, eps, <float*>pw, <float*>pb,
-                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, <const cn_bf16*>prs, <cn_bf16*>ph)
+                    <float*>pm, <float*>pv, <float*>pr, ps, sstride, <float*>pk, t, rms, act, <const cn_bf16*>prs, <cn_bf16*>ph)
     return 0
 
 
 def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                   mean, rstd, weight, int nt, bint rms=False, dh=None):
+                   mean, rstd, weight, int nt, bint rms=False, int act=ACT_NONE, bias=None, dh=None):
     """Per-sample training backward; returns ``(dweight, dbias)`` in the statistics dtype.
 
     ``dx`` (written in place) may be None to compute the parameter gradients only.
-    ``rms``: through RMSNorm statistics (rows, S == 1). ``dh`` (rows, the
+    ``rms``: through RMSNorm statistics (rows, S == 1). ``act``: through the
+    activation forward_train applied (g = dy·act'(z) in place of dy, z
+    recomputed from x, mean, rstd, weight and ``bias``): channels-first groups
+    (S > 1) that fit in L2 compute g per group into per-thread scratch (no extra
+    memory traffic); channels-last problems and rows (LayerNorm, RMSNorm) take a
+    whole-tensor prologue (_act_prologue). ``dh`` (rows, the
     fused add-and-norm): ``dx = dh + the norm's dx`` in the same sweep; dx
     may be dy, x or dh itself.
     """
@@ -498,6 +617,19 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
             raise ValueError(f"dh: the fused add's gradient is for rows (S == 1, G == 1) with dx, got S={S}, G={G}")
         dh = _in(dh, dt, size, "dh")
     cl = cl and S > 1
+    _check_act(act)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
+    cdef Py_ssize_t gstride = 0, gdoubles = 0
+    if act != ACT_NONE:
+        bias = _in(bias, pt, C, "bias")
+        if not cl and S > 1 and 2 * (C // G) * S * item <= FUSE_BYTES:
+            gstride = ((C // G) * S * item + 63) // 64 * 64 // item  # a group of g per thread
+            gdoubles = gstride * item // 8
+        else:
+            dy = _act_prologue(dy, x, dx, cl, N, C, S, G, mean, rstd, weight, bias, _EMPTY, act, dt, nt)
+            act = ACT_NONE
+    else:
+        bias = _EMPTY  # not read
     cdef Py_ssize_t sbs = _sample_block(N, C * S)
     cdef Py_ssize_t nsb = (N + sbs - 1) // sbs
     # The partials take nsb·C doubles twice: long per-element-affine rows take the
@@ -515,7 +647,7 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef Py_ssize_t sstride = 3 * LN_TILE if tiled else (4 * C if cl else cg if S == 1 else 2 * cg)
     # dweight/dbias partials per sample block, reduced below in block order
     # (one kept block: pwa and pba are its two halves)
-    cdef cnp.ndarray pwb = _EMPTY if tiled else _scratch64(2 * nsb * C)
+    cdef cnp.ndarray pwb = _EMPTY if tiled else _scratch64(2 * nsb * C + t * gdoubles)
     cdef cnp.ndarray scratch = _empty1(t * sstride, F64)
     cdef cnp.ndarray kk = _empty1(t * (8 * C + 64) if cl else 0, pt)
     # tiled: per row-group constants and one batch of piece sums (per-token calls
@@ -537,6 +669,8 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
     cdef double* psl = <double*>ptr(slots)
     cdef void* pdw = ptr(dw)
     cdef void* pdb = ptr(db)
+    cdef void* pbias = ptr(bias)
+    cdef void* pgs = <void*>(ppw + 2 * nsb * C)  # the activation's scratch (after the partials)
     cdef void* pdh = optr(dh)
     _stream(0 if dx is None or (pdh != NULL and pdx == pdh) else size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x),
             pdx, pg, px)
@@ -557,17 +691,20 @@ def group_backward(dy, x, dx, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
         else:
             if dt == F32:
                 grp_bwd(<float*>pg, <float*>px, <float*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const float*>pdh)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms,
+                        act, <float*>pbias, <float*>pgs, gstride, <const float*>pdh)
             elif dt == F64:
                 grp_bwd(<double*>pg, <double*>px, <double*>pdx, N, C, S, G, cl, sbs, nsb,
                         <double*>pm, <double*>pr, <double*>pw, ppw, ppb, ps, sstride,
-                        <double*>pk, t, rms, <const double*>pdh)
+                        <double*>pk, t, rms, act, <double*>pbias, <double*>pgs, gstride, <const double*>pdh)
             elif dt == F16:
                 grp_bwd(<cn_f16*>pg, <cn_f16*>px, <cn_f16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const cn_f16*>pdh)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms,
+                        act, <float*>pbias, <cn_f16*>pgs, gstride, <const cn_f16*>pdh)
             else:
                 grp_bwd(<cn_bf16*>pg, <cn_bf16*>px, <cn_bf16*>pdx, N, C, S, G, cl, sbs, nsb, <float*>pm,
-                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms, <const cn_bf16*>pdh)
+                        <float*>pr, <float*>pw, ppw, ppb, ps, sstride, <float*>pk, t, rms,
+                        act, <float*>pbias, <cn_bf16*>pgs, gstride, <const cn_bf16*>pdh)
             sum_block_partials(ppw, ppb, nsb, C, pdw, pdb, pt == F64,
                                t if nsb * C >= SERIAL_ELEMS // 4 and C >= t else 1)
     return dw, db
@@ -587,6 +724,11 @@ cdef inline double _ld64(const void* p, int dt, Py_ssize_t i) noexcept nogil:
     return (<const double*>p)[i] if dt == F64 else <double>(<const float*>p)[i]
 
 
+cdef inline double _rnd(int dt, double v) noexcept nogil:
+    """v rounded to dtype number dt (float64, else float32), as a double."""
+    return v if dt == F64 else <double><float>v
+
+
 cdef inline void _st64(void* p, int dt, Py_ssize_t i, double v) noexcept nogil:
     """p[i] = v in dtype number dt (float64, else float32)."""
     if dt == F64:
@@ -601,7 +743,13 @@ def fold_frozen(mean, var, weight, bias, double eps):
     bias - mean·scale``; None unless weight and bias are C-contiguous float32 or
     float64 vectors of one dtype and mean and var C-contiguous float32 or float64
     vectors of their length, all aligned and in native byte order (the caller
-    then computes them otherwise)."""
+    then computes them otherwise).
+
+    scale and shift are computed from mean and rstd as returned (rounded to
+    weight's dtype), so that a backward given only mean, rstd, weight and bias
+    recomputes the very scale and shift the forward used (an activation's
+    backward recomputes z = x·scale + shift from them: _cross_act_consts).
+    With float64 parameters nothing is rounded."""
     if not isinstance(weight, cnp.ndarray):
         return None
     cdef int pt = cnp.PyArray_TYPE(<cnp.ndarray>weight)
@@ -622,9 +770,9 @@ def fold_frozen(mean, var, weight, bias, double eps):
     cdef void* qh = ptr(osh)
     cdef double m, r, sc
     for i in range(n):
-        m = _ld64(pm, mt, i)
-        r = 1.0 / sqrt(_ld64(pv, vt, i) + eps)
-        sc = _ld64(pw, pt, i) * r
+        m = _rnd(pt, _ld64(pm, mt, i))
+        r = _rnd(pt, 1.0 / sqrt(_ld64(pv, vt, i) + eps))
+        sc = _rnd(pt, _ld64(pw, pt, i) * r)
         _st64(qm, pt, i, m)
         _st64(qr, pt, i, r)
         _st64(qs, pt, i, sc)
@@ -632,9 +780,11 @@ def fold_frozen(mean, var, weight, bias, double eps):
     return [om, orr, osc, osh]
 
 
-def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt):
-    """Eval-mode forward ``y = x·scale[c] + shift[c]``: one multiply-add per element."""
+def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift, int nt, int act=ACT_NONE):
+    """Eval-mode forward ``y = act(x·scale[c] + shift[c])``: one multiply-add per element
+    (and the activation, in the same sweep)."""
     cdef int dt = _dtype_num(x)
+    _check_act(act)
     cdef int pt = _pnum(dt)
     cdef Py_ssize_t size = N * C * S
     x = _in(x, dt, size, "x")
@@ -650,13 +800,13 @@ def affine(x, y, bint cl, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, scale, shift
     _stream(size * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x), py, px)
     with nogil:
         if dt == F32:
-            affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+            affine_k(<float*>px, <float*>py, N, C, S, cl, <float*>pa, <float*>pb, t, act)
         elif dt == F64:
-            affine_k(<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t)
+            affine_k(<double*>px, <double*>py, N, C, S, cl, <double*>pa, <double*>pb, t, act)
         elif dt == F16:
-            affine_k(<cn_f16*>px, <cn_f16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+            affine_k(<cn_f16*>px, <cn_f16*>py, N, C, S, cl, <float*>pa, <float*>pb, t, act)
         else:
-            affine_k(<cn_bf16*>px, <cn_bf16*>py, N, C, S, cl, <float*>pa, <float*>pb, t)
+            affine_k(<cn_bf16*>px, <cn_bf16*>py, N, C, S, cl, <float*>pa, <float*>pb, t, act)
 
 
 def parallel_copy(src, dst, int nt):

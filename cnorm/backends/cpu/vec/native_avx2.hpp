@@ -29,6 +29,16 @@ CN_INLINE nf nf_sub(nf a, nf b) { return _mm256_sub_ps(a, b); }
 CN_INLINE nf nf_mul(nf a, nf b) { return _mm256_mul_ps(a, b); }
 CN_INLINE nf nf_fma(nf a, nf b, nf c) { return _mm256_fmadd_ps(a, b, c); }
 
+/* the operations of native_avx512.hpp for activations */
+CN_INLINE nf nf_max(nf a, nf b) { return _mm256_max_ps(a, b); }
+CN_INLINE nf nf_min(nf a, nf b) { return _mm256_min_ps(a, b); }
+CN_INLINE nf nf_div(nf a, nf b) { return _mm256_div_ps(a, b); }
+CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm256_blendv_ps(f, t, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+CN_INLINE nf nf_exp2i(nf t) {
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),
+                                                _mm256_set1_epi32(127 << 23)));
+}
+
 /* all-ones in the first m lanes (m clamped to [0, 8]): a window of a table */
 const int32_t cn_mask_tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 CN_INLINE __m256i cn_k8(ptrdiff_t m) {

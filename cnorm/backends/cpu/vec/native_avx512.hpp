@@ -49,6 +49,20 @@ CN_INLINE nf nf_sub(nf a, nf b) { return _mm512_sub_ps(a, b); }
 CN_INLINE nf nf_mul(nf a, nf b) { return _mm512_mul_ps(a, b); }
 CN_INLINE nf nf_fma(nf a, nf b, nf c) { return _mm512_fmadd_ps(a, b, c); }
 
+/* a > b ? a : b and a < b ? a : b lane-wise: b where either is NaN (x86's
+   maxps/minps rule, which every level follows) */
+CN_INLINE nf nf_max(nf a, nf b) { return _mm512_max_ps(a, b); }
+CN_INLINE nf nf_min(nf a, nf b) { return _mm512_min_ps(a, b); }
+CN_INLINE nf nf_div(nf a, nf b) { return _mm512_div_ps(a, b); }
+/* a > b ? t : f lane-wise (f where a or b is NaN) */
+CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), f, t); }
+/* 2^k for t = 1.5·2^23 + k, k an integer in [-126, 127]: t's bits are
+   0x4b400000 + k, so (bits << 23) + (127 << 23) are those of 2^k */
+CN_INLINE nf nf_exp2i(nf t) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
+                                                _mm512_set1_epi32(127 << 23)));
+}
+
 /* the first m lanes (m clamped to [0, 16]) */
 CN_INLINE __mmask16 cn_k16(ptrdiff_t m) {
     return m >= 16 ? (__mmask16)0xffff : m <= 0 ? (__mmask16)0 : (__mmask16)((1u << m) - 1u);

@@ -29,6 +29,15 @@ CN_INLINE nf nf_sub(nf a, nf b) { return _mm_sub_ps(a, b); }
 CN_INLINE nf nf_mul(nf a, nf b) { return _mm_mul_ps(a, b); }
 CN_INLINE nf nf_fma(nf a, nf b, nf c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
 
+/* the operations of native_avx512.hpp for activations */
+CN_INLINE nf nf_max(nf a, nf b) { return _mm_max_ps(a, b); }
+CN_INLINE nf nf_min(nf a, nf b) { return _mm_min_ps(a, b); }
+CN_INLINE nf nf_div(nf a, nf b) { return _mm_div_ps(a, b); }
+CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm_blendv_ps(f, t, _mm_cmpgt_ps(a, b)); }
+CN_INLINE nf nf_exp2i(nf t) {
+    return _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(_mm_castps_si128(t), 23), _mm_set1_epi32(127 << 23)));
+}
+
 const int32_t cn_mask_tab[8] = {-1, -1, -1, -1, 0, 0, 0, 0};
 CN_INLINE __m128i cn_k4(ptrdiff_t m) {
     m = m < 0 ? 0 : m > 4 ? 4 : m;

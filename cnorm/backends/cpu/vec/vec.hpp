@@ -60,6 +60,51 @@ CN_INLINE VF vkeep(VF a, ptrdiff_t m) {
     return a;
 }
 
+CN_INLINE VF operator/(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_div(a.v[i], b.v[i]); return a; }
+/* a > b ? a : b (vmax) and a < b ? a : b (vmin): b where either is NaN */
+CN_INLINE VF vmax(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_max(a.v[i], b.v[i]); return a; }
+CN_INLINE VF vmin(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_min(a.v[i], b.v[i]); return a; }
+/* a > b ? t : f (f where a or b is NaN) */
+CN_INLINE VF vsel_gt(VF a, VF b, VF t, VF f) {
+    for (int i = 0; i < CN_K; i++) t.v[i] = nf_sel_gt(a.v[i], b.v[i], t.v[i], f.v[i]);
+    return t;
+}
+
+/* e^x, Cephes' expf written once for the vector type (as PyTorch's
+   Vectorized<float>::exp): x = k·ln2 + r, k = round(x·log2 e) by the
+   1.5·2^23 trick, ln2 in two parts (k·0.693359375 is exact), |r| <= ln2/2;
+   e^r = 1 + r + r²·P(r), Cephes' degree-5 P (relative error about 1 ulp of
+   float); then times 2^k in two factors 2^k1·2^k2 (k1 = round(k/2)), so k
+   from -150 to 128 needs no special case: the last multiply rounds what is
+   below the smallest subnormal to 0 and overflows what is above FLT_MAX to
+   inf. x is clamped to [-104, 89] first (e^x rounds to 0 or inf beyond), so
+   -inf gives 0 and +inf gives inf; NaN passes the clamps (vmax/vmin keep
+   their second operand) and the polynomial. No table, no libm call: the
+   same operations at every level, so avx2 and avx512 give the same bits
+   (baseline rounds a*b + c twice, as everywhere). */
+CN_INLINE VF vexp(VF x) {
+    const VF big = vset(12582912.0f);   /* 1.5·2^23 */
+    x = vmin(vset(89.0f), vmax(vset(-104.0f), x));
+    VF k = vfma(x, vset(1.44269504088896341f), big) - big;
+    VF r = vfma(k, vset(-0.693359375f), x);
+    r = vfma(k, vset(2.12194440e-4f), r);
+    VF p = vset(1.9875691500e-4f);
+    p = vfma(p, r, vset(1.3981999507e-3f));
+    p = vfma(p, r, vset(8.3334519073e-3f));
+    p = vfma(p, r, vset(4.1665795894e-2f));
+    p = vfma(p, r, vset(1.6666665459e-1f));
+    p = vfma(p, r, vset(5.0000001201e-1f));
+    p = vfma(p, r * r, r) + vset(1.0f);
+    VF t1 = vfma(k, vset(0.5f), big);   /* 1.5·2^23 + k1 */
+    VF t2 = (k - (t1 - big)) + big;     /* 1.5·2^23 + k2 */
+    VF s1, s2;
+    for (int i = 0; i < CN_K; i++) {
+        s1.v[i] = nf_exp2i(t1.v[i]);
+        s2.v[i] = nf_exp2i(t2.v[i]);
+    }
+    return (p * s1) * s2;
+}
+
 CN_INLINE ptrdiff_t cn_clamp(ptrdiff_t m, ptrdiff_t hi) { return m < 0 ? 0 : m > hi ? hi : m; }
 
 /* ---- loads and stores of 16 values (T: float, cn_bf16, cn_f16) ---- */
