@@ -1150,6 +1150,8 @@ def main(argv: list[str]) -> int:
                         help="comma-separated; cnorm backend names and 'torch' (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per backend and case")
     parser.add_argument("--filter", default="", help="run only cases whose name contains this")
+    parser.add_argument("--fused-only", action="store_true",
+                        help="only the RMSNorm and fused rows (add+norm, norm+activation)")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16",
                         help="comma-separated data dtypes; half rows reuse the float32 cases (default: %(default)s)")
     parser.add_argument("--keep-freed-memory", action="store_true",
@@ -1241,7 +1243,8 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
         if "float32" in dtypes else []
     halves = tuple(d for d in dtypes if d != "float32")
     cases += half_cases(halves, args.quick) if halves else []
-    cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)]
+    cases = [c for c in cases if args.filter in c.name and args.case in (None, c.name)
+             and (c.has_baseline or not args.fused_only)]
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 1.0 if args.quick else 4.0
     if args.isolate is None:  # a fresh process per case, except for the quick smoke run

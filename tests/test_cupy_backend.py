@@ -340,6 +340,30 @@ def _bits(a):
     return h.view(f"u{h.itemsize}").tobytes()
 
 
+def _unaligned_maker(cp, x, dtype):
+    """A function making a device buffer of x's shape that is not 16-byte aligned."""
+    def unaligned():
+        buf = cp.empty(x.size + 1, dtype=dtype)[1:].reshape(x.shape)
+        assert buf.data.ptr % 16 != 0
+        return buf
+    return unaligned
+
+
+def _check_out_targets(cp, calls, x, dy, unaligned, label=""):
+    """Each ``calls[name] = (backward, call(X, DY, out))`` with out a separate buffer, an
+    unaligned one, x itself and (backward) dy itself: the plain call's bits, out returned."""
+    for name, (backward, call) in calls.items():
+        want = [_bits(a) for a in call(cp.asarray(x), cp.asarray(dy), None)]
+        for target in ("separate", "unaligned", "x") + (("dy",) if backward else ()):
+            Xt, DYt = cp.asarray(x), cp.asarray(dy)
+            out = {"separate": lambda: cp.empty_like(Xt), "unaligned": unaligned, "x": lambda: Xt,
+                   "dy": lambda: DYt}[target]()
+            got = call(Xt, DYt, out)
+            assert got[0] is out, f"{name}{label} out={target}: not returned as the result"
+            for i, (g, wb) in enumerate(zip(got, want)):
+                assert _bits(g) == wb, f"{name}{label} out={target}: result {i} differs from the plain call's"
+
+
 @pytest.mark.parametrize("registers", [True, False], ids=["registers", "staged"])
 @pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("spec", PROBLEMS, ids=lambda s: "{}-{}x{}x{}-g{}".format(*s))
@@ -357,14 +381,11 @@ def test_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_name, regis
     cm, cr = (np.random.default_rng(2).uniform(0.5, 1.5, p.c).astype(w.dtype) for _ in range(2))
     CM, CR = cp.asarray(cm), cp.asarray(cr)
 
-    def unaligned():
-        buf = cp.empty(x.size + 1, dtype=dtype)[1:].reshape(x.shape)
-        assert buf.data.ptr % 16 != 0
-        return buf
+    unaligned = _unaligned_maker(cp, x, dtype)
 
     backend.row_registers = registers
     try:
-        X, DY = cp.asarray(x), cp.asarray(dy)
+        X = cp.asarray(x)
         plain_fwd = backend.forward_train(X, p, W, B, 1e-5)
         mean, rstd = plain_fwd[1], plain_fwd[3]
         calls = {
@@ -375,16 +396,7 @@ def test_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_name, regis
             "channel_backward_apply": (True, lambda X, DY, out: (
                 backend.channel_backward_apply(DY, X, p, CM, CR, W, CR, CM, out),)),
         }
-        for name, (backward, call) in calls.items():
-            want = [_bits(a) for a in call(X, DY, None)]
-            for target in ("separate", "unaligned", "x") + (("dy",) if backward else ()):
-                Xt, DYt = cp.asarray(x), cp.asarray(dy)
-                out = {"separate": lambda: cp.empty_like(Xt), "unaligned": unaligned, "x": lambda: Xt,
-                       "dy": lambda: DYt}[target]()
-                got = call(Xt, DYt, out)
-                assert got[0] is out, f"{name} out={target}: not returned as the result"
-                for i, (g, wb) in enumerate(zip(got, want)):
-                    assert _bits(g) == wb, f"{name} out={target}: result {i} differs from the plain call's"
+        _check_out_targets(cp, calls, x, dy, unaligned)
     finally:
         del backend.row_registers
 
@@ -539,10 +551,7 @@ def test_add_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_name, r
     x, r, dy, dh, w, b = add_inputs(p, dtype, zlib.crc32(repr(spec).encode()) + 1)
     W, B = cp.asarray(w), cp.asarray(b)
 
-    def unaligned():
-        buf = cp.empty(x.size + 1, dtype=dtype)[1:].reshape(x.shape)
-        assert buf.data.ptr % 16 != 0
-        return buf
+    unaligned = _unaligned_maker(cp, x, dtype)
 
     backend.row_registers = registers
     try:
@@ -589,10 +598,7 @@ def test_variants_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_na
     W, B = cp.asarray(w), cp.asarray(b)
     CM, CR = (cp.asarray(np.random.default_rng(3).uniform(0.5, 1.5, p.c).astype(w.dtype)) for _ in range(2))
 
-    def unaligned():
-        buf = cp.empty(x.size + 1, dtype=dtype)[1:].reshape(x.shape)
-        assert buf.data.ptr % 16 != 0
-        return buf
+    unaligned = _unaligned_maker(cp, x, dtype)
 
     backend.row_registers = registers
     try:
@@ -606,16 +612,7 @@ def test_variants_out_and_in_place_are_bit_identical(cp, backend, spec, dtype_na
             calls["forward_eval"] = (False, lambda X, DY, out: (backend.forward_eval(X, p, W, B, out, act),))
             calls["backward_eval"] = (True, lambda X, DY, out: backend.backward_eval(DY, X, p, CM, CR, W, out, act,
                                                                                      B))
-        for name, (backward, call) in calls.items():
-            want = [_bits(a) for a in call(cp.asarray(x), cp.asarray(dy), None)]
-            for target in ("separate", "unaligned", "x") + (("dy",) if backward else ()):
-                Xt, DYt = cp.asarray(x), cp.asarray(dy)
-                out = {"separate": lambda: cp.empty_like(Xt), "unaligned": unaligned, "x": lambda: Xt,
-                       "dy": lambda: DYt}[target]()
-                got = call(Xt, DYt, out)
-                assert got[0] is out, f"{name} {act} out={target}: not returned as the result"
-                for i, (g, wb) in enumerate(zip(got, want)):
-                    assert _bits(g) == wb, f"{name} {act} out={target}: result {i} differs from the plain call's"
+        _check_out_targets(cp, calls, x, dy, unaligned, f" {act}")
     finally:
         del backend.row_registers
 

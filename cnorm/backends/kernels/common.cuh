@@ -99,6 +99,21 @@ __device__ __forceinline__ Vec<T, VEC> add_vec(const Vec<T, VEC>& x, const Vec<T
     return h;
 }
 
+// The fused add over four vectors already loaded from x (at offsets o): v = x + r,
+// stored to h as it is (h may be x or r itself: each element is read first).
+template <typename T, int VEC, typename I>
+__device__ __forceinline__ void add_residual4(Vec<T, VEC> (&v)[4], const T* __restrict__ r, T* __restrict__ h,
+                                              const I (&o)[4]) {
+    Vec<T, VEC> rv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) rv[u] = load_vec<T, VEC>(r, o[u]);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        v[u] = add_vec(v[u], rv[u]);
+        store_vec<T, VEC>(h, o[u], v[u]);
+    }
+}
+
 // dx = dh + dxn for the fused residual add's backward: the norm's dx rounded to
 // T first, then added to dh in the statistics type and rounded again (what the
 // two separate steps give).

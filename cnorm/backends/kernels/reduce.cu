@@ -50,16 +50,7 @@ __global__ void seg_stats_partial(const T* __restrict__ x, const T* __restrict__
             v[u] = load_vec<T, VEC>(x, o[u]);
             it.advance();
         }
-        if constexpr (ADD) {
-            Vec<T, VEC> rv[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) rv[u] = load_vec<T, VEC>(r, o[u]);
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                v[u] = add_vec(v[u], rv[u]);
-                store_vec<T, VEC>(h, o[u], v[u]);
-            }
-        }
+        if constexpr (ADD) add_residual4<T, VEC>(v, r, h, o);
 #pragma unroll
         for (int u = 0; u < 4; ++u) wf_add_vec(w, v[u]);
     }

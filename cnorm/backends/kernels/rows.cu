@@ -63,16 +63,7 @@ __global__ void row_forward(const T* __restrict__ x, const T* __restrict__ r, T*
                 v[u] = load_vec<T, VEC>(x, o[u]);
                 it.advance();
             }
-            if constexpr (ADD) {
-                Vec<T, VEC> rv[4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) rv[u] = load_vec<T, VEC>(r, o[u]);
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    v[u] = add_vec(v[u], rv[u]);
-                    store_vec<T, VEC>(h, o[u], v[u]);
-                }
-            }
+            if constexpr (ADD) add_residual4<T, VEC>(v, r, h, o);
 #pragma unroll
             for (int u = 0; u < 4; ++u) {
                 cache[k + u * tpr] = v[u];
