@@ -145,6 +145,14 @@ def test_kernel_paths_match_reference(p, act):
                 sc = max(1.0, float(np.abs(rdw).max()), np.sqrt(p.n * p.s))
                 assert _err(dw, rdw, sc) <= tp, f"dweight {what}: {_err(dw, rdw, sc):.2e}"
                 assert _err(db, rdb, sc) <= tp, f"dbias {what}: {_err(db, rdb, sc):.2e}"
+                if dt in (np.float32, BFLOAT16):  # in place, bit for bit: out=x forward, out=dy and out=x backward
+                    xi = x.copy()
+                    same_bits(K.forward_train(xi, p, w, b, EPS, xi, act)[0], y, f"forward out=x {what}")
+                    for into in ("dy", "x"):
+                        dyi, xi = dy.copy(), x.copy()
+                        got = K.backward_train(dyi, xi, p, mean, rstd, w, dyi if into == "dy" else xi, act, b)
+                        for g, e in zip(got, (dx, dw, db)):
+                            same_bits(g, e, f"backward out={into} {what}")
                 if p.s == 1 and not p.cross_sample:
                     continue  # (rows have no eval mode)
                 # eval: constants folded by the backend, then its affine kernel and backward

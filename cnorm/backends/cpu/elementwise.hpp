@@ -71,7 +71,7 @@ template <int A>
 CN_INLINE VF cn_act(VF z) {
     if (A == CN_ACT_RELU) return vmax(vzero(), z);
     if (A == CN_ACT_SILU) {
-        VF e = vexp(vmin(z, vzero() - z));   /* e^-|z| (NaN stays NaN) */
+        VF e = vexp_neg(vnabs(z));   /* e^-|z| (NaN stays NaN) */
         return vsel_gt(vzero(), z, z * e, z) / (vset(1.0f) + e);
     }
     return z;
@@ -83,7 +83,7 @@ template <int A>
 CN_INLINE VF cn_act_grad(VF dy, VF z) {
     if (A == CN_ACT_RELU) return vsel_gt(z, vzero(), dy, vzero());
     const VF one = vset(1.0f);
-    VF e = vexp(vmin(z, vzero() - z));
+    VF e = vexp_neg(vnabs(z));
     VF d = one / (one + e), ed = e * d;
     VF s = vsel_gt(vzero(), z, ed, d), t = vsel_gt(vzero(), z, d, ed);   /* s, 1 - s */
     return dy * (s * vfma(z, t, one));
@@ -97,6 +97,21 @@ CN_INLINE VF cn_act_grad(VF dy, VF z) {
         else if ((act) == CN_ACT_SILU) F<CN_ACT_SILU>(__VA_ARGS__);    \
         else F<CN_ACT_NONE>(__VA_ARGS__);                              \
     } while (0)
+/* The forward sweeps' entry points: the plain sweep where it was (the
+   caller inlines it as before), the activations behind one call. Inlining
+   all three variants into every caller cost short LayerNorm rows 2-6% in
+   A/B (the row loop grew; a call and a switch per row did too). */
+#define CN_ACT_ENTRY(F, params, ...)                                                  \
+    template <class T>                                                               \
+    CN_NOINLINE void F##_act params {                                                \
+        if (act == CN_ACT_RELU) F##_a<CN_ACT_RELU>(__VA_ARGS__);                     \
+        else F##_a<CN_ACT_SILU>(__VA_ARGS__);                                        \
+    }                                                                                \
+    template <class T>                                                               \
+    CN_INLINE void F params {                                                        \
+        if (act == CN_ACT_NONE) F##_a<CN_ACT_NONE>(__VA_ARGS__);                     \
+        else F##_act(__VA_ARGS__, act);                                              \
+    }
 
 /* y = act((x - mh) a + b) */
 template <int A, class T>
@@ -108,10 +123,7 @@ inline void cn_norm_run_a(const T* x, T* y, ptrdiff_t n, float mh, float a, floa
         vstore2_n(y + i, cn_act<A>(vfma(u0 - vm, va, vb)), cn_act<A>(vfma(u1 - vm, va, vb)), m, nt);
     });
 }
-template <class T>
-inline void cn_norm_run(const T* x, T* y, ptrdiff_t n, float mh, float a, float b, int act) {
-    CN_ACT_SWITCH(act, cn_norm_run_a, x, y, n, mh, a, b);
-}
+CN_ACT_ENTRY(cn_norm_run, (const T* x, T* y, ptrdiff_t n, float mh, float a, float b, int act), x, y, n, mh, a, b)
 
 /* y = act(x a + b) */
 template <int A, class T>
@@ -123,10 +135,7 @@ inline void cn_scale_run_a(const T* x, T* y, ptrdiff_t n, float a, float b) {
         vstore2_n(y + i, cn_act<A>(vfma(u0, va, vb)), cn_act<A>(vfma(u1, va, vb)), m, nt);
     });
 }
-template <class T>
-inline void cn_scale_run(const T* x, T* y, ptrdiff_t n, float a, float b, int act) {
-    CN_ACT_SWITCH(act, cn_scale_run_a, x, y, n, a, b);
-}
+CN_ACT_ENTRY(cn_scale_run, (const T* x, T* y, ptrdiff_t n, float a, float b, int act), x, y, n, a, b)
 
 /* dx = g ka + ((x - mh) kb + kc) */
 template <class T>
@@ -149,10 +158,7 @@ inline void cn_row_affine_a(const T* x, T* y, ptrdiff_t n, const float* a, const
         vstore_pair_n(y + i, cn_act<A>(v0), cn_act<A>(v1), m, nt);
     });
 }
-template <class T>
-inline void cn_row_affine(const T* x, T* y, ptrdiff_t n, const float* a, const float* b, int act) {
-    CN_ACT_SWITCH(act, cn_row_affine_a, x, y, n, a, b);
-}
+CN_ACT_ENTRY(cn_row_affine, (const T* x, T* y, ptrdiff_t n, const float* a, const float* b, int act), x, y, n, a, b)
 
 /* LayerNorm row: y[i] = act(((x[i] - mh) rf - ml rf) w[i] + b[i]), two FMAs */
 template <int A, class T>
@@ -165,11 +171,8 @@ inline void cn_ln_fwd_a(const T* x, T* y, ptrdiff_t n, float mh, float ml, float
         vstore_pair_n(y + i, cn_act<A>(v0), cn_act<A>(v1), m, nt);
     });
 }
-template <class T>
-inline void cn_ln_fwd(const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b,
-                      int act) {
-    CN_ACT_SWITCH(act, cn_ln_fwd_a, x, y, n, mh, ml, rf, w, b);
-}
+CN_ACT_ENTRY(cn_ln_fwd, (const T* x, T* y, ptrdiff_t n, float mh, float ml, float rf, const float* w, const float* b,
+                         int act), x, y, n, mh, ml, rf, w, b)
 
 /* LayerNorm row: dx[i] = (w[i] g[i]) rf + (((x[i] - mh) - ml) kb + kc) */
 template <class T>
@@ -207,11 +210,8 @@ inline void cn_cl_norm_span_a(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const 
         c = cn_wrap(c + m, C);
     });
 }
-template <class T>
-inline void cn_cl_norm_span(const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
-                            const float* b, int act) {
-    CN_ACT_SWITCH(act, cn_cl_norm_span_a, x, y, n, C, mh, a, b);
-}
+CN_ACT_ENTRY(cn_cl_norm_span, (const T* x, T* y, ptrdiff_t n, ptrdiff_t C, const float* mh, const float* a,
+                               const float* b, int act), x, y, n, C, mh, a, b)
 template <class T>
 inline void cn_cl_dx_span(const T* g, const T* x, T* dx, ptrdiff_t n, ptrdiff_t C, const float* ka, const float* mh,
                           const float* kb, const float* kc) {

@@ -24,16 +24,19 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CN_INLINE inline __attribute__((always_inline))
+#define CN_NOINLINE __attribute__((noinline))
 #define CN_LAMBDA __attribute__((always_inline))   /* after a lambda's parameter list */
 #define CN_RESTRICT __restrict__
 #define CN_LIKELY(c) __builtin_expect(!!(c), 1)
 #elif defined(_MSC_VER)
 #define CN_INLINE __forceinline
+#define CN_NOINLINE __declspec(noinline)
 #define CN_LAMBDA
 #define CN_RESTRICT __restrict
 #define CN_LIKELY(c) (c)
 #else
 #define CN_INLINE inline
+#define CN_NOINLINE
 #define CN_LAMBDA
 #define CN_RESTRICT
 #define CN_LIKELY(c) (c)

@@ -56,11 +56,13 @@ CN_INLINE nf nf_min(nf a, nf b) { return _mm512_min_ps(a, b); }
 CN_INLINE nf nf_div(nf a, nf b) { return _mm512_div_ps(a, b); }
 /* a > b ? t : f lane-wise (f where a or b is NaN) */
 CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), f, t); }
-/* 2^k for t = 1.5·2^23 + k, k an integer in [-126, 127]: t's bits are
-   0x4b400000 + k, so (bits << 23) + (127 << 23) are those of 2^k */
-CN_INLINE nf nf_exp2i(nf t) {
+/* -|v| (the sign bit set; NaN stays NaN) */
+CN_INLINE nf nf_nabs(nf v) { return _mm512_or_ps(v, _mm512_set1_ps(-0.0f)); }
+/* 2^(k + 32) for t = 1.5·2^23 + k, k an integer in [-158, 95]: t's bits are
+   0x4b400000 + k, so (bits << 23) + ((127 + 32) << 23) are those of 2^(k + 32) */
+CN_INLINE nf nf_exp2i32(nf t) {
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
-                                                _mm512_set1_epi32(127 << 23)));
+                                                _mm512_set1_epi32(159 << 23)));
 }
 
 /* the first m lanes (m clamped to [0, 16]) */

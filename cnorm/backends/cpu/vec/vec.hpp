@@ -70,39 +70,40 @@ CN_INLINE VF vsel_gt(VF a, VF b, VF t, VF f) {
     return t;
 }
 
-/* e^x, Cephes' expf written once for the vector type (as PyTorch's
-   Vectorized<float>::exp): x = k·ln2 + r, k = round(x·log2 e) by the
-   1.5·2^23 trick, ln2 in two parts (k·0.693359375 is exact), |r| <= ln2/2;
-   e^r = 1 + r + r²·P(r), Cephes' degree-5 P (relative error about 1 ulp of
-   float); then times 2^k in two factors 2^k1·2^k2 (k1 = round(k/2)), so k
-   from -150 to 128 needs no special case: the last multiply rounds what is
-   below the smallest subnormal to 0 and overflows what is above FLT_MAX to
-   inf. x is clamped to [-104, 89] first (e^x rounds to 0 or inf beyond), so
-   -inf gives 0 and +inf gives inf; NaN passes the clamps (vmax/vmin keep
-   their second operand) and the polynomial. No table, no libm call: the
-   same operations at every level, so avx2 and avx512 give the same bits
-   (baseline rounds a*b + c twice, as everywhere). */
-CN_INLINE VF vexp(VF x) {
+/* -|a| */
+CN_INLINE VF vnabs(VF a) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_nabs(a.v[i]); return a; }
+
+/* e^x for x <= 0 (what the activations need: e^-|z|), written once for the
+   vector type (as PyTorch's Vectorized<float>::exp) after Cephes' expf: x =
+   k·ln2 + r, k = round(x·log2 e) by the 1.5·2^23 trick, ln2 in two parts
+   (k·0.693359375 is exact), |r| <= ln2/2; e^r = 1 + r·Q(r) with Q of degree 5
+   by Horner (six FMAs in all; Q a near-minimax fit of (e^r - 1)/r on the
+   interval, by Lawson's iterations: 0.62 ulp on it with FMA, Cephes' P was
+   0.59 in two more operations); then times 2^(k + 32) built from k's integer
+   bits (nf_exp2i32: a normal number for every k in [-150, 0]) and by 2^-32,
+   whose one rounding gives results below FLT_MIN as the correctly rounded
+   subnormal or 0. x is clamped to -104 first (e^x rounds to 0 below), so -inf
+   gives 0; NaN passes the clamp (vmax keeps its second operand) and the
+   polynomial. No table, no libm call: the same operations at every level, so
+   avx2 and avx512 give the same bits (baseline rounds a*b + c twice, as
+   everywhere). */
+CN_INLINE VF vexp_neg(VF x) {
     const VF big = vset(12582912.0f);   /* 1.5·2^23 */
-    x = vmin(vset(89.0f), vmax(vset(-104.0f), x));
-    VF k = vfma(x, vset(1.44269504088896341f), big) - big;
+    x = vmax(vset(-104.0f), x);
+    VF t = vfma(x, vset(1.44269504088896341f), big);   /* 1.5·2^23 + k */
+    VF k = t - big;
     VF r = vfma(k, vset(-0.693359375f), x);
     r = vfma(k, vset(2.12194440e-4f), r);
-    VF p = vset(1.9875691500e-4f);
-    p = vfma(p, r, vset(1.3981999507e-3f));
-    p = vfma(p, r, vset(8.3334519073e-3f));
-    p = vfma(p, r, vset(4.1665795894e-2f));
-    p = vfma(p, r, vset(1.6666665459e-1f));
-    p = vfma(p, r, vset(5.0000001201e-1f));
-    p = vfma(p, r * r, r) + vset(1.0f);
-    VF t1 = vfma(k, vset(0.5f), big);   /* 1.5·2^23 + k1 */
-    VF t2 = (k - (t1 - big)) + big;     /* 1.5·2^23 + k2 */
-    VF s1, s2;
-    for (int i = 0; i < CN_K; i++) {
-        s1.v[i] = nf_exp2i(t1.v[i]);
-        s2.v[i] = nf_exp2i(t2.v[i]);
-    }
-    return (p * s1) * s2;
+    VF q = vset(0.0013843653723597527f);
+    q = vfma(q, r, vset(0.00837415549904108f));
+    q = vfma(q, r, vset(0.04166800156235695f));
+    q = vfma(q, r, vset(0.16666431725025177f));
+    q = vfma(q, r, vset(0.4999999403953552f));
+    q = vfma(q, r, vset(1.0f));
+    VF p = vfma(q, r, vset(1.0f));
+    VF s;
+    for (int i = 0; i < CN_K; i++) s.v[i] = nf_exp2i32(t.v[i]);
+    return (p * s) * vset(2.3283064365386963e-10f);   /* 2^-32 */
 }
 
 CN_INLINE ptrdiff_t cn_clamp(ptrdiff_t m, ptrdiff_t hi) { return m < 0 ? 0 : m > hi ? hi : m; }
