@@ -2,6 +2,7 @@
 
     python bench/to_markdown.py bench_results/bench.json
     python bench/to_markdown.py --levels avx512.json avx2.json baseline.json [--ratio plain|out]
+    python bench/to_markdown.py --fused avx512.json avx2.json   (bench --fused-only runs)
 
 The per-case table gives cnorm's (the "cython" backend's) and PyTorch's median
 time of the plain call (it allocates its output) and of the out variant (the
@@ -116,6 +117,42 @@ def table(report: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def fused_table(reports: list) -> str:
+    """The RMSNorm and fused rows of runs at several CPU levels side by side: per case and
+    level cnorm's plain call, cnorm's unfused sequence (for RMSNorm: its LayerNorm on the
+    shape) and PyTorch eager doing the same work, in ms, and the two ratios."""
+    levels_ = [(r.get("cpu_capability") or {}).get("cnorm") for r in reports]
+    head = "| case | dtype | " + " | ".join(
+        f"{lv}: cnorm ms | unfused ms | torch ms | × unfused | × torch" for lv in levels_) + " |"
+    lines = ["\n\n".join(header(r) for r in reports), "", head,
+             "| --- | --- |" + " ---: | ---: | ---: | ---: | ---: |" * len(reports)]
+    by_name = [{c["case"]: c for c in r["cases"] if "baseline" in c} for r in reports]
+    for name in by_name[0]:
+        base, dtype = split_name(by_name[0][name])
+        cells = []
+        for cases in by_name:
+            c = cases.get(name)
+            if c is None:
+                cells.append("– | – | – | – | –")
+                continue
+            cn, th = c["results"].get(CNORM, {}), c["results"].get("torch", {})
+
+            def ms(v):
+                return f"{v['median_s'] * 1e3:.3g}" if v and v.get("n") else "–"
+
+            def ratio(x):
+                return "–" if x is None else f"{x:.2f}"
+
+            cells.append(f"{ms(cn)} | {ms(c['baseline'])} | {ms(th)} | {ratio(cn.get('speedup_vs_unfused'))} "
+                         f"| {ratio(cn.get('speedup_vs_torch'))}")
+        lines.append(f"| {base} | {dtype} | " + " | ".join(cells) + " |")
+    lines += ["", "Plain calls (outputs allocated). unfused: cnorm's plain norm with the NumPy add or activation "
+              "around it; for an RMSNorm row, cnorm's LayerNorm on the same shape. torch: PyTorch eager doing the "
+              "same work (`x + r` then the norm, the norm then `F.relu`/`F.silu`, `F.rms_norm`). × unfused and × "
+              "torch: their median / cnorm's."]
+    return "\n".join(lines)
+
+
 RATIO_LABEL = {"plain": "plain vs plain", "out": "out vs out"}
 
 
@@ -156,6 +193,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=["bench_results/bench.json"], help="bench.json files")
     parser.add_argument("--levels", action="store_true", help="one report per CPU level: a summary, then each table")
+    parser.add_argument("--fused", action="store_true",
+                        help="the RMSNorm and fused rows of runs at several levels, side by side")
     parser.add_argument("--ratio", choices=("plain", "out"), default="plain",
                         help="--levels summary: cnorm against PyTorch plain vs plain or out vs out "
                              "(default: %(default)s)")
@@ -164,7 +203,9 @@ def main(argv=None) -> int:
     for path in args.paths:
         with open(path) as f:
             reports.append(json.load(f))
-    if args.levels:
+    if args.fused:
+        print(fused_table(reports))
+    elif args.levels:
         print(levels(reports, args.ratio))
     else:
         print("\n\n".join(table(r) for r in reports))

@@ -185,6 +185,13 @@ def test_to_markdown_renders_plain_and_out_columns(tmp_path):
         assert md.main(["--levels", str(path), "--ratio", ratio]) == 0
     summary = md.levels([report], "out")
     assert "(out vs out)" in summary and "| 3 of 3 | 4.00 (batch_norm-fwd-4x8-cf float32) |" in summary
+    fused = {"case": "add+rms_norm-fwd-4x8-cf-bfloat16", "latency": False, "copy_bandwidth_Bps": 1e10,
+             "baseline": {"median_s": 3e-3, "n": 3},
+             "results": {"cython": {**res(1.5, 1.0), "speedup_vs_unfused": 2.0, "speedup_vs_torch": 4.0},
+                         "torch": res(6.0, 6.0)}}
+    text = md.fused_table([{**report, "cases": cases + [fused]}])
+    assert "| add+rms_norm-fwd-4x8-cf | bfloat16 | 1.5 | 3 | 6 | 2.00 | 4.00 |" in text
+    assert "batch_norm-fwd-4x8-cf" not in text  # (only the rows with an unfused sequence)
 
 
 def test_out_buffers_one_reuses_a_single_buffer():
