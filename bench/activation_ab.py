@@ -75,22 +75,6 @@ def numpy_act(z, act):
     return np.divide(z, t, out=t)
 
 
-def numpy_act_grad(dy, zy, act):
-    """The composition's g = dy·act'(z) (relu: from y, whose sign is z's)."""
-    if act == "relu":
-        return dy * (zy > 0)
-    s = np.negative(zy)
-    np.exp(s, out=s)
-    s += 1
-    np.reciprocal(s, out=s)  # s = sigmoid(z)
-    t = 1 - s
-    t *= zy
-    t += 1
-    t *= s
-    t *= dy
-    return t
-
-
 def plain_ab(K, base, args, llc, _bench):
     """The plain (no activation) kernels of this build against the base build's, float32."""
     rng = np.random.default_rng(1)
@@ -201,7 +185,7 @@ def main(argv=None) -> int:
                   "unfused": lambda: numpy_act(fwd(xs.next())[0], act)}
             bw = {"fused": lambda: bwd(dys.next(), xs.next(), saved_act, w),
                   "plain": lambda: bwd(dys.next(), xs.next(), saved_plain, w),
-                  "unfused": lambda: bwd(numpy_act_grad(dys.next(), zy0, act), xs.next(), saved_plain, w)}
+                  "unfused": lambda: bwd(_bench._np_act_grad(dys.next(), zy0, act), xs.next(), saved_plain, w)}
             if base is not None:
                 # the plain norm through the entry points both builds share (no act argument)
                 mean, rstd = saved_plain.mean, saved_plain.rstd

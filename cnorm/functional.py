@@ -194,7 +194,7 @@ def _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, e
     return (view.from3(y3) if out is None else out), mean, rstd, b
 
 
-def _own(xp, b, bias):
+def _own(b, bias):
     """The bias vector an activation's backward will read: a copy when it is the
     caller's own array (which an optimizer may update between the calls)."""
     return b.copy() if b is bias and b is not None else b
@@ -350,7 +350,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         y, mean, rstd, b = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out,
                                              act)
         return y, _saved("batch_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, overwritten,
-                         act, _own(be.xp, b, bias))
+                         act, _own(b, bias))
     count = p.n * p.s
     if count == 1:
         raise ValueError(f"x: expected more than 1 value per channel when training, got input of shape {x.shape}")
@@ -358,7 +358,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     if running_mean is not None and count > 1:
         _update_running(be.xp, running_mean, running_var, mean, var * (count / (count - 1)), momentum)
     return y, _saved("batch_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten,
-                     act, _own(be.xp, b, bias))
+                     act, _own(b, bias))
 
 
 def batch_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -455,7 +455,7 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
         y, mean, rstd, b = _normalize_frozen(be, x, view, p, weight, bias, running_mean, running_var, eps, out,
                                              act)
         return y, _saved("instance_norm", p, view, mean, rstd, False, bias, be, (c,), x, None, overwritten,
-                         act, _own(be.xp, b, bias))
+                         act, _own(b, bias))
     if p.s == 1:
         raise ValueError(f"x: expected more than 1 spatial element per channel when using input statistics, "
                          f"got input of shape {x.shape}")
@@ -464,7 +464,7 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
         unbiased = var * (p.s / (p.s - 1))
         _update_running(be.xp, running_mean, running_var, mean.mean(axis=0), unbiased.mean(axis=0), momentum)
     return y, _saved("instance_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten,
-                     act, _own(be.xp, b, bias))
+                     act, _own(b, bias))
 
 
 def instance_norm(x, weight=None, bias=None, running_mean=None, running_var=None,
@@ -522,7 +522,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, channel_
     p = _problem(view, groups)
     y, mean, var, rstd, b = _normalize_batch(be, x, view, p, weight, bias, eps, out, act)
     return y, _saved("group_norm", p, view, mean, rstd, True, bias, be, (c,), x, var, overwritten,
-                     act, _own(be.xp, b, bias))
+                     act, _own(b, bias))
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, channel_axis=1, backend=None, *, out=None,
@@ -586,7 +586,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, ba
     overwritten = _check_out(out, be, x, view, weight, bias)
     y, mean, var, rstd, b = _normalize_batch(be, x, view, p, weight, bias, eps, out, act, offset)
     return y, _saved("layer_norm", p, view, mean, rstd, True, bias, be, shape, x, var, overwritten,
-                     act, _own(be.xp, b, bias), offset)
+                     act, _own(b, bias), offset)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None, *, out=None,

@@ -95,9 +95,6 @@ class Problem:
 
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
-#: The activations a forward can apply to its normalized output.
-ACTIVATIONS = ("relu", "silu")
-
 
 def stats_dtype(dtype) -> np.dtype:
     """The dtype of statistics and parameters for data of ``dtype``."""
@@ -243,7 +240,7 @@ class Backend:
         raise NotImplementedError
 
 
-# -- activations by composition (backends without a fused kernel for a case) ------
+# -- activations by composition (the default backward_eval; the NumPy reference) ------
 
 def _grouped_consts(xp, x3, p: Problem, mean, rstd, weight, bias, sd):
     """x (in ``sd``) in the grouped view with mean, rstd, weight, bias broadcast against it."""
@@ -282,13 +279,6 @@ def act_derivative(xp, z, act):
         return (z > 0).astype(z.dtype)
     s = 1.0 / (1.0 + xp.exp(-z))
     return s * (1.0 + z * (1.0 - s))
-
-
-def act_apply(xp, y3, act):
-    """y3 = act(y3) in place, computed in the statistics dtype."""
-    z = y3.astype(stats_dtype(y3.dtype))
-    y3[...] = act_value(xp, z, act)
-    return y3
 
 
 def act_grad(xp, dy3, x3, p: Problem, mean, rstd, weight, bias, act):
