@@ -113,7 +113,8 @@ def plain_ab(K, base, args, llc, _bench):
         for what, mk in (("fwd", fwd), ("bwd", bwd), ("eval fwd", aff)):
             times = _bench.time_calls({"K": mk(K), "base": mk(base)}, {"K": args.repeat, "base": args.repeat},
                                       budget_s=args.budget / 2)
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            stat = min if args.stat == "min" else statistics.median
+            med = {k: stat(v) * 1e3 for k, v in times.items()}
             print(f"plain {name} {what}: K {med['K']:.3f}, base {med['base']:.3f} | K/base {med['K'] / med['base']:.3f}",
                   flush=True)
 
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=25.0, help="seconds per case (at least 3 rounds)")
     parser.add_argument("--base", default=None, help="folder holding another build's kernels modules")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--stat", choices=("median", "min"), default="median",
+                        help="per-variant statistic (min: on a machine shared with other work, where a "
+                             "descheduled thread stretches a parallel region by a time slice)")
     parser.add_argument("--reverse", action="store_true",
                         help="time the variants of a round in the reverse order (order effects)")
     parser.add_argument("--plain-cases", action="store_true",
@@ -148,7 +152,7 @@ def main(argv=None) -> int:
     kept = _bench.keep_freed_memory()
     llc = _bench.machine()["llc_bytes"]
     print(f"level {level}, {args.threads} threads, allocator: {_bench.ALLOCATOR[kept]}, "
-          f"torch {torch.__version__ if torch else '-'}; median ms per call")
+          f"torch {torch.__version__ if torch else '-'}; {args.stat} ms per call")
     if base is not None and args.plain_cases:
         plain_ab(K, base, args, llc, _bench)
     cases = [("batch_norm", "relu", (32, 64, 56, 56), 0), ("group_norm", "silu", (16, 256, 32, 32), 32)]
@@ -246,7 +250,8 @@ def main(argv=None) -> int:
                 if args.reverse:
                     calls = dict(reversed(list(calls.items())))
                 times = _bench.time_calls(calls, {k: args.repeat for k in calls}, budget_s=args.budget)
-                med = {k: statistics.median(times[k]) * 1e3 for k in (fw if direction == "fwd" else bw)}
+                stat = min if args.stat == "min" else statistics.median
+                med = {k: stat(times[k]) * 1e3 for k in (fw if direction == "fwd" else bw)}
                 f = med["fused"]
                 parts = [f"{k} {v:.3f}" for k, v in med.items()]
                 ratios = [f"fused/plain {f / med['plain']:.3f}", f"unfused/fused {med['unfused'] / f:.2f}"]

@@ -34,6 +34,7 @@ CN_INLINE nf nf_max(nf a, nf b) { return _mm256_max_ps(a, b); }
 CN_INLINE nf nf_min(nf a, nf b) { return _mm256_min_ps(a, b); }
 CN_INLINE nf nf_div(nf a, nf b) { return _mm256_div_ps(a, b); }
 CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm256_blendv_ps(f, t, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+CN_INLINE nf nf_mul_neg(nf a, nf b) { return _mm256_blendv_ps(a, _mm256_mul_ps(a, b), a); }
 CN_INLINE nf nf_nabs(nf v) { return _mm256_or_ps(v, _mm256_set1_ps(-0.0f)); }
 CN_INLINE nf nf_exp2i32(nf t) {
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(t), 23),

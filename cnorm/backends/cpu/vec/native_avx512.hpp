@@ -56,6 +56,10 @@ CN_INLINE nf nf_min(nf a, nf b) { return _mm512_min_ps(a, b); }
 CN_INLINE nf nf_div(nf a, nf b) { return _mm512_div_ps(a, b); }
 /* a > b ? t : f lane-wise (f where a or b is NaN) */
 CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), f, t); }
+/* a·b where a's sign bit is set, else a */
+CN_INLINE nf nf_mul_neg(nf a, nf b) {
+    return _mm512_mask_mul_ps(a, _mm512_movepi32_mask(_mm512_castps_si512(a)), a, b);
+}
 /* -|v| (the sign bit set; NaN stays NaN) */
 CN_INLINE nf nf_nabs(nf v) { return _mm512_or_ps(v, _mm512_set1_ps(-0.0f)); }
 /* 2^(k + 32) for t = 1.5·2^23 + k, k an integer in [-158, 95]: t's bits are

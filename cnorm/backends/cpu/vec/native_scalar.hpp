@@ -32,6 +32,7 @@ CN_INLINE nf nf_max(nf a, nf b) { CN_NF_MAP(a.v[j] > b.v[j] ? a.v[j] : b.v[j]); 
 CN_INLINE nf nf_min(nf a, nf b) { CN_NF_MAP(a.v[j] < b.v[j] ? a.v[j] : b.v[j]); }
 CN_INLINE nf nf_div(nf a, nf b) { CN_NF_MAP(a.v[j] / b.v[j]); }
 CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { CN_NF_MAP(a.v[j] > b.v[j] ? t.v[j] : f.v[j]); }
+CN_INLINE nf nf_mul_neg(nf a, nf b) { CN_NF_MAP((cn_f2u(a.v[j]) >> 31) ? a.v[j] * b.v[j] : a.v[j]); }
 CN_INLINE nf nf_nabs(nf a) { CN_NF_MAP(cn_u2f(cn_f2u(a.v[j]) | 0x80000000u)); }
 CN_INLINE nf nf_exp2i32(nf t) { CN_NF_MAP(cn_u2f((cn_f2u(t.v[j]) << 23) + (159u << 23))); }
 CN_INLINE nf nf_keep(nf a, ptrdiff_t m) { CN_NF_MAP(j < m ? a.v[j] : 0.0f); }

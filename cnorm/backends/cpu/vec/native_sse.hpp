@@ -34,6 +34,7 @@ CN_INLINE nf nf_max(nf a, nf b) { return _mm_max_ps(a, b); }
 CN_INLINE nf nf_min(nf a, nf b) { return _mm_min_ps(a, b); }
 CN_INLINE nf nf_div(nf a, nf b) { return _mm_div_ps(a, b); }
 CN_INLINE nf nf_sel_gt(nf a, nf b, nf t, nf f) { return _mm_blendv_ps(f, t, _mm_cmpgt_ps(a, b)); }
+CN_INLINE nf nf_mul_neg(nf a, nf b) { return _mm_blendv_ps(a, _mm_mul_ps(a, b), a); }
 CN_INLINE nf nf_nabs(nf v) { return _mm_or_ps(v, _mm_set1_ps(-0.0f)); }
 CN_INLINE nf nf_exp2i32(nf t) {
     return _mm_castsi128_ps(_mm_add_epi32(_mm_slli_epi32(_mm_castps_si128(t), 23), _mm_set1_epi32(159 << 23)));

@@ -72,6 +72,8 @@ CN_INLINE VF vsel_gt(VF a, VF b, VF t, VF f) {
 
 /* -|a| */
 CN_INLINE VF vnabs(VF a) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_nabs(a.v[i]); return a; }
+/* a·b where a's sign bit is set (negative, -0, negative NaN), else a */
+CN_INLINE VF vmul_neg(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_mul_neg(a.v[i], b.v[i]); return a; }
 
 /* e^x for x <= 0 (what the activations need: e^-|z|), written once for the
    vector type (as PyTorch's Vectorized<float>::exp) after Cephes' expf: x =
@@ -79,31 +81,32 @@ CN_INLINE VF vnabs(VF a) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_nabs(a.v[i
    (k·0.693359375 is exact), |r| <= ln2/2; e^r = 1 + r·Q(r) with Q of degree 5
    by Horner (six FMAs in all; Q a near-minimax fit of (e^r - 1)/r on the
    interval, by Lawson's iterations: 0.62 ulp on it with FMA, Cephes' P was
-   0.59 in two more operations); then times 2^(k + 32) built from k's integer
-   bits (nf_exp2i32: a normal number for every k in [-150, 0]) and by 2^-32,
-   whose one rounding gives results below FLT_MIN as the correctly rounded
-   subnormal or 0. x is clamped to -104 first (e^x rounds to 0 below), so -inf
-   gives 0; NaN passes the clamp (vmax keeps its second operand) and the
-   polynomial. No table, no libm call: the same operations at every level, so
-   avx2 and avx512 give the same bits (baseline rounds a*b + c twice, as
-   everywhere). */
+   0.59 in two more operations), evaluated scaled by 2^-32 (every coefficient:
+   exact, nothing underflows), then times 2^(k + 32) built from k's integer
+   bits (nf_exp2i32: a normal number for every k in [-150, 0]), whose one
+   rounding gives results below FLT_MIN as the correctly rounded subnormal or
+   0. x is clamped to -104 first (e^x rounds to 0 below), so -inf gives 0;
+   NaN passes the clamp (vmax keeps its second operand) and the polynomial.
+   No table, no libm call: the same operations at every level, so avx2 and
+   avx512 give the same bits (baseline rounds a*b + c twice, as everywhere). */
 CN_INLINE VF vexp_neg(VF x) {
     const VF big = vset(12582912.0f);   /* 1.5·2^23 */
+    const float s32 = 2.3283064365386963e-10f;   /* 2^-32 */
     x = vmax(vset(-104.0f), x);
     VF t = vfma(x, vset(1.44269504088896341f), big);   /* 1.5·2^23 + k */
     VF k = t - big;
     VF r = vfma(k, vset(-0.693359375f), x);
     r = vfma(k, vset(2.12194440e-4f), r);
-    VF q = vset(0.0013843653723597527f);
-    q = vfma(q, r, vset(0.00837415549904108f));
-    q = vfma(q, r, vset(0.04166800156235695f));
-    q = vfma(q, r, vset(0.16666431725025177f));
-    q = vfma(q, r, vset(0.4999999403953552f));
-    q = vfma(q, r, vset(1.0f));
-    VF p = vfma(q, r, vset(1.0f));
+    VF q = vset(0.0013843653723597527f * s32);
+    q = vfma(q, r, vset(0.00837415549904108f * s32));
+    q = vfma(q, r, vset(0.04166800156235695f * s32));
+    q = vfma(q, r, vset(0.16666431725025177f * s32));
+    q = vfma(q, r, vset(0.4999999403953552f * s32));
+    q = vfma(q, r, vset(s32));
+    VF p = vfma(q, r, vset(s32));   /* 2^-32·e^r */
     VF s;
     for (int i = 0; i < CN_K; i++) s.v[i] = nf_exp2i32(t.v[i]);
-    return (p * s) * vset(2.3283064365386963e-10f);   /* 2^-32 */
+    return p * s;
 }
 
 CN_INLINE ptrdiff_t cn_clamp(ptrdiff_t m, ptrdiff_t hi) { return m < 0 ? 0 : m > hi ? hi : m; }
@@ -236,6 +239,13 @@ CN_INLINE double vtotal(VF a) { return vhsum(vwiden(a)); }
 /* bring a line, or [p, p + bytes), toward this core's L2 (prefetcht1) ahead
    of its use: for data needed after the current working set, which an L1
    prefetch would evict. Hints: no value depends on them. */
+CN_INLINE void cn_prefetch_line_l1(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 0, 3);
+#else
+    (void)p;
+#endif
+}
 CN_INLINE void cn_prefetch_line_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, 2);
