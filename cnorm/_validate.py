@@ -32,8 +32,9 @@ def check_array(name: str, a, backend, ndim_min: int = 1):
                     "pass x.filled(value), or the unmasked values, as a numpy.ndarray")
         elif type(a).__module__.split(".")[0] == "cupy":
             hint = "; pass backend='cupy' (or 'auto') for device arrays, or move it with .get()"
-        elif type(a).__module__.split(".")[0] == "torch":
-            hint = "; convert it with .numpy() (CPU) or use cupy.asarray (CUDA)"
+        elif hasattr(a, "__dlpack__"):
+            hint = (f"; pass it to the call without backend= (its memory picks the backend), or convert it "
+                    f"with numpy.from_dlpack(...) or cupy.from_dlpack(...)")
         elif not hasattr(a, "dtype"):
             hint = "; wrap it with numpy.asarray(...)"
         raise TypeError(

@@ -13,6 +13,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import _validate as v
+from ._interop import accepts_dlpack
 from ._layout import View3, channel_view, row_view
 from .backends import get_backend, get_backend_instance, registry_generation, resolve
 from .backends.base import Problem, stats_dtype
@@ -269,6 +270,27 @@ def _backward(norm: str, dy, x, saved: Saved, weight, out=None, dh=None):
     dweight = None if weight is None else dweight.reshape(saved.param_shape)
     dbias = dbias.reshape(saved.param_shape) if saved.has_bias else None
     return dx, dweight, dbias
+
+
+def _saved_from_stats(norm, x, mean, rstd, *, batch_stats, has_bias, param_shape, groups=0, normalized_ndim=0,
+                      activation=None, act_bias=None):
+    """A :class:`Saved` rebuilt from a forward's statistics (for callers that keep tensors, not
+    Python objects, between forward and backward: the PyTorch operators of ``cnorm.torch``).
+
+    ``norm`` is "batch_norm", "instance_norm", "group_norm" (channels on axis 1),
+    "layer_norm" or "rms_norm" (``normalized_ndim`` trailing axes); ``groups``
+    is the group count for group_norm."""
+    be = resolve(None, [x])
+    if norm in ("layer_norm", "rms_norm"):
+        view = row_view(tuple(x.shape), normalized_ndim)
+        p = _problem(view, 1, norm == "rms_norm")
+    else:
+        view = channel_view(x, 1)
+        g = {"batch_norm": 0, "instance_norm": x.shape[1], "group_norm": groups}[norm]
+        p = _problem(view, g)
+    saved = Saved(norm, p, view, mean, rstd, batch_stats, has_bias, be.name, tuple(param_shape), x.dtype)
+    saved.activation, saved.act_bias = activation, act_bias
+    return saved
 
 
 def _channel_setup(x, weight, bias, channel_axis, backend, extra=()):
@@ -958,3 +980,11 @@ def _xp_of(a):
         import cupy
         return cupy
     return np
+
+
+# Arrays of other libraries (PyTorch, JAX, array-API) through DLPack: imported
+# without a copy, returned as their own type (cnorm._interop).
+for _name in __all__:
+    if _name != "Saved":
+        globals()[_name] = accepts_dlpack(globals()[_name])
+del _name

@@ -63,6 +63,7 @@ import numpy as np
 
 from . import _validate as v
 from . import functional as F
+from ._interop import accepts_dlpack
 from .backends import AUTO, get_backend, get_backend_instance, is_cupy_array
 
 __all__ = [
@@ -229,6 +230,7 @@ class _Layer:
     def __call__(self, x, *, out=None):
         return self.forward(x, out=out)
 
+    @accepts_dlpack
     def forward(self, x, *, out=None):
         """Normalize ``x`` and keep what one :meth:`backward` call needs.
 
@@ -256,6 +258,7 @@ class _Layer:
         self._pending = (x, ctx, _same_memory(out, x))
         return y
 
+    @accepts_dlpack
     def backward(self, dy, *, out=None):
         """Differentiate the last forward call.
 
