@@ -1,0 +1,344 @@
+"""cnorm's kernels as PyTorch operators, modules and a one-call model conversion.
+
+The norms are registered with :mod:`torch.library` as custom operators
+(``torch.ops.cnorm.batch_norm``, ``layer_norm``, ``group_norm``,
+``instance_norm``, ``rms_norm`` and one backward, ``norm_backward``), each
+with its autograd formula (backward runs cnorm's backward on the saved
+statistics) and a fake implementation, so they work in eager mode, under
+:func:`torch.autograd.gradcheck` and inside ``torch.compile(fullgraph=True)``.
+CPU tensors run on the cython backend, CUDA tensors on the cupy backend
+(through DLPack, without copies).
+
+The functions here take PyTorch's functional arguments::
+
+    >>> import torch, cnorm.torch as ct
+    >>> x = torch.randn(8, 16, 4, 4, requires_grad=True)
+    >>> w = torch.ones(16, requires_grad=True)
+    >>> y = ct.batch_norm(x, None, None, w, None, training=True)
+    >>> y.sum().backward()
+    >>> x.grad.shape
+    torch.Size([8, 16, 4, 4])
+
+:mod:`cnorm.torch.nn` has drop-in subclasses of the ``torch.nn`` norm
+modules, and :func:`replace_norms` swaps a model's norm modules for them in
+place.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import functional as _F
+from .._interop import export_like, import_array
+
+__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "replace_norms"]
+
+
+def _np(name, t):
+    """A tensor's memory as a NumPy (CPU) or CuPy (CUDA) array, without a copy."""
+    return None if t is None else import_array(name, t.detach())
+
+
+def _t(a, proto):
+    """A NumPy/CuPy array as a tensor like ``proto`` (same memory)."""
+    return export_like(a, proto)
+
+
+def _stats(a, proto):
+    """Statistics as a new tensor (an operator's outputs may not alias its inputs)."""
+    return _t(a.copy(), proto)
+
+
+def _sdtype(x: Tensor):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# -- forward operators ---------------------------------------------------------------
+
+# BatchNorm and InstanceNorm: the operators are functional (an autograd formula
+# needs that): in training they return the batch variance as well, and the
+# Python functions below update the running statistics from it with torch ops.
+
+def _var_out(s, x, shape):
+    return _stats(s.var, x) if s.var is not None else x.new_zeros(shape, dtype=_sdtype(x))
+
+
+@torch.library.custom_op("cnorm::batch_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, biased batch variance); eval (training False) normalizes with the running statistics."""
+    rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
+    y, s = _F.batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, (x.shape[1],))
+
+
+@_batch_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps):
+    c = x.shape[1]
+    return (torch.empty_like(x),) + tuple(x.new_empty((c,), dtype=_sdtype(x)) for _ in range(3))
+
+
+@torch.library.custom_op("cnorm::instance_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _instance_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], use_input_stats: bool,
+                   eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mean, rstd, biased variance): per sample and channel (N, C), or the running ones (C,) in eval."""
+    rm, rv = ((None, None) if use_input_stats
+              else (_np("running_mean", running_mean), _np("running_var", running_var)))
+    y, s = _F.instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
+                                    use_input_stats, 0.0, eps)
+    shape = (x.shape[0], x.shape[1]) if use_input_stats else (x.shape[1],)
+    return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, shape)
+
+
+@_instance_norm.register_fake
+def _(x, weight, bias, running_mean, running_var, use_input_stats, eps):
+    shape = (x.shape[0], x.shape[1]) if use_input_stats else (x.shape[1],)
+    return (torch.empty_like(x),) + tuple(x.new_empty(shape, dtype=_sdtype(x)) for _ in range(3))
+
+
+@torch.library.custom_op("cnorm::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    y, s = _F.group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
+
+
+@_group_norm.register_fake
+def _(x, num_groups, weight, bias, eps):
+    shape = (x.shape[0], num_groups)
+    return torch.empty_like(x), x.new_empty(shape, dtype=_sdtype(x)), x.new_empty(shape, dtype=_sdtype(x))
+
+
+@torch.library.custom_op("cnorm::layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], bias: Optional[Tensor],
+                eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    y, s = _F.layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
+                                 eps)
+    return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
+
+
+def _rows_fake(x, normalized_shape):
+    rows = prod(x.shape[: x.dim() - len(normalized_shape)])
+    return torch.empty_like(x), x.new_empty((rows, 1), dtype=_sdtype(x)), x.new_empty((rows, 1), dtype=_sdtype(x))
+
+
+@_layer_norm.register_fake
+def _(x, normalized_shape, weight, bias, eps):
+    return _rows_fake(x, normalized_shape)
+
+
+@torch.library.custom_op("cnorm::rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _rms_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+              eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+    y, s = _F.rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
+
+
+@_rms_norm.register_fake
+def _(x, normalized_shape, weight, eps):
+    return _rows_fake(x, normalized_shape)
+
+
+# -- the backward operator -----------------------------------------------------------
+
+@torch.library.custom_op("cnorm::norm_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], norm: str,
+                   groups: int, normalized_ndim: int, batch_stats: bool,
+                   has_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias empty where there is no weight/bias (statistics dtype)."""
+    xa = _np("x", x)
+    if normalized_ndim:
+        param_shape = tuple(x.shape[x.dim() - normalized_ndim:])
+    else:
+        param_shape = (x.shape[1],)
+    saved = _F._saved_from_stats(norm, xa, _np("mean", mean), _np("rstd", rstd), batch_stats=batch_stats,
+                                 has_bias=has_bias, param_shape=param_shape, groups=groups,
+                                 normalized_ndim=normalized_ndim)
+    dx, dw, db = _F._backward(norm, _np("dy", dy), xa, saved, _np("weight", weight))
+    def grad(g):  # (separate empty tensors: an operator's outputs may not alias each other)
+        return x.new_empty((0,), dtype=_sdtype(x)) if g is None else _t(g, x)
+
+    return _t(dx, x), grad(dw), grad(db)
+
+
+@_norm_backward.register_fake
+def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has_bias):
+    pshape = tuple(x.shape[x.dim() - normalized_ndim:]) if normalized_ndim else (x.shape[1],)
+    sd = _sdtype(x)
+    return (torch.empty_like(x), x.new_empty(pshape if weight is not None else (0,), dtype=sd),
+            x.new_empty(pshape if has_bias else (0,), dtype=sd))
+
+
+def _grads(ctx, dy, norm, groups=0, normalized_ndim=0):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.cnorm.norm_backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim,
+                                               ctx.batch_stats, ctx.bias_dtype is not None)
+    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[ctx.w_index] else None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[ctx.w_index + 1] else None
+    return dx, dw, db
+
+
+def _setup(ctx, x, weight, bias, output, batch_stats, w_index):
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.batch_stats = batch_stats
+    ctx.w_index = w_index
+
+
+def _bn_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, training, eps = inputs
+    _setup(ctx, x, weight, bias, output[:3], training, 1)
+
+
+def _bn_backward(ctx, dy, _dmean, _drstd, _dvar):
+    dx, dw, db = _grads(ctx, dy, "batch_norm")
+    return dx, dw, db, None, None, None, None
+
+
+def _in_setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, use_input_stats, eps = inputs
+    _setup(ctx, x, weight, bias, output[:3], use_input_stats, 1)
+
+
+def _in_backward(ctx, dy, _dmean, _drstd, _dvar):
+    dx, dw, db = _grads(ctx, dy, "instance_norm")
+    return dx, dw, db, None, None, None, None
+
+
+def _gn_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps = inputs
+    _setup(ctx, x, weight, bias, output, True, 2)
+    ctx.groups = num_groups
+
+
+def _gn_backward(ctx, dy, _dmean, _drstd):
+    dx, dw, db = _grads(ctx, dy, "group_norm", groups=ctx.groups)
+    return dx, None, dw, db, None
+
+
+def _ln_setup(ctx, inputs, output):
+    x, normalized_shape, weight, bias, eps = inputs
+    _setup(ctx, x, weight, bias, output, True, 2)
+    ctx.nd = len(normalized_shape)
+
+
+def _ln_backward(ctx, dy, _dmean, _drstd):
+    dx, dw, db = _grads(ctx, dy, "layer_norm", normalized_ndim=ctx.nd)
+    return dx, None, dw, db, None
+
+
+def _rms_setup(ctx, inputs, output):
+    x, normalized_shape, weight, eps = inputs
+    _setup(ctx, x, weight, None, output, True, 2)
+    ctx.nd = len(normalized_shape)
+
+
+def _rms_backward(ctx, dy, _dmean, _drstd):
+    dx, dw, _ = _grads(ctx, dy, "rms_norm", normalized_ndim=ctx.nd)
+    return dx, None, dw, None
+
+
+_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
+_instance_norm.register_autograd(_in_backward, setup_context=_in_setup)
+_group_norm.register_autograd(_gn_backward, setup_context=_gn_setup)
+_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
+_rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+# -- functional API (torch.nn.functional's arguments) --------------------------------
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+               eps=1e-5):
+    """As :func:`torch.nn.functional.batch_norm`, on cnorm's kernels.
+
+    In training the running statistics (when given) are updated as PyTorch
+    does: ``running = (1 - momentum)·running + momentum·batch``, with the
+    unbiased batch variance."""
+    training = bool(training)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean, running_var: eval mode (training=False) normalizes with the running "
+                         "statistics; expected both tensors, got None")
+    y, mean, _, var = torch.ops.cnorm.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                                 float(eps))
+    if training and running_mean is not None:
+        n = input.numel() // max(input.shape[1], 1)
+        _update(running_mean, running_var, mean, var * (n / max(n - 1, 1)), float(momentum))
+    return y
+
+
+def _update(running_mean, running_var, mean, var_unbiased, momentum):
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                  momentum=0.1, eps=1e-5):
+    """As :func:`torch.nn.functional.instance_norm`, on cnorm's kernels.
+
+    With ``use_input_stats`` and running statistics, these are updated with
+    the batch's average of the per-sample statistics, as PyTorch does."""
+    use_input_stats = bool(use_input_stats)
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise ValueError("running_mean, running_var: use_input_stats=False normalizes with the running "
+                         "statistics; expected both tensors, got None")
+    y, mean, _, var = torch.ops.cnorm.instance_norm(input, weight, bias, running_mean, running_var,
+                                                    use_input_stats, float(eps))
+    if use_input_stats and running_mean is not None:
+        s = input[0, 0].numel()
+        _update(running_mean, running_var, mean.mean(0), (var * (s / max(s - 1, 1))).mean(0), float(momentum))
+    return y
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """As :func:`torch.nn.functional.group_norm`, on cnorm's kernels."""
+    return torch.ops.cnorm.group_norm(input, int(num_groups), weight, bias, float(eps))[0]
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """As :func:`torch.nn.functional.layer_norm`, on cnorm's kernels."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    return torch.ops.cnorm.layer_norm(input, shape, weight, bias, float(eps))[0]
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """As :func:`torch.nn.functional.rms_norm`, on cnorm's kernels."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    return torch.ops.cnorm.rms_norm(input, shape, weight, None if eps is None else float(eps))[0]
+
+
+def replace_norms(model):
+    """Swap the norm modules of ``model`` for cnorm's subclasses, in place; return ``model``.
+
+    Every module whose type is exactly one of ``torch.nn``'s BatchNorm1d/2d/3d,
+    InstanceNorm1d/2d/3d, GroupNorm, LayerNorm or RMSNorm becomes the
+    :mod:`cnorm.torch.nn` subclass of it: the same object with the same
+    parameters, buffers and state-dict keys, whose forward runs cnorm's
+    kernels. Other modules (subclasses, SyncBatchNorm, LazyBatchNorm) are left
+    alone.
+
+    Examples
+    --------
+    >>> import torch, cnorm.torch as ct
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    >>> ct.replace_norms(model)[1]
+    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    >>> type(model[1]).__module__
+    'cnorm.torch.nn'
+    """
+    from . import nn as cnn
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        new = cnn.REPLACEMENTS.get(type(module))
+        if new is not None:
+            module.__class__ = new
+    return model
+
