@@ -1,7 +1,7 @@
 """The functional front end: the four norms, forward and backward.
 
 Each public function validates its arguments, maps the input to one kernel
-:class:`~cnorm.backends.base.Problem` over a 3-D view (DESIGN §2), calls the
+:class:`~cnorm.backends.base.Problem` over a 3-D view (docs/architecture.md, §2), calls the
 backend, and owns everything norm-specific: which statistics are used, the
 running-statistics update, eval mode, and the shape of the parameters.
 """
