@@ -135,7 +135,7 @@ def _pair(norm, shape, layout="cf", **kw):
 
 
 def issue_cases() -> list[Case]:
-    """The cases issue 3 sets speed targets for (float32)."""
+    """The core cases: the ResNet and transformer shapes the comparison is built on (float32)."""
     return [
         *_pair("batch_norm", (32, 64, 56, 56)),
         *_pair("batch_norm", (32, 56, 56, 64), "cl"),
@@ -174,7 +174,7 @@ def quick_fused_cases() -> list[Case]:
 
 
 def half_cases(dtypes=("bfloat16", "float16"), quick: bool = False) -> list[Case]:
-    """The same cases with half-precision data (issue 5): float32 statistics and parameters."""
+    """The same cases with half-precision data: float32 statistics and parameters."""
     from dataclasses import replace
 
     base = (quick_cases() + quick_fused_cases()) if quick else (issue_cases() + fused_cases())

@@ -1,4 +1,4 @@
-"""Turn an N-D input into the 3-D kernel view of DESIGN §2, without copying when possible.
+"""Turn an N-D input into the 3-D kernel view (docs/architecture.md, §2), without copying when possible.
 
 An array whose channel axis is its second-slowest axis is channels-first
 ``(N, C, S)``; one whose channel axis is its fastest is channels-last

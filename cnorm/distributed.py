@@ -5,7 +5,7 @@ BatchNorm then normalizes each rank's slice with that slice's statistics.
 :func:`sync_batch_norm_forward` and :func:`sync_batch_norm_backward` instead
 compute the statistics, and their gradients, of the whole batch, so every rank
 gets exactly the result that BatchNorm gives on the concatenated batch. They
-reuse the backend's cross-sample primitives (DESIGN §2) around one data
+reuse the backend's cross-sample primitives (docs/architecture.md, §2) around one data
 collective each, opened by a small handshake (below): there is no second copy
 of the BatchNorm maths.
 
@@ -24,8 +24,8 @@ An Allgather rather than an Allreduce of shifted sums, because:
 * the merged statistics are **bit-identical on every rank** (the same
   operations on the same table), so running statistics never drift apart;
   MPI does not promise that an Allreduce returns the same bits everywhere;
-* Chan's merge of centred partials keeps full accuracy when |mean| ≫ std
-  (DESIGN §5); shifted sums need a good common shift, known only after an
+* Chan's merge of centred partials keeps full accuracy when ``|mean| ≫ std``
+  (docs/architecture.md, §5); shifted sums need a good common shift, known only after an
   exchange;
 * ranks may hold different batch sizes, including zero: a rank's weight in
   the merge is its count.

@@ -1,7 +1,7 @@
 """The functional front end: the four norms, forward and backward.
 
 Each public function validates its arguments, maps the input to one kernel
-:class:`~cnorm.backends.base.Problem` over a 3-D view (DESIGN §2), calls the
+:class:`~cnorm.backends.base.Problem` over a 3-D view (docs/architecture.md, §2), calls the
 backend, and owns everything norm-specific: which statistics are used, the
 running-statistics update, eval mode, and the shape of the parameters.
 """
@@ -316,12 +316,15 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     Parameters
     ----------
     x : array, shape (N, C, ...) or with channels on ``channel_axis``
-        Input, float32 or float64, any memory layout.
+        Input of dtype float16, bfloat16 (``ml_dtypes.bfloat16``), float32
+        or float64, in any memory layout. Half-precision data is computed
+        with float32 statistics; float64 data with float64 ones.
     weight, bias : array of shape (C,), optional
-        Affine parameters (γ, β).
+        Affine parameters (γ, β), of any floating dtype (read in the
+        statistics dtype).
     running_mean, running_var : array of shape (C,), optional
-        Running statistics, updated in place when ``training``; required
-        when not training.
+        Running statistics, of any floating dtype, updated in place when
+        ``training``; required when not training.
     training : bool
         Normalize with batch statistics (True) or the running ones (False).
     momentum : float in [0, 1]
@@ -350,7 +353,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     y : array
         Same shape, dtype and memory layout as ``x`` (``out`` when given).
     saved : Saved
-        Per-channel mean and rstd for :func:`batch_norm_backward`.
+        Per-channel mean and rstd for :func:`batch_norm_backward`, in the
+        statistics dtype (float32, or float64 for float64 data).
 
     Examples
     --------
@@ -423,6 +427,7 @@ def batch_norm_backward(dy, x, saved, weight=None, *, out=None):
     dx : array
         Shape, dtype and layout of ``x`` (``out`` when given).
     dweight, dbias : array of shape (C,) or None
+        In the statistics dtype (float32, or float64 for float64 data).
         dweight is None when ``weight`` is None; dbias is None when forward
         had no bias. In eval mode the running statistics are constants.
         After a forward with an activation, these are the gradients through

@@ -237,8 +237,8 @@ class _Layer:
         Parameters
         ----------
         x : array
-            The input, of the layer's array type; float32 or float64 (other
-            floating dtypes where the backend supports them).
+            The input, of the layer's array type: float16, bfloat16, float32
+            or float64 data, whatever the dtype of the layer's parameters.
         out : array, optional (keyword-only)
             Where to write y, which is then ``out`` itself: x's shape and
             dtype, writable, in x's memory layout (C-contiguous for a

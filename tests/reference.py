@@ -1,4 +1,4 @@
-"""An independent float64 evaluation of the maths (DESIGN §1), written per norm
+"""An independent float64 evaluation of the maths (docs/architecture.md, §1), written per norm
 on the N-D array with axis arithmetic, sharing no code with cnorm's layouts or
 backends. It computes in long double (80-bit on x86-64) so that its own
 rounding is far below that of the float64 code it checks: a float64 reference

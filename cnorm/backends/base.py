@@ -47,7 +47,7 @@ CHANNELS_LAST = "cl"
 
 @dataclass(frozen=True)
 class Problem:
-    """One kernel problem of DESIGN §2.
+    """One kernel problem (docs/architecture.md, §2).
 
     Attributes
     ----------

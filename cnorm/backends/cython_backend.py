@@ -47,8 +47,8 @@ class CythonBackend(Backend):
     >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
     >>> y, mean, var, rstd = CythonBackend().forward_train(
     ...     x, Problem("cf", 2, 3, 2), np.ones(3, np.float32), np.zeros(3, np.float32), 1e-5)
-    >>> mean
-    array([4., 6., 8.], dtype=float32)
+    >>> mean                      # channel c: x[0, c] and x[1, c]
+    array([3.5, 5.5, 7.5], dtype=float32)
     """
 
     name = "cython"
