@@ -61,8 +61,9 @@ def import_array(name: str, a):
         # PyTorch's CPU tensors: .numpy() is the same zero-copy view, without the
         # protocol's Python layers (a few microseconds per argument)
         try:
-            if a.dtype == _torch().bfloat16:
-                return a.view(_torch().int16).numpy().view(_bf16())
+            torch = _torch()
+            if a.dtype is torch.bfloat16:
+                return a.view(torch.int16).numpy().view(_bf16())
             return a.numpy()
         except (RuntimeError, TypeError):  # conjugate/negative views, ...: the protocol decides
             pass
@@ -126,7 +127,7 @@ def export_like(a, proto):
     if _is_torch(proto):
         torch = _torch()
         if type(a) is np.ndarray:
-            if a.dtype == _bf16():
+            if a.dtype.kind == "V" and a.dtype == _bf16():
                 return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(a)
         if a.dtype == _bf16():
@@ -141,10 +142,16 @@ def export_like(a, proto):
     return a
 
 
-def _torch():
-    import torch
+_TORCH = None
 
-    return torch
+
+def _torch():
+    global _TORCH
+    if _TORCH is None:
+        import torch
+
+        _TORCH = torch
+    return _TORCH
 
 
 class Call:
@@ -157,7 +164,7 @@ class Call:
         self.given = {}  # id(imported array) -> the caller's object
 
     def take(self, name, a):
-        if not is_foreign(a):
+        if a is None or type(a) is np.ndarray or not is_foreign(a):
             return a
         b = import_array(name, a)
         if self.proto is None:
@@ -189,17 +196,15 @@ def accepts_dlpack(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        call = None
-        for i, a in enumerate(args):
+        for a in args:
             if is_foreign(a):
-                call = call or Call()
-                args = args[:i] + (call.take(names[i] if i < len(names) else f"argument {i}", a),) + args[i + 1:]
-        for k, a in kwargs.items():
-            if is_foreign(a):
-                call = call or Call()
-                kwargs[k] = call.take(k, a)
-        if call is None:
-            return fn(*args, **kwargs)
+                break
+        else:
+            if not kwargs or not any(is_foreign(a) for a in kwargs.values()):
+                return fn(*args, **kwargs)
+        call = Call()
+        args = tuple(call.take(names[i] if i < len(names) else f"argument {i}", a) for i, a in enumerate(args))
+        kwargs = {k: call.take(k, a) for k, a in kwargs.items()}
         return call.give(fn(*args, **kwargs))
 
     return wrapper

@@ -176,10 +176,12 @@ def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has
 
 def _grads(ctx, dy, norm, groups=0, normalized_ndim=0):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = torch.ops.cnorm.norm_backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim,
-                                               ctx.batch_stats, ctx.bias_dtype is not None)
-    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[ctx.w_index] else None
-    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[ctx.w_index + 1] else None
+    backward = torch.ops.cnorm.norm_backward if ctx.traced else _norm_backward._init_fn
+    dx, dw, db = backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, ctx.batch_stats,
+                          ctx.bias_dtype is not None)
+    w = ctx.w_index + ctx.shift
+    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[w] else None
+    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1] else None
     return dx, dw, db
 
 
@@ -189,6 +191,8 @@ def _setup(ctx, x, weight, bias, output, batch_stats, w_index):
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.batch_stats = batch_stats
     ctx.w_index = w_index
+    if not hasattr(ctx, "shift"):  # the operators' own autograd (traced or called through torch.ops)
+        ctx.shift, ctx.traced = 0, True
 
 
 def _bn_setup(ctx, inputs, output):
@@ -244,11 +248,41 @@ def _rms_backward(ctx, dy, _dmean, _drstd):
     return dx, None, dw, None
 
 
-_batch_norm.register_autograd(_bn_backward, setup_context=_bn_setup)
-_instance_norm.register_autograd(_in_backward, setup_context=_in_setup)
-_group_norm.register_autograd(_gn_backward, setup_context=_gn_setup)
-_layer_norm.register_autograd(_ln_backward, setup_context=_ln_setup)
-_rms_norm.register_autograd(_rms_backward, setup_context=_rms_setup)
+_FORMULAS = {
+    _batch_norm: (_bn_setup, _bn_backward),
+    _instance_norm: (_in_setup, _in_backward),
+    _group_norm: (_gn_setup, _gn_backward),
+    _layer_norm: (_ln_setup, _ln_backward),
+    _rms_norm: (_rms_setup, _rms_backward),
+}
+for _op, (_s, _b) in _FORMULAS.items():
+    _op.register_autograd(_b, setup_context=_s)
+
+
+class _Eager(torch.autograd.Function):
+    """The same formulas in eager mode without the dispatcher: torch.library's
+    Python operators cost tens of microseconds per call (schema defaults,
+    alias checks, redispatch), this a few. torch.compile traces the operators."""
+
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        out = op._init_fn(*inputs)
+        ctx.shift, ctx.traced, ctx.op = 1, False, op
+        _FORMULAS[op][0](ctx, inputs, out)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None,) + tuple(_FORMULAS[ctx.op][1](ctx, *grads))
+
+
+def _call(op, *inputs):
+    """Run operator ``op``: through the dispatcher while torch.compile traces, else directly."""
+    if torch.compiler.is_compiling():
+        return op(*inputs)
+    return _Eager.apply(op, *inputs)
+
 
 
 # -- functional API (torch.nn.functional's arguments) --------------------------------
@@ -264,7 +298,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not training and (running_mean is None or running_var is None):
         raise ValueError("running_mean, running_var: eval mode (training=False) normalizes with the running "
                          "statistics; expected both tensors, got None")
-    y, mean, _, var = torch.ops.cnorm.batch_norm(input, weight, bias, running_mean, running_var, training,
+    y, mean, _, var = _call(_batch_norm, input, weight, bias, running_mean, running_var, training,
                                                  float(eps))
     if training and running_mean is not None:
         n = input.numel() // max(input.shape[1], 1)
@@ -288,7 +322,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if not use_input_stats and (running_mean is None or running_var is None):
         raise ValueError("running_mean, running_var: use_input_stats=False normalizes with the running "
                          "statistics; expected both tensors, got None")
-    y, mean, _, var = torch.ops.cnorm.instance_norm(input, weight, bias, running_mean, running_var,
+    y, mean, _, var = _call(_instance_norm, input, weight, bias, running_mean, running_var,
                                                     use_input_stats, float(eps))
     if use_input_stats and running_mean is not None:
         s = input[0, 0].numel()
@@ -298,19 +332,19 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """As :func:`torch.nn.functional.group_norm`, on cnorm's kernels."""
-    return torch.ops.cnorm.group_norm(input, int(num_groups), weight, bias, float(eps))[0]
+    return _call(_group_norm, input, int(num_groups), weight, bias, float(eps))[0]
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As :func:`torch.nn.functional.layer_norm`, on cnorm's kernels."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    return torch.ops.cnorm.layer_norm(input, shape, weight, bias, float(eps))[0]
+    return _call(_layer_norm, input, shape, weight, bias, float(eps))[0]
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
     """As :func:`torch.nn.functional.rms_norm`, on cnorm's kernels."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    return torch.ops.cnorm.rms_norm(input, shape, weight, None if eps is None else float(eps))[0]
+    return _call(_rms_norm, input, shape, weight, None if eps is None else float(eps))[0]
 
 
 def replace_norms(model):
