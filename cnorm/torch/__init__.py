@@ -362,7 +362,7 @@ def replace_norms(model):
     >>> import torch, cnorm.torch as ct
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
     >>> ct.replace_norms(model)[1]
-    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+    BatchNorm2d(8, eps=1e-05, momentum=0.1, affine=True, bias=True, track_running_stats=True)
     >>> type(model[1]).__module__
     'cnorm.torch.nn'
     """
