@@ -278,12 +278,13 @@ def _saved_from_stats(norm, x, mean, rstd, *, batch_stats, has_bias, param_shape
     Python objects, between forward and backward: the PyTorch operators of ``cnorm.torch``).
 
     ``norm`` is "batch_norm", "instance_norm", "group_norm" (channels on axis 1),
-    "layer_norm" or "rms_norm" (``normalized_ndim`` trailing axes); ``groups``
-    is the group count for group_norm."""
+    "layer_norm", "rms_norm", "add_layer_norm" or "add_rms_norm" (``x`` being
+    h there; ``normalized_ndim`` trailing axes); ``groups`` is the group count
+    for group_norm."""
     be = resolve(None, [x])
-    if norm in ("layer_norm", "rms_norm"):
+    if norm in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
         view = row_view(tuple(x.shape), normalized_ndim)
-        p = _problem(view, 1, norm == "rms_norm")
+        p = _problem(view, 1, norm.endswith("rms_norm"))
     else:
         view = channel_view(x, 1)
         g = {"batch_norm": 0, "instance_norm": x.shape[1], "group_norm": groups}[norm]

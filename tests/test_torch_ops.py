@@ -252,3 +252,42 @@ def test_replace_norms_leaves_others_alone_and_checks_its_argument():
 def test_eval_without_running_statistics_is_an_error():
     with pytest.raises(ValueError, match="running_mean, running_var"):
         ct.batch_norm(torch.randn(2, 3), None, None, training=False)
+
+
+@pytest.mark.parametrize("which", ["add_layer_norm", "add_rms_norm"])
+def test_fused_add_forms(which):
+    torch.manual_seed(0)
+    shape = (4, 6, 16)
+    args = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    w = torch.rand(16, dtype=torch.float64, requires_grad=True) + 0.5
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    if which == "add_layer_norm":
+        def ours(x, r, w, b):
+            return ct.add_layer_norm(x, r, 16, w, b)
+
+        def ref(x, r, w, b):
+            h = x + r
+            return torch.nn.functional.layer_norm(h, (16,), w, b), h
+        params = (w, b)
+    else:
+        def ours(x, r, w):
+            return ct.add_rms_norm(x, r, 16, w)
+
+        def ref(x, r, w):
+            h = x + r
+            return torch.nn.functional.rms_norm(h, (16,), w), h
+        params = (w,)
+    inputs = (*args, *params)
+    assert torch.autograd.gradcheck(ours, inputs)
+    ya, ha = ref(*inputs)
+    yb, hb = ours(*inputs)
+    torch.testing.assert_close(hb, ha)
+    torch.testing.assert_close(yb, ya)
+    grads_a = torch.autograd.grad(ya.square().sum() + ha.sin().sum(), inputs)
+    grads_b = torch.autograd.grad(yb.square().sum() + hb.sin().sum(), inputs)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga)
+    op = getattr(torch.ops.cnorm, which).default
+    torch.library.opcheck(op, (*(a.float().detach().requires_grad_() for a in args), [16],
+                               *(p.float().detach().requires_grad_() for p in params),
+                               1e-5 if which == "add_layer_norm" else None))

@@ -35,7 +35,8 @@ from torch import Tensor
 from .. import functional as _F
 from .._interop import export_like, import_array
 
-__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "replace_norms"]
+__all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "replace_norms"]
 
 
 def _np(name, t):
@@ -144,13 +145,46 @@ def _(x, normalized_shape, weight, eps):
     return _rows_fake(x, normalized_shape)
 
 
+# the residual add fused into LayerNorm / RMSNorm: (y, h, mean, rstd), h = x + residual
+
+@torch.library.custom_op("cnorm::add_layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, s = _F.add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                        _np("weight", weight), _np("bias", bias), eps)
+    return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
+
+
+@_add_layer_norm.register_fake
+def _(x, residual, normalized_shape, weight, bias, eps):
+    y, mean, rstd = _rows_fake(x, normalized_shape)
+    return y, torch.empty_like(x), mean, rstd
+
+
+@torch.library.custom_op("cnorm::add_rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
+def _add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                  eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, s = _F.add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                      _np("weight", weight), eps)
+    return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
+
+
+@_add_rms_norm.register_fake
+def _(x, residual, normalized_shape, weight, eps):
+    y, mean, rstd = _rows_fake(x, normalized_shape)
+    return y, torch.empty_like(x), mean, rstd
+
+
 # -- the backward operator -----------------------------------------------------------
 
 @torch.library.custom_op("cnorm::norm_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def _norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], norm: str,
-                   groups: int, normalized_ndim: int, batch_stats: bool,
-                   has_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight/dbias empty where there is no weight/bias (statistics dtype)."""
+                   groups: int, normalized_ndim: int, batch_stats: bool, has_bias: bool,
+                   dh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias); dweight/dbias empty where there is no weight/bias (statistics dtype).
+
+    The fused add forms ("add_layer_norm", "add_rms_norm"): x is h, and ``dh``
+    the gradient of h, added to dx."""
     xa = _np("x", x)
     if normalized_ndim:
         param_shape = tuple(x.shape[x.dim() - normalized_ndim:])
@@ -159,7 +193,7 @@ def _norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Op
     saved = _F._saved_from_stats(norm, xa, _np("mean", mean), _np("rstd", rstd), batch_stats=batch_stats,
                                  has_bias=has_bias, param_shape=param_shape, groups=groups,
                                  normalized_ndim=normalized_ndim)
-    dx, dw, db = _F._backward(norm, _np("dy", dy), xa, saved, _np("weight", weight))
+    dx, dw, db = _F._backward(norm, _np("dy", dy), xa, saved, _np("weight", weight), None, _np("dh", dh))
     def grad(g):  # (separate empty tensors: an operator's outputs may not alias each other)
         return x.new_empty((0,), dtype=_sdtype(x)) if g is None else _t(g, x)
 
@@ -167,18 +201,18 @@ def _norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Op
 
 
 @_norm_backward.register_fake
-def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has_bias):
+def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has_bias, dh=None):
     pshape = tuple(x.shape[x.dim() - normalized_ndim:]) if normalized_ndim else (x.shape[1],)
     sd = _sdtype(x)
     return (torch.empty_like(x), x.new_empty(pshape if weight is not None else (0,), dtype=sd),
             x.new_empty(pshape if has_bias else (0,), dtype=sd))
 
 
-def _grads(ctx, dy, norm, groups=0, normalized_ndim=0):
+def _grads(ctx, dy, norm, groups=0, normalized_ndim=0, dh=None):
     x, weight, mean, rstd = ctx.saved_tensors
     backward = torch.ops.cnorm.norm_backward if ctx.traced else _norm_backward._init_fn
     dx, dw, db = backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, ctx.batch_stats,
-                          ctx.bias_dtype is not None)
+                          ctx.bias_dtype is not None, dh)
     w = ctx.w_index + ctx.shift
     dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[w] else None
     db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1] else None
@@ -248,7 +282,46 @@ def _rms_backward(ctx, dy, _dmean, _drstd):
     return dx, None, dw, None
 
 
+def _add_setup(ctx, x, weight, bias, output, w_index):
+    y, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, mean, rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.batch_stats = True
+    ctx.w_index = w_index
+    if not hasattr(ctx, "shift"):
+        ctx.shift, ctx.traced = 0, True
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, normalized_shape, weight, bias, eps = inputs
+    _add_setup(ctx, x, weight, bias, output, 3)
+    ctx.nd = len(normalized_shape)
+
+
+def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
+    dx, dw, db = _grads(ctx, dy, "add_layer_norm", normalized_ndim=ctx.nd, dh=_dense(dh, ctx))
+    return dx, dx, None, dw, db, None
+
+
+def _add_rms_setup(ctx, inputs, output):
+    x, residual, normalized_shape, weight, eps = inputs
+    _add_setup(ctx, x, weight, None, output, 3)
+    ctx.nd = len(normalized_shape)
+
+
+def _add_rms_backward(ctx, dy, dh, _dmean, _drstd):
+    dx, dw, _ = _grads(ctx, dy, "add_rms_norm", normalized_ndim=ctx.nd, dh=_dense(dh, ctx))
+    return dx, dx, None, dw, None
+
+
+def _dense(dh, ctx):
+    """h's gradient; zeros when h was not used (autograd passes None, or zeros, then)."""
+    return torch.zeros_like(ctx.saved_tensors[0]) if dh is None else dh
+
+
 _FORMULAS = {
+    _add_layer_norm: (_add_ln_setup, _add_ln_backward),
+    _add_rms_norm: (_add_rms_setup, _add_rms_backward),
     _batch_norm: (_bn_setup, _bn_backward),
     _instance_norm: (_in_setup, _in_backward),
     _group_norm: (_gn_setup, _gn_backward),
@@ -269,7 +342,7 @@ class _Eager(torch.autograd.Function):
         out = op._init_fn(*inputs)
         ctx.shift, ctx.traced, ctx.op = 1, False, op
         _FORMULAS[op][0](ctx, inputs, out)
-        ctx.mark_non_differentiable(*out[1:])
+        ctx.mark_non_differentiable(*out[2 if op in (_add_layer_norm, _add_rms_norm) else 1:])  # statistics
         return out
 
     @staticmethod
@@ -345,6 +418,22 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     """As :func:`torch.nn.functional.rms_norm`, on cnorm's kernels."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     return _call(_rms_norm, input, shape, weight, None if eps is None else float(eps))[0]
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``(y, h)``: h = x + residual (the new residual stream) and y = layer_norm(h), in one sweep.
+
+    Differentiable in both outputs; x and residual get the same gradient."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    y, h, _, _ = _call(_add_layer_norm, x, residual, shape, weight, bias, float(eps))
+    return y, h
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None):
+    """``(y, h)``: h = x + residual and y = rms_norm(h), in one sweep (vLLM's fused_add_rms_norm)."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    y, h, _, _ = _call(_add_rms_norm, x, residual, shape, weight, None if eps is None else float(eps))
+    return y, h
 
 
 def replace_norms(model):
