@@ -48,6 +48,14 @@ slower than); PyTorch runs the same job eagerly (``x + r`` then the norm,
 array moved once: add forward 4 x bytes(x) (x, r in; y, h out), add backward
 4 x (dy, dh, h in; dx out).
 
+Each case is checked for signs that its numbers cannot be trusted (an
+unsteady copy bandwidth across its rounds, a result faster than the floor,
+an oversubscribed machine: :mod:`cnorm._bench_report`), and the report marks
+the cases that fail with the likely cause and the remedy. OpenMP's idle
+threads sleep (``OMP_WAIT_POLICY=PASSIVE``, set before the runtimes start)
+unless the user set the policy; a counter on stderr shows the progress
+(``--quiet``: none).
+
 The same cases drive the pytest-benchmark suite in ``bench/``.
 """
 
@@ -1125,40 +1133,9 @@ def format_table(rows, backends) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, backends, path: str) -> None:
-    """bench.png: speed relative to PyTorch (plain against plain, out against out; hatched)
-    and the fraction of the memory floor each out call (plain for the reference) reaches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["case"] for r in rows]
-    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(rows)), 10), sharex=True)
-    bars = [(b, v) for b in backends for v in ((PLAIN, OUT) if b not in PLAIN_ONLY else (PLAIN,))]
-    width = 0.8 / len(bars)
-    xs = np.arange(len(rows))
-    for i, (b, v) in enumerate(bars):
-        res = [r["results"][b] if v == PLAIN else r["results"][b].get("out", {}) for r in rows]
-        sp = [r.get("speedup_vs_torch") or 0 for r in res]
-        axes[0].bar(xs + i * width, sp, width, label=_key(b, v), hatch="//" if v == OUT else None)
-    for i, b in enumerate(backends):
-        fl = [(r["results"][b].get("out") or r["results"][b]).get("floor_fraction") or 0 for r in rows]
-        axes[1].bar(xs + i * 0.8 / len(backends), fl, 0.8 / len(backends),
-                    label=b + (" out" if b not in PLAIN_ONLY else ""))
-    if any(p.get_height() > 0 for p in axes[0].patches):  # none without PyTorch
-        axes[0].set_yscale("log")
-    axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set_ylabel("speed relative to PyTorch (higher is faster)")
-    axes[1].axhline(0.75, color="k", lw=0.8, ls="--")
-    axes[1].set_ylabel("fraction of memory floor")
-    axes[1].set_xticks(xs + 0.4)
-    axes[1].set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    axes[0].legend()
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def plot(rows, backends, path: str, meta: dict | None = None) -> None:
+    """bench.png: see :func:`cnorm._bench_report.plot`."""
+    _report.plot(rows, backends, path, meta)
 
 
 def main(argv: list[str]) -> int:
@@ -1354,10 +1331,11 @@ def _run(args, backends, threads: int, kept: bool, level=None, wait_policy=None)
               "trust_checks": {"copy_spread_limit": _report.COPY_SPREAD_LIMIT, "floor_noise": _report.FLOOR_NOISE,
                                "notes": {c: {"what": w, "remedy": r} for c, (w, r) in _report.TRUST_NOTES.items()}},
               "versions": _versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, backends, os.path.join(args.out, "bench.png"))
+    _report.plot_report(result, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
 

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 # -- trust checks --------------------------------------------------------------------
 
 #: copy bandwidth spread across a case's rounds (max / min - 1) above which the floor is unsteady
@@ -289,3 +291,204 @@ class Progress:
         self.stream.write("\r\x1b[K" + text)
         self.stream.flush()
         self._shown = True
+
+
+# -- the plot ----------------------------------------------------------------------------------
+
+#: the plot's sections, in order: (title, test on a row)
+SECTIONS = [
+    ("BatchNorm", lambda r: r["norm"] == "batch_norm" and not _fuse(r)),
+    ("LayerNorm", lambda r: r["norm"] == "layer_norm" and not _fuse(r)),
+    ("InstanceNorm", lambda r: r["norm"] == "instance_norm" and not _fuse(r)),
+    ("GroupNorm", lambda r: r["norm"] == "group_norm" and not _fuse(r)),
+    ("RMSNorm", lambda r: r["norm"] == "rms_norm" and not _fuse(r)),
+    ("Fused: residual add + norm, norm + activation", lambda r: bool(_fuse(r))),
+]
+_DTYPES = {"float32": "", "bfloat16": "bf16", "float16": "f16"}
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.3}  # values stay legible on lines
+_ABBR = {"batch_norm": "BN", "group_norm": "GN", "layer_norm": "LN", "rms_norm": "RMS", "instance_norm": "IN"}
+
+
+def _fuse(row) -> str:
+    """The fused part of a row's case name ("add", "relu", "silu") or ''."""
+    name = row["case"]
+    if name.startswith("add+"):
+        return "add"
+    head = name.split("-", 1)[0]
+    return head.split("+", 1)[1] if "+" in head else ""
+
+
+def short_label(row) -> str:
+    """A row's label within its section: direction, shape, layout, and what sets it apart
+    (eval mode, groups, the fused op, a half dtype, per-call latency)."""
+    parts = row["case"].split("-")
+    head, rest = parts[0], parts[1:]
+    fused = ""
+    if "+" in head:
+        a, b = head.split("+", 1)
+        fused = f"add+{_ABBR.get(b, b)}" if a == "add" else f"{_ABBR.get(a, a)}+{b}"
+    extra = [p for p in rest if p == "eval" or (p.startswith("G") and p[1:].isdigit())]
+    direction = next((p for p in rest if p in ("fwd", "bwd")), "")
+    shape = next((p for p in rest if "x" in p and p.replace("x", "").isdigit()), "")
+    layout = next((p for p in rest if p in ("cf", "cl")), "")
+    dtype = _DTYPES.get(row.get("dtype", "float32"), row.get("dtype", ""))
+    bits = [fused, direction, shape.replace("x", "×"), "NHWC" if layout == "cl" else "", *extra, dtype,
+            "latency" if row.get("latency") else ""]
+    return " ".join(b for b in bits if b)
+
+
+def plot_layout(rows):
+    """``[(section title, [row, ...]), ...]``: the rows grouped by norm, sections in
+    :data:`SECTIONS` order, empty ones left out, rows in run order."""
+    out = []
+    for title, test in SECTIONS:
+        members = [r for r in rows if test(r)]
+        if members:
+            out.append((title, members))
+    return out
+
+
+def plot_title(meta: dict) -> str:
+    """Machine, threads, CPU levels, versions and date of a run."""
+    lv = meta.get("levels") or {}
+    v = meta.get("versions") or {}
+    level = f"cnorm {lv.get('cnorm') or '-'}" + (f", PyTorch {lv['torch']}" if lv.get("torch") else "")
+    versions = ", ".join(f"{k} {v[k]}" for k in ("cnorm", "torch", "numpy") if v.get(k))
+    return (f"python -m cnorm bench: cnorm against PyTorch and the memory floor\n"
+            f"{meta.get('cpu', '?')}, {meta.get('threads', '?')} threads, CPU level {level}\n"
+            f"{versions}; {meta.get('date', '')}")
+
+
+def plot(rows, backends, path: str, meta: dict | None = None, cnorm_backend: str = "cython") -> None:
+    """One figure: a row per case, in sections per norm. Left: PyTorch's median time /
+    cnorm's (log axis; PyTorch = 1 is the reference line), plain against plain and out
+    against out. Right: the % of the memory floor cnorm's and PyTorch's out calls reach
+    (floor time / median; 100% = the floor). Values on the bars; untrusted rows (the
+    trust checks) in red with their codes; machine, threads, levels, versions and date
+    in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    meta = meta or {}
+    cn = cnorm_backend if cnorm_backend in backends else next((b for b in backends if b != "torch"), None)
+    torch_on = "torch" in backends
+    layout = plot_layout(rows)
+    # y positions, top to bottom: a header line per section, then its rows
+    ys, labels, heads, y = [], [], [], 0.0
+    order = []
+    for title, members in layout:
+        heads.append((y, title))
+        y += 1.0
+        for r in members:
+            order.append(r)
+            codes = (r.get("trust") or {}).get("codes", "")
+            labels.append(short_label(r) + (f"  [{codes}]" if codes else ""))
+            ys.append(y)
+            y += 1.0
+        y += 0.4
+    n = max(y, 4)
+    fig = Figure(figsize=(13, 2.6 + 0.25 * n), layout="constrained")
+    ax_r, ax_f = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1.25, 1]})
+    ys_a = np.asarray(ys)
+    h = 0.38
+
+    def res(r, b, variant):
+        x = (r.get("results") or {}).get(b) or {}
+        return x if variant == "plain" else (x.get("out") or {})
+
+    # left: PyTorch's time / cnorm's
+    ratio_bars = [("plain", "cnorm plain vs PyTorch plain", "#1f77b4", None, -h / 2),
+                  ("out", "cnorm out vs PyTorch out", "#8fbbd9", "//", h / 2)]
+    if cn and torch_on:
+        for variant, label, color, hatch, dy in ratio_bars:
+            vals = [res(r, cn, variant).get("speedup_vs_torch") for r in order]
+            pos = [(yy + dy, v) for yy, v in zip(ys_a, vals) if v]
+            if not pos:
+                continue
+            py, pv = zip(*pos)
+            # from PyTorch's 1 to the ratio: right of the line cnorm is faster, left of it slower
+            ax_r.barh(py, [v - 1 for v in pv], height=h, left=1, color=color, hatch=hatch, edgecolor="#33557a",
+                      linewidth=0.4, label=label)
+            for yy, v in pos:
+                ax_r.text(v * 1.03 if v >= 1 else v / 1.03, yy, f"{v:.2f}×", va="center",
+                          ha="left" if v >= 1 else "right", fontsize=7, bbox=_LABEL_BOX)
+        ax_r.set_xscale("log")
+        lo = min([v for r in order for v in (res(r, cn, "plain").get("speedup_vs_torch"),
+                                             res(r, cn, "out").get("speedup_vs_torch")) if v] or [1])
+        hi = max([v for r in order for v in (res(r, cn, "plain").get("speedup_vs_torch"),
+                                             res(r, cn, "out").get("speedup_vs_torch")) if v] or [1])
+        ax_r.set_xlim(min(lo, 1) / 1.8, max(hi, 1) * 1.8)
+        ax_r.axvline(1.0, color="k", lw=1.2, label="PyTorch (= 1)")
+        ax_r.set_xlabel("PyTorch time / cnorm time (log scale; above 1: cnorm faster)")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+        wide = max(hi, 1) / min(lo, 1) > 60  # over about two decades: label the powers of ten only
+        ax_r.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+        ax_r.xaxis.set_minor_locator(NullLocator())
+        ax_r.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    else:
+        ax_r.text(0.5, 0.5, "no PyTorch rows (not installed or not in --backends)", transform=ax_r.transAxes,
+                  ha="center", va="center")
+    ax_r.set_title("speed against PyTorch (same threads, same CPU level)", fontsize=10, pad=34)
+
+    # right: % of the memory floor, out calls (a backend without them: its plain call)
+    floor_bars = [(b, c, dy) for b, c, dy in ((cn, "#1f77b4", -h / 2), ("torch" if torch_on else None, "#ff7f0e", h / 2))
+                  if b]
+    top = 1.0
+    for b, color, dy in floor_bars:
+        vals = [(res(r, b, "out") or res(r, b, "plain")).get("floor_fraction") for r in order]
+        pos = [(yy + dy, v * 100) for yy, v in zip(ys_a, vals) if v]
+        if not pos:
+            continue
+        py, pv = zip(*pos)
+        top = max(top, max(pv) / 100)
+        label = ("cnorm" if b == cn else "PyTorch") + " out calls"
+        ax_f.barh(py, pv, height=h, left=0, color=color, edgecolor="#444444", linewidth=0.4, label=label)
+        for yy, v in pos:
+            ax_f.text(v + 1.5, yy, f"{v:.0f}%", va="center", ha="left", fontsize=7, bbox=_LABEL_BOX)
+    ax_f.axvline(100, color="k", lw=1.2, ls="--", label="memory floor (= 100%)")
+    for yy, r in zip(ys_a, order):
+        if r.get("floor_s") is None:
+            ax_f.text(2, yy, "no floor (per-call latency case)", va="center", ha="left", fontsize=7, color="#666666")
+    ax_f.set_xlim(0, max(120, top * 100 * 1.15))
+    ax_f.set_xlabel("floor time (bytes moved / copy bandwidth) / median, %")
+    ax_f.set_title("% of the memory floor (out calls)", fontsize=10, pad=34)
+
+    for ax in (ax_r, ax_f):
+        ax.set_ylim(n - 0.3, -0.8)
+        ax.grid(True, axis="x", which="major", alpha=0.3)
+        for hy, _ in heads:
+            ax.axhline(hy + 0.5, color="#999999", lw=0.5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize=8,
+                      frameon=False)
+    ax_r.set_yticks(list(ys) + [hy for hy, _ in heads])
+    ax_r.set_yticklabels(labels + [t for _, t in heads], fontsize=8)
+    for tick, text in zip(ax_r.get_yticklabels(), labels + [t for _, t in heads]):
+        if text in {t for _, t in heads}:
+            tick.set_fontweight("bold")
+            tick.set_fontsize(9)
+        elif text.endswith("]"):
+            tick.set_color("#c00000")
+    ax_r.tick_params(axis="y", length=0)
+    if any((r.get("trust") or {}).get("codes") for r in order):
+        notes = "; ".join(f"[{c}] {TRUST_NOTES[c][0]}" for c in sorted(
+            {c for r in order for c in (r.get("trust") or {}).get("codes", "")}))
+        fig.supxlabel(f"red rows failed a trust check ({notes}): their numbers may not hold - rerun on a quiet "
+                      "machine", fontsize=8, color="#c00000")
+    fig.suptitle(plot_title(meta), fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def plot_report(report: dict, path: str) -> None:
+    """:func:`plot` of a bench.json report (the date: its own, else today's)."""
+    import datetime
+
+    meta = {"cpu": report.get("machine", {}).get("cpu"), "threads": report.get("threads"),
+            "levels": report.get("cpu_capability"),
+            "versions": report.get("versions") or {"torch": report.get("torch"),
+                                                   "numpy": report.get("machine", {}).get("numpy")},
+            "date": report.get("date") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    plot(report["cases"], report["backends"], path, meta)

@@ -244,3 +244,66 @@ def test_tiny_run_reports_progress_and_trust(tmp_path, capsys):
 
     assert _bench.main([*args, "--quiet", "--out", str(tmp_path / "b")]) == 0
     assert "cases done" not in capsys.readouterr().err
+
+
+# -- the plot ------------------------------------------------------------------------------
+
+def _plot_rows():
+    cases = [_bench.Case("batch_norm", "fwd", (32, 64, 56, 56)),
+             _bench.Case("batch_norm", "bwd", (32, 56, 56, 64), "cl", dtype="bfloat16"),
+             _bench.Case("batch_norm", "fwd", (32, 64, 56, 56), training=False),
+             _bench.Case("layer_norm", "fwd", (32, 64), latency=True),
+             _bench.Case("group_norm", "bwd", (16, 256, 32, 32), groups=32, dtype="float16"),
+             _bench.Case("instance_norm", "fwd", (16, 64, 128, 128)),
+             _bench.Case("rms_norm", "fwd", (8192, 768)),
+             _bench.Case("layer_norm", "bwd", (8192, 768), fuse="add"),
+             _bench.Case("batch_norm", "fwd", (32, 64, 56, 56), fuse="relu")]
+    rows = []
+    for i, c in enumerate(cases):
+        def res(speedup, floor):
+            return {"median_s": 1e-3, "n": 3, "floor_fraction": None if c.latency else floor,
+                    "speedup_vs_torch": speedup}
+        rows.append({"case": c.name, "norm": c.norm, "dtype": c.dtype, "latency": c.latency,
+                     "floor_s": None if c.latency else 1e-3,
+                     "trust": {"ok": i != 1, "codes": "" if i != 1 else "BL", "warnings": []},
+                     "results": {"cython": {**res(0.8 + i, 0.5), "out": {**res(1.1 + i, 0.6), "out_variant": True}},
+                                 "torch": {**res(1.0, 0.3), "out": {**res(1.0, 0.2), "out_variant": True}}}})
+    return rows
+
+
+def test_plot_groups_rows_by_norm_with_short_labels():
+    rows = _plot_rows()
+    layout = rep.plot_layout(rows)
+    assert [t for t, _ in layout] == ["BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm", "RMSNorm",
+                                      "Fused: residual add + norm, norm + activation"]
+    assert sum(len(m) for _, m in layout) == len(rows)
+    labels = [rep.short_label(r) for _, m in layout for r in m]
+    assert labels == ["fwd 32×64×56×56", "bwd 32×56×56×64 NHWC bf16", "fwd 32×64×56×56 eval",
+                      "fwd 32×64 latency", "fwd 16×64×128×128", "bwd 16×256×32×32 G32 f16", "fwd 8192×768",
+                      "add+LN bwd 8192×768", "BN+relu fwd 32×64×56×56"]
+    assert max(map(len, labels)) <= 30
+
+
+def test_plot_title_names_machine_threads_level_versions_and_date():
+    title = rep.plot_title({"cpu": "Some CPU", "threads": 2, "levels": {"cnorm": "avx2", "torch": "avx2"},
+                            "versions": {"cnorm": "0.1.0", "torch": "2.13.0+cpu", "numpy": "2.4.6"},
+                            "date": "2026-12-02"})
+    for part in ("Some CPU", "2 threads", "cnorm avx2", "PyTorch avx2", "cnorm 0.1.0", "torch 2.13.0+cpu",
+                 "numpy 2.4.6", "2026-12-02"):
+        assert part in title
+
+
+def test_plot_writes_a_figure_of_readable_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+
+    def size(p):  # a PNG's IHDR: width and height
+        return struct.unpack(">II", p.read_bytes()[16:24])
+
+    rows = _plot_rows() * 6  # as many rows as a full run
+    path = tmp_path / "bench.png"
+    rep.plot(rows, ["numpy", "cython", "torch"], str(path), {"cpu": "cpu", "threads": 2})
+    width, height = size(path)
+    assert width <= 1400 and height <= 40 * len(rows)  # not 4000 px wide; about 25 px a row
+    rep.plot(rows[:3], ["cython"], str(path))  # no PyTorch: a figure still
+    assert size(path)[0] <= 1400
