@@ -307,3 +307,20 @@ def test_plot_writes_a_figure_of_readable_size(tmp_path):
     assert width <= 1400 and height <= 40 * len(rows)  # not 4000 px wide; about 25 px a row
     rep.plot(rows[:3], ["cython"], str(path))  # no PyTorch: a figure still
     assert size(path)[0] <= 1400
+
+
+def test_to_markdown_header_names_the_wait_policy_and_untrusted_cases():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "to_markdown", os.path.join(os.path.dirname(__file__), "..", "bench", "to_markdown.py"))
+    md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(md)
+    report = {"machine": {"cpu": "cpu", "cores": 2}, "threads": 2, "torch": "2.13.0", "copy_bandwidth_Bps": 1e10,
+              "openmp_wait_policy": {"value": "PASSIVE", "source": "set by the benchmark"},
+              "cases": [{"case": "a", "copy_bandwidth_Bps": 1e10, "trust": {"codes": "B"}},
+                        {"case": "b", "copy_bandwidth_Bps": 1e10, "trust": {"codes": ""}}]}
+    text = md.header(report)
+    assert "OpenMP wait policy: PASSIVE" in text and "1 of 2 cases failed" in text
+    del report["openmp_wait_policy"], report["cases"][0]["trust"]  # an older bench.json
+    assert "wait policy" not in md.header(report) and "failed" not in md.header(report)
