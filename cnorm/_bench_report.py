@@ -434,8 +434,8 @@ def plot(rows, backends, path: str, meta: dict | None = None, cnorm_backend: str
     ax_r.set_title("speed against PyTorch (same threads, same CPU level)", fontsize=10, pad=34)
 
     # right: % of the memory floor, out calls (a backend without them: its plain call)
-    floor_bars = [(b, c, dy) for b, c, dy in ((cn, "#1f77b4", -h / 2), ("torch" if torch_on else None, "#ff7f0e", h / 2))
-                  if b]
+    floor_bars = [(b, c, dy) for b, c, dy in ((cn, "#1f77b4", -h / 2),
+                                              ("torch" if torch_on else None, "#ff7f0e", h / 2)) if b]
     top = 1.0
     for b, color, dy in floor_bars:
         vals = [(res(r, b, "out") or res(r, b, "plain")).get("floor_fraction") for r in order]

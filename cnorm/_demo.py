@@ -181,13 +181,13 @@ def blas_kernels() -> str:
     kernels for the CPU at start-up): the run without BatchNorm depends on their rounding."""
     from threadpoolctl import threadpool_info
 
-    np.ones((2, 2)) @ np.ones((2, 2))  # (NumPy's BLAS is loaded by now; this is for clarity)
     libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     if not libs:
         return "unknown BLAS"
     lib = libs[0]
     arch = lib.get("architecture")
-    return f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip() + (f", {arch} kernels" if arch else "")
+    name = f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip()
+    return name + (f", {arch} kernels" if arch else "")
 
 
 def plot(results, path, lr):
