@@ -1219,9 +1219,12 @@ def _set_wait_policy(args) -> dict:
     bench`` re-executes itself once with it set. Called inside another program, it
     cannot: its runtimes keep their default, and the record says so (the cases run in
     fresh processes, ``--isolate``, get PASSIVE)."""
-    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    reexec_ok = (getattr(main_spec, "name", None) == "cnorm.__main__" and hasattr(sys, "orig_argv")
-                 and not args.row_json)
+    main = sys.modules.get("__main__")
+    cli = sys.modules.get("cnorm.__main__")
+    # python -m cnorm bench, or a console script calling cnorm.__main__.main: this process is the benchmark's
+    ours = (getattr(getattr(main, "__spec__", None), "name", None) == "cnorm.__main__"
+            or (cli is not None and getattr(main, "main", None) is getattr(cli, "main", False)))
+    reexec_ok = ours and hasattr(sys, "orig_argv") and not args.row_json
     plan = _report.wait_policy_plan(os.environ, _report.openmp_started(), reexec_ok)
     if plan == "set" and not os.environ.get(_report.WAIT_POLICY):  # no runtime started yet: in time
         os.environ.update(_report.passive_env())
