@@ -44,8 +44,13 @@ def header(report: dict) -> str:
     bufs = {"per-copy": "; out variants: one buffer per input copy",
             "one": "; out variants: one buffer for every call"}.get(report.get("out_buffers"), "")
     fresh = "; each case in a fresh process" if report.get("isolated") else ""
+    wait = report.get("openmp_wait_policy")
+    wait = f"; OpenMP wait policy: {wait['value'] or 'default'}" if wait else ""
+    flagged = [c["case"] for c in report["cases"] if (c.get("trust") or {}).get("codes")]
+    trust = (f" {len(flagged)} of {len(report['cases'])} cases failed the benchmark's trust checks "
+             f"(bench.json: trust)." if flagged else "")
     return (f"{m['cpu']}, {m['cores']} cores, {report['threads']} threads, {level}torch {report['torch']}, {bw}; "
-            f"allocator: {allocator(report)}{bufs}{fresh}.")
+            f"allocator: {allocator(report)}{bufs}{fresh}{wait}.{trust}")
 
 
 def split_name(case: dict):

@@ -48,6 +48,14 @@ slower than); PyTorch runs the same job eagerly (``x + r`` then the norm,
 array moved once: add forward 4 x bytes(x) (x, r in; y, h out), add backward
 4 x (dy, dh, h in; dx out).
 
+Each case is checked for signs that its numbers cannot be trusted (an
+unsteady copy bandwidth across its rounds, a result faster than the floor,
+an oversubscribed machine: :mod:`cnorm._bench_report`), and the report marks
+the cases that fail with the likely cause and the remedy. OpenMP's idle
+threads sleep (``OMP_WAIT_POLICY=PASSIVE``, set before the runtimes start)
+unless the user set the policy; a counter on stderr shows the progress
+(``--quiet``: none).
+
 The same cases drive the pytest-benchmark suite in ``bench/``.
 """
 
@@ -66,6 +74,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import _bench_report as _report
 
 EPS = 1e-5
 
@@ -864,7 +874,7 @@ def minor_faults():
         return 0
 
 
-def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None = None) -> dict:
+def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None = None, monitor=None) -> dict:
     """Seconds per call of each named zero-argument call, interleaved.
 
     One warm-up each, then rounds in which every call is timed once (tiny
@@ -877,7 +887,9 @@ def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None 
 
     ``faults``: a dict that receives, per name, the minor page faults per call
     of each sample (counted around the timed region, not inside it): what
-    shows whether a call's fresh output was page-faulted.
+    shows whether a call's fresh output was page-faulted. ``monitor``: a
+    zero-argument call made once per round, outside the timed regions (the
+    trust checks sample the machine's load with it).
     """
     inner = {}
     for name, call in calls.items():
@@ -892,6 +904,8 @@ def time_calls(calls: dict, repeats: dict, budget_s: float, faults: dict | None 
         pending = [n for n in calls if len(times[n]) < repeats[n]]
         if not pending or (time.perf_counter() - start > budget_s and min(map(len, times.values())) >= 3):
             return times
+        if monitor is not None:
+            monitor()
         for name in pending:
             call, k = calls[name], inner[name]
             call()  # absorbs the previous backend's spinning threads (see above)
@@ -982,11 +996,20 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
         calls[_key(BASELINE, PLAIN)] = call
     repeats = {key: repeat if not key.startswith("numpy") else max(3, repeat // 3) for key in calls}
     faults = {}
-    timed = time_calls(calls, repeats, budget_s, faults)
+    others = []  # other processes' runnable threads, sampled once per round
+    loads = [_report.load_average()]
+    timed = time_calls(calls, repeats, budget_s, faults,
+                       monitor=lambda: others.append(_report.runnable_others()))
+    loads.append(_report.load_average())
     floor = None
     if not case.latency:
-        row["copy_bandwidth_Bps"] = 2 * case.nbytes / statistics.median(timed.pop(COPY))
+        copies = timed.pop(COPY)
+        row["copy_bandwidth_Bps"] = 2 * case.nbytes / statistics.median(copies)
+        row["copy_bandwidths_Bps"] = [2 * case.nbytes / t for t in copies]  # per round: the trust check's
         floor = case.floor_factor * case.nbytes / row["copy_bandwidth_Bps"]
+    known = [n for n in others if n is not None]
+    row["runnable_others"] = statistics.median(known) if known else None
+    row["load_average"] = max((x for x in loads if x is not None), default=None)
     row["floor_s"] = floor
     results = row["results"]
     for name in backends:  # a backend without a row (torch lacking a half kernel): NaN, n = 0
@@ -1010,6 +1033,9 @@ def run_case(case: Case, backends, threads: int, repeat: int, budget_s: float,
             r["out_speedup"] = _ratio(r, r["out"])
     if base and "cython" in results:
         results["cython"]["speedup_vs_unfused"] = _ratio(row["baseline"], results["cython"])
+    row["threads"] = threads
+    row["cores_available"] = _report.cores_available()
+    row["trust"] = _report.trust(row, threads, os.cpu_count() or 1, row["cores_available"])
     return row
 
 
@@ -1077,6 +1103,7 @@ def format_table(rows, backends) -> str:
         get = ((lambda row, b=b: row["results"][b]["out"]["floor_fraction"]) if b in outs
                else (lambda row, b=b: row["results"][b]["floor_fraction"]))
         cols.append((f"{b} floor" + (" out" if b in outs else ""), num(get, ".0%")))
+    cols.append(("check", lambda row: (row["trust"]["codes"] or "ok") if row.get("trust") else "-"))
     width = 44
     head = f"{'case':{width}s}" + "".join(f"{label:>{max(len(label), 7) + 2}s}" for label, _ in cols)
     lines = [head, "-" * len(head)]
@@ -1101,43 +1128,14 @@ def format_table(rows, backends) -> str:
                      "activation around the plain norm) / the fused plain call's; RMSNorm rows: cnorm's LayerNorm "
                      "on the same shape / RMSNorm.")
     lines += notes + [TABLE_NOTES[m] for m in sorted(marks)]
+    if any(row.get("trust") for row in rows):
+        lines += _report.trust_notes(rows)
     return "\n".join(lines)
 
 
-def plot(rows, backends, path: str) -> None:
-    """bench.png: speed relative to PyTorch (plain against plain, out against out; hatched)
-    and the fraction of the memory floor each out call (plain for the reference) reaches."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["case"] for r in rows]
-    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.7 * len(rows)), 10), sharex=True)
-    bars = [(b, v) for b in backends for v in ((PLAIN, OUT) if b not in PLAIN_ONLY else (PLAIN,))]
-    width = 0.8 / len(bars)
-    xs = np.arange(len(rows))
-    for i, (b, v) in enumerate(bars):
-        res = [r["results"][b] if v == PLAIN else r["results"][b].get("out", {}) for r in rows]
-        sp = [r.get("speedup_vs_torch") or 0 for r in res]
-        axes[0].bar(xs + i * width, sp, width, label=_key(b, v), hatch="//" if v == OUT else None)
-    for i, b in enumerate(backends):
-        fl = [(r["results"][b].get("out") or r["results"][b]).get("floor_fraction") or 0 for r in rows]
-        axes[1].bar(xs + i * 0.8 / len(backends), fl, 0.8 / len(backends),
-                    label=b + (" out" if b not in PLAIN_ONLY else ""))
-    if any(p.get_height() > 0 for p in axes[0].patches):  # none without PyTorch
-        axes[0].set_yscale("log")
-    axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set_ylabel("speed relative to PyTorch (higher is faster)")
-    axes[1].axhline(0.75, color="k", lw=0.8, ls="--")
-    axes[1].set_ylabel("fraction of memory floor")
-    axes[1].set_xticks(xs + 0.4)
-    axes[1].set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    axes[0].legend()
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def plot(rows, backends, path: str, meta: dict | None = None) -> None:
+    """bench.png: see :func:`cnorm._bench_report.plot`."""
+    _report.plot(rows, backends, path, meta)
 
 
 def main(argv: list[str]) -> int:
@@ -1175,7 +1173,10 @@ def main(argv: list[str]) -> int:
                         help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
                              "the matching ATEN_CPU_CAPABILITY (default, avx2, avx512); default: the level "
                              "cnorm chose for this CPU")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress counter (cases done, elapsed and estimated time left) on stderr")
     args = parser.parse_args(argv)
+    wait_policy = _set_wait_policy(args)
 
     import cnorm
 
@@ -1207,7 +1208,39 @@ def main(argv: list[str]) -> int:
 
     with threadpool_limits(1, user_api="blas"), \
             (_cpu.use_level(level) if level is not None else contextlib.nullcontext()):
-        return _run(args, backends, threads, kept, level)
+        return _run(args, backends, threads, kept, level, wait_policy)
+
+
+def _set_wait_policy(args) -> dict:
+    """OMP_WAIT_POLICY=PASSIVE for every OpenMP runtime of the benchmark (cnorm's, PyTorch's)
+    unless the user set it: idle threads of one library must not spin on the cores the
+    other is being timed on. A runtime reads it once, when it starts, and cnorm's starts
+    when ``import cnorm`` loads the extension, before this runs: so ``python -m cnorm
+    bench`` re-executes itself once with it set. Called inside another program, it
+    cannot: its runtimes keep their default, and the record says so (the cases run in
+    fresh processes, ``--isolate``, get PASSIVE)."""
+    main = sys.modules.get("__main__")
+    cli = sys.modules.get("cnorm.__main__")
+    # python -m cnorm bench, or a console script calling cnorm.__main__.main: this process is the benchmark's
+    ours = (getattr(getattr(main, "__spec__", None), "name", None) == "cnorm.__main__"
+            or (cli is not None and getattr(main, "main", None) is getattr(cli, "main", False)))
+    reexec_ok = ours and hasattr(sys, "orig_argv") and not args.row_json
+    plan = _report.wait_policy_plan(os.environ, _report.openmp_started(), reexec_ok)
+    if plan == "set" and not os.environ.get(_report.WAIT_POLICY):  # no runtime started yet: in time
+        os.environ.update(_report.passive_env())
+    if plan == "reexec":
+        os.environ.update(_report.passive_env())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        except OSError as exc:
+            print(f"could not re-execute the benchmark with OMP_WAIT_POLICY=PASSIVE ({exc})", file=sys.stderr)
+        plan = "late"
+    record = _report.wait_policy_record(plan, os.environ)
+    if plan == "late":
+        print(f"OpenMP wait policy: {record['source']}", file=sys.stderr)
+    return record
 
 
 def _torch_at_level(level, threads: int) -> bool:
@@ -1235,7 +1268,7 @@ def _torch_at_level(level, threads: int) -> bool:
     return True
 
 
-def _run(args, backends, threads: int, kept: bool, level=None) -> int:
+def _run(args, backends, threads: int, kept: bool, level=None, wait_policy=None) -> int:
     """The cases of ``args`` on ``backends``: progress lines, the table, bench.json and bench.png."""
     info = machine()
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -1262,17 +1295,31 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
     print(f"{info['cpu']}, {info['cores']} cores, threads={threads}, copy bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s at the start (each case's floor uses its own)")
     print(f"CPU level: cnorm {levels['cnorm']}, PyTorch {levels['torch'] or '-'}")
+    wait_policy = wait_policy or _report.wait_policy_record("late", os.environ)
+    print(f"OpenMP wait policy: {wait_policy['value'] or 'default'} ({wait_policy['source']})")
+    available = _report.cores_available()
+    print(f"cores available to this process: {available} of {info['cores']}"
+          + (f" - {threads} threads asked for: oversubscribed, results are noisy" if threads > available else ""))
     print("cases: " + ("each in a fresh process" if args.isolate else "all in this process, one after another"))
     rows = []
+    # the first estimate of a case: its timing budget and its set-up (a fresh process imports PyTorch)
+    progress = _report.Progress(len(cases), budget + (3.0 if args.isolate else 1.0), enabled=not args.quiet)
     for case in cases:
+        progress.start_case(case.name)
         if args.isolate:
             rows.append(_run_isolated(case, args, backends, threads, repeat, kept, level))
         else:
             rows.append(run_case(case, backends, threads, repeat, budget, info["llc_bytes"], args.out_buffers))
+        progress.clear()
         print(f"  {case.name}: " + ", ".join(_progress(b, v, r) for b, r in rows[-1]["results"].items()
                                               for v in (PLAIN, OUT) if v == PLAIN or "out" in r)
-              + (f", {BASELINE} {rows[-1]['baseline']['median_s'] * 1e3:.3f} ms" if "baseline" in rows[-1] else ""),
+              + (f", {BASELINE} {rows[-1]['baseline']['median_s'] * 1e3:.3f} ms" if "baseline" in rows[-1] else "")
+              + (f"  [check {rows[-1]['trust']['codes']}: "
+                 + "; ".join(w["detail"] for w in rows[-1]["trust"]["warnings"]) + "]"
+                 if rows[-1].get("trust", {}).get("codes") else ""),
               flush=True)
+        progress.case_done(case.name)
+    progress.clear()
     print()
     print(format_table(rows, backends))
     os.makedirs(args.out, exist_ok=True)
@@ -1282,11 +1329,16 @@ def _run(args, backends, threads: int, kept: bool, level=None) -> int:
               "variants": {"plain": "the call allocates its output",
                            "out": "the same call writing into a caller's buffer reused across calls; "
                                   "numpy (the reference) plain only"},
-              "backends": backends, "quick": args.quick,
+              "backends": backends, "quick": args.quick, "openmp_wait_policy": wait_policy,
+              "cores_available": available,
+              "trust_checks": {"copy_spread_limit": _report.COPY_SPREAD_LIMIT, "floor_noise": _report.FLOOR_NOISE,
+                               "notes": {c: {"what": w, "remedy": r} for c, (w, r) in _report.TRUST_NOTES.items()}},
+              "versions": _versions(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "torch": _torch_version(), "cases": rows}
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    plot(rows, backends, os.path.join(args.out, "bench.png"))
+    _report.plot_report(result, os.path.join(args.out, "bench.png"))
     print(f"\nwrote {os.path.join(args.out, 'bench.json')} and bench.png")
     return 0
 
@@ -1305,8 +1357,11 @@ def _run_isolated(case: Case, args, backends, threads: int, repeat: int, kept: b
                "--dtypes", case.dtype, "--out-buffers", args.out_buffers]
         cmd += ["--quick"] * args.quick + ["--keep-freed-memory"] * kept
         cmd += ["--cpu-capability", level] if level else []
+        cmd += ["--quiet"]
         root = os.path.dirname(os.path.dirname(os.path.abspath(cnorm.__file__)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        if not env.get(_report.WAIT_POLICY):  # (called inside another program: the case still gets PASSIVE)
+            env.update(_report.passive_env())
         subprocess.run(cmd, check=True, env=env)
         with open(path) as f:
             return json.load(f)
@@ -1332,6 +1387,13 @@ def cpu_levels(backends) -> dict:
 
         torch_level = torch.backends.cpu.get_cpu_capability().lower()
     return {"cnorm": _cpu.get_cpu_capability(), "torch": torch_level}
+
+
+def _versions() -> dict:
+    """cnorm's, NumPy's and PyTorch's versions (None: not installed)."""
+    from . import __version__
+
+    return {"cnorm": __version__, "numpy": np.__version__, "torch": _torch_version()}
 
 
 def _torch_version():

@@ -176,6 +176,20 @@ def run(epochs=20, seed=0, lr=1.0, batch_size=32, progress=True):
     return tuple(results)
 
 
+def blas_kernels() -> str:
+    """The BLAS library and kernel set NumPy's matrix products run on (OpenBLAS picks its
+    kernels for the CPU at start-up): the run without BatchNorm depends on their rounding."""
+    from threadpoolctl import threadpool_info
+
+    libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not libs:
+        return "unknown BLAS"
+    lib = libs[0]
+    arch = lib.get("architecture")
+    name = f"{lib.get('internal_api', 'BLAS')} {lib.get('version') or ''}".strip()
+    return name + (f", {arch} kernels" if arch else "")
+
+
 def plot(results, path, lr):
     """Save both loss curves to ``path`` (matplotlib's Agg canvas; pyplot's state is untouched)."""
     from matplotlib.figure import Figure
@@ -230,6 +244,8 @@ def main(argv=None) -> int:
     backend = resolve(None, (np.empty(0, DTYPE),)).name
     print(f"cnorm demo: MLP 64-128-128-10 on scikit-learn digits, SGD lr={args.lr:g}, batch {args.batch_size}, "
           f"{args.epochs} epochs, BatchNorm1d on the {backend!r} backend")
+    print(f"matrix products: {blas_kernels()} (the run without BatchNorm is chaotic at this learning rate: "
+          "its accuracy depends on their rounding)")
     results = run(args.epochs, args.seed, args.lr, args.batch_size, progress=not args.no_progress)
     plot(results, args.out, args.lr)
     for r in results:
