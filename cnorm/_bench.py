@@ -1173,6 +1173,11 @@ def main(argv: list[str]) -> int:
                         help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
                              "the matching ATEN_CPU_CAPABILITY (default, avx2, avx512); default: the level "
                              "cnorm chose for this CPU")
+    parser.add_argument("--pytorch", action="store_true",
+                        help="after the cases, time cnorm inside PyTorch: the per-call overhead of cnorm on "
+                             "torch tensors and of cnorm.torch's operators, and a training step of a ResNet-style "
+                             "network and a transformer with and without cnorm.torch.replace_norms")
+    parser.add_argument("--pytorch-only", action="store_true", help="only that (no cases)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress counter (cases done, elapsed and estimated time left) on stderr")
     args = parser.parse_args(argv)
@@ -1208,7 +1213,34 @@ def main(argv: list[str]) -> int:
 
     with threadpool_limits(1, user_api="blas"), \
             (_cpu.use_level(level) if level is not None else contextlib.nullcontext()):
-        return _run(args, backends, threads, kept, level, wait_policy)
+        if args.pytorch_only:
+            return _run_pytorch(args, threads, level, wait_policy)
+        code = _run(args, backends, threads, kept, level, wait_policy)
+        if code == 0 and args.pytorch:
+            code = _run_pytorch(args, threads, level, wait_policy)
+        return code
+
+
+def _run_pytorch(args, threads: int, level, wait_policy) -> int:
+    """cnorm inside PyTorch (cnorm._bench_torch): printed, and written to pytorch.json."""
+    if not _torch_at_level(level, threads):
+        return 2
+    import torch
+
+    from . import _bench_torch
+
+    wait_policy = wait_policy or _report.wait_policy_record("late", os.environ)
+    print(f"\ncnorm inside PyTorch: {machine()['cpu']}, {threads} threads, CPU level cnorm {level}, PyTorch "
+          f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, OpenMP wait policy "
+          f"{wait_policy['value'] or 'default'}", flush=True)
+    result = _bench_torch.run(budget=3.0 if args.quick else 20.0)
+    result.update(threads=threads, cpu_level=level, torch=torch.__version__, machine=machine(),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "pytorch.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {os.path.join(args.out, 'pytorch.json')}")
+    return 0
 
 
 def _set_wait_policy(args) -> dict:

@@ -294,3 +294,28 @@ def test_default_cases_include_the_fused_rows():
     halves = {c.name for c in _bench.half_cases(("bfloat16", "float16"))}
     assert "batch_norm+relu-fwd-32x64x56x56-cf-bfloat16" in halves
     assert not any(n.endswith("float16") and "+" in n and "bfloat16" not in n for n in halves)
+
+
+def test_pytorch_section_times_the_adapters_and_both_models(tmp_path):
+    """--pytorch-only: the adapters' per-call times and both models' training steps,
+    with and without replace_norms, printed and written to pytorch.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    run = subprocess.run([sys.executable, "-m", "cnorm", "bench", "--pytorch-only", "--quick", "--threads", "1",
+                          "--quiet", "--out", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    with open(tmp_path / "pytorch.json") as f:
+        report = json.load(f)
+    assert set(report["training_step"]) == {"resnet", "transformer"}
+    for row in report["training_step"].values():
+        assert row["torch_nn_s"] > 0 and row["replace_norms_s"] > 0
+        assert f"{row['torch_nn_s'] * 1e3:.2f} ms" in run.stdout
+    assert "cnorm.layer_norm, torch tensors (DLPack)" in report["overhead_s"]
+    assert report["threads"] == 1 and report["cpu_level"] in ("baseline", "avx2", "avx512")
