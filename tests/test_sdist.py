@@ -16,7 +16,8 @@ import tarfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SKIP_NAMES = {"__pycache__", ".hypothesis", ".benchmarks", ".pytest_cache", "build", "dist", ".git"}
+SKIP_NAMES = {"__pycache__", ".hypothesis", ".benchmarks", ".pytest_cache", "build", "dist", ".git", "_build",
+              "generated", "bench_results"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd")
 
 
