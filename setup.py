@@ -33,6 +33,14 @@ extensions get: ``CC``/``CXX``, ``CFLAGS``/``CXXFLAGS``/``CPPFLAGS`` and
 ``LDFLAGS`` (a sanitizer build, tools/sanitize.sh, links with
 ``-fsanitize=...``; a probe linked without it would fail and build serially).
 It says why each candidate failed when it falls back to a serial build.
+
+No compiler. Building from source needs a C and a C++ compiler. Before
+anything is compiled (and before Cython runs) the build compiles two tiny
+programs with the compiler the extensions would get (``CC``/``CXX`` included)
+and, when that fails, stops with a message saying what to install on each
+platform (``NO_COMPILER`` below). There is no NumPy-only fallback: a build
+without the compiled kernels would be slow in every call, so it is an error,
+not a warning. A prebuilt wheel needs no compiler.
 """
 
 import contextlib
@@ -164,6 +172,68 @@ def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=(), la
             return None, f"{lang} program failed to {stage}: {' | '.join(said[-4:])}"
 
 
+NO_COMPILER = """\
+cnorm-kernels: cannot build from source: no working C/C++ compiler ({why}).
+
+cnorm's kernels are compiled when it is installed from source, which needs a
+C and a C++ compiler. Install one, then install cnorm-kernels again:
+
+  Debian, Ubuntu:  sudo apt install build-essential
+  Fedora, RHEL:    sudo dnf install gcc gcc-c++
+  macOS:           xcode-select --install   (and for OpenMP: brew install libomp)
+  Windows:         Build Tools for Visual Studio, with the "Desktop development with C++" workload
+
+The compiler is taken from CC and CXX when they are set. A prebuilt wheel needs
+no compiler: pip install --only-binary=:all: cnorm-kernels (where one exists
+for your platform and Python)."""
+
+# A C and a C++ program (the kernels are C++, with its standard library): the
+# smallest check that the compilers the extensions get can be run.
+COMPILER_CHECKS = (
+    ("C", "check.c", "int main(void) { return 0; }\n"),
+    ("C++", "check.cpp", "#include <vector>\nint main() { std::vector<int> v(1); return v[0]; }\n"),
+)
+
+
+def default_compiler():
+    """The compiler build_ext would use by default, set up from CC, CXX, CFLAGS, ..."""
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    return compiler
+
+
+def compiler_problem(compiler=None):
+    """Why ``compiler`` (default: build_ext's) cannot compile a C and a C++ file, or None."""
+    try:
+        compiler = default_compiler() if compiler is None else compiler
+    except Exception as e:  # noqa: BLE001 - no compiler for this platform at all
+        return f"no compiler for this platform: {e}"
+    with tempfile.TemporaryDirectory() as tmp:
+        for lang, name, source in COMPILER_CHECKS:
+            src = os.path.join(tmp, name)
+            with open(src, "w") as f:
+                f.write(source)
+            log = os.path.join(tmp, name + ".log")
+            try:
+                with _output_to(log):
+                    compiler.compile([src], output_dir=tmp)
+            except Exception as e:  # noqa: BLE001 - a missing program, a failed compile, no MSVC: say which
+                with open(log, errors="replace") as f:
+                    said = [ln.strip() for ln in f if ln.strip()] + [str(e)]
+                return f"the {lang} compiler failed: {' | '.join(said[-3:])}"
+    return None
+
+
+def require_compiler(compiler=None):
+    """Stop the build, saying what to install, when no working C/C++ compiler is found."""
+    why = compiler_problem(compiler)
+    if why is not None:
+        raise SystemExit(NO_COMPILER.format(why=why))
+
+
 def probe_openmp(compiler, report=print):
     """Return (compile_args, link_args) that build an OpenMP program, or None.
 
@@ -210,6 +280,7 @@ class BuildExt(build_ext):
             self.parallel = os.cpu_count() or 1
 
     def build_extensions(self):
+        require_compiler(self.compiler)  # the compiler chosen for this build (--compiler, CC, ...)
         kind = "msvc" if self.compiler.compiler_type == "msvc" else "unix"
         omp = probe_openmp(self.compiler)
         native = os.environ.get("CNORM_NATIVE", "0") == "1" and kind == "unix"
@@ -269,7 +340,13 @@ EXTENSIONS = [
     for lv in levels_to_build()
 ]
 
+# Commands that compile the extensions (pip's wheel and editable builds run bdist_wheel and
+# editable_wheel); an sdist or metadata needs no compiler.
+COMPILING_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop", "bdist"}
+
 if __name__ == "__main__":  # as pip, build and `python setup.py` run it; tests import the probe alone
+    if COMPILING_COMMANDS.intersection(sys.argv[1:]):
+        require_compiler()  # before Cython runs: fail in a second, not after it
     setup(
         ext_modules=cythonize(
             EXTENSIONS,

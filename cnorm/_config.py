@@ -37,10 +37,18 @@ def set_num_threads(n: int) -> None:
     Parameters
     ----------
     n : int
-        A positive thread count.
+        A positive thread count: a Python or NumPy integer, not a bool.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    import operator
+
+    from ._validate import type_name
+
+    try:
+        if isinstance(n, bool):  # numpy.bool is no integer to operator.index either
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n: expected an int, got {type_name(n)}") from None
     if not 1 <= n <= 2**31 - 1:
         from ._validate import short_repr
 

@@ -6,7 +6,7 @@ bundled 8×8 digits (no download) from the same initial weights, with the same
 batches and the same large learning rate (plain SGD): once with a
 :class:`cnorm.nn.BatchNorm1d` after each hidden linear layer, once without.
 The demo prints both test accuracies and saves both training-loss curves as a
-PNG. Needs the ``demo`` extra: ``pip install 'cnorm[demo]'``.
+PNG. Needs the ``demo`` extra: ``pip install 'cnorm-kernels[demo]'``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         import sklearn  # noqa: F401
         import tqdm  # noqa: F401
     except ImportError as exc:
-        print(f"cnorm demo needs scikit-learn, tqdm and matplotlib ({exc}); pip install 'cnorm[demo]'")
+        print(f"cnorm demo needs scikit-learn, tqdm and matplotlib ({exc}); pip install 'cnorm-kernels[demo]'")
         return 2
     start = time.perf_counter()
     backend = resolve(None, (np.empty(0, DTYPE),)).name

@@ -87,7 +87,7 @@ the traceback and calls ``MPI_Abort`` on ``COMM_WORLD``, which ends every rank
 of the job.
 
 Transports (``comm``): an ``mpi4py`` communicator (default
-``MPI.COMM_WORLD``; install with ``pip install cnorm[mpi]``); for CuPy arrays
+``MPI.COMM_WORLD``; install with ``pip install "cnorm-kernels[mpi]"``); for CuPy arrays
 over MPI, NCCL (``cupy.cuda.nccl``) is used automatically when every rank has
 its own GPU, else the statistics go through host memory; or any
 :class:`Exchange` (e.g. :class:`NCCLExchange` built on an existing
@@ -126,7 +126,7 @@ __all__ = [
     "sync_batch_norm", "sync_batch_norm_forward", "sync_batch_norm_backward",
 ]
 
-MPI_HINT = "pip install cnorm[mpi]  (installs mpi4py and the mpich wheel, which provides mpiexec)"
+MPI_HINT = "pip install 'cnorm-kernels[mpi]'  (installs mpi4py and the mpich wheel, which provides mpiexec)"
 
 # The handshake that opens every collective call: one Allgather of _SLOTS float64 values, the same
 # size on every rank whatever its arguments (see "Handshake and failure behaviour" above).
@@ -625,7 +625,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     Raises
     ------
     ImportError
-        mpi4py is missing (``pip install cnorm[mpi]``).
+        mpi4py is missing (``pip install "cnorm-kernels[mpi]"``).
     TypeError, ValueError
         This rank's arguments failed their checks, or this rank disagrees with
         the majority of ranks (with two, with rank 0) on the channel count,
@@ -921,7 +921,7 @@ class SyncBatchNorm(_BatchNorm):
     comm : mpi4py.MPI.Comm, cupy.cuda.nccl.NcclCommunicator or Exchange, optional
         The ranks that share statistics; default ``mpi4py.MPI.COMM_WORLD``
         (resolved at the first training call; mpi4py is needed then:
-        ``pip install cnorm[mpi]``).
+        ``pip install "cnorm-kernels[mpi]"``).
 
     Raises
     ------

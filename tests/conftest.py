@@ -79,9 +79,42 @@ def _reset_backend_choice():
     cnorm.set_backend("auto")
 
 
+def _shadowed_source_tree():
+    """Why these tests would test two different copies of cnorm, or None.
+
+    Tests run ``python -m cnorm`` in subprocesses, which import cnorm from the
+    current folder first. Run from an unpacked sdist's top folder, the tests
+    would import the source tree's cnorm (no compiled kernels) instead of the
+    installed cnorm-kernels, in the subprocesses or (python -m pytest) in
+    pytest itself."""
+    used = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(cnorm.__file__))))
+    here = os.path.realpath(os.getcwd())
+    if os.path.exists(os.path.join(here, "cnorm", "__init__.py")) and used != here:
+        return f"the tests import cnorm from {used}, but their subprocesses would import the one in {here}"
+    if _cpu.unavailable_reason() is None:
+        return None
+    from importlib.machinery import EXTENSION_SUFFIXES
+    from importlib.metadata import distributions
+
+    for dist in distributions(name="cnorm-kernels"):  # an egg-info in the folder, a site-packages install, ...
+        site = os.path.realpath(dist.locate_file(""))
+        compiled = any(os.path.exists(os.path.join(site, "cnorm", "_cpuinfo" + sfx)) for sfx in EXTENSION_SUFFIXES)
+        if site != used and compiled:
+            return (f"the tests import cnorm from {used}, which has no compiled kernels, "
+                    f"while cnorm-kernels is installed, with them, in {site}")
+    return None
+
+
+def pytest_configure(config):
+    why = _shadowed_source_tree()
+    if why is not None:
+        raise pytest.UsageError(f"{why}: to test the installed package, run the tests from their own folder "
+                                "(cd tests && python -m pytest)")
+
+
 def pytest_report_header(config):
     why = cnorm.available_backends(with_reasons=True)
-    return "cnorm backends: " + ", ".join(f"{k}={'ok' if v is None else 'unavailable'}" for k, v in why.items()) + (
+    return f"cnorm {cnorm.__version__} from {os.path.dirname(os.path.abspath(cnorm.__file__))}; backends: " + ", ".join(f"{k}={'ok' if v is None else 'unavailable'}" for k, v in why.items()) + (
         f"; CPU levels tested: {', '.join(_cpu.usable_levels()) or 'none'}"
         f" (default {cnorm.get_cpu_capability()}); CI={os.environ.get('CI', '')}"
     )

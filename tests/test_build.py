@@ -96,3 +96,40 @@ def test_openmp_probe_with_sanitizer_flags(monkeypatch):
         pytest.skip(f"no AddressSanitizer with this compiler: {why}")
     said = []
     assert setup.probe_openmp(compiler, report=said.append) == plain, said
+
+
+def test_no_compiler_stops_the_build_early_saying_what_to_install(tmp_path):
+    """Without a working C compiler (CC names none) `setup.py build_ext` stops before Cython
+    runs or anything compiles, with what to install on each platform."""
+    _setup_module()  # skips where there is no setup.py (an installed package)
+    from setuptools._distutils.ccompiler import get_default_compiler
+
+    if get_default_compiler() != "unix":
+        pytest.skip(f"CC chooses the compiler of unix builds, not of {get_default_compiler()}")
+    # setup.py alone, without the sources: Cython, run before the check, would fail on the missing .pyx
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "src").mkdir()
+    with open(os.path.join(root, "setup.py")) as f:
+        (tmp_path / "src" / "setup.py").write_text(f.read())
+    env = dict(os.environ, CC=str(tmp_path / "nonexistent" / "cc"))
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                          "--build-temp", str(tmp_path / "temp")], cwd=tmp_path / "src", env=env,
+                         capture_output=True, text=True)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0, said
+    assert "no working C/C++ compiler" in said and "nonexistent" in said, said
+    for hint in ("apt install build-essential", "dnf install gcc gcc-c++", "xcode-select --install",
+                 "brew install libomp", "Build Tools for Visual Studio", "--only-binary=:all: cnorm-kernels"):
+        assert hint in said, (hint, said)
+    assert "Compiling" not in said and "Cythonizing" not in said, said  # stopped before Cython
+    assert not (tmp_path / "lib").exists() and not (tmp_path / "temp").exists()
+
+
+def test_compiler_check_passes_with_the_build_compiler():
+    """The check must not stop a build that can compile (a C and a C++ file here)."""
+    setup = _setup_module()
+    compiler = setup.default_compiler()
+    why = setup.compiler_problem(compiler)
+    if why is not None and not REQUIRED and not _config.config()["extension_built"]:
+        pytest.skip(f"no working compiler here: {why}")
+    assert why is None

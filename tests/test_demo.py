@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 for _module in ("sklearn", "tqdm", "matplotlib"):
-    pytest.importorskip(_module, reason="the demo needs the 'demo' extra: pip install 'cnorm[demo]'")
+    pytest.importorskip(_module, reason="the demo needs the 'demo' extra: pip install 'cnorm-kernels[demo]'")
 
 from cnorm import _demo  # noqa: E402
 

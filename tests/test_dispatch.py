@@ -152,3 +152,31 @@ def test_thread_control_round_trip():
         cnorm.set_num_threads(0)
     with pytest.raises(TypeError, match="n: expected an int"):
         cnorm.set_num_threads(1.5)
+
+
+@pytest.mark.parametrize("kind", [np.int64, np.int32, np.int16, np.uint8])
+def test_set_num_threads_takes_numpy_integers(kind):
+    """NumPy integers count as ints here as everywhere else (num_groups, normalized_shape, ...)."""
+    n = cnorm.get_num_threads()
+    try:
+        cnorm.set_num_threads(kind(1))
+        assert cnorm.get_num_threads() == 1
+        if cnorm._config.config()["openmp_compiled"]:
+            cnorm.set_num_threads(kind(2))
+            assert cnorm.get_num_threads() == 2
+    finally:
+        cnorm.set_num_threads(n)
+    with pytest.raises(ValueError, match=r"n: expected a positive thread count below 2\*\*31, got 0"):
+        cnorm.set_num_threads(kind(0))
+
+
+@pytest.mark.parametrize("flag", [True, False, np.bool_(True)])
+def test_set_num_threads_rejects_bools(flag):
+    with pytest.raises(TypeError, match=r"n: expected an int, got (bool|numpy\.bool)"):
+        cnorm.set_num_threads(flag)
+
+
+def test_set_num_threads_rejects_integer_valued_floats():
+    for value in (2.0, np.float64(2.0), "2"):
+        with pytest.raises(TypeError, match="n: expected an int"):
+            cnorm.set_num_threads(value)

@@ -560,9 +560,9 @@ def test_convert_sync_batchnorm():
 
 def test_missing_mpi4py_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(ImportError, match=r"pip install cnorm\[mpi\]"):
+    with pytest.raises(ImportError, match=r"pip install .cnorm-kernels\[mpi\]."):
         get_exchange(None)
-    with pytest.raises(ImportError, match=r"pip install cnorm\[mpi\]"):
+    with pytest.raises(ImportError, match=r"pip install .cnorm-kernels\[mpi\]."):
         SyncBatchNorm(3)(np.ones((4, 3)))
 
 

@@ -9,7 +9,7 @@ import cnorm
 from cnorm._dtypes import BFLOAT16
 from helpers import close, same_bits
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
+torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm-kernels[test]'")
 F = torch.nn.functional
 
 HALF = [np.float16] + ([BFLOAT16.type] if BFLOAT16 is not None else [])

@@ -65,7 +65,7 @@ def test_half_large_offset(backend, norm, dtype):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_bfloat16_matches_torch(backend, norm):
-    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm-kernels[test]'")
     F = torch.nn.functional
     rng = np.random.default_rng(3)
     x32 = rng.standard_normal((4, 6, 5, 7)).astype(np.float32) * 2 + 1

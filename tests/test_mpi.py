@@ -5,7 +5,7 @@ match single-process BatchNorm on the concatenated batch, and a bad input on
 one rank, or ranks that disagree with each other, must raise on every rank
 within seconds. An uncaught exception on one rank must end the job when it
 runs under ``python -m mpi4py``, as the README's launch line says. mpi4py and the mpich wheel
-(which provides mpiexec) come with ``pip install cnorm[test]``: in CI
+(which provides mpiexec) come with ``pip install "cnorm-kernels[test]"``: in CI
 (CI=true) their absence fails these tests instead of skipping them.
 
 Where the "cupy" backend works, the same grid also runs with CuPy arrays on
@@ -69,9 +69,9 @@ def mpiexec():
     if path is None:
         missing.append("mpiexec")
     if missing:
-        why = f"{' and '.join(missing)} not found: pip install 'cnorm[mpi]' (mpi4py and the mpich wheel)"
+        why = f"{' and '.join(missing)} not found: pip install 'cnorm-kernels[mpi]' (mpi4py and the mpich wheel)"
         if IN_CI:
-            pytest.fail(f"{why}; CI installs cnorm[test], which includes them")
+            pytest.fail(f"{why}; CI installs cnorm-kernels[test], which includes them")
         pytest.skip(why)
     return path
 

@@ -19,7 +19,7 @@ DTYPE_IDS = ["f32", "f64"]
 
 
 def needs_torch():
-    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
+    return pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm-kernels[test]'")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import cnorm
 from conftest import tolerance
 from helpers import close, make_input
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm[test]'")
+torch = pytest.importorskip("torch", reason="PyTorch not installed: pip install 'cnorm-kernels[test]'")
 F = torch.nn.functional
 
 

@@ -27,7 +27,7 @@ echo "== auditwheel"
 "$work/build-env/bin/auditwheel" show "$raw"
 mkdir -p "$out"
 "$work/build-env/bin/auditwheel" repair -w "$out" "$raw"
-wheel="$(ls -t "$out"/cnorm-*manylinux*.whl | head -n 1)"
+wheel="$(ls -t "$out"/cnorm_kernels-*manylinux*.whl | head -n 1)"
 "$work/build-env/bin/auditwheel" show "$wheel" | tee "$work/show.txt"
 grep -q "manylinux" "$work/show.txt" || { echo "not a manylinux wheel: $wheel"; exit 1; }
 

@@ -282,7 +282,8 @@ class CupyBackend(Backend):
         try:
             import cupy
         except ImportError as exc:
-            self._reason = f"CuPy is not installed (pip install cnorm[cuda12] or cnorm[cuda13]): {exc}"
+            self._reason = (f"CuPy is not installed (pip install 'cnorm-kernels[cuda12]'"
+                            f" or 'cnorm-kernels[cuda13]'): {exc}")
             return
         self.xp = cupy
         try:
