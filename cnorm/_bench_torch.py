@@ -78,14 +78,15 @@ def overhead(budget: float) -> dict:
     return {k: t for k, t in med.items()}
 
 
-def resnet(width=64):
+def resnet(width=64, groups=32):
+    """A ResNet-style network: a stem, two residual blocks (BatchNorm2d, GroupNorm), a classifier."""
     class Block(torch.nn.Module):
         def __init__(self, c):
             super().__init__()
             self.c1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
             self.n1 = torch.nn.BatchNorm2d(c)
             self.c2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.n2 = torch.nn.GroupNorm(32, c)
+            self.n2 = torch.nn.GroupNorm(groups, c)
 
         def forward(self, x):
             return torch.relu(x + self.n2(self.c2(torch.relu(self.n1(self.c1(x))))))
@@ -95,12 +96,13 @@ def resnet(width=64):
                                torch.nn.Flatten(), torch.nn.Linear(width, 10))
 
 
-def transformer(d=256, depth=2):
+def transformer(d=256, depth=2, heads=8):
+    """A pre-norm transformer (LayerNorm before attention, RMSNorm before the MLP) on (N, T, d) inputs."""
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.n1 = torch.nn.LayerNorm(d)
-            self.attn = torch.nn.MultiheadAttention(d, 8, batch_first=True)
+            self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
             self.n2 = torch.nn.RMSNorm(d)
             self.ff = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
 

@@ -148,50 +148,18 @@ def test_opcheck():
 
 
 def _resnet():
-    class Block(torch.nn.Module):
-        def __init__(self, c):
-            super().__init__()
-            self.c1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.n1 = torch.nn.BatchNorm2d(c)
-            self.c2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.n2 = torch.nn.GroupNorm(4, c)
+    from cnorm._bench_torch import resnet
 
-        def forward(self, x):
-            return torch.relu(x + self.n2(self.c2(torch.relu(self.n1(self.c1(x))))))
-
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-                               Block(16), Block(16), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                               torch.nn.Linear(16, 10))
+    return resnet(width=16, groups=4)
 
 
 def _transformer():
-    class Block(torch.nn.Module):
-        def __init__(self, d):
-            super().__init__()
-            self.n1 = torch.nn.LayerNorm(d)
-            self.attn = torch.nn.MultiheadAttention(d, 4, batch_first=True)
-            self.n2 = torch.nn.RMSNorm(d)
-            self.ff = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+    from cnorm._bench_torch import transformer
 
-        def forward(self, x):
-            h = self.n1(x)
-            x = x + self.attn(h, h, h, need_weights=False)[0]
-            return x + self.ff(self.n2(x))
-
-    class Model(torch.nn.Module):
-        def __init__(self, d=32):
-            super().__init__()
-            self.inp = torch.nn.Linear(8, d)
-            self.blocks = torch.nn.Sequential(Block(d), Block(d))
-            self.out = torch.nn.Linear(d, 10)
-
-        def forward(self, x):
-            return self.out(self.blocks(self.inp(x)).mean(1))
-
-    return Model()
+    return transformer(d=32, depth=2, heads=4)
 
 
-@pytest.mark.parametrize("build, shape", [(_resnet, (8, 3, 12, 12)), (_transformer, (8, 10, 8))],
+@pytest.mark.parametrize("build, shape", [(_resnet, (8, 3, 12, 12)), (_transformer, (8, 10, 32))],
                          ids=["resnet", "transformer"])
 def test_models_train_alike_with_replace_norms(build, shape):
     torch.manual_seed(0)

@@ -283,13 +283,9 @@ def _rms_backward(ctx, dy, _dmean, _drstd):
 
 
 def _add_setup(ctx, x, weight, bias, output, w_index):
+    """As _setup, with h (the norm's input) kept in x's place."""
     y, h, mean, rstd = output
-    ctx.save_for_backward(h, weight, mean, rstd)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.batch_stats = True
-    ctx.w_index = w_index
-    if not hasattr(ctx, "shift"):
-        ctx.shift, ctx.traced = 0, True
+    _setup(ctx, h, weight, bias, (y, mean, rstd), True, w_index)
 
 
 def _add_ln_setup(ctx, inputs, output):
