@@ -57,44 +57,44 @@ def _bf16():
 
 def import_array(name: str, a):
     """``a`` (a DLPack-capable array of another library) as a NumPy or CuPy array over its memory."""
-    if _is_torch(a) and not a.requires_grad and a.is_cpu:
-        # PyTorch's CPU tensors: .numpy() is the same zero-copy view, without the
-        # protocol's Python layers (a few microseconds per argument)
-        try:
-            torch = _torch()
-            if a.dtype is torch.bfloat16:
-                return a.view(torch.int16).numpy().view(_bf16())
-            return a.numpy()
-        except (RuntimeError, TypeError):  # conjugate/negative views, ...: the protocol decides
-            pass
+    torch_bf16 = False
+    if _is_torch(a):
+        if a.requires_grad:
+            raise TypeError(
+                f"{name}: a torch.Tensor that requires grad cannot be handed to cnorm's NumPy/CuPy functions "
+                f"(its autograd graph would silently lose this call): pass {name}.detach(), or use cnorm.torch "
+                f"(cnorm.torch.nn modules, cnorm.torch.replace_norms), whose operators differentiate through "
+                f"cnorm")
+        torch = _torch()
+        torch_bf16 = a.dtype is torch.bfloat16
+        if torch_bf16:  # NumPy's and CuPy's DLPack have no bfloat16: share the bits, then view them
+            a = a.view(torch.int16)
+        if a.is_cpu:
+            # .numpy() is the same zero-copy view, without the protocol's Python layers
+            # (a few microseconds per argument); conjugate/negative views refuse it
+            try:
+                b = a.numpy()
+                return b.view(_bf16()) if torch_bf16 else b
+            except (RuntimeError, TypeError):
+                pass
     try:
         dev_type, dev_id = a.__dlpack_device__()
     except Exception as exc:  # noqa: BLE001 - any failure of the protocol is the caller's argument
         raise TypeError(f"{name}: {v.type_name(a)} has __dlpack__ but its __dlpack_device__() failed: {exc}") from exc
     dev_type = int(dev_type)
-    if _is_torch(a) and getattr(a, "requires_grad", False):
-        raise TypeError(
-            f"{name}: a torch.Tensor that requires grad cannot be handed to cnorm's NumPy/CuPy functions "
-            f"(its autograd graph would silently lose this call): pass {name}.detach(), or use cnorm.torch "
-            f"(cnorm.torch.nn modules, cnorm.torch.replace_norms), whose operators differentiate through cnorm")
     if dev_type in (_KDL_CPU, _KDL_CUDA_HOST):
-        return _import_host(name, a)
-    if dev_type in (_KDL_CUDA, _KDL_CUDA_MANAGED):
-        return _import_cuda(name, a, dev_id)
-    where = _KDL_NAMES.get(dev_type, f"DLPack device type {dev_type}")
-    raise TypeError(
-        f"{name}: {v.type_name(a)} lives in {where} memory, which no cnorm backend serves (CPU memory: "
-        f"'cython' and 'numpy'; CUDA memory: 'cupy'); copy it to the host or a CUDA device first")
+        b = _import_host(name, a)
+    elif dev_type in (_KDL_CUDA, _KDL_CUDA_MANAGED):
+        b = _import_cuda(name, a, dev_id)
+    else:
+        where = _KDL_NAMES.get(dev_type, f"DLPack device type {dev_type}")
+        raise TypeError(
+            f"{name}: {v.type_name(a)} lives in {where} memory, which no cnorm backend serves (CPU memory: "
+            f"'cython' and 'numpy'; CUDA memory: 'cupy'); copy it to the host or a CUDA device first")
+    return b.view(_bf16()) if torch_bf16 else b
 
 
 def _import_host(name, a):
-    if _is_torch(a):
-        import torch
-
-        if a.dtype == torch.bfloat16:  # NumPy's DLPack has no bfloat16: share the bits, then view them
-            import ml_dtypes
-
-            return np.from_dlpack(a.view(torch.int16)).view(ml_dtypes.bfloat16)
     try:
         return np.from_dlpack(a)
     except (BufferError, RuntimeError, TypeError, ValueError) as exc:
@@ -112,13 +112,6 @@ def _import_cuda(name, a, dev_id):
             f"installed (pip install \"cnorm-kernels[cuda12]\" or \"cnorm-kernels[cuda13]\"); or move it to "
             f"the host first") from exc
     with cupy.cuda.Device(int(dev_id)):
-        if _is_torch(a):
-            import torch
-
-            if a.dtype == torch.bfloat16:
-                import ml_dtypes
-
-                return cupy.from_dlpack(a.view(torch.int16)).view(ml_dtypes.bfloat16)
         return cupy.from_dlpack(a)  # synchronizes the producer's stream with CuPy's current one
 
 
@@ -126,13 +119,10 @@ def export_like(a, proto):
     """``a`` (a NumPy/CuPy array a call returned) as ``proto``'s array type, sharing memory."""
     if _is_torch(proto):
         torch = _torch()
-        if type(a) is np.ndarray:
-            if a.dtype.kind == "V" and a.dtype == _bf16():
-                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(a)
-        if a.dtype == _bf16():
-            return torch.from_dlpack(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_dlpack(a)
+        bf16 = a.dtype.kind == "V" and a.dtype == _bf16()
+        src = a.view(np.int16) if bf16 else a   # (bfloat16 as its bits, as on the way in)
+        t = torch.from_numpy(src) if type(src) is np.ndarray else torch.from_dlpack(src)
+        return t.view(torch.bfloat16) if bf16 else t
     ns = getattr(proto, "__array_namespace__", None)
     if ns is not None:
         return ns().from_dlpack(a)
