@@ -229,24 +229,17 @@ def _setup(ctx, x, weight, bias, output, batch_stats, w_index):
         ctx.shift, ctx.traced = 0, True
 
 
-def _bn_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, training, eps = inputs
-    _setup(ctx, x, weight, bias, output[:3], training, 1)
+def _running_setup(ctx, inputs, output):
+    """BatchNorm and InstanceNorm: (x, weight, bias, running_mean, running_var, batch_stats, eps)."""
+    x, weight, bias, _, _, batch_stats, _ = inputs
+    _setup(ctx, x, weight, bias, output[:3], batch_stats, 1)
 
 
-def _bn_backward(ctx, dy, _dmean, _drstd, _dvar):
-    dx, dw, db = _grads(ctx, dy, "batch_norm")
-    return dx, dw, db, None, None, None, None
+def _running_backward(norm):
+    def backward(ctx, dy, _dmean, _drstd, _dvar):
+        return (*_grads(ctx, dy, norm), None, None, None, None)
 
-
-def _in_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, use_input_stats, eps = inputs
-    _setup(ctx, x, weight, bias, output[:3], use_input_stats, 1)
-
-
-def _in_backward(ctx, dy, _dmean, _drstd, _dvar):
-    dx, dw, db = _grads(ctx, dy, "instance_norm")
-    return dx, dw, db, None, None, None, None
+    return backward
 
 
 def _gn_setup(ctx, inputs, output):
@@ -318,8 +311,8 @@ def _dense(dh, ctx):
 _FORMULAS = {
     _add_layer_norm: (_add_ln_setup, _add_ln_backward),
     _add_rms_norm: (_add_rms_setup, _add_rms_backward),
-    _batch_norm: (_bn_setup, _bn_backward),
-    _instance_norm: (_in_setup, _in_backward),
+    _batch_norm: (_running_setup, _running_backward("batch_norm")),
+    _instance_norm: (_running_setup, _running_backward("instance_norm")),
     _group_norm: (_gn_setup, _gn_backward),
     _layer_norm: (_ln_setup, _ln_backward),
     _rms_norm: (_rms_setup, _rms_backward),
