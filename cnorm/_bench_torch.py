@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -28,20 +27,12 @@ import cnorm
 import cnorm.torch as ct
 
 
-def interleaved(calls: dict, budget: float, inner: int = 1, min_rounds: int = 5) -> dict:
-    """Median seconds per call of each callable, timed in interleaved rounds."""
-    for f in calls.values():
-        f()
-    times = {k: [] for k in calls}
-    t_end = time.perf_counter() + budget
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() < t_end:
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            times[k].append((time.perf_counter() - t0) / inner)
-        rounds += 1
+def interleaved(calls: dict, budget: float) -> dict:
+    """Median seconds per call of each callable: cnorm._bench.time_calls's interleaved rounds
+    (tiny calls timed in batches) until the budget is spent."""
+    from ._bench import time_calls
+
+    times = time_calls(calls, {k: 10 ** 6 for k in calls}, budget)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -70,7 +61,7 @@ def overhead(budget: float) -> dict:
         "torch F.layer_norm (no grad)": lambda: torch.nn.functional.layer_norm(xt, (64,), wt, bt),
         "torch F.layer_norm forward + backward": torch_fwd_bwd,
     }
-    med = interleaved(calls, budget, inner=200)
+    med = interleaved(calls, budget)
     base = med["cnorm.layer_norm, NumPy arrays"]
     print("per-call time, LayerNorm (4, 64) float32 (median, us; overhead against cnorm on NumPy arrays):")
     for k, t in med.items():
