@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 DISTRIBUTION = "cnorm-kernels"  # what pip installs; the import name is cnorm
@@ -29,15 +28,6 @@ def version() -> str:
         from . import __version__
 
         return __version__
-
-
-def plain(text: str | None) -> str | None:
-    """Help text in plain words: reStructuredText roles and literal quotes removed
-    (``:func:`x``` and ````x```` read as x)."""
-    if text is None:
-        return None
-    text = re.sub(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`", r"\1", text)
-    return text.replace("``", "").replace("`", "")
 
 
 def _prog() -> str:
@@ -80,7 +70,6 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from . import _bench
 
-        _bench.__doc__ = plain(_bench.__doc__)  # its --help description: plain words
         return _bench.main(rest)
     from . import _demo
 

@@ -1140,7 +1140,8 @@ def plot(rows, backends, path: str, meta: dict | None = None) -> None:
 
 def main(argv: list[str]) -> int:
     """Run the benchmark; see ``python -m cnorm bench --help``."""
-    parser = argparse.ArgumentParser(prog="python -m cnorm bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cnorm bench",
+                                     description="cnorm's backends against PyTorch and the memory floor.")
     parser.add_argument("--out", default="bench_results", help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="small cases, few repeats (CI smoke)")
     parser.add_argument("--threads", type=int, default=None, help="threads for every backend (default: all)")

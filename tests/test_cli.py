@@ -80,9 +80,3 @@ def test_unknown_command_and_no_command_are_errors():
     assert run.returncode == 2 and "invalid choice: 'bogus'" in run.stderr, run.stderr
     run = _cnorm()
     assert run.returncode == 2 and "required: command" in run.stderr, run.stderr
-
-
-def test_plain_removes_rest_markup():
-    assert cli.plain("see :func:`cnorm.set_num_threads` and ``out=``") == "see cnorm.set_num_threads and out="
-    assert cli.plain(":py:meth:`~cnorm.nn.Layer.eval`, `x`") == "cnorm.nn.Layer.eval, x"
-    assert cli.plain("no markup: a, b") == "no markup: a, b"
