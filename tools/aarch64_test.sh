@@ -20,7 +20,9 @@
 #     emulation Cython would take many minutes), then runs setup.py build_ext
 #     with the emulated python, whose compiler is the host's cross gcc;
 #  3. runs tests/cpu_check.py and pytest under qemu with
-#     CNORM_CPU_CAPABILITY=neon, then =baseline.
+#     CNORM_CPU_CAPABILITY=neon, then =baseline (logs: $CNORM_AARCH64_DIR/pytest-<level>.log);
+#  4. counts the instructions per value of the neon module's hot loops
+#     (tools/aarch64_loops.py; the figures in docs/design_notes.md).
 #
 # Environment: CNORM_AARCH64_DIR (work folder), QEMU_CPU (emulated core,
 # default cortex-a72: ARMv8.0 without FP16, the oldest the neon level must
@@ -104,11 +106,28 @@ ls cnorm/backends/_kernels_*.so cnorm/_cpuinfo*.so
 QPY -c "import cnorm; from cnorm import _cpu; print('aarch64 features:', _cpu.cpu_features(), 'levels:', _cpu.usable_levels(), 'chosen:', cnorm.get_cpu_capability())"
 
 # ---- 3. tests, each level forced in turn ----
+# (the "backend" fixture runs the cython backend at every usable level in each run: the forced
+# level is the one cnorm chooses at import, which the rest of the package and cpu_check.py use)
 status=0
 for lv in $LEVELS; do
     step "CNORM_CPU_CAPABILITY=$lv: tests/cpu_check.py and pytest ${*:-${DEFAULT_TESTS[*]}}"
     CNORM_CPU_CAPABILITY=$lv $NICE env PYTHONPATH="$SITE:$SRC" "$ROOT/usr/bin/python3" tests/cpu_check.py "$lv" | tail -2 || status=1
+    log=$W/pytest-$lv.log
     CNORM_CPU_CAPABILITY=$lv $NICE env PYTHONPATH="$SITE:$SRC" "$ROOT/usr/bin/python3" -m pytest -q -p no:cacheprovider \
-        "${@:-${DEFAULT_TESTS[@]}}" 2>&1 | tail -15 || status=1
+        -rfEs "${@:-${DEFAULT_TESTS[@]}}" > "$log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR) " "$log" | head -30 || true
+    echo "skipped, by reason:"
+    sed -nE 's/^SKIPPED \[([0-9]+)\] [^ ]+ (.{0,50}).*/\1 \2/p' "$log" \
+        | awk '{n = $1; $1 = ""; c[$0] += n} END {for (r in c) printf "  %5d %s\n", c[r], r}' | sort -rn
+    tail -1 "$log"
 done
+
+# ---- 4. instructions per value of the neon level's hot loops (docs/design_notes.md) ----
+if [[ " $LEVELS " == *" neon "* ]]; then
+    step "hot loops of the neon module (tools/aarch64_loops.py)"
+    $NICE aarch64-linux-gnu-g++ -std=c++17 -O3 -ffp-contract=off -fno-wrapv -fPIC -DCN_LEVEL_NEON=1 \
+        -c tools/aarch64_loops.cpp -o "$W/loops.o"
+    "$HOSTPY" tools/aarch64_loops.py "$W/loops.o" cnorm/backends/_kernels_neon.cpython-311-aarch64-linux-gnu.so \
+        || status=1
+fi
 exit $status
