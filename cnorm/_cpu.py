@@ -40,8 +40,9 @@ ENV = "CNORM_CPU_CAPABILITY"
 X86_LEVELS = ("baseline", "avx2", "avx512")
 AARCH64_LEVELS = ("baseline", "neon")
 #: PyTorch's ATEN_CPU_CAPABILITY for the same instruction sets (the benchmark compares like with like).
-#: Not "neon": ATen's aarch64 "default" already is its NEON build, and it has no portable-only choice.
-ATEN_CAPABILITY = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}
+#: On aarch64 ATen's "default" is its NEON build (its other choice, "sve256", is wider than
+#: neon), so neon maps to it; ATen has no portable-only build, so baseline does too.
+ATEN_CAPABILITY = {"baseline": "default", "avx2": "avx2", "avx512": "avx512", "neon": "default"}
 
 try:
     from . import _cpuinfo
