@@ -107,7 +107,8 @@ CN_INLINE void nf_store(float* p, nf v, bool) { vst1q_f32(p, v); }
    is unconditional: two instructions per register, no branch on a reduction. */
 CN_INLINE uint32x4_t cn_bf16_round_hi(nf v) {
     uint32x4_t u = vreinterpretq_u32_f32(v);
-    uint32x4_t r = vaddq_u32(vaddq_u32(u, vdupq_n_u32(0x7fffu)), vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1)));
+    /* u + 0x7fff + bit 16 of u (the kept part's lowest bit): USRA adds the shifted bit */
+    uint32x4_t r = vsraq_n_u32(vaddq_u32(u, vdupq_n_u32(0x7fffu)), vandq_u32(u, vdupq_n_u32(0x10000u)), 16);
     uint32x4_t num = vceqq_f32(v, v);   /* all-ones where v is not NaN */
     return vbslq_u32(num, r, vorrq_u32(u, vdupq_n_u32(0x400000u)));
 }
