@@ -11,6 +11,15 @@ and the OS support (cnorm/_cpu.py). On x86-64:
 * ``avx512``: x86-64-v4 (AVX-512 F/BW/VL/DQ/CD); AVX512-BF16 is used where the
   CPU has it, found at run time, never required.
 
+On AArch64:
+
+* ``baseline``: the portable C++ of the x86 baseline's kind (no FMA);
+* ``neon``: Advanced SIMD (ASIMD) intrinsics, ARMv8.0-A only, so no flag:
+  FMLA, and float16 through FCVTL/FCVTN, are ARMv8.0 (only float16
+  arithmetic, which the kernels never do, needs ARMv8.2's FP16), so the level
+  runs on every AArch64 core (Cortex-A53/A72, Graviton 1-4, Ampere, Grace,
+  Apple M1 and later).
+
 Elsewhere only ``baseline`` (portable C++) is built. Nothing else gets level
 flags: ``cnorm._cpuinfo`` (the detection) and ``cnorm._openmp`` run before a
 level is chosen and must run on any CPU of the platform.
@@ -23,6 +32,10 @@ Environment variables:
 * ``CNORM_CPU_LEVELS=baseline,avx2``: build only these levels (default: all of
   the platform's; a CPU with none of them runs the NumPy backend only).
 * ``CNORM_NO_OPENMP=1``: a serial build.
+* ``CNORM_PROBE_EMULATOR="qemu-aarch64 -L /sysroot"``: a cross build's probe
+  programs (below) are run by this command (as CMake's
+  CROSSCOMPILING_EMULATOR); without it they cannot run, and the OpenMP probe
+  fails (tools/aarch64_test.sh sets it).
 
 OpenMP flags by platform (the probe tries them in order and builds serially
 when none works): GCC and LLVM clang ``-fopenmp``; Apple clang
@@ -58,6 +71,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 X86_64 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+AARCH64 = platform.machine().lower() in ("aarch64", "arm64")
 
 # Flags of each level (GCC/clang; MSVC below). Explicit feature flags rather
 # than -march=x86-64-vN, so that older compilers build them too and the
@@ -66,8 +80,10 @@ X86_BASELINE = ["-msse3", "-mssse3", "-msse4.1", "-msse4.2", "-mpopcnt"]
 X86_AVX2 = X86_BASELINE + ["-mavx", "-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2", "-mlzcnt", "-mmovbe"]
 X86_AVX512 = X86_AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512cd"]
 LEVEL_FLAGS = {
-    "unix": {"baseline": X86_BASELINE, "avx2": X86_AVX2, "avx512": X86_AVX512} if X86_64 else {"baseline": []},
-    "msvc": {"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]} if X86_64 else {"baseline": []},
+    "unix": ({"baseline": X86_BASELINE, "avx2": X86_AVX2, "avx512": X86_AVX512} if X86_64
+             else {"baseline": [], "neon": []} if AARCH64 else {"baseline": []}),
+    "msvc": ({"baseline": [], "avx2": ["/arch:AVX2"], "avx512": ["/arch:AVX512"]} if X86_64
+             else {"baseline": [], "neon": []} if AARCH64 else {"baseline": []}),
 }
 LEVELS = list(LEVEL_FLAGS["unix"])
 
@@ -160,7 +176,8 @@ def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=(), la
                                          extra_postargs=list(lflags))
             stage = "run"
             exe = os.path.join(tmp, "probe" + (".exe" if os.name == "nt" else ""))
-            run = subprocess.run([exe], capture_output=True, text=True)
+            runner = shlex.split(os.environ.get("CNORM_PROBE_EMULATOR", ""))
+            run = subprocess.run(runner + [exe], capture_output=True, text=True)
             if run.returncode != 0:
                 with open(log, "w") as f:
                     f.write(f"{run.stdout}\n{run.stderr}\nexit status {run.returncode}\n")
@@ -284,7 +301,8 @@ class BuildExt(build_ext):
         kind = "msvc" if self.compiler.compiler_type == "msvc" else "unix"
         omp = probe_openmp(self.compiler)
         native = os.environ.get("CNORM_NATIVE", "0") == "1" and kind == "unix"
-        tuned = host_level(self.compiler) if native and X86_64 else ("baseline" if native else None)
+        # off x86 the best level is the platform's last: every AArch64 CPU runs neon
+        tuned = host_level(self.compiler) if native and X86_64 else (LEVELS[-1] if native else None)
         for ext in self.extensions:
             level = ext.name.rpartition("._kernels_")[2] if "._kernels_" in ext.name else None
             args = ["/O2"] if kind == "msvc" else ["-O3"]

@@ -14,7 +14,14 @@ dispatch targets:
            portable C++ build on other architectures
 ========== =================================================================
 
-``CNORM_CPU_CAPABILITY=baseline|avx2|avx512`` (read at import) forces a
+On AArch64 (Linux: the kernel's hwcaps; macOS: sysctl):
+
+========== =================================================================
+``neon``   ARMv8.0-A Advanced SIMD (ASIMD): every AArch64 core
+``baseline`` the portable C++ build
+========== =================================================================
+
+``CNORM_CPU_CAPABILITY=<level>`` (read at import) forces a
 level: one above what the CPU supports gives a warning and the best
 supported level; an unknown name is a ``ValueError`` listing the valid ones.
 A level module is imported only once the CPU is known to support it, since
@@ -31,8 +38,11 @@ import warnings
 
 ENV = "CNORM_CPU_CAPABILITY"
 X86_LEVELS = ("baseline", "avx2", "avx512")
-#: PyTorch's ATEN_CPU_CAPABILITY for the same instruction sets (the benchmark compares like with like)
-ATEN_CAPABILITY = {"baseline": "default", "avx2": "avx2", "avx512": "avx512"}
+AARCH64_LEVELS = ("baseline", "neon")
+#: PyTorch's ATEN_CPU_CAPABILITY for the same instruction sets (the benchmark compares like with like).
+#: On aarch64 ATen's "default" is its NEON build (its other choice, "sve256", is wider than
+#: neon), so neon maps to it; ATen has no portable-only build, so baseline does too.
+ATEN_CAPABILITY = {"baseline": "default", "avx2": "avx2", "avx512": "avx512", "neon": "default"}
 
 try:
     from . import _cpuinfo
@@ -45,7 +55,11 @@ else:
 
 def platform_levels() -> tuple[str, ...]:
     """The levels this platform has, lowest first."""
-    return X86_LEVELS if (_cpuinfo is not None and _cpuinfo.X86) else ("baseline",)
+    if _cpuinfo is not None and _cpuinfo.X86:
+        return X86_LEVELS
+    if _cpuinfo is not None and getattr(_cpuinfo, "AARCH64", False):
+        return AARCH64_LEVELS
+    return ("baseline",)
 
 
 def _module_name(level: str) -> str:
@@ -62,7 +76,7 @@ def compiled_levels() -> list[str]:
 
 def cpu_features() -> list[str]:
     """Names of the instruction sets (and OS register state) found on this CPU."""
-    if _cpuinfo is None or not _cpuinfo.X86:
+    if _cpuinfo is None or not _cpuinfo.FEATURE_BITS:
         return []
     bits = _cpuinfo.features()
     return [name for name, bit in _cpuinfo.FEATURE_BITS.items() if bits & bit]
@@ -72,10 +86,10 @@ def supported_levels() -> list[str]:
     """Levels this CPU and operating system can run, lowest first."""
     if _cpuinfo is None:
         return []
-    if not _cpuinfo.X86:
+    if platform_levels() == ("baseline",):
         return ["baseline"]
     bits = _cpuinfo.features()
-    return [lv for lv in X86_LEVELS if bits & _cpuinfo.LEVEL_BITS[lv] == _cpuinfo.LEVEL_BITS[lv]]
+    return [lv for lv in platform_levels() if bits & _cpuinfo.LEVEL_BITS[lv] == _cpuinfo.LEVEL_BITS[lv]]
 
 
 def _requested() -> str | None:
@@ -132,7 +146,8 @@ def _load(order: list[str]) -> None:
     elif not compiled_levels():
         _ERROR = "no kernel level was compiled"
     elif not supported_levels():
-        _ERROR = "this CPU lacks the instructions of every compiled level (x86-64-v2 at least)"
+        _ERROR = ("this CPU lacks the instructions of every compiled level"
+                  + (" (x86-64-v2 at least)" if platform_levels() == X86_LEVELS else ""))
     else:
         _ERROR = "; ".join(errors) or "no compiled level is supported by this CPU"
 
@@ -147,7 +162,8 @@ def _init() -> None:
 
 
 def get_cpu_capability() -> str | None:
-    """Return the CPU level cnorm's kernels run at: ``"baseline"``, ``"avx2"`` or ``"avx512"``.
+    """Return the CPU level cnorm's kernels run at: ``"baseline"``, ``"avx2"`` or ``"avx512"``
+    (x86-64), ``"baseline"`` or ``"neon"`` (AArch64).
 
     Chosen at import (the best level compiled and supported here, or
     ``CNORM_CPU_CAPABILITY``); None when the compiled kernels are not
@@ -156,7 +172,7 @@ def get_cpu_capability() -> str | None:
     Examples
     --------
     >>> import cnorm
-    >>> cnorm.get_cpu_capability() in ("baseline", "avx2", "avx512")
+    >>> cnorm.get_cpu_capability() in ("baseline", "avx2", "avx512", "neon")
     True
     """
     return None if K is None else K.LEVEL

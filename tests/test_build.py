@@ -77,6 +77,19 @@ def test_openmp_probe_honours_ldflags(monkeypatch):
     assert said and all("failed to link" in s and "cnorm_no_such_library" in s for s in said), said
 
 
+def test_probe_programs_run_under_the_emulator_named(monkeypatch):
+    """CNORM_PROBE_EMULATOR (a cross build's qemu) is the command the probe programs run under:
+    "env" runs them as they are, a command that fails makes the probe fail to run."""
+    setup = _setup_module()
+    compiler = _unix_compiler()
+    monkeypatch.setenv("CNORM_PROBE_EMULATOR", "env")
+    out, why = setup._compile_and_run(compiler, "#include <stdio.h>\nint main(void) { puts(\"ran\"); return 0; }\n")
+    assert why is None and out.strip() == "ran", why
+    monkeypatch.setenv("CNORM_PROBE_EMULATOR", "false")
+    out, why = setup._compile_and_run(compiler, "int main(void) { return 0; }\n")
+    assert out is None and "failed to run" in why, why
+
+
 def test_openmp_probe_with_sanitizer_flags(monkeypatch):
     """With -fsanitize=address in CFLAGS/CXXFLAGS/LDFLAGS (tools/sanitize.sh) the probe still
     finds OpenMP: it once linked its program without them and fell back to a serial build."""

@@ -76,6 +76,7 @@ def test_unknown_level_is_an_error_naming_the_valid_ones():
 
 def test_level_above_the_cpu_warns_and_takes_the_best_supported(monkeypatch):
     """(Decided here from fake CPU facts; tests below do it on an emulated CPU.)"""
+    monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.X86_LEVELS)   # the same on any machine
     monkeypatch.setattr(_cpu, "compiled_levels", lambda: ["baseline", "avx2", "avx512"])
     monkeypatch.setattr(_cpu, "supported_levels", lambda: ["baseline", "avx2"])
     order, why = _cpu._choose("avx512")
@@ -86,6 +87,29 @@ def test_level_above_the_cpu_warns_and_takes_the_best_supported(monkeypatch):
     monkeypatch.setattr(_cpu, "compiled_levels", lambda: ["baseline", "avx512"])
     order, why = _cpu._choose("avx2")
     assert order == ["baseline"] and "no avx2 kernels" in why
+
+
+def test_aarch64_without_asimd_warns_and_takes_baseline(monkeypatch):
+    """The AArch64 choice, from fake CPU facts (any machine)."""
+    monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.AARCH64_LEVELS)
+    monkeypatch.setattr(_cpu, "compiled_levels", lambda: ["baseline", "neon"])
+    monkeypatch.setattr(_cpu, "supported_levels", lambda: ["baseline", "neon"])
+    assert _cpu._choose(None) == (["neon", "baseline"], None)
+    assert _cpu._choose("baseline") == (["baseline"], None)
+    monkeypatch.setattr(_cpu, "supported_levels", lambda: ["baseline"])
+    order, why = _cpu._choose("neon")
+    assert order == ["baseline"] and "does not support" in why and "using baseline" in why
+
+
+@pytest.mark.skipif(not getattr(_cpu._cpuinfo, "AARCH64", False), reason="an AArch64 check")
+def test_aarch64_detection_finds_asimd():
+    """Every AArch64 core has ASIMD, so the detection (hwcaps, sysctl) must report it
+    and the neon level must be supported; a build with it chooses it."""
+    assert "asimd" in _cpu.cpu_features()
+    assert _cpu.supported_levels() == ["baseline", "neon"]
+    if "neon" in _cpu.compiled_levels():
+        rc, out, err = run_python("import cnorm; print(cnorm.get_cpu_capability())")
+        assert rc == 0 and out.strip() == "neon", err
 
 
 def test_use_level_refuses_what_cannot_run():
@@ -136,7 +160,7 @@ def _run(p, dt):
 @pytest.mark.parametrize("dt", [np.float32, np.float64, FLOAT16, BFLOAT16], ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("p", PROBLEMS, ids=str)
 def test_levels_agree(p, dt):
-    """Levels with FMA (avx2, avx512) give the same bits: the same 16-lane arithmetic
+    """Levels with FMA (avx2, avx512; neon on AArch64) give the same bits: the same 16-lane arithmetic
     in the same order. The baseline level rounds a*b + c twice: within the
     suite's tolerances of them."""
     results = {}

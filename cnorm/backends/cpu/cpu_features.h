@@ -1,4 +1,5 @@
-/* CPU feature detection for choosing a kernel level at run time.
+/* CPU feature detection for choosing a kernel level at run time (x86-64:
+   cpuid/xgetbv; AArch64: the OS's hwcaps, below).
 
    Included by cnorm/_cpuinfo.pyx, which is compiled without any instruction-set
    flags: it runs before any level is chosen, so it may contain only baseline
@@ -102,7 +103,69 @@ static inline uint32_t cn_cpu_features(void) {
 }
 #else
 #define CN_X86 0
+#endif
+
+/* AArch64: the same bit word, other meanings (CN_X86 tells which set a build
+   has). The neon level uses only ARMv8.0 ASIMD (native_neon.hpp), so it needs
+   CN_F_ASIMD alone; the half-precision arithmetic bits and BF16 are reported
+   for show_config and for a later level or a run-time BFCVT path. */
+enum {
+    CN_F_ASIMD = 1 << 0,     /* Advanced SIMD (with FP): FMLA, FCVTL/FCVTN */
+    CN_F_FPHP = 1 << 1,      /* scalar float16 arithmetic (ARMv8.2 FEAT_FP16) */
+    CN_F_ASIMDHP = 1 << 2,   /* vector float16 arithmetic (ARMv8.2 FEAT_FP16) */
+    CN_F_ARM_BF16 = 1 << 3   /* BFCVT, BFDOT, BFMMLA (FEAT_BF16) */
+};
+#define CN_LEVEL_NEON_FEATURES (CN_F_ASIMD)
+
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define CN_AARCH64 1
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef AT_HWCAP2
+#define AT_HWCAP2 26   /* C libraries older than glibc 2.18 */
+#endif
+/* Linux's hwcap bits (asm/hwcap.h), spelled out for older C libraries */
+#define CN_HWCAP_FP (1ul << 0)
+#define CN_HWCAP_ASIMD (1ul << 1)
+#define CN_HWCAP_FPHP (1ul << 9)
+#define CN_HWCAP_ASIMDHP (1ul << 10)
+#define CN_HWCAP2_BF16 (1ul << 14)
+static inline uint32_t cn_cpu_features(void) {
+    unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    uint32_t f = 0;
+    /* the kernel reports what it lets user space run (it may hide a unit) */
+    if ((hw & CN_HWCAP_FP) && (hw & CN_HWCAP_ASIMD)) f |= CN_F_ASIMD;
+    if (hw & CN_HWCAP_FPHP) f |= CN_F_FPHP;
+    if (hw & CN_HWCAP_ASIMDHP) f |= CN_F_ASIMDHP;
+    if (hw2 & CN_HWCAP2_BF16) f |= CN_F_ARM_BF16;
+    return f;
+}
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static inline int cn_sysctl_flag(const char* name) {
+    int v = 0;
+    size_t n = sizeof v;
+    return sysctlbyname(name, &v, &n, NULL, 0) == 0 && v != 0;
+}
+static inline uint32_t cn_cpu_features(void) {
+    /* every Apple arm64 CPU has ASIMD and FP16 (ARMv8.4+ from M1); asked anyway */
+    uint32_t f = 0;
+    if (cn_sysctl_flag("hw.optional.neon") || cn_sysctl_flag("hw.optional.AdvSIMD")) f |= CN_F_ASIMD;
+    if (cn_sysctl_flag("hw.optional.neon_fp16") || cn_sysctl_flag("hw.optional.arm.FEAT_FP16"))
+        f |= CN_F_FPHP | CN_F_ASIMDHP;
+    if (cn_sysctl_flag("hw.optional.arm.FEAT_BF16")) f |= CN_F_ARM_BF16;
+    return f;
+}
+#else
+/* other AArch64 systems (Windows, the BSDs): ASIMD is part of every
+   AArch64 platform ABI, so it is assumed; the optional units are not */
+static inline uint32_t cn_cpu_features(void) { return CN_F_ASIMD; }
+#endif
+#else
+#define CN_AARCH64 0
+#if !CN_X86
 static inline uint32_t cn_cpu_features(void) { return 0; }
+#endif
 #endif
 
 #endif

@@ -1,13 +1,13 @@
 /* cnorm's vector layer: one 16-lane float vector type (VF) and a 16-lane
    double type (VD) that every kernel is written against, built from one
    level's native register (native_*.hpp: AVX-512 holds a VF in one register,
-   AVX2 in two, SSE and the portable level in four).
+   AVX2 in two, SSE, NEON and the portable level in four).
 
    Lanes are logical: lane j of a VF loaded from p holds p[j] whatever the
    level, sums fold and reduce lanes in one fixed order (vhsum), and the
    tails (first m values) are loaded and stored without touching memory past
    them. So a kernel computes the same values at every level that has FMA
-   (avx2, avx512); the baseline level rounds a*b + c twice.
+   (avx2, avx512, neon); the baseline level rounds a*b + c twice.
 
    The level is chosen by the CN_LEVEL_* macro setup.py defines for each
    compiled copy of the kernels, else by the compiler's own flags. */
@@ -19,6 +19,8 @@
 #include "native_avx512.hpp"
 #elif defined(CN_LEVEL_AVX2)
 #include "native_avx2.hpp"
+#elif defined(CN_LEVEL_NEON)
+#include "native_neon.hpp"
 #elif defined(CN_LEVEL_BASELINE) && (defined(__x86_64__) || defined(_M_X64))
 #include "native_sse.hpp"
 #elif defined(CN_LEVEL_BASELINE) || defined(CN_LEVEL_SCALAR)
@@ -29,6 +31,8 @@
 #include "native_avx2.hpp"
 #elif defined(__SSE4_2__)
 #include "native_sse.hpp"
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include "native_neon.hpp"
 #else
 #include "native_scalar.hpp"
 #endif
@@ -88,7 +92,7 @@ CN_INLINE VF vmul_neg(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_m
    0. x is clamped to -104 first (e^x rounds to 0 below), so -inf gives 0;
    NaN passes the clamp (vmax keeps its second operand) and the polynomial.
    No table, no libm call: the same operations at every level, so avx2 and
-   avx512 give the same bits (baseline rounds a*b + c twice, as everywhere). */
+   avx512 and neon give the same bits (baseline rounds a*b + c twice, as everywhere). */
 CN_INLINE VF vexp_neg(VF x) {
     const VF big = vset(12582912.0f);   /* 1.5·2^23 */
     const float s32 = 2.3283064365386963e-10f;   /* 2^-32 */
