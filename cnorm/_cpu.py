@@ -217,16 +217,23 @@ def usable_levels() -> list[str]:
 
 
 def info() -> dict:
-    """The level facts show_config prints."""
-    return {
+    """The level facts show_config prints.
+
+    ``cpu_avx512_bf16_used`` (whether the avx512 level in use converts to
+    bfloat16 with the CPU's AVX512-BF16 instructions) is an x86-64 question:
+    the key is there on x86-64 only.
+    """
+    facts = {
         "cpu_levels_compiled": compiled_levels(),
         "cpu_levels_supported": supported_levels(),
         "cpu_level": get_cpu_capability(),
         "cpu_level_forced": _FORCED,
         "cpu_features": cpu_features(),
-        "cpu_avx512_bf16_used": bool(K is not None and K.HW_BF16),
         "cpu_level_error": unavailable_reason(),
     }
+    if platform_levels() == X86_LEVELS:
+        facts["cpu_avx512_bf16_used"] = bool(K is not None and K.HW_BF16)
+    return facts
 
 
 _init()

@@ -146,3 +146,21 @@ def test_compiler_check_passes_with_the_build_compiler():
     if why is not None and not REQUIRED and not _config.config()["extension_built"]:
         pytest.skip(f"no working compiler here: {why}")
     assert why is None
+
+
+def test_msvc_on_arm64_builds_the_baseline_only(monkeypatch):
+    """Windows on ARM: MSVC gets the baseline level alone (its arm_neon.h is not the one the neon
+    level is written against); GCC/clang on AArch64 keep neon. The MSVC OpenMP probe tries
+    /openmp:llvm, then /openmp."""
+    import platform
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(platform, "machine", lambda: "ARM64")
+    setup = _setup_module()
+    assert setup.LEVEL_FLAGS["msvc"] == {"baseline": []}
+    assert list(setup.LEVEL_FLAGS["unix"]) == ["baseline", "neon"]
+    exts = [SimpleNamespace(name=n) for n in ("cnorm._openmp", "cnorm.backends._kernels_baseline",
+                                              "cnorm.backends._kernels_neon")]
+    assert setup.unbuilt_levels(exts, "msvc") == ["cnorm.backends._kernels_neon"]
+    assert setup.unbuilt_levels(exts, "unix") == []
+    assert [c for c, _ in setup.OPENMP_CANDIDATES["msvc"]] == [["/openmp:llvm"], ["/openmp"]]

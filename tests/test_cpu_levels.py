@@ -244,3 +244,15 @@ def test_nan_parameters_give_nan_not_a_number(dt, level):
         with _cpu.use_level(level):
             _cpu.K.affine(x, y, False, 1, 1, 100, scale, zero, 1)
         assert np.isnan(y.astype(np.float32)).all(), f"NaN weight {payload:#x} gave {y.view(np.uint16)[0, 0, :3]}"
+
+
+def test_avx512_bf16_key_only_on_x86(monkeypatch):
+    """info()'s cpu_avx512_bf16_used is an x86-64 fact: there on x86-64, absent on AArch64,
+    and show_config prints either way."""
+    monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.X86_LEVELS)
+    assert isinstance(_cpu.info()["cpu_avx512_bf16_used"], bool)
+    monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.AARCH64_LEVELS)
+    monkeypatch.setattr(_cpu, "compiled_levels", lambda: ["baseline", "neon"])
+    monkeypatch.setattr(_cpu, "supported_levels", lambda: ["baseline", "neon"])
+    assert "cpu_avx512_bf16_used" not in _cpu.info()
+    cnorm.show_config()

@@ -35,8 +35,24 @@ enum {
 #define CN_LEVEL_AVX512_FEATURES (CN_LEVEL_AVX2_FEATURES | CN_F_AVX512F | CN_F_AVX512BW | CN_F_AVX512VL | \
                                   CN_F_AVX512DQ | CN_F_AVX512CD | CN_F_OS_ZMM)
 
+#if defined(__APPLE__)
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/sysctl.h>
+/* A sysctl of Apple's "hw.optional" family: 1 where the feature is there,
+   0 where it is not; a name the kernel does not know is an error (0 here). */
+static inline int cn_sysctl_flag(const char* name) {
+    int v = 0;
+    size_t n = sizeof v;
+    return sysctlbyname(name, &v, &n, NULL, 0) == 0 && v != 0;
+}
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
 #define CN_X86 1
+#if defined(__APPLE__)
+static inline int cn_apple_avx512_os(void) { return cn_sysctl_flag("hw.optional.avx512f"); }
+#endif
 #if defined(_MSC_VER) && !defined(__clang__)
 #include <intrin.h>
 static inline void cn_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
@@ -77,6 +93,13 @@ static inline uint32_t cn_cpu_features(void) {
         uint64_t xcr0 = cn_xgetbv0();
         if ((xcr0 & 0x6) == 0x6) f |= CN_F_OS_YMM;             /* XMM, YMM */
         if ((xcr0 & 0xe6) == 0xe6) f |= CN_F_OS_ZMM;           /* + opmask, ZMM_Hi256, Hi16_ZMM */
+#if defined(__APPLE__)
+        /* macOS turns the AVX-512 state on per thread, on demand (its
+           first AVX-512 instruction), so XCR0 lacks the opmask/ZMM bits
+           until then; the kernel says it supports AVX-512 through the
+           hw.optional.avx512f sysctl instead. */
+        if ((f & CN_F_OS_YMM) && cn_apple_avx512_os()) f |= CN_F_OS_ZMM;
+#endif
     }
     if (max_leaf >= 7) {
         cn_cpuid(7, 0, r);
@@ -141,17 +164,16 @@ static inline uint32_t cn_cpu_features(void) {
     return f;
 }
 #elif defined(__APPLE__)
-#include <sys/sysctl.h>
-static inline int cn_sysctl_flag(const char* name) {
-    int v = 0;
-    size_t n = sizeof v;
-    return sysctlbyname(name, &v, &n, NULL, 0) == 0 && v != 0;
-}
+/* Names from Apple's "Determining Instruction Set Characteristics"
+   (sysctlbyname): Advanced SIMD and floating point are standard on every
+   Apple arm64 CPU (A7, M1 and later: "don't need to be checked"), and the
+   arm64 ABI assumes them, so CN_F_ASIMD is set without asking (a failing
+   sysctl cannot cost the neon level). The optional units are asked by
+   their documented names, then by the older name a documented one replaces
+   (hw.optional.neon_fp16 for FEAT_FP16), for systems without the new one. */
 static inline uint32_t cn_cpu_features(void) {
-    /* every Apple arm64 CPU has ASIMD and FP16 (ARMv8.4+ from M1); asked anyway */
-    uint32_t f = 0;
-    if (cn_sysctl_flag("hw.optional.neon") || cn_sysctl_flag("hw.optional.AdvSIMD")) f |= CN_F_ASIMD;
-    if (cn_sysctl_flag("hw.optional.neon_fp16") || cn_sysctl_flag("hw.optional.arm.FEAT_FP16"))
+    uint32_t f = CN_F_ASIMD;
+    if (cn_sysctl_flag("hw.optional.arm.FEAT_FP16") || cn_sysctl_flag("hw.optional.neon_fp16"))
         f |= CN_F_FPHP | CN_F_ASIMDHP;
     if (cn_sysctl_flag("hw.optional.arm.FEAT_BF16")) f |= CN_F_ARM_BF16;
     return f;

@@ -246,6 +246,8 @@ CN_INLINE double vtotal(VF a) { return vhsum(vwiden(a)); }
 CN_INLINE void cn_prefetch_line_l1(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, 3);
+#elif defined(_M_X64) || defined(_M_IX86)
+    _mm_prefetch((const char*)p, _MM_HINT_T0);   /* MSVC: the same hint */
 #else
     (void)p;
 #endif
@@ -253,6 +255,8 @@ CN_INLINE void cn_prefetch_line_l1(const void* p) {
 CN_INLINE void cn_prefetch_line_l2(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p, 0, 2);
+#elif defined(_M_X64) || defined(_M_IX86)
+    _mm_prefetch((const char*)p, _MM_HINT_T1);   /* MSVC: the same hint */
 #else
     (void)p;
 #endif
