@@ -64,6 +64,7 @@ _layer_norm_forward = _F.layer_norm_forward.__wrapped__
 _rms_norm_forward = _F.rms_norm_forward.__wrapped__
 _add_layer_norm_forward = _F.add_layer_norm_forward.__wrapped__
 _add_rms_norm_forward = _F.add_rms_norm_forward.__wrapped__
+_layer_norm_plain = _F.layer_norm.__wrapped__
 
 
 def _sdtype(x: Tensor):
@@ -364,6 +365,18 @@ def _call(op, *inputs):
     return op._init_fn(*inputs)
 
 
+def _no_graph(*tensors):
+    """True in eager mode when the call records no autograd graph (no grad mode, or no tensor
+    requires grad): the result can come from cnorm's plain functional form."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
+
+
 
 # -- functional API (torch.nn.functional's arguments) --------------------------------
 
@@ -418,6 +431,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As :func:`torch.nn.functional.layer_norm`, on cnorm's kernels."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if _no_graph(input, weight, bias):  # (small rows at high rates: the plain form, no statistics to copy out)
+        return _t(_layer_norm_plain(_np("x", input), tuple(shape), _np("weight", weight), _np("bias", bias),
+                                    float(eps)), input)
     return _call(_layer_norm, input, shape, weight, bias, float(eps))[0]
 
 
