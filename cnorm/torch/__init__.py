@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as _F
-from .._interop import export_like, import_array
+from .._interop import _import_torch, export_torch
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "replace_norms"]
@@ -41,17 +41,30 @@ __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"
 
 def _np(name, t):
     """A tensor's memory as a NumPy (CPU) or CuPy (CUDA) array, without a copy."""
-    return None if t is None else import_array(name, t.detach())
+    if t is None:
+        return None
+    return _import_torch(name, t.detach() if t.requires_grad else t)
 
 
 def _t(a, proto):
     """A NumPy/CuPy array as a tensor like ``proto`` (same memory)."""
-    return export_like(a, proto)
+    return export_torch(a)
 
 
 def _stats(a, proto):
     """Statistics as a new tensor (an operator's outputs may not alias its inputs)."""
     return _t(a.copy(), proto)
+
+
+# the functional forms without their DLPack wrapper: the operators hand them NumPy/CuPy arrays already
+_batch_norm_forward = _F.batch_norm_forward.__wrapped__
+_instance_norm_forward = _F.instance_norm_forward.__wrapped__
+_group_norm_forward = _F.group_norm_forward.__wrapped__
+_layer_norm_forward = _F.layer_norm_forward.__wrapped__
+_rms_norm_forward = _F.rms_norm_forward.__wrapped__
+_add_layer_norm_forward = _F.add_layer_norm_forward.__wrapped__
+_add_rms_norm_forward = _F.add_rms_norm_forward.__wrapped__
+_layer_norm_plain = _F.layer_norm.__wrapped__
 
 
 def _sdtype(x: Tensor):
@@ -73,7 +86,7 @@ def _batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
                 running_var: Optional[Tensor], training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, biased batch variance); eval (training False) normalizes with the running statistics."""
     rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
-    y, s = _F.batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    y, s = _batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, (x.shape[1],))
 
 
@@ -90,7 +103,7 @@ def _instance_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     """(y, mean, rstd, biased variance): per sample and channel (N, C), or the running ones (C,) in eval."""
     rm, rv = ((None, None) if use_input_stats
               else (_np("running_mean", running_mean), _np("running_var", running_var)))
-    y, s = _F.instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
+    y, s = _instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
                                     use_input_stats, 0.0, eps)
     shape = (x.shape[0], x.shape[1]) if use_input_stats else (x.shape[1],)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, shape)
@@ -105,7 +118,7 @@ def _(x, weight, bias, running_mean, running_var, use_input_stats, eps):
 @torch.library.custom_op("cnorm::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _F.group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    y, s = _group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -118,7 +131,7 @@ def _(x, num_groups, weight, bias, eps):
 @torch.library.custom_op("cnorm::layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _F.layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
+    y, s = _layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
                                  eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
@@ -136,7 +149,7 @@ def _(x, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _rms_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
               eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _F.rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    y, s = _rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -150,7 +163,7 @@ def _(x, normalized_shape, weight, eps):
 @torch.library.custom_op("cnorm::add_layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _F.add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+    y, h, s = _add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
                                         _np("weight", weight), _np("bias", bias), eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
@@ -164,7 +177,7 @@ def _(x, residual, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::add_rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                   eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _F.add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+    y, h, s = _add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
                                       _np("weight", weight), eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
@@ -340,10 +353,28 @@ class _Eager(torch.autograd.Function):
 
 
 def _call(op, *inputs):
-    """Run operator ``op``: through the dispatcher while torch.compile traces, else directly."""
+    """Run operator ``op``: through the dispatcher while torch.compile traces, else directly
+    (through autograd only when the call records a graph: the autograd Function costs several
+    microseconds that a call with nothing to differentiate need not pay)."""
     if torch.compiler.is_compiling():
         return op(*inputs)
-    return _Eager.apply(op, *inputs)
+    if torch.is_grad_enabled():
+        for a in inputs:
+            if isinstance(a, Tensor) and a.requires_grad:
+                return _Eager.apply(op, *inputs)
+    return op._init_fn(*inputs)
+
+
+def _no_graph(*tensors):
+    """True in eager mode when the call records no autograd graph (no grad mode, or no tensor
+    requires grad): the result can come from cnorm's plain functional form."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
 
 
 
@@ -400,6 +431,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """As :func:`torch.nn.functional.layer_norm`, on cnorm's kernels."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if _no_graph(input, weight, bias):  # (small rows at high rates: the plain form, no statistics to copy out)
+        return _t(_layer_norm_plain(_np("x", input), tuple(shape), _np("weight", weight), _np("bias", bias),
+                                    float(eps)), input)
     return _call(_layer_norm, input, shape, weight, bias, float(eps))[0]
 
 
