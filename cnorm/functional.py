@@ -240,6 +240,13 @@ def _backward(norm: str, dy, x, saved: Saved, weight, out=None, dh=None):
 
     With ``dh`` (the fused add-and-norm forms, x being h): dx = dh + the norm's dx."""
     be, dy, x, dh = _check_backward(norm, dy, x, saved, weight, out, "h" if norm.startswith("add_") else "x", dh)
+    return _backward_checked(be, dy, x, saved, weight, out, dh)
+
+
+def _backward_checked(be, dy, x, saved: Saved, weight, out=None, dh=None):
+    """:func:`_backward` below its validation: arguments that :func:`_check_backward` would pass
+    as they are (``cnorm.torch``'s eager autograd: x and weight are the ones its forward checked,
+    dy and dh come from autograd with x's shape and dtype); ``be`` is ``saved``'s backend."""
     p, xp = saved.problem, be.xp
     sd = stats_dtype(x.dtype)
     if x.size == 0 or p.group_size == 0:

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .. import functional as _F
 from .._interop import _import_torch, export_torch
+from ..backends import get_backend_instance
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "replace_norms"]
@@ -67,6 +68,52 @@ _add_rms_norm_forward = _F.add_rms_norm_forward.__wrapped__
 _layer_norm_plain = _F.layer_norm.__wrapped__
 
 
+# Each operator's forward on NumPy/CuPy views of its tensors: (output arrays, Saved). The
+# operators copy the statistics out of Saved as tensors; the eager autograd path (_Eager)
+# keeps Saved itself for the backward.
+
+def _batch_norm_np(x, weight, bias, running_mean, running_var, training, eps):
+    rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
+    y, s = _batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    return (y,), s
+
+
+def _instance_norm_np(x, weight, bias, running_mean, running_var, use_input_stats, eps):
+    rm, rv = ((None, None) if use_input_stats
+              else (_np("running_mean", running_mean), _np("running_var", running_var)))
+    y, s = _instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
+                                    use_input_stats, 0.0, eps)
+    return (y,), s
+
+
+def _group_norm_np(x, num_groups, weight, bias, eps):
+    y, s = _group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    return (y,), s
+
+
+def _layer_norm_np(x, normalized_shape, weight, bias, eps):
+    y, s = _layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
+                                 eps)
+    return (y,), s
+
+
+def _rms_norm_np(x, normalized_shape, weight, eps):
+    y, s = _rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    return (y,), s
+
+
+def _add_layer_norm_np(x, residual, normalized_shape, weight, bias, eps):
+    y, h, s = _add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                        _np("weight", weight), _np("bias", bias), eps)
+    return (y, h), s
+
+
+def _add_rms_norm_np(x, residual, normalized_shape, weight, eps):
+    y, h, s = _add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                      _np("weight", weight), eps)
+    return (y, h), s
+
+
 def _sdtype(x: Tensor):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -85,8 +132,7 @@ def _var_out(s, x, shape):
 def _batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, biased batch variance); eval (training False) normalizes with the running statistics."""
-    rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
-    y, s = _batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    (y,), s = _batch_norm_np(x, weight, bias, running_mean, running_var, training, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, (x.shape[1],))
 
 
@@ -101,10 +147,7 @@ def _instance_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
                    running_var: Optional[Tensor], use_input_stats: bool,
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, biased variance): per sample and channel (N, C), or the running ones (C,) in eval."""
-    rm, rv = ((None, None) if use_input_stats
-              else (_np("running_mean", running_mean), _np("running_var", running_var)))
-    y, s = _instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
-                                    use_input_stats, 0.0, eps)
+    (y,), s = _instance_norm_np(x, weight, bias, running_mean, running_var, use_input_stats, eps)
     shape = (x.shape[0], x.shape[1]) if use_input_stats else (x.shape[1],)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, shape)
 
@@ -118,7 +161,7 @@ def _(x, weight, bias, running_mean, running_var, use_input_stats, eps):
 @torch.library.custom_op("cnorm::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    (y,), s = _group_norm_np(x, num_groups, weight, bias, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -131,8 +174,7 @@ def _(x, num_groups, weight, bias, eps):
 @torch.library.custom_op("cnorm::layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
-                                 eps)
+    (y,), s = _layer_norm_np(x, normalized_shape, weight, bias, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -149,7 +191,7 @@ def _(x, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _rms_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
               eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    (y,), s = _rms_norm_np(x, normalized_shape, weight, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -163,8 +205,7 @@ def _(x, normalized_shape, weight, eps):
 @torch.library.custom_op("cnorm::add_layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
-                                        _np("weight", weight), _np("bias", bias), eps)
+    (y, h), s = _add_layer_norm_np(x, residual, normalized_shape, weight, bias, eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -177,8 +218,7 @@ def _(x, residual, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::add_rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                   eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
-                                      _np("weight", weight), eps)
+    (y, h), s = _add_rms_norm_np(x, residual, normalized_shape, weight, eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
