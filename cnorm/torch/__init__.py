@@ -262,24 +262,42 @@ def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has
 
 
 def _grads(ctx, dy, norm, groups=0, normalized_ndim=0, dh=None):
-    x, weight, mean, rstd = ctx.saved_tensors
-    backward = torch.ops.cnorm.norm_backward if ctx.traced else _norm_backward._init_fn
-    dx, dw, db = backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, ctx.batch_stats,
-                          ctx.bias_dtype is not None, dh)
     w = ctx.w_index + ctx.shift
-    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[w] else None
-    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1] else None
+    need_w, need_b = ctx.needs_input_grad[w], ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1]
+    if ctx.traced:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.cnorm.norm_backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim,
+                                                   ctx.batch_stats, ctx.bias_dtype is not None, dh)
+    else:
+        # eager (_Eager): the forward's own Saved, and cnorm's backward below its validation (the
+        # forward checked x and weight; autograd hands dy and dh in x's shape and dtype)
+        x, weight = ctx.saved_tensors
+        saved = ctx.saved
+        dx, dw, db = _F._backward_checked(get_backend_instance(saved.backend), _np("dy", dy), _np("x", x), saved,
+                                          _np("weight", weight), None, _np("dh", dh))
+        dx = _t(dx, x)
+        dw = _t(dw, x) if need_w and weight is not None else None
+        db = _t(db, x) if need_b else None
+    dw = _cast(dw, weight.dtype) if need_w and weight is not None else None
+    db = _cast(db, ctx.bias_dtype) if need_b else None
     return dx, dw, db
 
 
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _setup(ctx, x, weight, bias, output, batch_stats, w_index):
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    if not hasattr(ctx, "shift"):  # the operators' own autograd (traced or called through torch.ops)
+        ctx.shift, ctx.traced = 0, True
+    if ctx.traced:  # (saved values must be tensors there)
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+    else:  # eager: the statistics stay in ctx.saved (the forward's Saved object)
+        ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.batch_stats = batch_stats
     ctx.w_index = w_index
-    if not hasattr(ctx, "shift"):  # the operators' own autograd (traced or called through torch.ops)
-        ctx.shift, ctx.traced = 0, True
 
 
 def _running_setup(ctx, inputs, output):
@@ -374,17 +392,48 @@ for _op, (_s, _b) in _FORMULAS.items():
     _op.register_autograd(_b, setup_context=_s)
 
 
+_NP_FORWARDS = {
+    _batch_norm: _batch_norm_np,
+    _instance_norm: _instance_norm_np,
+    _group_norm: _group_norm_np,
+    _layer_norm: _layer_norm_np,
+    _rms_norm: _rms_norm_np,
+    _add_layer_norm: _add_layer_norm_np,
+    _add_rms_norm: _add_rms_norm_np,
+}
+
+
+def _eager_outputs(op, *inputs):
+    """``op``'s outputs in eager mode, and the forward's Saved.
+
+    The same tuple as the operator's, with only the statistics that the functions
+    below read (BatchNorm's and InstanceNorm's batch mean and variance, for the
+    running statistics) as tensors over the kernel's own arrays (nothing else
+    holds them: no copy); the other statistics are None."""
+    ys, s = _NP_FORWARDS[op](*inputs)
+    out = tuple(_t(a, None) for a in ys)
+    if op is _batch_norm or op is _instance_norm:
+        out += (None, None, None) if s.var is None else (_t(s.mean, None), None, _t(s.var, None))
+    else:
+        out += (None, None)
+    return out, s
+
+
 class _Eager(torch.autograd.Function):
     """The same formulas in eager mode without the dispatcher: torch.library's
     Python operators cost tens of microseconds per call (schema defaults,
-    alias checks, redispatch), this a few. torch.compile traces the operators."""
+    alias checks, redispatch), this a few. torch.compile traces the operators.
+
+    The forward's Saved object stays on the context (``ctx.saved``): backward
+    neither rebuilds it from statistics tensors nor revalidates x and weight."""
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        out = op._init_fn(*inputs)
+        out, ctx.saved = _eager_outputs(op, *inputs)
         ctx.shift, ctx.traced, ctx.op = 1, False, op
         _FORMULAS[op][0](ctx, inputs, out)
-        ctx.mark_non_differentiable(*out[2 if op in (_add_layer_norm, _add_rms_norm) else 1:])  # statistics
+        ctx.mark_non_differentiable(*(t for t in out[2 if op in (_add_layer_norm, _add_rms_norm) else 1:]
+                                      if t is not None))  # statistics
         return out
 
     @staticmethod
@@ -402,7 +451,7 @@ def _call(op, *inputs):
         for a in inputs:
             if isinstance(a, Tensor) and a.requires_grad:
                 return _Eager.apply(op, *inputs)
-    return op._init_fn(*inputs)
+    return _eager_outputs(op, *inputs)[0]
 
 
 def _no_graph(*tensors):
