@@ -489,9 +489,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _update(running_mean, running_var, mean, var_unbiased, momentum):
+    # running.mul_(1 - momentum).add_(batch, alpha=momentum) on both buffers, in two foreach calls
+    # (the same per-tensor operations, a few microseconds less per call)
     with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
+        running = [running_mean, running_var]
+        torch._foreach_mul_(running, 1.0 - momentum)
+        torch._foreach_add_(running, [_cast(mean, running_mean.dtype), _cast(var_unbiased, running_var.dtype)],
+                            alpha=momentum)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
