@@ -489,13 +489,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _update(running_mean, running_var, mean, var_unbiased, momentum):
+    if running_mean.requires_grad or running_var.requires_grad:  # (buffers normally do not: no mode switch)
+        with torch.no_grad():
+            return _update(running_mean.detach(), running_var.detach(), mean, var_unbiased, momentum)
     # running.mul_(1 - momentum).add_(batch, alpha=momentum) on both buffers, in two foreach calls
-    # (the same per-tensor operations, a few microseconds less per call)
-    with torch.no_grad():
-        running = [running_mean, running_var]
-        torch._foreach_mul_(running, 1.0 - momentum)
-        torch._foreach_add_(running, [_cast(mean, running_mean.dtype), _cast(var_unbiased, running_var.dtype)],
-                            alpha=momentum)
+    # (the same per-tensor operations, a few microseconds less per call); mean and var never require grad
+    running = [running_mean, running_var]
+    torch._foreach_mul_(running, 1.0 - momentum)
+    torch._foreach_add_(running, [_cast(mean, running_mean.dtype), _cast(var_unbiased, running_var.dtype)],
+                        alpha=momentum)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
