@@ -95,13 +95,17 @@ class Saved:
 def _affine(be, weight, bias, c: int, sdtype, offset=0.0):
     """Contiguous weight (+ offset) and bias in the statistics dtype; ones/zeros when absent."""
     xp = be.xp
+    return (_weight_vector(xp, weight, c, sdtype, offset),
+            xp.zeros(c, dtype=sdtype) if bias is None else _as_vector(xp, bias, c, sdtype))
+
+
+def _weight_vector(xp, weight, c: int, sdtype, offset=0.0):
+    """:func:`_affine`'s weight alone (backward reads no bias)."""
     if weight is None:
-        w = xp.ones(c, dtype=sdtype)
-    elif offset:
-        w = xp.asarray(weight, dtype=sdtype).reshape(c) + sdtype.type(offset)
-    else:
-        w = _as_vector(xp, weight, c, sdtype)
-    return w, (xp.zeros(c, dtype=sdtype) if bias is None else _as_vector(xp, bias, c, sdtype))
+        return xp.ones(c, dtype=sdtype)
+    if offset:
+        return xp.asarray(weight, dtype=sdtype).reshape(c) + sdtype.type(offset)
+    return _as_vector(xp, weight, c, sdtype)
 
 
 def _as_vector(xp, a, c, dtype):
@@ -240,6 +244,13 @@ def _backward(norm: str, dy, x, saved: Saved, weight, out=None, dh=None):
 
     With ``dh`` (the fused add-and-norm forms, x being h): dx = dh + the norm's dx."""
     be, dy, x, dh = _check_backward(norm, dy, x, saved, weight, out, "h" if norm.startswith("add_") else "x", dh)
+    return _backward_checked(be, dy, x, saved, weight, out, dh)
+
+
+def _backward_checked(be, dy, x, saved: Saved, weight, out=None, dh=None):
+    """:func:`_backward` below its validation: arguments that :func:`_check_backward` would pass
+    as they are (``cnorm.torch``'s eager autograd: x and weight are the ones its forward checked,
+    dy and dh come from autograd with x's shape and dtype); ``be`` is ``saved``'s backend."""
     p, xp = saved.problem, be.xp
     sd = stats_dtype(x.dtype)
     if x.size == 0 or p.group_size == 0:
@@ -253,7 +264,7 @@ def _backward(norm: str, dy, x, saved: Saved, weight, out=None, dh=None):
         dweight = xp.zeros(p.c, dtype=sd)
         dbias = xp.zeros(p.c, dtype=sd)
     else:
-        w, _ = _affine(be, weight, None, p.c, sd, saved.weight_offset)
+        w = _weight_vector(xp, weight, p.c, sd, saved.weight_offset)
         to3 = saved.view.to3
         x3, dy3 = to3(x, xp), to3(dy, xp)
         out3 = None if out is None else to3(out, xp)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .. import functional as _F
 from .._interop import _import_torch, export_torch
+from ..backends import get_backend_instance
 
 __all__ = ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "replace_norms"]
@@ -67,6 +68,52 @@ _add_rms_norm_forward = _F.add_rms_norm_forward.__wrapped__
 _layer_norm_plain = _F.layer_norm.__wrapped__
 
 
+# Each operator's forward on NumPy/CuPy views of its tensors: (output arrays, Saved). The
+# operators copy the statistics out of Saved as tensors; the eager autograd path (_Eager)
+# keeps Saved itself for the backward.
+
+def _batch_norm_np(x, weight, bias, running_mean, running_var, training, eps):
+    rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
+    y, s = _batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    return (y,), s
+
+
+def _instance_norm_np(x, weight, bias, running_mean, running_var, use_input_stats, eps):
+    rm, rv = ((None, None) if use_input_stats
+              else (_np("running_mean", running_mean), _np("running_var", running_var)))
+    y, s = _instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
+                                    use_input_stats, 0.0, eps)
+    return (y,), s
+
+
+def _group_norm_np(x, num_groups, weight, bias, eps):
+    y, s = _group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    return (y,), s
+
+
+def _layer_norm_np(x, normalized_shape, weight, bias, eps):
+    y, s = _layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
+                                 eps)
+    return (y,), s
+
+
+def _rms_norm_np(x, normalized_shape, weight, eps):
+    y, s = _rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    return (y,), s
+
+
+def _add_layer_norm_np(x, residual, normalized_shape, weight, bias, eps):
+    y, h, s = _add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                        _np("weight", weight), _np("bias", bias), eps)
+    return (y, h), s
+
+
+def _add_rms_norm_np(x, residual, normalized_shape, weight, eps):
+    y, h, s = _add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
+                                      _np("weight", weight), eps)
+    return (y, h), s
+
+
 def _sdtype(x: Tensor):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -85,8 +132,7 @@ def _var_out(s, x, shape):
 def _batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, biased batch variance); eval (training False) normalizes with the running statistics."""
-    rm, rv = (None, None) if training else (_np("running_mean", running_mean), _np("running_var", running_var))
-    y, s = _batch_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv, training, 0.0, eps)
+    (y,), s = _batch_norm_np(x, weight, bias, running_mean, running_var, training, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, (x.shape[1],))
 
 
@@ -101,10 +147,7 @@ def _instance_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
                    running_var: Optional[Tensor], use_input_stats: bool,
                    eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mean, rstd, biased variance): per sample and channel (N, C), or the running ones (C,) in eval."""
-    rm, rv = ((None, None) if use_input_stats
-              else (_np("running_mean", running_mean), _np("running_var", running_var)))
-    y, s = _instance_norm_forward(_np("x", x), _np("weight", weight), _np("bias", bias), rm, rv,
-                                    use_input_stats, 0.0, eps)
+    (y,), s = _instance_norm_np(x, weight, bias, running_mean, running_var, use_input_stats, eps)
     shape = (x.shape[0], x.shape[1]) if use_input_stats else (x.shape[1],)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x), _var_out(s, x, shape)
 
@@ -118,7 +161,7 @@ def _(x, weight, bias, running_mean, running_var, use_input_stats, eps):
 @torch.library.custom_op("cnorm::group_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _group_norm_forward(_np("x", x), num_groups, _np("weight", weight), _np("bias", bias), eps)
+    (y,), s = _group_norm_np(x, num_groups, weight, bias, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -131,8 +174,7 @@ def _(x, num_groups, weight, bias, eps):
 @torch.library.custom_op("cnorm::layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _layer_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _layer_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), _np("bias", bias),
-                                 eps)
+    (y,), s = _layer_norm_np(x, normalized_shape, weight, bias, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -149,7 +191,7 @@ def _(x, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _rms_norm(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
               eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
-    y, s = _rms_norm_forward(_np("x", x), tuple(normalized_shape), _np("weight", weight), eps)
+    (y,), s = _rms_norm_np(x, normalized_shape, weight, eps)
     return _t(y, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -163,8 +205,7 @@ def _(x, normalized_shape, weight, eps):
 @torch.library.custom_op("cnorm::add_layer_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _add_layer_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
-                                        _np("weight", weight), _np("bias", bias), eps)
+    (y, h), s = _add_layer_norm_np(x, residual, normalized_shape, weight, bias, eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -177,8 +218,7 @@ def _(x, residual, normalized_shape, weight, bias, eps):
 @torch.library.custom_op("cnorm::add_rms_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def _add_rms_norm(x: Tensor, residual: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                   eps: Optional[float]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, s = _add_rms_norm_forward(_np("x", x), _np("residual", residual), tuple(normalized_shape),
-                                      _np("weight", weight), eps)
+    (y, h), s = _add_rms_norm_np(x, residual, normalized_shape, weight, eps)
     return _t(y, x), _t(h, x), _stats(s.mean, x), _stats(s.rstd, x)
 
 
@@ -222,24 +262,42 @@ def _(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, batch_stats, has
 
 
 def _grads(ctx, dy, norm, groups=0, normalized_ndim=0, dh=None):
-    x, weight, mean, rstd = ctx.saved_tensors
-    backward = torch.ops.cnorm.norm_backward if ctx.traced else _norm_backward._init_fn
-    dx, dw, db = backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim, ctx.batch_stats,
-                          ctx.bias_dtype is not None, dh)
     w = ctx.w_index + ctx.shift
-    dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[w] else None
-    db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1] else None
+    need_w, need_b = ctx.needs_input_grad[w], ctx.bias_dtype is not None and ctx.needs_input_grad[w + 1]
+    if ctx.traced:
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.cnorm.norm_backward(dy, x, mean, rstd, weight, norm, groups, normalized_ndim,
+                                                   ctx.batch_stats, ctx.bias_dtype is not None, dh)
+    else:
+        # eager (_Eager): the forward's own Saved, and cnorm's backward below its validation (the
+        # forward checked x and weight; autograd hands dy and dh in x's shape and dtype)
+        x, weight = ctx.saved_tensors
+        saved = ctx.saved
+        dx, dw, db = _F._backward_checked(get_backend_instance(saved.backend), _np("dy", dy), _np("x", x), saved,
+                                          _np("weight", weight), None, _np("dh", dh))
+        dx = _t(dx, x)
+        dw = _t(dw, x) if need_w and weight is not None else None
+        db = _t(db, x) if need_b else None
+    dw = _cast(dw, weight.dtype) if need_w and weight is not None else None
+    db = _cast(db, ctx.bias_dtype) if need_b else None
     return dx, dw, db
 
 
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _setup(ctx, x, weight, bias, output, batch_stats, w_index):
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    if not hasattr(ctx, "shift"):  # the operators' own autograd (traced or called through torch.ops)
+        ctx.shift, ctx.traced = 0, True
+    if ctx.traced:  # (saved values must be tensors there)
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+    else:  # eager: the statistics stay in ctx.saved (the forward's Saved object)
+        ctx.save_for_backward(x, weight)
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.batch_stats = batch_stats
     ctx.w_index = w_index
-    if not hasattr(ctx, "shift"):  # the operators' own autograd (traced or called through torch.ops)
-        ctx.shift, ctx.traced = 0, True
 
 
 def _running_setup(ctx, inputs, output):
@@ -334,17 +392,48 @@ for _op, (_s, _b) in _FORMULAS.items():
     _op.register_autograd(_b, setup_context=_s)
 
 
+_NP_FORWARDS = {
+    _batch_norm: _batch_norm_np,
+    _instance_norm: _instance_norm_np,
+    _group_norm: _group_norm_np,
+    _layer_norm: _layer_norm_np,
+    _rms_norm: _rms_norm_np,
+    _add_layer_norm: _add_layer_norm_np,
+    _add_rms_norm: _add_rms_norm_np,
+}
+
+
+def _eager_outputs(op, *inputs):
+    """``op``'s outputs in eager mode, and the forward's Saved.
+
+    The same tuple as the operator's, with only the statistics that the functions
+    below read (BatchNorm's and InstanceNorm's batch mean and variance, for the
+    running statistics) as tensors over the kernel's own arrays (nothing else
+    holds them: no copy); the other statistics are None."""
+    ys, s = _NP_FORWARDS[op](*inputs)
+    out = tuple(_t(a, None) for a in ys)
+    if op is _batch_norm or op is _instance_norm:
+        out += (None, None, None) if s.var is None else (_t(s.mean, None), None, _t(s.var, None))
+    else:
+        out += (None, None)
+    return out, s
+
+
 class _Eager(torch.autograd.Function):
     """The same formulas in eager mode without the dispatcher: torch.library's
     Python operators cost tens of microseconds per call (schema defaults,
-    alias checks, redispatch), this a few. torch.compile traces the operators."""
+    alias checks, redispatch), this a few. torch.compile traces the operators.
+
+    The forward's Saved object stays on the context (``ctx.saved``): backward
+    neither rebuilds it from statistics tensors nor revalidates x and weight."""
 
     @staticmethod
     def forward(ctx, op, *inputs):
-        out = op._init_fn(*inputs)
+        out, ctx.saved = _eager_outputs(op, *inputs)
         ctx.shift, ctx.traced, ctx.op = 1, False, op
         _FORMULAS[op][0](ctx, inputs, out)
-        ctx.mark_non_differentiable(*out[2 if op in (_add_layer_norm, _add_rms_norm) else 1:])  # statistics
+        ctx.mark_non_differentiable(*(t for t in out[2 if op in (_add_layer_norm, _add_rms_norm) else 1:]
+                                      if t is not None))  # statistics
         return out
 
     @staticmethod
@@ -362,7 +451,7 @@ def _call(op, *inputs):
         for a in inputs:
             if isinstance(a, Tensor) and a.requires_grad:
                 return _Eager.apply(op, *inputs)
-    return op._init_fn(*inputs)
+    return _eager_outputs(op, *inputs)[0]
 
 
 def _no_graph(*tensors):
@@ -400,9 +489,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _update(running_mean, running_var, mean, var_unbiased, momentum):
-    with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(var_unbiased.to(running_var.dtype), alpha=momentum)
+    if running_mean.requires_grad or running_var.requires_grad:  # (buffers normally do not: no mode switch)
+        with torch.no_grad():
+            return _update(running_mean.detach(), running_var.detach(), mean, var_unbiased, momentum)
+    # running.mul_(1 - momentum).add_(batch, alpha=momentum) on both buffers, in two foreach calls
+    # (the same per-tensor operations, a few microseconds less per call); mean and var never require grad
+    running = [running_mean, running_var]
+    torch._foreach_mul_(running, 1.0 - momentum)
+    torch._foreach_add_(running, [_cast(mean, running_mean.dtype), _cast(var_unbiased, running_var.dtype)],
+                        alpha=momentum)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
