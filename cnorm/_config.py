@@ -112,7 +112,8 @@ def show_config() -> None:
     else:
         how = (f"forced by CNORM_CPU_CAPABILITY={info['cpu_level_forced']}" if info["cpu_level_forced"]
                else "the best compiled level this CPU supports")
-        bf16 = "; AVX512-BF16 conversions used" if info.get("cpu_avx512_bf16_used") else ""
+        bf16 = ("; AVX512-BF16 conversions used" if info.get("cpu_avx512_bf16_used")
+                else "; BFCVT conversions used" if info.get("cpu_bfcvt_used") else "")
         print(f"  CPU level          : in use {info['cpu_level']} ({how}){bf16}")
     print("  backends:")
     for name, why in info["backends"].items():

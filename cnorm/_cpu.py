@@ -221,7 +221,8 @@ def info() -> dict:
 
     ``cpu_avx512_bf16_used`` (whether the avx512 level in use converts to
     bfloat16 with the CPU's AVX512-BF16 instructions) is an x86-64 question:
-    the key is there on x86-64 only.
+    the key is there on x86-64 only; ``cpu_bfcvt_used`` (whether the neon
+    level converts with BFCVTN, FEAT_BF16) is its AArch64 counterpart.
     """
     facts = {
         "cpu_levels_compiled": compiled_levels(),
@@ -233,6 +234,8 @@ def info() -> dict:
     }
     if platform_levels() == X86_LEVELS:
         facts["cpu_avx512_bf16_used"] = bool(K is not None and K.HW_BF16)
+    elif platform_levels() == AARCH64_LEVELS:
+        facts["cpu_bfcvt_used"] = bool(K is not None and K.HW_BF16)
     return facts
 
 

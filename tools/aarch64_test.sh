@@ -21,6 +21,9 @@
 #     with the emulated python, whose compiler is the host's cross gcc;
 #  3. runs tests/cpu_check.py and pytest under qemu with
 #     CNORM_CPU_CAPABILITY=neon, then =baseline (logs: $CNORM_AARCH64_DIR/pytest-<level>.log);
+#     then, at neon on a core with FEAT_BF16 (QEMU_CPU=max): the bfloat16
+#     conversions by BFCVTN checked bit for bit (tools/aarch64_bf16_check.cpp,
+#     also on $QEMU_CPU: the integer path), cpu_check.py and the bfloat16 tests;
 #  4. counts the instructions per value of the neon module's hot loops
 #     (tools/aarch64_loops.py; the figures in docs/design_notes.md);
 #  5. with --wheel: the wheel, as users on aarch64 Linux meet it: bdist_wheel
@@ -132,6 +135,24 @@ for lv in $LEVELS; do
         | awk '{n = $1; $1 = ""; c[$0] += n} END {for (r in c) printf "  %5d %s\n", c[r], r}' | sort -rn
     tail -1 "$log"
 done
+
+# ---- 3b. the neon level on a core with FEAT_BF16 (qemu -cpu max): bfloat16 by BFCVTN ----
+if [[ " $LEVELS " == *" neon "* ]]; then
+    step "neon with BFCVTN (QEMU_CPU=max): the conversions bit for bit, then cpu_check and the bfloat16 tests"
+    $NICE aarch64-linux-gnu-g++ -std=c++17 -O2 -ffp-contract=off -DCN_LEVEL_NEON=1 \
+        tools/aarch64_bf16_check.cpp -o "$W/bf16check"
+    for cpu in max "$QEMU_CPU"; do
+        QEMU_CPU=$cpu qemu-aarch64 -L "$ROOT" "$W/bf16check" || status=1
+    done
+    QEMU_CPU=max QPY -c "import cnorm._cpu as c, sys; print(c.info()); sys.exit(not c.info()['cpu_bfcvt_used'])" \
+        || { echo "the neon level does not use BFCVTN on a FEAT_BF16 core"; status=1; }
+    QEMU_CPU=max CNORM_CPU_CAPABILITY=neon $NICE env PYTHONPATH="$SITE:$SRC" "$ROOT/usr/bin/python3" tests/cpu_check.py neon \
+        | tail -2 || status=1
+    QEMU_CPU=max CNORM_CPU_CAPABILITY=neon $NICE env PYTHONPATH="$SITE:$SRC" "$ROOT/usr/bin/python3" -m pytest -q \
+        -p no:cacheprovider tests/test_mixed_precision.py -k "bfloat16 or bf16" > "$W/pytest-neon-bf16.log" 2>&1 || status=1
+    grep -E "^(FAILED|ERROR) " "$W/pytest-neon-bf16.log" | head -30 || true
+    tail -1 "$W/pytest-neon-bf16.log"
+fi
 
 # ---- 4. instructions per value of the neon level's hot loops (docs/design_notes.md) ----
 if [[ " $LEVELS " == *" neon "* ]]; then

@@ -131,7 +131,9 @@ CN_INLINE __m256i cn_bf16_pack(nf v) {
 #if defined(__GNUC__) || defined(__clang__)
     if (cn_hw_bf16 && CN_LIKELY(cn_no_subnormal(v))) {
         __m256i r;
-        __asm__("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+        /* volatile: a plain asm is a pure function to GCC, which could then run it ahead of the
+           cn_hw_bf16 test (if-conversion) and trap on an AVX-512 CPU without AVX512-BF16 */
+        __asm__ volatile("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
         return r;
     }
 #endif
@@ -144,7 +146,7 @@ CN_INLINE __m512i cn_bf16_pack2(nf a, nf b) {
     if (cn_hw_bf16 && CN_LIKELY(_kortestz_mask16_u8(_mm512_fpclass_ps_mask(a, 0x20),
                                                      _mm512_fpclass_ps_mask(b, 0x20)))) {
         __m512i r;
-        __asm__("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(b), "v"(a));   /* low half: a */
+        __asm__ volatile("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(b), "v"(a));   /* low half: a; volatile: above */
         return r;
     }
 #endif

@@ -7,11 +7,19 @@
    kernels never do), FCVTL/FCVTL2 to widen to double. So the level needs no
    -march flag and only HWCAP_ASIMD at run time.
 
-   bfloat16 is rounded with the integer code of native_sse.hpp (round to
-   nearest even on the float bits, a NaN truncated and made quiet), as
-   cn_f32_to_bf16 defines it: BFCVTN (FEAT_BF16, HWCAP2_BF16) is not used yet
-   (it flushes subnormal inputs to zero on some cores, and would need its
-   own compiled copy or a target attribute).
+   bfloat16 is rounded by BFCVTN where the CPU has FEAT_BF16 (HWCAP2_BF16 /
+   hw.optional.arm.FEAT_BF16, found at run time, never required: Graviton 3
+   and 4, Grace, Apple M2 and later), else with the integer code of
+   native_sse.hpp (round to nearest even on the float bits, a NaN truncated
+   and made quiet), as cn_f32_to_bf16 defines it. The two give the same bits:
+   BFCVTN converts as the Arm ARM's FPConvertBF, which rounds by FPCR's mode
+   (to nearest even: what every OS sets), keeps subnormal inputs unless
+   FPCR.FZ is set (it is not: and were it set, every other float operation
+   of the kernels would flush too), and turns a NaN into its quiet form with
+   the top payload bits (FPConvertNaN); tools/aarch64_bf16_check.cpp checks
+   this bit for bit under qemu. The instruction is emitted by inline
+   assembly (".arch_extension bf16" for the assembler alone), so the module
+   needs no -march flag and runs on ARMv8.0; an ARMv8.0 CPU never reaches it.
 
    Tails go through a small stack buffer (ASIMD has no masked loads or
    stores). Streaming stores: AArch64 has STNP (a non-temporal pair hint),
@@ -24,6 +32,7 @@
 #endif
 #include <arm_neon.h>
 #include <math.h>
+#include "../cpu_features.h"
 
 #define CN_VEC_LEVEL "neon"
 #define CN_VEC_FMA 1
@@ -34,7 +43,13 @@ constexpr int CN_W = 4;
 typedef float32x4_t nf;
 typedef float64x2_t nd;
 
+#if defined(__GNUC__) || defined(__clang__)
+int cn_hw_bf16 = 0;   /* the CPU has BFCVTN (FEAT_BF16): set by cn_native_init */
+inline void cn_native_init() { cn_hw_bf16 = (cn_cpu_features() & CN_F_ARM_BF16) != 0; }
+#else
+const int cn_hw_bf16 = 0;   /* MSVC: no inline assembly on arm64 (and no neon level built there) */
 inline void cn_native_init() {}
+#endif
 
 CN_INLINE float cn_fma1(float a, float b, float c) { return fmaf(a, b, c); }   /* FMADD: one rounding, as nf_fma */
 
@@ -116,12 +131,31 @@ CN_INLINE uint32x4_t cn_bf16_round_hi(nf v) {
    every OS sets), subnormal results correctly rounded (FZ off), a NaN kept
    with its top payload bits and made quiet: the values of cn_f32_to_f16 */
 CN_INLINE uint16x4_t cn_f16_round(nf v) { return vreinterpret_u16_f16(vcvt_f16_f32(v)); }
-CN_INLINE void nf_store(cn_bf16* p, nf v, bool) {
-    vst1_u16((uint16_t*)p, vshrn_n_u32(cn_bf16_round_hi(v), 16));
+/* BFCVTN: 4 floats to 4 bfloat16 in the low half (only where cn_hw_bf16) */
+CN_INLINE uint16x4_t cn_bf16_cvt_hw(nf v) {
+#if defined(__GNUC__) || defined(__clang__)
+    uint16x4_t r;
+    /* volatile: a plain asm is a pure function to GCC, which may then run it ahead of the
+       cn_hw_bf16 test (if-conversion) and trap on a CPU without the instruction */
+    __asm__ volatile(".arch_extension bf16\n\tbfcvtn %0.4h, %1.4s" : "=w"(r) : "w"(v));
+    return r;
+#else
+    return vshrn_n_u32(cn_bf16_round_hi(v), 16);
+#endif
 }
+/* 4 floats to bfloat16 bits: one instruction with FEAT_BF16, five without */
+CN_INLINE uint16x4_t cn_bf16_pack(nf v) {
+    if (cn_hw_bf16) return cn_bf16_cvt_hw(v);
+    return vshrn_n_u32(cn_bf16_round_hi(v), 16);
+}
+CN_INLINE void nf_store(cn_bf16* p, nf v, bool) { vst1_u16((uint16_t*)p, cn_bf16_pack(v)); }
 CN_INLINE void nf_store(cn_f16* p, nf v, bool) { vst1_u16((uint16_t*)p, cn_f16_round(v)); }
 /* 8 values: a's then b's (UZP2 takes the high halves of both in one instruction) */
 CN_INLINE void nf_store2(cn_bf16* p, nf a, nf b, bool) {
+    if (cn_hw_bf16) {
+        vst1q_u16((uint16_t*)p, vcombine_u16(cn_bf16_cvt_hw(a), cn_bf16_cvt_hw(b)));
+        return;
+    }
     uint16x8_t h = vuzp2q_u16(vreinterpretq_u16_u32(cn_bf16_round_hi(a)), vreinterpretq_u16_u32(cn_bf16_round_hi(b)));
     vst1q_u16((uint16_t*)p, h);
 }
@@ -130,7 +164,12 @@ CN_INLINE void nf_store2(cn_f16* p, nf a, nf b, bool) {
 }
 /* even positions from e, odd from o: e's high halves shifted down and
    inserted under o's (SRI) */
-CN_INLINE uint32x4_t cn_merge_eo(nf e, nf o) { return vsriq_n_u32(cn_bf16_round_hi(o), cn_bf16_round_hi(e), 16); }
+CN_INLINE uint32x4_t cn_merge_eo(nf e, nf o) {
+    if (cn_hw_bf16)   /* ZIP1 of the two conversions: e0 o0 e1 o1 ... */
+        return vreinterpretq_u32_u16(vzip1q_u16(vcombine_u16(cn_bf16_cvt_hw(e), cn_bf16_cvt_hw(e)),
+                                                vcombine_u16(cn_bf16_cvt_hw(o), cn_bf16_cvt_hw(o))));
+    return vsriq_n_u32(cn_bf16_round_hi(o), cn_bf16_round_hi(e), 16);
+}
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool) { vst1q_u32((uint32_t*)p, cn_merge_eo(e, o)); }
 template <class T>
 CN_INLINE void nf_store_n(T* p, nf v, ptrdiff_t m) {
