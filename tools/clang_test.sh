@@ -25,13 +25,10 @@ mkdir -p "$work/src"
 work="$(cd "$work" && pwd)"
 src="$work/src"
 
-# -- the copy: files that left the tree leave it too; tar keeps mtimes (rebuild only what changed)
-git ls-files -z --cached --others --exclude-standard > "$work/files.new"
-if [ -f "$work/files" ]; then
-    comm -z -23 <(sort -z "$work/files") <(sort -z "$work/files.new") | (cd "$src" && xargs -0 -r rm -f --)
-fi
-tar --null -T "$work/files.new" --ignore-failed-read -cf - 2> /dev/null | tar -xf - -C "$src"
-mv "$work/files.new" "$work/files"
+# -- the copy (tools/copy_tree.sh: only what changed is rebuilt)
+# shellcheck source=tools/copy_tree.sh
+source tools/copy_tree.sh
+copy_tree "$work"
 
 echo "== build ($cc/$cxx) in $src"
 start=$SECONDS

@@ -41,14 +41,10 @@ work="$(cd "$work" && pwd)"
 src="$work/src"
 reports="$work/reports"
 
-# -- the copy: files that left the tree since the last copy leave it too; tar keeps mtimes,
-#    so setup.py rebuilds only the extensions whose sources changed
-git ls-files -z --cached --others --exclude-standard > "$work/files.new"
-if [ -f "$work/files" ]; then
-    comm -z -23 <(sort -z "$work/files") <(sort -z "$work/files.new") | (cd "$src" && xargs -0 -r rm -f --)
-fi
-tar --null -T "$work/files.new" --ignore-failed-read -cf - 2> /dev/null | tar -xf - -C "$src"
-mv "$work/files.new" "$work/files"
+# -- the copy (tools/copy_tree.sh: only what changed is rebuilt)
+# shellcheck source=tools/copy_tree.sh
+source tools/copy_tree.sh
+copy_tree "$work"
 
 # -- compilers, flags, runtime
 cc="${CC:-gcc}" cxx="${CXX:-g++}"
