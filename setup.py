@@ -192,7 +192,9 @@ def _compile_and_run(compiler, source, cflags=(), lflags=(), include_dirs=(), la
             stage = "run"
             exe = os.path.join(tmp, "probe" + (".exe" if os.name == "nt" else ""))
             runner = shlex.split(os.environ.get("CNORM_PROBE_EMULATOR", ""))
-            run = subprocess.run(runner + [exe], capture_output=True, text=True)
+            # errors="replace": a message in another encoding (an emulator's, a localized shell's)
+            # must not turn into a decoding error that hides it
+            run = subprocess.run(runner + [exe], capture_output=True, text=True, errors="replace")
             if run.returncode != 0:
                 with open(log, "w") as f:
                     f.write(f"{run.stdout}\n{run.stderr}\nexit status {run.returncode}\n")

@@ -249,7 +249,10 @@ def test_nan_parameters_give_nan_not_a_number(dt, level):
 def test_avx512_bf16_key_only_on_x86(monkeypatch):
     """info()'s cpu_avx512_bf16_used is an x86-64 fact: there on x86-64, absent on AArch64
     (where cpu_bfcvt_used says whether BFCVTN converts), and show_config prints either way."""
+    # (the level lists too: on the other architecture the real ones would look up its bits)
     monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.X86_LEVELS)
+    monkeypatch.setattr(_cpu, "compiled_levels", lambda: list(_cpu.X86_LEVELS))
+    monkeypatch.setattr(_cpu, "supported_levels", lambda: list(_cpu.X86_LEVELS))
     assert isinstance(_cpu.info()["cpu_avx512_bf16_used"], bool)
     monkeypatch.setattr(_cpu, "platform_levels", lambda: _cpu.AARCH64_LEVELS)
     monkeypatch.setattr(_cpu, "compiled_levels", lambda: ["baseline", "neon"])

@@ -78,18 +78,28 @@ setup_env() {
 exec qemu-aarch64 -L "$ROOT" -0 "\$0" "$ROOT/usr/bin/python3.11" "\$@"
 EOF
     chmod +x "$ROOT/usr/bin/python3"
+    install_wheels
+}
+# the test dependencies that have aarch64 wheels (PyTorch's and MPI's tests skip without theirs);
+# matplotlib: the benchmark's plot; build: the sdist test
+REQS=("numpy>=2.0" pytest hypothesis ml_dtypes threadpoolctl setuptools wheel Cython build matplotlib)
+install_wheels() {
+    step "aarch64 wheels of the test dependencies: ${REQS[*]}"
+    rm -rf "$WHL" "$SITE"
+    mkdir -p "$WHL" "$SITE"
     # the host's pip, told the target (CPython 3.11 on aarch64; pure-Python wheels via "any")
     local plat=(--only-binary=:all: --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
                 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64
                 --platform any)
-    "$HOSTPY" -m pip download -q "${plat[@]}" -d "$WHL" \
-        "numpy>=2.0" pytest hypothesis ml_dtypes threadpoolctl setuptools wheel Cython
+    "$HOSTPY" -m pip download -q "${plat[@]}" -d "$WHL" "${REQS[@]}"
     "$HOSTPY" -m pip install -q --root-user-action=ignore --no-deps --no-index --target "$SITE" "${plat[@]}" "$WHL"/*.whl
-    touch "$W/.ready"
+    echo "${REQS[*]}" > "$W/.ready"
 }
 QPY() { PYTHONPATH=$SITE:$SRC "$ROOT/usr/bin/python3" "$@"; }
 
-[ -e "$W/.ready" ] || setup_env
+# (kept between runs: $W/.ready lists the wheels installed; a changed list reinstalls them alone)
+if [ ! -e "$W/.ready" ]; then setup_env
+elif [ "$(cat "$W/.ready")" != "${REQS[*]}" ]; then install_wheels; fi
 command -v aarch64-linux-gnu-g++ >/dev/null || { echo "aarch64-linux-gnu-g++ missing: rm $W/.ready and rerun" >&2; exit 1; }
 "$HOSTPY" -c "import Cython" || { echo "$HOSTPY has no Cython (pip install Cython)" >&2; exit 1; }
 
