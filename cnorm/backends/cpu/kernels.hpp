@@ -23,10 +23,11 @@
 
 namespace {
 /* The level this copy was compiled for, and one-time set-up (the avx512
-   level asks whether the CPU has the AVX512-BF16 conversions). */
+   level asks whether the CPU has the AVX512-BF16 conversions, the neon level
+   whether it has BFCVTN). */
 inline const char* cn_level_name() { return CN_VEC_LEVEL; }
 inline int cn_level_has_fma() { return CN_VEC_FMA; }
-#if defined(CN_NATIVE_AVX512_HPP)
+#if defined(CN_NATIVE_AVX512_HPP) || defined(CN_NATIVE_NEON_HPP)
 inline int cn_level_hw_bf16() { return cn_hw_bf16; }
 #else
 inline int cn_level_hw_bf16() { return 0; }
