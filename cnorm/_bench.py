@@ -1171,9 +1171,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--row-json", default=None, help=argparse.SUPPRESS)  # --isolate's child: its row here
     parser.add_argument("--system-malloc", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
     parser.add_argument("--cpu-capability", default=None, metavar="LEVEL",
-                        help="run cnorm's kernels at this CPU level (baseline, avx2, avx512) and PyTorch at "
-                             "the matching ATEN_CPU_CAPABILITY (default, avx2, avx512); default: the level "
-                             "cnorm chose for this CPU")
+                        help="run cnorm's kernels at this CPU level (x86-64: baseline, avx2, avx512; aarch64: "
+                             "baseline, neon) and PyTorch at the matching ATEN_CPU_CAPABILITY (default, avx2, "
+                             "avx512; default on aarch64); default: the level cnorm chose for this CPU")
     parser.add_argument("--pytorch", action="store_true",
                         help="after the cases, time cnorm inside PyTorch: the per-call overhead of cnorm on "
                              "torch tensors and of cnorm.torch's operators, and a training step of a ResNet-style "
