@@ -165,9 +165,11 @@ CN_INLINE void nf_store2(cn_f16* p, nf a, nf b, bool) {
 /* even positions from e, odd from o: e's high halves shifted down and
    inserted under o's (SRI) */
 CN_INLINE uint32x4_t cn_merge_eo(nf e, nf o) {
-    if (cn_hw_bf16)   /* ZIP1 of the two conversions: e0 o0 e1 o1 ... */
-        return vreinterpretq_u32_u16(vzip1q_u16(vcombine_u16(cn_bf16_cvt_hw(e), cn_bf16_cvt_hw(e)),
-                                                vcombine_u16(cn_bf16_cvt_hw(o), cn_bf16_cvt_hw(o))));
+    if (cn_hw_bf16) {   /* ZIP1 of the two conversions: e0 o0 e1 o1 ... (each converted once:
+                           the asm is volatile, so the compiler would not merge two copies) */
+        uint16x4_t he = cn_bf16_cvt_hw(e), ho = cn_bf16_cvt_hw(o);
+        return vreinterpretq_u32_u16(vzip1q_u16(vcombine_u16(he, he), vcombine_u16(ho, ho)));
+    }
     return vsriq_n_u32(cn_bf16_round_hi(o), cn_bf16_round_hi(e), 16);
 }
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool) { vst1q_u32((uint32_t*)p, cn_merge_eo(e, o)); }
