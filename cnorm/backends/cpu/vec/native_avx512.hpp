@@ -68,6 +68,10 @@ CN_INLINE nf nf_exp2i32(nf t) {
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
                                                 _mm512_set1_epi32(159 << 23)));
 }
+/* p·2^k (k integer-valued) in one instruction and one rounding: vexp_neg's last
+   step, two operations fewer than 2^(k + 32) from t's bits and a multiply */
+#define CN_VEC_SCALEF 1
+CN_INLINE nf nf_scalef(nf p, nf k) { return _mm512_scalef_ps(p, k); }
 
 /* the first m lanes (m clamped to [0, 16]) */
 CN_INLINE __mmask16 cn_k16(ptrdiff_t m) {
