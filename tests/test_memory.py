@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 
 import cnorm
 from cnorm import _cpu
+from cnorm._dtypes import BFLOAT16
 from cnorm.backends.base import Problem
 from cnorm.backends.cython_backend import CythonBackend
 
@@ -142,3 +143,41 @@ def test_large_partials_are_kept_between_calls(norm):
     call(out)
     _, peak = _traced_peak(lambda: call(out))
     assert peak < 64 * 1024, f"{peak} bytes allocated by a repeated call"
+
+
+def _aligned(a):
+    return np.asarray(a).ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("dt", ["float32", "bfloat16", "float64"])
+def test_large_results_start_on_a_cache_line(dt):
+    """Results of 64 KiB or more start on a 64-byte boundary (NumPy's own large arrays
+    start 16 bytes past a line or page under glibc, and every vector access of them
+    straddles two lines); the values are the kernels' as always."""
+    if dt == "bfloat16" and BFLOAT16 is None:
+        pytest.skip("ml_dtypes (bfloat16) not installed")
+    dtype = BFLOAT16 if dt == "bfloat16" else np.dtype(dt)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 64, 33, 17)).astype(dtype)   # 287 232 values
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    xcl = np.moveaxis(np.moveaxis(x, 1, -1).copy(), -1, 1)    # channels-last strides
+    w = np.ones(64, np.float64 if dt == "float64" else np.float32)
+    rm, rv = np.zeros_like(w), np.ones_like(w)
+    outs = []
+    for xx in (x, xcl):
+        for act in (None, "relu", "silu"):
+            y, s = cnorm.batch_norm_forward(xx, w, w, activation=act, backend="cython")
+            outs += [y, cnorm.batch_norm_backward(dy, xx, s, w)[0]]
+        y, s = cnorm.batch_norm_forward(xx, w, w, rm.copy(), rv.copy(), training=False, backend="cython")
+        outs += [y, cnorm.batch_norm_backward(dy, xx, s, w)[0]]
+        y, s = cnorm.group_norm_forward(xx, 8, w, w, backend="cython")
+        outs += [y, cnorm.group_norm_backward(dy, xx, s, w)[0]]
+    rows = x.reshape(-1, 561)
+    y, s = cnorm.layer_norm_forward(rows, 561, backend="cython")
+    outs += [y, cnorm.layer_norm_backward(rows, rows, s)[0]]
+    y, s = cnorm.rms_norm_forward(rows, 561, backend="cython")
+    outs += [y, cnorm.rms_norm_backward(rows, rows, s)[0]]
+    y, h, s = cnorm.add_layer_norm_forward(rows, rows, 561, backend="cython")
+    outs += [y, h, cnorm.add_layer_norm_backward(rows, rows, h, s)[0]]
+    for i, a in enumerate(outs):
+        assert a.nbytes >= 1 << 16 and _aligned(a), (i, np.asarray(a).ctypes.data % 64)

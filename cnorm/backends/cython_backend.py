@@ -77,13 +77,13 @@ class CythonBackend(Backend):
                                     _get_num_threads(), out, rms=p.rms, residual=r3, h=h_out)
 
     def add_backward(self, dy3, dh3, h3, p, mean, rstd, weight, out=None):
-        dx = np.empty_like(h3) if out is None else out
+        dx = _cpu.K.empty_like(h3) if out is None else out
         dweight, dbias = _cpu.K.group_backward(dy3, h3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, p.groups,
                                                mean, rstd, weight, _get_num_threads(), rms=p.rms, dh=dh3)
         return dx, dweight, dbias
 
     def forward_eval(self, x3, p, scale, shift, out=None, act=None):
-        y = np.empty_like(x3) if out is None else out
+        y = _cpu.K.empty_like(x3) if out is None else out
         _cpu.K.affine(x3, y, p.layout == CHANNELS_LAST, p.n, p.c, p.s, scale, shift, _get_num_threads(),
                       _ACT[act])
         return y
@@ -100,7 +100,7 @@ class CythonBackend(Backend):
 
     def backward_train(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
         nt = _get_num_threads()
-        dx = np.empty_like(x3) if out is None else out
+        dx = _cpu.K.empty_like(x3) if out is None else out
         cl = p.layout == CHANNELS_LAST
         if p.cross_sample:
             dweight, dbias = np.empty_like(weight), np.empty_like(weight)
@@ -114,7 +114,7 @@ class CythonBackend(Backend):
     def backward_eval(self, dy3, x3, p, mean, rstd, weight, out=None, act=None, bias=None):
         # One sweep: dx = dy·weight·rstd while the per-channel sums accumulate (with an
         # activation, z = x·scale + shift recomputed as fold_frozen and forward_eval made it).
-        dx = np.empty_like(x3) if out is None else out
+        dx = _cpu.K.empty_like(x3) if out is None else out
         dweight, dbias = np.empty_like(weight), np.empty_like(weight)
         _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
                               dweight, dbias, _cpu.K.EVAL, _get_num_threads(), None, None, _ACT[act], bias)
@@ -136,7 +136,7 @@ class CythonBackend(Backend):
         return sum_dy, sum_dy_xhat
 
     def channel_backward_apply(self, dy3, x3, p, mean, rstd, weight, mean_dy, mean_dy_xhat, out=None):
-        dx = np.empty_like(x3) if out is None else out
+        dx = _cpu.K.empty_like(x3) if out is None else out
         _cpu.K.cross_backward(dy3, x3, dx, p.layout == CHANNELS_LAST, p.n, p.c, p.s, mean, rstd, weight,
                           None, None, _cpu.K.APPLY, _get_num_threads(), mean_dy, mean_dy_xhat)
         return dx
