@@ -135,7 +135,10 @@ def training_step(model, x, target):
     return step
 
 
-def models(names, budget, channels_last) -> dict:
+def models(names, budget, channels_last, compile=False) -> dict:
+    """compile: both models under ``torch.compile`` (Inductor; cnorm's operators are opaque
+    custom operators there, the norms of torch.nn are Inductor's own code); the first steps,
+    which compile, are run before the timing and not counted."""
     out = {}
     for name in names:
         what, build, shape = MODELS[name]
@@ -146,19 +149,36 @@ def models(names, budget, channels_last) -> dict:
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             ref, ours = ref.to(memory_format=torch.channels_last), ours.to(memory_format=torch.channels_last)
+        if compile:
+            ref, ours = torch.compile(ref), torch.compile(ours)
         target = torch.randint(0, 10, (shape[0],))
-        med = interleaved({"torch.nn": training_step(ref, x, target), "replace_norms": training_step(ours, x, target)},
-                          budget)
+        steps = {"torch.nn": training_step(ref, x, target), "replace_norms": training_step(ours, x, target)}
+        if compile:
+            losses = {}
+            for k, step in steps.items():  # compile (forward and backward graphs) outside the timing
+                for _ in range(3):
+                    losses[k] = float(step().detach())
+            bad = [k for k, v in losses.items() if not np.isfinite(v)]
+            if bad:
+                # (seen with ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine: Inductor's compiled
+                # step gave NaN losses for both variants; timing garbage measures nothing)
+                print(f"training step, {what}, torch.compile: not timed: non-finite loss from "
+                      f"{', '.join(bad)} ({losses}); torch.compile at ATEN_CPU_CAPABILITY="
+                      f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
+                out[name] = {"what": what + ", torch.compile", "not_timed": "non-finite loss", "losses": losses}
+                continue
+        med = interleaved(steps, budget)
         t, c = med["torch.nn"], med["replace_norms"]
         cl = ", channels_last" if channels_last and x.dim() == 4 else ""
-        print(f"training step, {what}{cl}: torch.nn {t * 1e3:.2f} ms, with replace_norms {c * 1e3:.2f} ms "
+        tc = ", torch.compile" if compile else ""
+        print(f"training step, {what}{cl}{tc}: torch.nn {t * 1e3:.2f} ms, with replace_norms {c * 1e3:.2f} ms "
               f"({t / c:.2f}x)", flush=True)
-        out[name] = {"what": what + cl, "torch_nn_s": t, "replace_norms_s": c}
+        out[name] = {"what": what + cl + tc, "torch_nn_s": t, "replace_norms_s": c}
     return out
 
 
 def run(budget: float = 20.0, names=("resnet", "transformer"), channels_last: bool = False,
-        with_overhead: bool = True) -> dict:
+        with_overhead: bool = True, compile: bool = False) -> dict:
     """Both parts; returns what they printed, as numbers (seconds)."""
     return {"overhead_s": overhead(budget) if with_overhead else {},
-            "training_step": models(list(names), budget, channels_last)}
+            "training_step": models(list(names), budget, channels_last, compile)}

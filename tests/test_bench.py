@@ -319,3 +319,22 @@ def test_pytorch_section_times_the_adapters_and_both_models(tmp_path):
         assert f"{row['torch_nn_s'] * 1e3:.2f} ms" in run.stdout
     assert "cnorm.layer_norm, torch tensors (DLPack)" in report["overhead_s"]
     assert report["threads"] == 1 and report["cpu_level"] in ("baseline", "avx2", "avx512")
+
+
+def test_training_step_under_torch_compile(monkeypatch, capsys):
+    """bench/torch_interop.py --compile: both variants of a model under torch.compile
+    (Inductor), the compiling steps untimed, the line printed."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    from cnorm import _bench_torch as bt
+
+    def tiny():
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.ReLU(),
+                                   torch.nn.Linear(32, 10))
+
+    monkeypatch.setitem(bt.MODELS, "tiny", ("a tiny LayerNorm network", tiny, (8, 16)))
+    out = bt.models(["tiny"], 0.2, False, compile=True)
+    row = out["tiny"]
+    assert row["what"].endswith(", torch.compile") and row["torch_nn_s"] > 0 and row["replace_norms_s"] > 0
+    assert "training step, a tiny LayerNorm network, torch.compile: torch.nn" in capsys.readouterr().out
