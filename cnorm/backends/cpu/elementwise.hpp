@@ -286,8 +286,12 @@ inline void cn_act_grad_run_a(const T* dy, const T* x, T* g, ptrdiff_t n, float 
         VF d0, d1, u0, u1;
         cn_act_pf<A>(dy + i);
         cn_act_pf<A>(x + i);
-        vload2_n(dy + i, m, d0, d1);
         vload2_n(x + i, m, u0, u1);
+        if (A == CN_ACT_RELU) {   /* dy or 0: a masked copy, no rounding */
+            vrelu_grad2_n(g + i, dy + i, vfma(u0 - vm, va, vb), vfma(u1 - vm, va, vb), m, nt);
+            return;
+        }
+        vload2_n(dy + i, m, d0, d1);
         vstore2_n(g + i, cn_act_grad<A>(d0, vfma(u0 - vm, va, vb)), cn_act_grad<A>(d1, vfma(u1 - vm, va, vb)), m, nt);
     }, stream);
 }

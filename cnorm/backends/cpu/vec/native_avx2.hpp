@@ -140,6 +140,25 @@ CN_INLINE __m256i cn_merge_eo(nf e, nf o) {
     return _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xaa);
 }
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool nt) { cn_st256(p, cn_merge_eo(e, o), nt); }
+/* vrelu_grad2_n: dy's 2W bfloat16 values where the z of their position (e:
+   even, o: odd, as nf_load_eo splits them) is > 0, else +0; each 32-bit
+   lane's mask takes its low half from e's comparison, its high half from o's */
+#define CN_VEC_EO_MASK 1
+CN_INLINE __m256i cn_eo_mask_gt0(nf e, nf o) {
+    const nf z = _mm256_setzero_ps();
+    return _mm256_blend_epi16(_mm256_castps_si256(_mm256_cmp_ps(e, z, _CMP_GT_OQ)),
+                              _mm256_castps_si256(_mm256_cmp_ps(o, z, _CMP_GT_OQ)), 0xaa);
+}
+CN_INLINE void nf_copy_eo_gt0(cn_bf16* g, const cn_bf16* dy, nf e, nf o, bool nt) {
+    cn_st256(g, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)dy), cn_eo_mask_gt0(e, o)), nt);
+}
+CN_INLINE void nf_copy_eo_gt0_n(cn_bf16* g, const cn_bf16* dy, nf e, nf o, ptrdiff_t m) {
+    uint16_t t[16] = {0};
+    const size_t bytes = (size_t)(m < 0 ? 0 : m > 16 ? 16 : m) * 2;
+    memcpy(t, dy, bytes);
+    _mm256_storeu_si256((__m256i*)t, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)t), cn_eo_mask_gt0(e, o)));
+    memcpy(g, t, bytes);
+}
 CN_INLINE void nf_store_n(float* p, nf v, ptrdiff_t m) { _mm256_maskstore_ps(p, cn_k8(m), v); }
 template <class H>
 CN_INLINE void cn_store_n16(H* p, nf v, ptrdiff_t m) {

@@ -173,12 +173,29 @@ CN_INLINE __m512i cn_interleave16(__m512i w) {
 CN_INLINE void nf_store_eo(cn_bf16* p, nf e, nf o, bool nt) {
     cn_st512(p, cn_interleave16(cn_bf16_pack2(e, o)), nt);
 }
+/* vrelu_grad2_n: dy's 2W bfloat16 values where the z of their position (e:
+   even, o: odd, as nf_load_eo splits them) is > 0, else +0; the two 16-lane
+   comparisons become one 32 x 16-bit vector mask (vpmovm2d, then even
+   positions from e's, odd from o's) */
+#define CN_VEC_EO_MASK 1
+CN_INLINE __m512i cn_eo_mask_gt0(nf e, nf o) {
+    const nf z = _mm512_setzero_ps();
+    return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_movm_epi32(_mm512_cmp_ps_mask(e, z, _CMP_GT_OQ)),
+                                   _mm512_movm_epi32(_mm512_cmp_ps_mask(o, z, _CMP_GT_OQ)));
+}
+CN_INLINE void nf_copy_eo_gt0(cn_bf16* g, const cn_bf16* dy, nf e, nf o, bool nt) {
+    cn_st512(g, _mm512_and_si512(_mm512_loadu_si512(dy), cn_eo_mask_gt0(e, o)), nt);
+}
 /* the first m values (0 <= m <= W, or 2W for the pair forms), ordinary stores */
 CN_INLINE void nf_store_n(float* p, nf v, ptrdiff_t m) { _mm512_mask_storeu_ps(p, cn_k16(m), v); }
 CN_INLINE void nf_store_n(cn_bf16* p, nf v, ptrdiff_t m) { _mm256_mask_storeu_epi16(p, cn_k16(m), cn_bf16_pack(v)); }
 CN_INLINE void nf_store_n(cn_f16* p, nf v, ptrdiff_t m) { _mm256_mask_storeu_epi16(p, cn_k16(m), cn_f16_pack(v)); }
 CN_INLINE void nf_store_eo_n(cn_bf16* p, nf e, nf o, ptrdiff_t m) {
     _mm512_mask_storeu_epi16(p, cn_k32(m), cn_interleave16(cn_bf16_pack2(e, o)));
+}
+CN_INLINE void nf_copy_eo_gt0_n(cn_bf16* g, const cn_bf16* dy, nf e, nf o, ptrdiff_t m) {
+    const __mmask32 k = cn_k32(m);
+    _mm512_mask_storeu_epi16(g, k, _mm512_and_si512(_mm512_maskz_loadu_epi16(k, dy), cn_eo_mask_gt0(e, o)));
 }
 
 /* ---- doubles ---- */

@@ -219,6 +219,34 @@ CN_INLINE void vstore2_n(cn_bf16* p, VF a, VF b, ptrdiff_t m, bool nt) {
     }
 }
 
+/* relu's gradient for 32 values: g = z > 0 ? dy : +0 (NaN z gives 0), z0 and
+   z1 as vload2_n splits positions. g is dy's value or 0, so no rounding is
+   needed: for bfloat16, levels with CN_VEC_EO_MASK (avx2, avx512) copy dy's
+   bits under a 16-bit mask built from z's comparisons, with no conversion
+   of dy to float and back (two operations per native pair where the
+   rounding store alone takes five to eleven); elsewhere the float select
+   and the rounding store, which leaves such values as they are (a
+   signalling NaN in dy is the one value whose bits differ: quieted there,
+   copied here - g is NaN either way). */
+template <class T>
+CN_INLINE void vrelu_grad2_n(T* g, const T* dy, VF z0, VF z1, ptrdiff_t m, bool nt) {
+    VF d0, d1;
+    vload2_n(dy, m, d0, d1);
+    vstore2_n(g, vsel_gt(z0, vzero(), d0, vzero()), vsel_gt(z1, vzero(), d1, vzero()), m, nt);
+}
+#ifdef CN_VEC_EO_MASK
+CN_INLINE void vrelu_grad2_n(cn_bf16* g, const cn_bf16* dy, VF z0, VF z1, ptrdiff_t m, bool nt) {
+    if (m >= 32) {
+        for (int i = 0; i < CN_K; i++) nf_copy_eo_gt0(g + 2 * CN_W * i, dy + 2 * CN_W * i, z0.v[i], z1.v[i], nt);
+        return;
+    }
+    for (int i = 0; i < CN_K; i++) {
+        ptrdiff_t mi = m - 2 * CN_W * i;
+        if (mi > 0) nf_copy_eo_gt0_n(g + 2 * CN_W * i, dy + 2 * CN_W * i, z0.v[i], z1.v[i], cn_clamp(mi, 2 * CN_W));
+    }
+}
+#endif
+
 /* ---- double lanes ---- */
 CN_INLINE VD vdzero() { VD r; for (int i = 0; i < 2 * CN_K; i++) r.v[i] = nd_zero(); return r; }
 CN_INLINE VD operator+(VD a, VD b) { for (int i = 0; i < 2 * CN_K; i++) a.v[i] = nd_add(a.v[i], b.v[i]); return a; }
