@@ -71,7 +71,7 @@ template <int A>
 CN_INLINE VF cn_act(VF z) {
     if (A == CN_ACT_RELU) return vmax(vzero(), z);
     if (A == CN_ACT_SILU) {
-        VF e = vexp_neg(vnabs(z));   /* e^-|z| (NaN stays NaN) */
+        VF e = vexp_nabs(z);   /* e^-|z| (NaN stays NaN) */
         return vmul_neg(z, e) / (vset(1.0f) + e);   /* (z < 0 ? z·e : z) / (1 + e) */
     }
     return z;
@@ -83,7 +83,7 @@ template <int A>
 CN_INLINE VF cn_act_grad(VF dy, VF z) {
     if (A == CN_ACT_RELU) return vsel_gt(z, vzero(), dy, vzero());
     const VF one = vset(1.0f);
-    VF e = vexp_neg(vnabs(z));
+    VF e = vexp_nabs(z);
     VF d = one / (one + e), ed = e * d;
     VF s = vsel_gt(vzero(), z, ed, d), t = vsel_gt(vzero(), z, d, ed);   /* s, 1 - s */
     return dy * (s * vfma(z, t, one));

@@ -68,10 +68,15 @@ CN_INLINE nf nf_exp2i32(nf t) {
     return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(_mm512_castps_si512(t), 23),
                                                 _mm512_set1_epi32(159 << 23)));
 }
-/* p·2^k (k integer-valued) in one instruction and one rounding: vexp_neg's last
+/* p·2^k (k integer-valued) in one instruction and one rounding: vexp_nabs's last
    step, two operations fewer than 2^(k + 32) from t's bits and a multiply */
 #define CN_VEC_SCALEF 1
 CN_INLINE nf nf_scalef(nf p, nf k) { return _mm512_scalef_ps(p, k); }
+/* -min(|a|, c) for c > 0 in one instruction (vrangeps: the operand of smaller
+   magnitude, sign set; a NaN a comes back quieted), vexp_nabs's clamp: the
+   same values as max(-c, -|a|) (vnabs, vmax), one operation fewer */
+#define CN_VEC_RANGE 1
+CN_INLINE nf nf_nabs_min(nf a, nf c) { return _mm512_range_ps(a, c, 0x0e); }
 
 /* the first m lanes (m clamped to [0, 16]) */
 CN_INLINE __mmask16 cn_k16(ptrdiff_t m) {

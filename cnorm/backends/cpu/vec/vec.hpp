@@ -76,10 +76,19 @@ CN_INLINE VF vsel_gt(VF a, VF b, VF t, VF f) {
 
 /* -|a| */
 CN_INLINE VF vnabs(VF a) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_nabs(a.v[i]); return a; }
+/* -min(|a|, c) (c > 0), that is max(-c, -|a|); NaN stays NaN */
+CN_INLINE VF vnabs_min(VF a, float c) {
+#ifdef CN_VEC_RANGE
+    for (int i = 0; i < CN_K; i++) a.v[i] = nf_nabs_min(a.v[i], nf_set1(c));
+    return a;
+#else
+    return vmax(vset(-c), vnabs(a));
+#endif
+}
 /* a·b where a's sign bit is set (negative, -0, negative NaN), else a */
 CN_INLINE VF vmul_neg(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_mul_neg(a.v[i], b.v[i]); return a; }
 
-/* e^x for x <= 0 (what the activations need: e^-|z|), written once for the
+/* e^x for x = -|z| (what the activations need: e^-|z|), written once for the
    vector type (as PyTorch's Vectorized<float>::exp) after Cephes' expf: x =
    k·ln2 + r, k = round(x·log2 e) by the 1.5·2^23 trick, ln2 in two parts
    (k·0.693359375 is exact), |r| <= ln2/2; e^r = 1 + r·Q(r) with Q of degree 5
@@ -91,6 +100,8 @@ CN_INLINE VF vmul_neg(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_m
    rounding gives results below FLT_MIN as the correctly rounded subnormal or
    0. x is clamped to -104 first (e^x rounds to 0 below), so -inf gives 0;
    NaN passes the clamp (vmax keeps its second operand) and the polynomial.
+   At avx512 -|z| and the clamp are one vrangeps (CN_VEC_RANGE): the same
+   values, 5% less time in a cache-resident SiLU sweep.
    Where the level has vscalef (avx512: CN_VEC_SCALEF), the polynomial runs
    unscaled and p·2^k is that one instruction: the scaling by 2^-32 is exact
    (no coefficient or partial result is subnormal), so round(p·2^k) is the
@@ -98,14 +109,14 @@ CN_INLINE VF vmul_neg(VF a, VF b) { for (int i = 0; i < CN_K; i++) a.v[i] = nf_m
    operations per vector of a SiLU sweep go (5% in a cache-resident sweep).
    No table, no libm call: the same values at every level, so avx2 and
    avx512 and neon give the same bits (baseline rounds a*b + c twice, as everywhere). */
-CN_INLINE VF vexp_neg(VF x) {
+CN_INLINE VF vexp_nabs(VF z) {
     const VF big = vset(12582912.0f);   /* 1.5·2^23 */
 #ifdef CN_VEC_SCALEF
     const float sc = 1.0f;   /* the polynomial's scale */
 #else
     const float sc = 2.3283064365386963e-10f;   /* 2^-32 */
 #endif
-    x = vmax(vset(-104.0f), x);
+    const VF x = vnabs_min(z, 104.0f);   /* -|z|, at least -104 */
     VF t = vfma(x, vset(1.44269504088896341f), big);   /* 1.5·2^23 + k */
     VF k = t - big;
     VF r = vfma(k, vset(-0.693359375f), x);
