@@ -169,8 +169,11 @@ cdef inline double act_grad1(double dy, double z, int act) noexcept nogil:
 
 
 cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
-                          floating mh, floating a, floating b, int act=ACT_NONE) noexcept nogil:
-    """y = act((x - mh)·a + b): one subtract and one FMA per element (and the activation)."""
+                          floating mh, floating a, floating b, int act=ACT_NONE,
+                          const dat* pf=NULL) noexcept nogil:
+    """y = act((x - mh)·a + b): one subtract and one FMA per element (and the activation).
+
+    pf: with an activation, n values brought toward L2 during the sweep (cn_norm_run)."""
     cdef Py_ssize_t i
     if dat is double:
         if act == ACT_NONE:
@@ -180,7 +183,7 @@ cdef inline void norm_run(const dat* x, dat* y, Py_ssize_t n,
             for i in range(n):
                 y[i] = act1((x[i] - mh) * a + b, act)
     else:
-        cn_norm_run(x, y, n, mh, a, b, act)
+        cn_norm_run(x, y, n, mh, a, b, pf, act)
 
 
 cdef inline void scale_run(const dat* x, dat* y, Py_ssize_t n,

@@ -126,18 +126,29 @@ CN_INLINE void cn_act_pf(const T* p) {
         else F##_act(__VA_ARGS__, act);                                              \
     }
 
-/* y = act((x - mh) a + b) */
+/* y = act((x - mh) a + b). pf (activations only; may be null): n values the
+   caller needs next, brought toward L2 a line or two per 32 values swept -
+   GroupNorm's next group while an in-cache group is normalized, so memory
+   keeps streaming all through SiLU's arithmetic. In one burst per channel,
+   as the plain group sweep issues it, the prefetches stalled the core:
+   GroupNorm+SiLU (16, 256, 32, 32) float32 forward at avx2 took 1.38-1.43x
+   the plain norm, 1.24-1.29x with the burst split in four, 1.13-1.16x
+   spread over the sweep. (The same spread during the backward's dx sweep,
+   for the next group's dy and x, made that backward 25% slower.) */
 template <int A, class T>
-inline void cn_norm_run_a(const T* x, T* y, ptrdiff_t n, float mh, float a, float b) {
+inline void cn_norm_run_a(const T* x, T* y, ptrdiff_t n, float mh, float a, float b, const T* pf) {
     const VF vm = vset(mh), va = vset(a), vb = vset(b);
     cn_sweep(y, n, [&](ptrdiff_t i, ptrdiff_t m, bool nt) CN_LAMBDA {
         VF u0, u1;
         cn_act_pf<A>(x + i);
+        if (A != CN_ACT_NONE && pf)
+            for (int o = 0; o < 32 * (int)sizeof(T); o += 64) cn_prefetch_line_l2((const char*)(pf + i) + o);
         vload2_n(x + i, m, u0, u1);
         vstore2_n(y + i, cn_act<A>(vfma(u0 - vm, va, vb)), cn_act<A>(vfma(u1 - vm, va, vb)), m, nt);
     });
 }
-CN_ACT_ENTRY(cn_norm_run, (const T* x, T* y, ptrdiff_t n, float mh, float a, float b, int act), x, y, n, mh, a, b)
+CN_ACT_ENTRY(cn_norm_run, (const T* x, T* y, ptrdiff_t n, float mh, float a, float b, const T* pf, int act), x, y, n,
+             mh, a, b, pf)
 
 /* y = act(x a + b) */
 template <int A, class T>

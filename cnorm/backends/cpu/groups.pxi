@@ -75,12 +75,13 @@ cdef void grp_fwd_unit(const dat* x, dat* y, Py_ssize_t C, Py_ssize_t S, Py_ssiz
         # a channel's share of the next group toward L2 (this group is in cache):
         # memory keeps streaming while this core normalizes (a hint, past the end
         # too); groups of few channels would issue it in one burst that stalls
-        if cg >= 4:
-            cn_prefetch_l2(x + off + L + ci * S, S * sizeof(dat))
+        # (with an activation, spread over the sweep: see cn_norm_run)
         if act != ACT_NONE:
             norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>(<double>w[c0 + ci] * <double>rstd[u]),
-                     b[c0 + ci], act)
+                     b[c0 + ci], act, x + off + L + ci * S if cg >= 4 else NULL)
             continue
+        if cg >= 4:
+            cn_prefetch_l2(x + off + L + ci * S, S * sizeof(dat))
         a = <double>w[c0 + ci] * r
         norm_run(x + off + ci * S, y + off + ci * S, S, mh, <floating>a,
                  <floating>(<double>b[c0 + ci] - (mu - <double>mh) * a))

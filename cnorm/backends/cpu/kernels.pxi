@@ -108,7 +108,7 @@ cdef extern from "cpu/kernels.hpp" nogil:
     void cn_stream_copy(const char* src, char* dst, Py_ssize_t n)
     void cn_prefetch_l2(const void* p, Py_ssize_t nbytes)
     void cn_add_run[T](const T* x, const T* r, T* h, Py_ssize_t n)
-    void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b, int act)
+    void cn_norm_run[T](const T* x, T* y, Py_ssize_t n, float mh, float a, float b, const T* pf, int act)
     void cn_scale_run[T](const T* x, T* y, Py_ssize_t n, float a, float b, int act)
     void cn_dx_run[T](const T* g, const T* x, T* dx, Py_ssize_t n, float ka, float mh, float kb, float kc)
     void cn_row_affine[T](const T* x, T* y, Py_ssize_t n, const float* a, const float* b, int act)
