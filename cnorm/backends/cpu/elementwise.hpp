@@ -131,10 +131,10 @@ CN_INLINE void cn_act_pf(const T* p) {
    GroupNorm's next group while an in-cache group is normalized, so memory
    keeps streaming all through SiLU's arithmetic. In one burst per channel,
    as the plain group sweep issues it, the prefetches stalled the core:
-   GroupNorm+SiLU (16, 256, 32, 32) float32 forward at avx2 took 1.38-1.43x
+   GroupNorm+SiLU (16, 256, 32, 32) float32 forward at avx2 took 1.34-1.43x
    the plain norm, 1.24-1.29x with the burst split in four, 1.13-1.16x
    spread over the sweep. (The same spread during the backward's dx sweep,
-   for the next group's dy and x, made that backward 25% slower.) */
+   for the next group's dy and x, made that backward 26% slower.) */
 template <int A, class T>
 inline void cn_norm_run_a(const T* x, T* y, ptrdiff_t n, float mh, float a, float b, const T* pf) {
     const VF vm = vset(mh), va = vset(a), vb = vset(b);
