@@ -31,13 +31,13 @@ CN_LOOP void row_sq_bf16(const cn_bf16* x, ptrdiff_t n, float c, double* s1, dou
 }
 /* BatchNorm (channels-first) normalize sweep of one channel's run: y = (x - mh) a + b */
 CN_LOOP void bn_norm_f32(const float* x, float* y, ptrdiff_t n, float mh, float a, float b) {
-    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b);
+    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b, decltype(x)(nullptr));
 }
 CN_LOOP void bn_norm_bf16(const cn_bf16* x, cn_bf16* y, ptrdiff_t n, float mh, float a, float b) {
-    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b);
+    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b, decltype(x)(nullptr));
 }
 CN_LOOP void bn_norm_f16(const cn_f16* x, cn_f16* y, ptrdiff_t n, float mh, float a, float b) {
-    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b);
+    cn_norm_run_a<CN_ACT_NONE>(x, y, n, mh, a, b, decltype(x)(nullptr));
 }
 /* BatchNorm backward dx sweep: dx = g ka + ((x - mh) kb + kc) */
 CN_LOOP void bn_dx_f32(const float* g, const float* x, float* dx, ptrdiff_t n, float ka, float mh, float kb, float kc) {
@@ -45,5 +45,5 @@ CN_LOOP void bn_dx_f32(const float* g, const float* x, float* dx, ptrdiff_t n, f
 }
 /* SiLU-fused BatchNorm normalize: the exp polynomial's FMAs */
 CN_LOOP void bn_norm_silu_f32(const float* x, float* y, ptrdiff_t n, float mh, float a, float b) {
-    cn_norm_run_a<CN_ACT_SILU>(x, y, n, mh, a, b);
+    cn_norm_run_a<CN_ACT_SILU>(x, y, n, mh, a, b, decltype(x)(nullptr));
 }
